@@ -1,0 +1,50 @@
+"""Incremental detokenization and stop checks.
+
+Text for new tokens is the decoding of a short window of recent tokens minus the decoding of the window without
+them; the window's leading tokens give tokenizers that drop a word's leading space at the start of a string the
+context they need. Text ending in U+FFFD (an incomplete UTF-8 character) is held back until the next token
+completes it.
+"""
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from conveyor.engine.sequence import FinishReason, Sequence
+
+
+def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence) -> str:
+    """Advance seq's detokenization state over its newest tokens; returns the newly completed text."""
+    ids = seq.token_ids
+    skip = seq.params.skip_special_tokens
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return ""
+    seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+    return full[len(prefix):]
+
+
+def check_stop(seq: Sequence, new_token: int, eos_token_ids: list[int], max_model_len: int) -> FinishReason | None:
+    """Called after new_token is appended. A stop token ends the sequence and its text is not added."""
+    p = seq.params
+    if seq.num_output_tokens > p.min_tokens and (
+            (not p.ignore_eos and new_token in eos_token_ids) or new_token in p.stop_token_ids):
+        return FinishReason.STOP
+    if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+def find_stop_string(seq: Sequence, new_text_len: int) -> bool:
+    """If a stop string now appears in the output, cut the text before it and return True.
+    Only the tail that the new text could have completed is searched."""
+    stops = seq.params.stop_list
+    if not stops or not new_text_len:
+        return False
+    text = seq.output_text
+    start = max(0, len(text) - new_text_len - max(len(s) for s in stops) + 1)
+    hits = [i for i in (text.find(s, start) for s in stops) if i != -1]
+    if not hits:
+        return False
+    seq.output_text = text[:min(hits)]
+    return True

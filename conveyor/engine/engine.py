@@ -1,0 +1,188 @@
+"""The engine: requests in, one scheduled forward per step(), outputs out.
+
+step(): Scheduler.schedule() → ModelRunner.execute() → Sampler → stop checks and detokenization → outputs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from conveyor.config import EngineConfig
+from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
+from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
+from conveyor.engine.sampler import Sampler
+from conveyor.engine.scheduler import Scheduler
+from conveyor.engine.sequence import FinishReason, Sequence
+from conveyor.model.loader import load_model
+from conveyor.model.runner import ModelRunner
+from conveyor.outputs import CompletionOutput, RequestOutput
+from conveyor.sampling_params import SamplingParams
+
+log = logging.getLogger("conveyor.engine")
+
+Prompt = str | list[int] | dict
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+    emitted_text: list[int] = field(default_factory=list)  # per seq: chars already handed out
+    emitted_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    return (seed * 6364136223846793005 + index * 1442695040888963407) % (1 << 63)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded = load_model(config.model, config.device)
+        config.scheduler.max_model_len = loaded.max_model_len
+        self.max_model_len = loaded.max_model_len
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.arch.vocab_size
+        self.model_name = loaded.name
+        self.runner = ModelRunner(loaded, config.cache, config.scheduler, config.device)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
+        self.requests: dict[str, Request] = {}
+
+    # ---- requests in -------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt_token_ids'")
+            prompt = list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            return None, list(prompt)
+        raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, "
+                         f"got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Validate and queue a request. Raises ValueError for a request that can never be served."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        n_prompt = len(ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                             f"maximum length of {self.max_model_len} tokens")
+        if max_tokens < 1:
+            raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        need = cdiv(n_prompt + max_tokens, self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks but the whole cache has {self.kv.num_blocks}")
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(self.config.device).manual_seed(_mix_seed(params.seed, i))
+            seqs.append(Sequence(request_id, i, list(ids), n_prompt, params, max_tokens, arrival_time=now,
+                                 generator=gen))
+        req = Request(request_id, text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
+        self.requests[request_id] = req
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for s in req.seqs:
+            self.scheduler.finish(s, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        logits = self.runner.execute(sched.scheduled)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+        tokens, logprobs = self.sampler(logits, sampling)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, tok, lp in zip(sampling, tokens, logprobs):
+            self._append_token(seq, tok, lp, now)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return [self._make_output(req, now) for req in touched.values()]
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+        if reason != FinishReason.STOP:
+            new_text = detokenize_incrementally(self.tokenizer, seq)
+            seq.output_text += new_text
+            if find_stop_string(seq, len(new_text)):
+                reason = FinishReason.STOP
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _make_output(self, req: Request, now: float) -> RequestOutput:
+        hold = max((len(s) for s in req.params.stop_list), default=1) - 1  # a stop string may still be forming
+        outs = []
+        for i, seq in enumerate(req.seqs):
+            end = len(seq.output_text) if seq.is_finished else max(req.emitted_text[i], len(seq.output_text) - hold)
+            n_tok = seq.num_output_tokens
+            outs.append(CompletionOutput(
+                index=i, text=seq.output_text, token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                logprobs=seq.logprobs if req.params.logprobs is not None else None,
+                num_new_tokens=n_tok - req.emitted_tokens[i], new_text=seq.output_text[req.emitted_text[i]:end]))
+            req.emitted_text[i], req.emitted_tokens[i] = end, n_tok
+        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=req.finished)
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        if first:
+            out.metrics["ttft_s"] = min(first) - req.arrival_time
+        if out.finished:
+            out.metrics["e2e_s"] = now - req.arrival_time
+            del self.requests[req.request_id]
+        return out
+
+    def stats(self) -> dict[str, float | int]:
+        pool = self.kv.pool
+        return {
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_in_use": pool.num_in_use,
+            "kv_blocks_peak": pool.peak_in_use,
+            "kv_cache_usage": self.kv.usage,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,118 @@
+"""Owns the model and its KV cache; turns a scheduled step into one forward over a flattened batch."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from conveyor.config import CacheConfig, SchedulerConfig
+from conveyor.engine.kv_cache_manager import cdiv
+from conveyor.engine.scheduler import ScheduledSeq
+from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_decode_mask, build_prefill_mask
+from conveyor.model.loader import LoadedModel
+
+log = logging.getLogger("conveyor.runner")
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, sched: SchedulerConfig, device: str) -> None:
+        self.model = loaded.model
+        self.arch = loaded.arch
+        self.dtype = loaded.dtype
+        self.device = torch.device(device)
+        self.block_size = cache.block_size
+        self.sliding_window = loaded.arch.sliding_window
+        self.num_blocks = self._num_blocks(cache, sched)
+        a = self.arch
+        shape = (2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # zeros: on CPU the pages are only touched (and resident) once used
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
+        log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
+
+    @property
+    def bytes_per_block(self) -> int:
+        a = self.arch
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget(cache, sched)
+        else:
+            budget = cache.kv_cache_memory
+        n = budget // self.bytes_per_block
+        # more blocks than max_num_seqs full-length sequences can never be used
+        n = min(n, sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size))
+        if n < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block} bytes")
+        return n
+
+    @torch.inference_mode()
+    def _cuda_kv_budget(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
+        """gpu_memory_utilization * total memory, less the weights and the peak of a full-budget prefill."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(sched.max_num_batched_tokens, sched.max_model_len)
+        a = self.arch
+        nb = cdiv(n, self.block_size)
+        tmp = [torch.empty((2, nb, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype,
+                           device=self.device) for _ in range(a.num_layers)]
+        meta = AttentionMetadata(slot_mapping=torch.arange(n, device=self.device),
+                                 prefills=[PrefillChunk(0, n, 0, torch.arange(nb, device=self.device),
+                                                        build_prefill_mask(0, n, self.sliding_window, self.device))])
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        h = self.model(ids, torch.arange(n, device=self.device), tmp, meta)
+        self.model.compute_logits(h[-min(n, sched.max_num_seqs):])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - sum(t.numel() * t.element_size() for t in tmp)
+        del tmp, h
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info(self.device)
+        return int(total * cache.gpu_memory_utilization) - peak
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Run one step. Returns float32 logits [num_sampling, vocab] for the entries whose chunk reaches the end
+        of their sequence, in the order they appear in `scheduled`."""
+        decodes = [s for s in scheduled if s.num_tokens == 1]
+        prefills = [s for s in scheduled if s.num_tokens > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: dict[int, int] = {}  # seq_id -> row in the flattened batch
+        bs = self.block_size
+        for s in decodes + prefills:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            if s.samples:
+                logit_rows[seq.seq_id] = len(ids) + s.num_tokens - 1
+            ids.extend(seq.token_ids[start:start + s.num_tokens])
+            table = seq.block_table
+            for pos in range(start, start + s.num_tokens):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        if decodes:
+            meta.num_decodes = len(decodes)
+            ctx = [s.seq.num_computed_tokens + 1 for s in decodes]
+            width = cdiv(max(ctx), bs)
+            tables = [s.seq.block_table[:width] + [0] * (width - min(width, len(s.seq.block_table)))
+                      for s in decodes]
+            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+            meta.decode_mask = build_decode_mask(torch.tensor(ctx, device=dev), width * bs, self.sliding_window)
+        q_start = len(decodes)
+        for s in prefills:
+            cached = s.seq.num_computed_tokens
+            nb = cdiv(cached + s.num_tokens, bs)
+            meta.prefills.append(PrefillChunk(
+                q_start, s.num_tokens, cached, torch.tensor(s.seq.block_table[:nb], dtype=torch.long, device=dev),
+                build_prefill_mask(cached, s.num_tokens, self.sliding_window, dev)))
+            q_start += s.num_tokens
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
+                            torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
+        rows = [logit_rows[s.seq.seq_id] for s in scheduled if s.samples]
+        if not rows:
+            return torch.empty(0, self.arch.vocab_size, device=dev)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float()
