@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from checkpoints import write_checkpoint  # noqa: E402
+
+KINDS = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    cache: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in cache:
+            cache[kind] = str(write_checkpoint(kind, tmp_path_factory.mktemp(kind)))
+        return cache[kind]
+
+    return get
