@@ -12,13 +12,14 @@ from transformers import PreTrainedTokenizerBase
 from conveyor.engine.sequence import FinishReason, Sequence
 
 
-def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence) -> str:
-    """Advance seq's detokenization state over its newest tokens; returns the newly completed text."""
+def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence, final: bool = False) -> str:
+    """Advance seq's detokenization state over its newest tokens; returns the newly completed text.
+    `final` flushes held-back bytes that will never complete (invalid UTF-8 becomes U+FFFD)."""
     ids = seq.token_ids
     skip = seq.params.skip_special_tokens
     prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
     full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+    if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
         return ""
     seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
     return full[len(prefix):]

@@ -147,7 +147,7 @@ class Engine:
             seq.first_token_time = now
         reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
         if reason != FinishReason.STOP:
-            new_text = detokenize_incrementally(self.tokenizer, seq)
+            new_text = detokenize_incrementally(self.tokenizer, seq, final=reason is not None)
             seq.output_text += new_text
             if find_stop_string(seq, len(new_text)):
                 reason = FinishReason.STOP

@@ -1,0 +1,96 @@
+"""Command line: `conveyor generate` (more subcommands come with the server, gateway, bench and autoscaler)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    p.add_argument("--model", default="demo", help="'demo' (built in), a checkpoint directory, or a hub id")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=2 << 30, help="bytes of KV cache on CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(model=a.model, dtype=a.dtype, load_format=a.load_format, device=a.device, seed=a.seed,
+                block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
+                gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
+                max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from conveyor import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                max_tokens=a.max_tokens, seed=a.sampling_seed, stop=a.stop or None,
+                                ignore_eos=a.ignore_eos)
+        llm = LLM(**engine_kwargs(a))
+        prompts = list(a.prompt)
+        if a.chat:
+            tok = llm.get_tokenizer()
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+            prompts = [{"prompt_token_ids": tok.encode(p, add_special_tokens=False)} for p in prompts]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_out = 0
+    for prompt, o in zip(a.prompt, outs):
+        for c in o.outputs:
+            n_out += len(c.token_ids)
+            if a.json:
+                print(json.dumps({"prompt": prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
+                                  "finish_reason": c.finish_reason}))
+            else:
+                print(f"--- prompt: {prompt!r} [{c.index}] ({len(c.token_ids)} tokens, {c.finish_reason})")
+                print(c.text)
+    print(f"# {len(outs)} requests, {n_out} tokens in {elapsed:.2f}s ({n_out / elapsed:.1f} tokens/s); "
+          f"stats: {llm.stats()}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM serving stack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate completions offline")
+    add_engine_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--json", action="store_true", help="one JSON object per output")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
