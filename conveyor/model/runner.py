@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 
 import torch
 
@@ -12,6 +14,16 @@ from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_deco
 from conveyor.model.loader import LoadedModel
 
 log = logging.getLogger("conveyor.runner")
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU it is backed by an anonymous mmap: the kernel hands out zero pages on first touch,
+    so a large KV budget costs no time at start and memory only as blocks are used (torch.zeros writes it all)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps buf alive
 
 
 class ModelRunner:
@@ -25,8 +37,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(cache, sched)
         a = self.arch
         shape = (2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        # zeros: on CPU the pages are only touched (and resident) once used
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
+        self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
         log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
 
