@@ -1,4 +1,4 @@
-"""Command line: `conveyor generate` (more subcommands come with the server, gateway, bench and autoscaler)."""
+"""Command line: `conveyor generate` and `conveyor serve` (gateway, bench and autoscale come later)."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,47 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import threading
+
+    import uvicorn
+
+    from conveyor import LLM
+    from conveyor.engine.async_engine import AsyncEngine
+    from conveyor.server.api import Server
+    from conveyor.server.logs import setup_json_logging
+    from conveyor.server.metrics import ServerMetrics
+
+    setup_json_logging(getattr(logging, a.log_level.upper()))
+    engine = LLM(**engine_kwargs(a)).engine
+    name = a.served_model_name or engine.model_name
+    metrics = ServerMetrics(name, engine.config.scheduler.max_num_seqs)
+    async_engine = AsyncEngine(engine, a.max_waiting_requests, on_step=metrics.on_step)
+    server = Server(async_engine, metrics, name, api_key=a.api_key, max_body_bytes=a.max_body_bytes)
+
+    class GracefulServer(uvicorn.Server):
+        """SIGTERM: stop admitting (503), let in-flight requests finish up to the timeout, then exit 0."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if server.draining:
+                return super().handle_exit(sig, frame)
+            server.draining = True
+            logging.getLogger("conveyor.server").info("draining: %d requests in flight",
+                                                      async_engine.num_in_flight)
+            threading.Thread(target=self._drain, args=(sig,), daemon=True).start()
+
+        def _drain(self, sig) -> None:
+            deadline = time.monotonic() + a.shutdown_timeout
+            while async_engine.num_in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            super().handle_exit(sig, None)
+
+    config = uvicorn.Config(server.app, host=a.host, port=a.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=5, log_level=a.log_level)
+    GracefulServer(config).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM serving stack")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="one JSON object per output")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--max-waiting-requests", type=int, default=512,
+                   help="bound of the waiting queue; beyond it requests get 503 with Retry-After")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -61,6 +61,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
         self.requests: dict[str, Request] = {}
+        self.last_step_num_seqs = 0
 
     # ---- requests in -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -82,13 +83,14 @@ class Engine:
         raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, "
                          f"got {type(prompt).__name__}")
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
-        """Validate and queue a request. Raises ValueError for a request that can never be served."""
-        params = params or SamplingParams()
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def validate(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check a request without queueing it (safe from any thread). Raises ValueError for a request
+        that can never be served."""
         text, ids = self.tokenize(prompt)
-        n_prompt = len(ids)
+        self._resolve_max_tokens(len(ids), params)
+        return text, ids
+
+    def _resolve_max_tokens(self, n_prompt: int, params: SamplingParams) -> int:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
         if n_prompt + max_tokens > self.max_model_len:
             raise ValueError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
@@ -99,25 +101,37 @@ class Engine:
         need = cdiv(n_prompt + max_tokens, self.kv.block_size)
         if need > self.kv.num_blocks:
             raise ValueError(f"the request needs {need} KV blocks but the whole cache has {self.kv.num_blocks}")
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    prompt_text: str | None = None) -> None:
+        """Validate and queue a request. Raises ValueError for a request that can never be served."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        max_tokens = self._resolve_max_tokens(len(ids), params)
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(self.config.device).manual_seed(_mix_seed(params.seed, i))
-            seqs.append(Sequence(request_id, i, list(ids), n_prompt, params, max_tokens, arrival_time=now,
+            seqs.append(Sequence(request_id, i, list(ids), len(ids), params, max_tokens, arrival_time=now,
                                  generator=gen))
-        req = Request(request_id, text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
+        req = Request(request_id, text or prompt_text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
         self.requests[request_id] = req
         for s in seqs:
             self.scheduler.add(s)
 
-    def abort_request(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now and free its blocks; returns its final output (finish reason "abort")."""
+        req = self.requests.get(request_id)
         if req is None:
-            return
+            return None
         for s in req.seqs:
             self.scheduler.finish(s, FinishReason.ABORT)
+        return self._make_output(req, time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -125,6 +139,7 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_num_seqs = len(sched.scheduled)
         if not sched.scheduled:
             return []
         sampling = [s.seq for s in sched.scheduled if s.samples]
@@ -170,6 +185,9 @@ class Engine:
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         if first:
             out.metrics["ttft_s"] = min(first) - req.arrival_time
+        scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
+        if scheduled:
+            out.metrics["queue_s"] = min(scheduled) - req.arrival_time
         if out.finished:
             out.metrics["e2e_s"] = now - req.arrival_time
             del self.requests[req.request_id]
@@ -185,4 +203,5 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefill_backlog_tokens": self.scheduler.prefill_backlog_tokens(),
         }

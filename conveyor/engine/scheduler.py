@@ -8,6 +8,7 @@ recompute: its blocks are freed and it goes back to the head of the waiting queu
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -49,6 +50,12 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def prefill_backlog_tokens(self) -> int:
+        """Tokens that still need a prefill (or a recompute after preemption): all uncomputed tokens of waiting
+        sequences plus those of running sequences that are mid-prefill."""
+        waiting = sum(s.num_uncomputed_tokens for s in self.waiting)
+        return waiting + sum(s.num_uncomputed_tokens for s in self.running if s.num_uncomputed_tokens > 1)
+
     def add(self, seq: Sequence) -> None:
         assert seq.status == SequenceStatus.WAITING and not seq.block_table
         self.waiting.append(seq)
@@ -84,6 +91,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n

@@ -47,6 +47,7 @@ class Sequence:
     output_text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 tokenizer with special tokens and a chat template. It needs no files and no network. Its text is random."""
 from __future__ import annotations
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +29,7 @@ DEMO_CONFIG = {
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
-    "tie_word_embeddings": True,
+    "tie_word_embeddings": False,
     "torch_dtype": "float32",
     "bos_token_id": 256,
     "eos_token_id": [257, 261],
@@ -56,3 +57,15 @@ def _byte_of(ch: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+@torch.no_grad()
+def shape_demo_head(model: torch.nn.Module) -> None:
+    """Make the random demo model print readable random text: the output head only favours printable ASCII,
+    whitespace and the end tokens (other bytes get a zero logit, far below the typical winner)."""
+    head = model.lm_head.weight
+    keep = torch.zeros(head.shape[0], dtype=torch.bool)
+    keep[list(range(32, 127)) + [10]] = True
+    keep[DEMO_CONFIG["eos_token_id"]] = True
+    head[~keep] = 0.0
+    head[keep] *= 12.0

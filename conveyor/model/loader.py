@@ -81,6 +81,8 @@ def load_model(cfg: ModelConfig, device: str) -> LoadedModel:
         model = LlamaForCausalLM(arch, max_len)
     if cfg.model == "demo" or cfg.load_format == "dummy":
         init_dummy_weights(model, cfg.seed)
+        if cfg.model == "demo":
+            demo.shape_demo_head(model)
     else:
         load_safetensors(model, path)
     model.eval()

@@ -1,0 +1,169 @@
+"""Runs the engine loop on its own thread so model compute never blocks the asyncio event loop.
+
+The event loop talks to the engine thread through a command queue (add, abort); the engine thread hands each step's
+outputs back with one `call_soon_threadsafe` per step. Requests are validated (and tokenized) before they are queued,
+so a bad request fails at once, before any response header is sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from conveyor.engine.engine import Engine, Prompt
+from conveyor.outputs import RequestOutput
+from conveyor.sampling_params import SamplingParams
+
+log = logging.getLogger("conveyor.async_engine")
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full: try again later (HTTP 503)."""
+
+
+class EngineDead(Exception):
+    """The engine loop has stopped or failed (HTTP 503)."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: list[int]
+    text: str | None
+    params: SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting_requests: int = 1024,
+                 on_step: Callable[[Engine, list[RequestOutput], float | None], None] | None = None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_step = on_step
+        self._cmds: queue.SimpleQueue[_Add | str] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self.heartbeat = time.monotonic()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and not self._stop.is_set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._cmds.qsize()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs until it finishes. Raises ValueError for a request that can never
+        be served, EngineOverloaded when the waiting queue is full, EngineDead when the loop is gone. Leaving the
+        iteration early (client gone, task cancelled) aborts the request in the engine."""
+        if not self.alive:
+            raise EngineDead("the engine loop is not running")
+        if self.num_waiting >= self.max_waiting_requests:
+            raise EngineOverloaded(f"the waiting queue is full ({self.max_waiting_requests} requests)")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = await asyncio.to_thread(self.engine.validate, prompt, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._cmds.put(_Add(request_id, ids, text, params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.put(request_id)
+        self._wake.set()
+
+    # ---- the engine thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                aborted = self._drain_commands()
+                if aborted and self.on_step:
+                    self.on_step(self.engine, aborted, None)  # None: no step ran
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                t0 = time.monotonic()
+                outs = self.engine.step()
+                if outs:
+                    self._loop.call_soon_threadsafe(self._deliver, outs)
+                if self.on_step:
+                    self.on_step(self.engine, outs, time.monotonic() - t0)
+        except BaseException as e:  # the loop is dead: fail every open request rather than hang it
+            log.exception("engine loop failed")
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"engine loop failed: {e!r}"))
+
+    def _drain_commands(self) -> list[RequestOutput]:
+        """Apply queued adds and aborts; returns the final outputs of aborted requests."""
+        aborted = []
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return aborted
+            if isinstance(cmd, str):
+                out = self.engine.abort_request(cmd)
+                if out is not None:
+                    aborted.append(out)
+                continue
+            try:
+                self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.prompt}, cmd.params,
+                                        prompt_text=cmd.text)
+            except ValueError as e:  # e.g. the id was reused while the first request was still being aborted
+                self._loop.call_soon_threadsafe(self._deliver_error, cmd.request_id, e)
+
+    # ---- back on the event loop --------------------------------------------------------------------------------
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
