@@ -99,7 +99,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             deadline = time.monotonic() + a.shutdown_timeout
             while async_engine.num_in_flight and time.monotonic() < deadline:
                 time.sleep(0.05)
-            super().handle_exit(sig, None)
+            self.should_exit = True  # not super().handle_exit: uvicorn would re-raise the signal, exiting non-zero
 
     config = uvicorn.Config(server.app, host=a.host, port=a.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5, log_level=a.log_level)
