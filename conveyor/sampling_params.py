@@ -1,6 +1,7 @@
 """Per-request sampling settings, named as in vLLM and the OpenAI API."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
@@ -42,6 +43,13 @@ class SamplingParams:
             if not ok:
                 raise ValueError(msg)
 
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "seed", "priority"):
+            check(not isinstance(getattr(self, name), bool), f"{name} must be an integer, not a boolean")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  f"{name} must be a finite number, got {v!r}")
+
         check(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be an integer in [1, 128], got {self.n!r}")
         check(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
@@ -61,6 +69,7 @@ class SamplingParams:
         check(len(self.stop_list) <= 16, "at most 16 stop strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative ints")
         check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        check(isinstance(self.priority, int), f"priority must be an integer, got {self.priority!r}")
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from checkpoints import write_checkpoint  # noqa: E402
@@ -21,3 +22,13 @@ def checkpoint(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The test models are tiny: one intra-op thread beats two threads busy-waiting on a shared 2-core machine
+    (where a test server process may be computing at the same time)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -38,9 +38,10 @@ def check_stop(seq: Sequence, new_token: int, eos_token_ids: list[int], max_mode
 
 def find_stop_string(seq: Sequence, new_text_len: int) -> bool:
     """If a stop string now appears in the output, cut the text before it and return True.
-    Only the tail that the new text could have completed is searched."""
+    Only the tail that the new text could have completed is searched. Like stop tokens (check_stop), stop strings
+    only end a sequence once it has more than min_tokens output tokens."""
     stops = seq.params.stop_list
-    if not stops or not new_text_len:
+    if not stops or not new_text_len or seq.num_output_tokens <= seq.params.min_tokens:
         return False
     text = seq.output_text
     start = max(0, len(text) - new_text_len - max(len(s) for s in stops) + 1)

@@ -95,6 +95,9 @@ class Engine:
         if n_prompt + max_tokens > self.max_model_len:
             raise ValueError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                              f"maximum length of {self.max_model_len} tokens")
+        if max_tokens < params.min_tokens:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {max_tokens} tokens this prompt leaves "
+                             f"within max_model_len={self.max_model_len}")
         if max_tokens < 1:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
@@ -144,9 +147,9 @@ class Engine:
             return []
         sampling = [s.seq for s in sched.scheduled if s.samples]
         logits = self.runner.execute(sched.scheduled)
-        for s in sched.scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
         tokens, logprobs = self.sampler(logits, sampling)
+        for s in sched.scheduled:  # only once the step has fully succeeded
+            s.seq.num_computed_tokens += s.num_tokens
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, tok, lp in zip(sampling, tokens, logprobs):
