@@ -22,13 +22,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--batching", default="continuous", choices=["continuous", "static", "dynamic", "none"],
+                   help="admission policy; the non-continuous ones are baselines for `bench compare`")
+    p.add_argument("--kv-layout", default="paged", choices=["paged", "contiguous"])
+    p.add_argument("--batch-window-s", type=float, default=0.05, help="dynamic batching's window")
+    p.add_argument("--batch-timeout-s", type=float, default=2.0, help="static batching's flush timeout")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, dtype=a.dtype, load_format=a.load_format, device=a.device, seed=a.seed,
                 block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                 gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
-                max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len)
+                max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
+                batching=a.batching, kv_layout=a.kv_layout, batch_window_s=a.batch_window_s,
+                batch_timeout_s=a.batch_timeout_s)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -36,8 +36,13 @@ class CacheConfig:
     num_kv_blocks: int | None = None  # overrides the memory budget when set
     kv_cache_memory: int = 2 << 30  # bytes of KV cache on CPU
     gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + activations + KV on CUDA
+    # paged: blocks are given as tokens need them. contiguous: a request reserves one run of consecutive blocks
+    # for prompt + max_tokens when admitted (the pre-paging layout, kept to measure what paging saves)
+    kv_layout: str = "paged"
 
     def __post_init__(self) -> None:
+        if self.kv_layout not in ("paged", "contiguous"):
+            raise ValueError(f"kv_layout must be paged or contiguous, got {self.kv_layout!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ValueError(f"block_size must be a power of two in [1, 256], got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -48,13 +53,26 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+BATCHING_MODES = ("continuous", "static", "dynamic", "none")
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048  # set from the model when the engine starts
+    # continuous: sequences join and leave at every step. static / dynamic: a batch of up to max_num_seqs is formed
+    # when the previous one has fully finished, once max_num_seqs are waiting or the oldest has waited
+    # batch_timeout_s (static: a long flush timeout) / batch_window_s (dynamic). none: one sequence at a time.
+    batching: str = "continuous"
+    batch_window_s: float = 0.05
+    batch_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.batch_window_s < 0 or self.batch_timeout_s < 0:
+            raise ValueError("batch_window_s and batch_timeout_s must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
@@ -17,13 +18,16 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory: int = 2 << 30,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 128,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None, load_format: str = "auto",
-                 device: str = "auto", seed: int = 0, revision: str | None = None) -> None:
+                 device: str = "auto", seed: int = 0, revision: str | None = None, batching: str = "continuous",
+                 kv_layout: str = "paged", batch_window_s: float = 0.05, batch_timeout_s: float = 2.0) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len,
                               seed=seed, revision=revision),
             cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+                              gpu_memory_utilization=gpu_memory_utilization, kv_layout=kv_layout),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      batching=batching, batch_window_s=batch_window_s,
+                                      batch_timeout_s=batch_timeout_s),
             device=device,
         )
         self.engine = Engine(config)
@@ -64,6 +68,8 @@ class LLM:
                 if out.finished:
                     results[out.request_id] = out
                     bar.update(1)
+            if not self.engine.last_step_num_seqs:
+                time.sleep(0.001)  # a batching mode is waiting for its batch to fill
         bar.close()
         return [results[r] for r in ids]
 

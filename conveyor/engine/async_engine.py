@@ -124,6 +124,9 @@ class AsyncEngine:
                     continue
                 t0 = time.monotonic()
                 outs = self.engine.step()
+                if not self.engine.last_step_num_seqs:  # a batching mode is waiting for its batch to fill
+                    self._wake.wait(timeout=0.002)
+                    self._wake.clear()
                 if outs:
                     self._loop.call_soon_threadsafe(self._deliver, outs)
                 if self.on_step:

@@ -30,6 +30,21 @@ class BlockPool:
         self.peak_in_use = max(self.peak_in_use, self.num_in_use)
         return blocks
 
+    def allocate_contiguous(self, n: int) -> list[int] | None:
+        """First fit: the lowest run of n consecutive free blocks, or None when fragmentation or use leaves none."""
+        run = 0
+        for b, refs in enumerate(self.ref_counts):
+            run = run + 1 if refs == 0 else 0
+            if run == n:
+                blocks = list(range(b - n + 1, b + 1))
+                taken = set(blocks)
+                self.free_queue = deque(x for x in self.free_queue if x not in taken)
+                for x in blocks:
+                    self.ref_counts[x] = 1
+                self.peak_in_use = max(self.peak_in_use, self.num_in_use)
+                return blocks
+        return None
+
     def incref(self, block: int) -> None:
         assert self.ref_counts[block] > 0, f"block {block} is free"
         self.ref_counts[block] += 1

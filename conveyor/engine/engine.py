@@ -57,11 +57,15 @@ class Engine:
         self.vocab_size = loaded.arch.vocab_size
         self.model_name = loaded.name
         self.runner = ModelRunner(loaded, config.cache, config.scheduler, config.device)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.kv_layout)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
         self.requests: dict[str, Request] = {}
         self.last_step_num_seqs = 0
+        # KV slots reserved (blocks in use × block size) vs used (tokens in the cache), summed over steps
+        self.kv_slots_reserved = 0
+        self.kv_slots_used = 0
+        self.peak_running = 0
 
     # ---- requests in -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -150,12 +154,19 @@ class Engine:
         tokens, logprobs = self.sampler(logits, sampling)
         for s in sched.scheduled:  # only once the step has fully succeeded
             s.seq.num_computed_tokens += s.num_tokens
+        self._account_kv()
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, tok, lp in zip(sampling, tokens, logprobs):
             self._append_token(seq, tok, lp, now)
             touched[seq.request_id] = self.requests[seq.request_id]
         return [self._make_output(req, now) for req in touched.values()]
+
+    def _account_kv(self) -> None:
+        running = self.scheduler.running
+        self.peak_running = max(self.peak_running, len(running))
+        self.kv_slots_reserved += self.kv.pool.num_in_use * self.kv.block_size
+        self.kv_slots_used += sum(s.num_computed_tokens for s in running)
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         seq.token_ids.append(token)
@@ -207,4 +218,8 @@ class Engine:
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
             "prefill_backlog_tokens": self.scheduler.prefill_backlog_tokens(),
+            "peak_running": self.peak_running,
+            "kv_slots_reserved": self.kv_slots_reserved,
+            "kv_slots_used": self.kv_slots_used,
+            "kv_waste_ratio": 1 - self.kv_slots_used / self.kv_slots_reserved if self.kv_slots_reserved else 0.0,
         }

@@ -5,6 +5,9 @@ A sequence has `num_computed_tokens` of its `token_ids` in the KV cache; a step 
 then arrival order; waiting ones are admitted while slots, the token budget and free blocks allow. A running
 sequence that cannot get a block preempts the lowest-ranked running sequence (itself, if it ranks last) by
 recompute: its blocks are freed and it goes back to the head of the waiting queue.
+
+The batching modes other than continuous (static, dynamic, none) only change admission: a new batch is admitted
+when the running set is empty; see SchedulerConfig. They exist to measure what continuous batching buys.
 """
 from __future__ import annotations
 
@@ -83,19 +86,36 @@ class Scheduler:
             self._admit(out, budget)
         return out
 
+    def _admission_limit(self) -> int:
+        """How many waiting sequences may join the running set now."""
+        cfg = self.config
+        if cfg.batching == "continuous":
+            return cfg.max_num_seqs - len(self.running)
+        if self.running or not self.waiting:
+            return 0  # batch modes admit only at a batch boundary
+        if cfg.batching == "none":
+            return 1
+        wait = cfg.batch_timeout_s if cfg.batching == "static" else cfg.batch_window_s
+        full = len(self.waiting) >= cfg.max_num_seqs
+        return cfg.max_num_seqs if full or time.monotonic() - self.waiting[0].arrival_time >= wait else 0
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        limit = self._admission_limit()
+        whole_batch = self.config.batching != "continuous"
+        while self.waiting and limit > 0 and (budget > 0 or whole_batch):
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.kv.allocate_slots(seq, n):
+            n = min(seq.num_uncomputed_tokens, budget)  # a batch member may join with 0 tokens and prefill later
+            if not self.kv.allocate_slots(seq, n, reserve=True):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            limit -= 1
+            if n:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
