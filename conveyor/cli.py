@@ -145,7 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests may take to finish after SIGTERM")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub) -> None:
+    """`conveyor bench <serve|plan>`: one row per subcommand; flags and commands live in conveyor/bench/cli.py."""
+    from conveyor.bench import cli as bench
+
+    b = sub.add_parser("bench", help="benchmark a running server; plan capacity")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    for name, help_text, add_args, func in (
+        ("serve", "load an OpenAI-compatible server; measure TTFT, TPOT, ITL, E2EL, throughput, goodput",
+         bench.add_serve_args, bench.cmd_serve),
+        ("plan", "capacity plan: replicas and KV memory for an arrival rate and an SLO",
+         bench.add_plan_args, bench.cmd_plan),
+    ):
+        p = bsub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,178 @@
+"""`conveyor bench serve` and `conveyor bench plan`: their flags and commands (wired into conveyor/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0 (or inf)")
+    return value
+
+
+# ---- bench serve -----------------------------------------------------------------------------------------------
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--workload", default="chat",
+                   help="chat | long-context | mixed | shared-prefix | bursty, or a JSONL trace file")
+    p.add_argument("--num-requests", type=_positive_int, default=None, help="default: 100, or every line of a trace")
+    p.add_argument("--request-rate", type=_positive_float, default=math.inf, help="requests/s, or inf: all at once")
+    p.add_argument("--burstiness", type=_positive_float, default=1.0,
+                   help="gamma shape of the arrival gaps: 1 = Poisson, smaller = burstier")
+    p.add_argument("--max-concurrency", type=_positive_int, default=None, help="cap on requests in flight")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="SLOs a request must all meet to count for goodput: ttft:MS tpot:MS e2el:MS")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots and report.md here")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="demo", help="'demo' or a checkpoint directory: prompts are token ids")
+    p.add_argument("--prompt-len", type=_positive_int, default=None, help="override the workload's mean prompt tokens")
+    p.add_argument("--output-len", type=_positive_int, default=None, help="override the workload's mean output tokens")
+    p.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="clip prompt + output to this (default: the server's max_model_len from /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--metrics-interval", type=_positive_float, default=1.0, help="seconds between /metrics scrapes")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def build_requests(a: argparse.Namespace, max_model_len: int | None) -> list:
+    from conveyor.bench import workloads as wl
+
+    text = wl.TextTokens(wl.load_tokenizer(a.tokenizer))
+    if wl.is_trace(a.workload):
+        reqs = wl.load_trace(a.workload, text, a.seed)[:a.num_requests]
+    else:
+        lengths = wl.lengths_for(a.workload, a.prompt_len, a.output_len)
+        reqs = wl.make_workload(a.workload, a.num_requests or 100, text, a.seed, lengths, a.request_rate)
+    clipped = wl.fit_to_model_len(reqs, max_model_len)
+    if clipped:
+        print(f"# {clipped} requests clipped to max_model_len {max_model_len}", file=sys.stderr)
+    if wl.assign_arrivals(reqs, a.request_rate, a.burstiness, a.seed):
+        print("# arrivals: the workload's own offsets (--request-rate/--burstiness do not apply)", file=sys.stderr)
+    return reqs
+
+
+def run_serve(a: argparse.Namespace) -> dict:
+    """Run the benchmark and return the full result (summary, config, time series, per-request records)."""
+    from conveyor.bench.client import run_requests, server_info
+    from conveyor.bench.metrics import parse_goodput, summarize, throughput_series
+
+    slos = parse_goodput(a.goodput)
+    base_url = a.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else None
+    info = asyncio.run(server_info(base_url, headers))
+    max_model_len = a.max_model_len or info.max_model_len
+    reqs = build_requests(a, max_model_len)
+    model = a.model or info.model
+    run = asyncio.run(run_requests(base_url, reqs, model, a.max_concurrency, not a.disable_tqdm, headers,
+                                   a.metrics_interval))
+    res = summarize(run.records, run.duration_s, slos)
+    res["config"] = {"base_url": base_url, "model": model, "workload": a.workload, "num_requests": len(reqs),
+                     "request_rate": a.request_rate if math.isfinite(a.request_rate) else "inf",
+                     "burstiness": a.burstiness, "max_concurrency": a.max_concurrency, "seed": a.seed,
+                     "tokenizer": a.tokenizer, "max_model_len": max_model_len}
+    res["throughput_series"] = {"bucket_s": 1.0,
+                                "output_tokens_per_s": throughput_series(run.records, run.duration_s)}
+    res["server_metrics"] = run.series.to_json()
+    res["requests"] = [r.to_json() for r in run.records]
+    return res
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from conveyor.bench.report import format_summary, write_report
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the progress bar
+    try:
+        res = run_serve(a)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(res))
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.plot:
+        write_report(res, a.plot)
+        print(f"# plots and report.md in {a.plot}", file=sys.stderr)
+    return 0
+
+
+# ---- bench plan ------------------------------------------------------------------------------------------------
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_result", default=None, metavar="RESULT.json",
+                   help="a `bench serve` result: mean lengths, latency and per-replica throughput")
+    p.add_argument("--prompt-tokens", type=_positive_float, default=None, help="mean prompt tokens")
+    p.add_argument("--output-tokens", type=_positive_float, default=None, help="mean output tokens")
+    p.add_argument("--arrival-rate", type=_positive_float, required=True, help="requests/s to serve")
+    p.add_argument("--e2el-ms", type=_positive_float, default=None, help="end-to-end latency SLO (mean)")
+    p.add_argument("--tpot-ms", type=_positive_float, default=None, help="time-per-output-token SLO (mean)")
+    p.add_argument("--replica-throughput", type=_positive_float, default=None, help="output tokens/s of one replica")
+    p.add_argument("--model", default="demo", help="'demo' or a checkpoint directory (reads config.json)")
+    p.add_argument("--layers", type=_positive_int, default=None)
+    p.add_argument("--kv-heads", type=_positive_int, default=None)
+    p.add_argument("--head-dim", type=_positive_int, default=None)
+    p.add_argument("--dtype-bytes", type=_positive_int, default=None)
+    p.add_argument("--headroom", type=float, default=0.3, help="spare capacity: 0.3 provisions 30%% more")
+    p.add_argument("--replica-kv-gib", type=_positive_float, default=None, help="KV cache memory of one replica")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=None, help="batch slots of one replica")
+    p.add_argument("--output", default=None, help="write plan.json here")
+
+
+def plan_inputs(a: argparse.Namespace):
+    from conveyor.bench.plan import ModelShape, PlanInputs, choose_latency, inputs_from_result, load_shape
+
+    measured = None
+    if a.from_result:
+        with open(a.from_result) as f:
+            measured = inputs_from_result(json.load(f))
+    prompt = a.prompt_tokens if a.prompt_tokens is not None else (measured or {}).get("prompt_tokens")
+    output = a.output_tokens if a.output_tokens is not None else (measured or {}).get("output_tokens")
+    tput = a.replica_throughput or (measured or {}).get("replica_throughput")
+    if prompt is None or output is None or not tput:
+        raise ValueError("need --from RESULT.json, or --prompt-tokens, --output-tokens and --replica-throughput")
+    latency, source, notes = choose_latency(output, measured, a.e2el_ms, a.tpot_ms)
+    if measured and not a.replica_throughput:
+        notes.append("note: R is the bench result's measured output throughput, a replica's capacity only if that "
+                     "run saturated the server (rate inf or a high --max-concurrency)")
+    given = (a.layers, a.kv_heads, a.head_dim, a.dtype_bytes)
+    base = ModelShape(*given) if all(given) else load_shape(a.model)
+    shape = ModelShape(*(x or y for x, y in zip(given, (base.layers, base.kv_heads, base.head_dim,
+                                                          base.dtype_bytes))))
+    if not 0 <= a.headroom < 10:
+        raise ValueError("--headroom must be in [0, 10)")
+    replica_kv = a.replica_kv_gib * 2**30 if a.replica_kv_gib else None
+    return PlanInputs(a.arrival_rate, prompt, output, latency, source, tput, shape, a.headroom, replica_kv,
+                      a.max_num_seqs), notes
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from conveyor.bench.plan import make_plan
+
+    try:
+        inputs, notes = plan_inputs(a)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plan = make_plan(inputs)
+    print("Capacity plan")
+    for line in plan.steps + notes:
+        print(f"  {line}")
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump({**plan.to_json(inputs), "notes": notes}, f, indent=1, ensure_ascii=False)
+    return 0
+
