@@ -150,16 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub) -> None:
-    """`conveyor bench <serve|plan>`: one row per subcommand; flags and commands live in conveyor/bench/cli.py."""
+    """`conveyor bench <serve|plan|compare>`: one row per subcommand; flags and commands live in conveyor/bench/cli.py."""
     from conveyor.bench import cli as bench
 
-    b = sub.add_parser("bench", help="benchmark a running server; plan capacity")
+    b = sub.add_parser("bench", help="benchmark a running server; plan capacity; compare batching modes")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     for name, help_text, add_args, func in (
         ("serve", "load an OpenAI-compatible server; measure TTFT, TPOT, ITL, E2EL, throughput, goodput",
          bench.add_serve_args, bench.cmd_serve),
         ("plan", "capacity plan: replicas and KV memory for an arrival rate and an SLO",
          bench.add_plan_args, bench.cmd_plan),
+        ("compare", "the batching experiment: none / static / dynamic / continuous (contiguous, paged KV)",
+         bench.add_compare_args, bench.cmd_compare),
     ):
         p = bsub.add_parser(name, help=help_text)
         add_args(p)

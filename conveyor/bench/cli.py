@@ -1,4 +1,4 @@
-"""`conveyor bench serve` and `conveyor bench plan`: their flags and commands (wired into conveyor/cli.py)."""
+"""`conveyor bench serve`, `plan` and `compare`: their flags and commands (wired into conveyor/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -176,3 +176,78 @@ def cmd_plan(a: argparse.Namespace) -> int:
             json.dump({**plan.to_json(inputs), "notes": notes}, f, indent=1, ensure_ascii=False)
     return 0
 
+
+
+# ---- bench compare ---------------------------------------------------------------------------------------------
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    from conveyor.bench.compare import MODES
+
+    p.add_argument("--model", default="demo", help="'demo' or a checkpoint directory (see --load-format)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--workload", default="mixed", help="chat | long-context | mixed | shared-prefix | bursty")
+    p.add_argument("--num-requests", type=_positive_int, default=64)
+    p.add_argument("--request-rate", type=_positive_float, default=math.inf, help="requests/s, or inf: all at once")
+    p.add_argument("--burstiness", type=_positive_float, default=1.0)
+    p.add_argument("--prompt-len", type=_positive_int, default=None, help="override the workload's mean prompt tokens")
+    p.add_argument("--output-len", type=_positive_int, default=None, help="override the workload's mean output tokens")
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="the clients' max_tokens cap (default: the workload's longest output)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
+    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+                   help="the KV budget every mode gets (default: max_num_seqs average-length sequences)")
+    p.add_argument("--batch-window-s", type=float, default=0.05, help="dynamic batching's window")
+    p.add_argument("--batch-timeout-s", type=float, default=2.0, help="static batching's flush timeout")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write compare.png here")
+
+
+def compare_requests(a: argparse.Namespace, max_model_len: int) -> list:
+    from conveyor.bench import workloads as wl
+    from conveyor.bench.compare import CompareRequest
+
+    text = wl.TextTokens(wl.load_tokenizer("demo" if a.model == "demo" else a.model))
+    lengths = wl.lengths_for(a.workload, a.prompt_len, a.output_len)
+    reqs = wl.make_workload(a.workload, a.num_requests, text, a.seed, lengths, a.request_rate)
+    cap = a.max_tokens or max(r.output_len for r in reqs)
+    wl.fit_to_model_len(reqs, max_model_len - max(0, cap - min(r.output_len for r in reqs)))
+    wl.assign_arrivals(reqs, a.request_rate, a.burstiness, a.seed)
+    return [CompareRequest(r.arrival_s, r.prompt_ids, min(r.output_len, cap),
+                           max(1, min(cap, max_model_len - len(r.prompt_ids)))) for r in reqs]
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from conveyor.bench.compare import compare, format_table, plot, write_json
+    from conveyor.engine.kv_cache_manager import cdiv
+    from conveyor.llm import LLM
+
+    probe = LLM(a.model, load_format=a.load_format, dtype=a.dtype, num_kv_blocks=1)
+    max_model_len = probe.engine.max_model_len
+    del probe
+    reqs = compare_requests(a, max_model_len)
+    mean_len = sum(len(r.prompt_token_ids) + r.output_len for r in reqs) / len(reqs)
+    blocks = a.num_kv_blocks or cdiv(int(a.max_num_seqs * mean_len), a.block_size)
+    need = max(cdiv(len(r.prompt_token_ids) + r.max_tokens, a.block_size) for r in reqs)
+    blocks = max(blocks, need)  # every request must fit alone, or the engine rejects it
+    print(f"# {len(reqs)} requests ({a.workload}), mean prompt+output {mean_len:.0f} tokens, max_tokens cap "
+          f"{max(r.max_tokens for r in reqs)}; KV budget {blocks} blocks x {a.block_size} = {blocks * a.block_size} "
+          f"token slots for every mode", file=sys.stderr)
+    modes = compare(a.model, reqs, blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, a.dtype,
+                    a.load_format, a.batch_window_s, a.batch_timeout_s, a.modes)
+    print(format_table(modes))
+    result = {"modes": modes, "config": {
+        "model": a.model, "load_format": a.load_format, "dtype": a.dtype, "workload": a.workload,
+        "num_requests": len(reqs), "request_rate": a.request_rate if math.isfinite(a.request_rate) else "inf",
+        "max_num_seqs": a.max_num_seqs, "block_size": a.block_size, "num_kv_blocks": blocks, "seed": a.seed,
+        "command": "conveyor " + " ".join(sys.argv[1:])}}
+    if a.output:
+        write_json(result, Path(a.output))
+    if a.plot:
+        plot(modes, Path(a.plot))
+    return 0
