@@ -39,8 +39,12 @@ class CacheConfig:
     # paged: blocks are given as tokens need them. contiguous: a request reserves one run of consecutive blocks
     # for prompt + max_tokens when admitted (the pre-paging layout, kept to measure what paging saves)
     kv_layout: str = "paged"
+    enable_prefix_caching: bool = True
+    watermark: float = 0.01  # share of blocks admission leaves free for running sequences to grow into
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.kv_layout not in ("paged", "contiguous"):
             raise ValueError(f"kv_layout must be paged or contiguous, got {self.kv_layout!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
@@ -67,8 +71,14 @@ class SchedulerConfig:
     batching: str = "continuous"
     batch_window_s: float = 0.05
     batch_timeout_s: float = 2.0
+    scheduling_policy: str = "fcfs"  # fcfs | priority (lower SamplingParams.priority runs first, as in vLLM)
+    long_prefill_token_threshold: int = 0  # most tokens one prompt may prefill in a step; 0: no cap
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.batch_window_s < 0 or self.batch_timeout_s < 0:

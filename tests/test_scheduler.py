@@ -24,8 +24,9 @@ def _one_torch_thread():
 
 
 def make_sched(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-               max_num_batched_tokens: int = 64) -> Scheduler:
-    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+               max_num_batched_tokens: int = 64, policy: str = "fcfs") -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          scheduling_policy=policy)
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
 
 
@@ -227,7 +228,7 @@ def test_preemption_picks_the_lowest_ranked_not_the_one_short_of_blocks():
 
 def test_preemption_respects_priority():
     # the newest arrival has the better (lower) priority value: the older, lower-ranked one is preempted
-    sched = make_sched(num_blocks=4, block_size=4)
+    sched = make_sched(num_blocks=4, block_size=4, policy="priority")
     old = make_seq("old", 4, 8, priority=1)
     new = make_seq("new", 4, 8, priority=0)
     sched.add(old)
@@ -243,7 +244,7 @@ def test_preemption_respects_priority():
 
 
 def test_lower_priority_sequence_is_preempted_to_let_a_higher_one_grow():
-    sched = make_sched(num_blocks=2, block_size=2)
+    sched = make_sched(num_blocks=2, block_size=2, policy="priority")
     x = make_seq("x", 2, 2)  # 1 block, 2 at its last decode
     y = make_seq("y", 2, 2)
     sched.add(x)

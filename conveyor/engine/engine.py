@@ -57,7 +57,9 @@ class Engine:
         self.vocab_size = loaded.arch.vocab_size
         self.model_name = loaded.name
         self.runner = ModelRunner(loaded, config.cache, config.scheduler, config.device)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.kv_layout)
+        c = config.cache
+        self.kv = KVCacheManager(self.runner.num_blocks, c.block_size, c.kv_layout, c.enable_prefix_caching,
+                                 c.watermark)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
         self.requests: dict[str, Request] = {}
@@ -111,7 +113,7 @@ class Engine:
         return max_tokens
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    prompt_text: str | None = None) -> None:
+                    prompt_text: str | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request. Raises ValueError for a request that can never be served."""
         params = params or SamplingParams()
         if request_id in self.requests:
@@ -125,7 +127,7 @@ class Engine:
             if params.seed is not None:
                 gen = torch.Generator(self.config.device).manual_seed(_mix_seed(params.seed, i))
             seqs.append(Sequence(request_id, i, list(ids), len(ids), params, max_tokens, arrival_time=now,
-                                 generator=gen))
+                                 generator=gen, cache_salt=cache_salt))
         req = Request(request_id, text or prompt_text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
         self.requests[request_id] = req
         for s in seqs:
@@ -154,6 +156,7 @@ class Engine:
         tokens, logprobs = self.sampler(logits, sampling)
         for s in sched.scheduled:  # only once the step has fully succeeded
             s.seq.num_computed_tokens += s.num_tokens
+            self.kv.cache_full_blocks(s.seq)
         self._account_kv()
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -222,4 +225,6 @@ class Engine:
             "kv_slots_reserved": self.kv_slots_reserved,
             "kv_slots_used": self.kv_slots_used,
             "kv_waste_ratio": 1 - self.kv_slots_used / self.kv_slots_reserved if self.kv_slots_reserved else 0.0,
+            "prefix_cache_queries": self.kv.prefix_cache_queries,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,
         }

@@ -1,5 +1,14 @@
-"""Gives sequences the blocks their tokens need and takes them back."""
+"""Gives sequences the blocks their tokens need and takes them back; automatic prefix caching.
+
+Prefix caching: the i-th full block of a sequence is identified by a chained hash,
+sha256(hash of block i-1 ‖ the block's token ids ‖ extra keys), where the extra keys are whatever else changes the
+block's K/V or must keep it private (the request's cache_salt). A new sequence reuses the longest run of its full
+blocks already in the pool (never its last token, whose logits must be computed) and starts computing after them.
+"""
 from __future__ import annotations
+
+import hashlib
+from array import array
 
 from conveyor.engine.block_pool import BlockPool
 from conveyor.engine.sequence import Sequence
@@ -9,11 +18,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def hash_block(parent: bytes | None, tokens: tuple[int, ...], extra: str | None) -> bytes:
+    h = hashlib.sha256(parent or b"\0")
+    h.update(array("q", tokens).tobytes())
+    if extra is not None:
+        h.update(b"\1salt:" + extra.encode())
+    return h.digest()
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, layout: str = "paged") -> None:
+    def __init__(self, num_blocks: int, block_size: int, layout: str = "paged", enable_prefix_caching: bool = True,
+                 watermark: float = 0.0) -> None:
         self.block_size = block_size
         self.layout = layout
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching and layout == "paged"
+        # admission keeps this many blocks free for the running sequences' growth (bursts)
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.prefix_cache_queries = 0  # tokens looked up at admission
+        self.prefix_cache_hits = 0  # of those, tokens found cached
 
     @property
     def num_blocks(self) -> int:
@@ -33,7 +56,7 @@ class KVCacheManager:
         if self.layout == "contiguous":
             return self._reserve_contiguous(seq, num_new_tokens, reserve)
         n = self.blocks_needed(seq, num_new_tokens)
-        if n > self.pool.num_free:
+        if n > self.pool.num_free - (self.watermark_blocks if reserve else 0):
             return False
         if n:
             seq.block_table.extend(self.pool.allocate(n))
@@ -50,7 +73,50 @@ class KVCacheManager:
         seq.block_table = blocks
         return True
 
+    # ---- prefix cache ------------------------------------------------------------------------------------------
+    def _block_hashes(self, seq: Sequence, num_full: int) -> list[bytes]:
+        """Hashes of seq's first num_full full blocks, computed once and kept on the sequence."""
+        bs = self.block_size
+        while len(seq.block_hashes) < num_full:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(hash_block(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]), seq.cache_salt))
+        return seq.block_hashes[:num_full]
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks the cached blocks of its longest cached prefix; returns the tokens
+        they cover (its num_computed_tokens from now on)."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        self.prefix_cache_queries += seq.num_tokens
+        hits = []
+        for i, h in enumerate(self._block_hashes(seq, (seq.num_tokens - 1) // bs)):
+            b = self.pool.lookup(h, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            if b is None:
+                break
+            hits.append(b)
+        for b in hits:
+            self.pool.incref(b)
+        seq.block_table = hits
+        seq.num_computed_tokens = len(hits) * bs
+        self.prefix_cache_hits += seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks a step has just filled, so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = seq.num_computed_tokens // bs
+        for i in range(seq.num_cached_blocks, num_full):
+            h = self._block_hashes(seq, i + 1)[i]
+            self.pool.register(seq.block_table[i], h, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+        seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)
+
     def free(self, seq: Sequence) -> None:
         # reversed so the tail blocks, least likely to be shared later, are reused first
         self.pool.free(list(reversed(seq.block_table)))
         seq.block_table = []
+        seq.num_cached_blocks = 0

@@ -22,16 +22,26 @@ class Sampler:
         assert logits.shape[0] == len(seqs)
         logits = logits.float()
         raw = logits
-        logits = self._apply_constraints(logits.clone(), seqs)
+        if any(self._constrained(s) for s in seqs):  # else no copy of the [batch, vocab] logits is needed
+            logits = self._apply_constraints(logits.clone(), seqs)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         random = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if greedy:
+        if len(greedy) == len(seqs):
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if random:
             tokens[random] = self._sample(logits[random], [seqs[i] for i in random])
         token_list = tokens.tolist()
         return token_list, self._logprobs(raw, seqs, token_list)
+
+    @staticmethod
+    def _constrained(s: Sequence) -> bool:
+        """Whether _apply_constraints changes this sequence's row."""
+        p = s.params
+        return (s.num_output_tokens < p.min_tokens or bool(p.presence_penalty or p.frequency_penalty)
+                or p.repetition_penalty != 1.0)
 
     def _apply_constraints(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for i, s in enumerate(seqs):

@@ -59,18 +59,47 @@ class Scheduler:
         waiting = sum(s.num_uncomputed_tokens for s in self.waiting)
         return waiting + sum(s.num_uncomputed_tokens for s in self.running if s.num_uncomputed_tokens > 1)
 
+    def rank(self, seq: Sequence) -> tuple:
+        """Scheduling order (lower runs first, the highest is preempted first): arrival under fcfs; priority value,
+        then arrival under the priority policy."""
+        if self.config.scheduling_policy == "priority":
+            return seq.params.priority, seq.arrival_time, seq.seq_id
+        return seq.arrival_time, seq.seq_id
+
     def add(self, seq: Sequence) -> None:
         assert seq.status == SequenceStatus.WAITING and not seq.block_table
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """fcfs: new arrivals at the back, preempted sequences at the front. priority: in rank order."""
+        if self.config.scheduling_policy != "priority":
+            self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+            return
+        key = self.rank(seq)
+        i = next((i for i, w in enumerate(self.waiting) if self.rank(w) > key), len(self.waiting))
+        self.waiting.insert(i, seq)
+
+    def _chunk(self, seq: Sequence, budget: int, reserved: int) -> int:
+        """Tokens seq may compute this step. A prefill leaves `reserved` tokens of the budget to the decodes still
+        to be scheduled, and takes at most long_prefill_token_threshold, so one long prompt cannot stall them."""
+        n = seq.num_uncomputed_tokens
+        if n == 1:
+            return min(1, budget)
+        cap = self.config.long_prefill_token_threshold or n
+        return max(0, min(n, budget - reserved, cap))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        self.running.sort(key=lambda s: s.sort_key)
+        self.running.sort(key=self.rank)
+        decodes_after = _decodes_after(self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._chunk(seq, budget, decodes_after[i])
+            if n == 0:
+                i += 1
+                continue
             while not self.kv.allocate_slots(seq, n):
                 victim = self.running.pop()  # lowest ranked, never one already scheduled this step
                 self._preempt(victim)
@@ -104,8 +133,12 @@ class Scheduler:
         whole_batch = self.config.batching != "continuous"
         while self.waiting and limit > 0 and (budget > 0 or whole_batch):
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)  # a batch member may join with 0 tokens and prefill later
+            if not seq.block_table:
+                self.kv.match_prefix(seq)
+            n = self._chunk(seq, budget, 0)  # a batch member may join with 0 tokens and prefill later
             if not self.kv.allocate_slots(seq, n, reserve=True):
+                self.kv.free(seq)  # give back any prefix-cache hits; they stay cached
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -123,7 +156,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence (done or aborted) and free its blocks now, so the next step can reuse them."""
@@ -136,3 +169,12 @@ class Scheduler:
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _decodes_after(seqs: list[Sequence]) -> list[int]:
+    """For each position, how many decoding sequences (one token to compute) come after it."""
+    counts, n = [0] * len(seqs), 0
+    for i in range(len(seqs) - 1, -1, -1):
+        counts[i] = n
+        n += seqs[i].num_uncomputed_tokens == 1
+    return counts

@@ -43,6 +43,9 @@ class Sequence:
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
+    cache_salt: str | None = None  # keeps this request's cached prefix blocks apart from other tenants'
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full blocks, in order
+    num_cached_blocks: int = 0  # leading blocks of the block table registered in the prefix cache
     # incremental detokenization state
     output_text: str = ""
     prefix_offset: int = 0
@@ -73,8 +76,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def sort_key(self) -> tuple[int, float, int]:
-        """Scheduling order: lower priority value first, then earlier arrival."""
-        return (self.params.priority, self.arrival_time, self.seq_id)
