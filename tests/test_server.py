@@ -277,3 +277,18 @@ def test_request_log_is_json_without_prompt_text(server):
     entry = next(e for e in lines if e.get("request_id") == "log-check")
     assert entry["status"] == "ok" and entry["prompt_tokens"] == 13 and entry["output_tokens"] >= 1
     assert "SECRET-PROMPT" not in server.logs()
+
+
+def test_prefix_cache_metrics_and_cache_salt(server):
+    def hits() -> float:
+        return server.metric("conveyor_prefix_cache_hits_total")
+
+    body = {"prompt": "A long shared system prompt. " * 6, "max_tokens": 2, "temperature": 0}
+    httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30)
+    before = hits()
+    httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30)
+    assert hits() > before
+    before = hits()
+    httpx.post(f"{server.base_url}/v1/completions", json={**body, "cache_salt": "other-tenant"}, timeout=30)
+    assert hits() == before
+    assert server.metric("conveyor_prefix_cache_queries_total") > 0

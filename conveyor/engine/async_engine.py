@@ -35,6 +35,7 @@ class _Add:
     prompt: list[int]
     text: str | None
     params: SamplingParams
+    cache_salt: str | None
 
 
 class AsyncEngine:
@@ -75,7 +76,8 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- requests ----------------------------------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs until it finishes. Raises ValueError for a request that can never
         be served, EngineOverloaded when the waiting queue is full, EngineDead when the loop is gone. Leaving the
         iteration early (client gone, task cancelled) aborts the request in the engine."""
@@ -88,7 +90,7 @@ class AsyncEngine:
         text, ids = await asyncio.to_thread(self.engine.validate, prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._cmds.put(_Add(request_id, ids, text, params))
+        self._cmds.put(_Add(request_id, ids, text, params, cache_salt))
         self._wake.set()
         finished = False
         try:
@@ -151,7 +153,7 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.prompt}, cmd.params,
-                                        prompt_text=cmd.text)
+                                        prompt_text=cmd.text, cache_salt=cmd.cache_salt)
             except ValueError as e:  # e.g. the id was reused while the first request was still being aborted
                 self._loop.call_soon_threadsafe(self._deliver_error, cmd.request_id, e)
 

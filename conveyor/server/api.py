@@ -201,7 +201,7 @@ class Server:
         gens = []
         try:
             for i, p in enumerate(prompts):
-                gen = self.engine.generate(f"{rid}:{uuid.uuid4().hex[:8]}:{i}", p, params)
+                gen = self.engine.generate(f"{rid}:{uuid.uuid4().hex[:8]}:{i}", p, params, body.cache_salt)
                 first = await anext(gen)  # validation and admission errors surface here, before any header
                 gens.append(_prepend(first, gen))
         except ValueError as e:

@@ -37,6 +37,10 @@ class ServerMetrics:
         self.generation_tokens = Counter("conveyor_generation_tokens", "Generated tokens", lbl,
                                          registry=r).labels(model)
         self.preemptions = Counter("conveyor_preemptions", "Sequences preempted", lbl, registry=r).labels(model)
+        self.prefix_queries = Counter("conveyor_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      lbl, registry=r).labels(model)
+        self.prefix_hits = Counter("conveyor_prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl,
+                                   registry=r).labels(model)
         self.requests = Counter("conveyor_requests", "Finished requests by finish reason",
                                 ["model", "finish_reason"], registry=r)
         self.model = model
@@ -48,15 +52,17 @@ class ServerMetrics:
         self.queue_time = hist("request_queue_time_seconds", "Arrival to first scheduled", _LATENCY_BUCKETS)
         self.batch_size = hist("batch_size", "Sequences per engine step", _BATCH_BUCKETS)
         self._last_token_time: dict[str, float] = {}
-        self._preemptions_seen = 0
+        self._seen = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def on_step(self, engine: Engine, outs: list[RequestOutput], step_time: float | None) -> None:
         """After an engine step (step_time None: only aborts were applied)."""
         now = time.monotonic()
         stats = self._set_gauges(engine)
-        if stats["num_preemptions"] > self._preemptions_seen:
-            self.preemptions.inc(stats["num_preemptions"] - self._preemptions_seen)
-            self._preemptions_seen = stats["num_preemptions"]
+        for key, counter in (("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
+                             ("prefix_cache_hits", self.prefix_hits)):
+            if stats[key] > self._seen[key]:  # the engine counts; Prometheus counters take the increments
+                counter.inc(stats[key] - self._seen[key])
+                self._seen[key] = stats[key]
         if step_time is not None and engine.last_step_num_seqs:
             self.batch_size.observe(engine.last_step_num_seqs)
         for out in outs:

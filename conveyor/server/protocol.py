@@ -36,6 +36,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     priority: int = 0
     skip_special_tokens: bool = True
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ValueError for out-of-range values."""
