@@ -3,7 +3,6 @@ chunked prefill, preemption by recompute, freeing on finish."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conveyor.config import SchedulerConfig
 from conveyor.engine.kv_cache_manager import KVCacheManager
@@ -12,15 +11,6 @@ from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
 from conveyor.sampling_params import SamplingParams
 
 FAKE_TOKEN = 7
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The demo model is tiny: one intra-op thread is much faster than two busy-waiting on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_sched(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
