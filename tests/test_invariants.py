@@ -56,17 +56,23 @@ def live_seqs(sched: Scheduler) -> list[Sequence]:
 
 
 def check_sharing(kv: KVCacheManager, seqs: list[Sequence]) -> Counter[int]:
-    """A block in two live tables must be a full block of the prefix cache that none of its holders writes:
-    every holder has already computed all of its tokens. Returns the owner counts."""
+    """A block in two live tables is either a full block of the prefix cache that every holder has computed, or
+    the partly filled tail forked samples share until one writes (copy-on-write: the scheduler asserts that no
+    block is written while shared). Returns the owner counts."""
     owners: Counter[int] = Counter()
     for seq in seqs:
         assert len(seq.block_table) == len(set(seq.block_table)), "a block twice in one table"
         owners.update(seq.block_table)
+    bs = kv.block_size
     for seq in seqs:
         for i, b in enumerate(seq.block_table):
-            if owners[b] > 1:
-                assert kv.pool.block_hash[b] is not None, f"block {b} shared but not a cached full block"
-                assert (i + 1) * kv.block_size <= seq.num_computed_tokens, f"shared block {b} still being written"
+            if owners[b] == 1:
+                continue
+            if kv.pool.block_hash[b] is not None:
+                assert (i + 1) * bs <= seq.num_computed_tokens, f"shared cached block {b} not yet computed"
+            else:
+                assert i == len(seq.block_table) - 1 and i * bs < seq.num_computed_tokens < (i + 1) * bs, \
+                    f"block {b} shared but neither a cached full block nor a forked tail"
     return owners
 
 

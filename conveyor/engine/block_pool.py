@@ -58,6 +58,7 @@ class BlockPool:
         """Take another reference; a cached block with none leaves the free queue."""
         if self.ref_counts[block] == 0:
             assert self.block_hash[block] is not None, f"block {block} is free and holds nothing reusable"
+            assert block in self.free_queue
             del self.free_queue[block]
         self.ref_counts[block] += 1
         self.peak_in_use = max(self.peak_in_use, self.num_in_use)

@@ -15,7 +15,7 @@ from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, fi
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
 from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler import Scheduler
-from conveyor.engine.sequence import FinishReason, Sequence
+from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
 from conveyor.model.loader import load_model
 from conveyor.model.runner import ModelRunner
 from conveyor.outputs import CompletionOutput, RequestOutput
@@ -120,6 +120,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         max_tokens = self._resolve_max_tokens(len(ids), params)
+        if params.n > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} samples exceed max_num_seqs={self.config.scheduler.max_num_seqs}")
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -128,10 +130,15 @@ class Engine:
                 gen = torch.Generator(self.config.device).manual_seed(_mix_seed(params.seed, i))
             seqs.append(Sequence(request_id, i, list(ids), len(ids), params, max_tokens, arrival_time=now,
                                  generator=gen, cache_salt=cache_salt))
+        if params.n > 1 and self.kv.layout == "paged":  # samples share the prompt's blocks: prefill it once
+            for child in seqs[1:]:
+                child.status = SequenceStatus.FORK_PENDING
+            seqs[0].forks = seqs[1:]
         req = Request(request_id, text or prompt_text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
         self.requests[request_id] = req
         for s in seqs:
-            self.scheduler.add(s)
+            if s.status == SequenceStatus.WAITING:
+                self.scheduler.add(s)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks; returns its final output (finish reason "abort")."""
@@ -152,11 +159,22 @@ class Engine:
         if not sched.scheduled:
             return []
         sampling = [s.seq for s in sched.scheduled if s.samples]
+        self.runner.copy_blocks(self.kv.take_copies())
         logits = self.runner.execute(sched.scheduled)
+        # samples waiting on a parent whose prefill just ended draw their first token from the parent's logits
+        rows = list(range(len(sampling)))
+        forking = [(i, p, c) for i, p in enumerate(sampling) for c in p.forks]
+        sampling += [c for _, _, c in forking]
+        rows += [i for i, _, _ in forking]
+        if forking:
+            logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs = self.sampler(logits, sampling)
         for s in sched.scheduled:  # only once the step has fully succeeded
             s.seq.num_computed_tokens += s.num_tokens
             self.kv.cache_full_blocks(s.seq)
+        for _, parent, child in forking:
+            self.scheduler.fork(parent, child)
+            parent.forks = []
         self._account_kv()
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -227,4 +245,5 @@ class Engine:
             "kv_waste_ratio": 1 - self.kv_slots_used / self.kv_slots_reserved if self.kv_slots_reserved else 0.0,
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "num_cow_copies": self.kv.num_cow_copies,
         }

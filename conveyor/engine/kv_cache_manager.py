@@ -36,6 +36,8 @@ class KVCacheManager:
         # admission keeps this many blocks free for the running sequences' growth (bursts)
         self.watermark_blocks = int(watermark * num_blocks)
         self.prefix_cache_queries = 0  # tokens looked up at admission
+        self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) block copies for the next step
+        self.num_cow_copies = 0
         self.prefix_cache_hits = 0  # of those, tokens found cached
 
     @property
@@ -55,12 +57,44 @@ class KVCacheManager:
         With the contiguous layout, admission (`reserve`) takes one run of blocks for prompt + max_tokens."""
         if self.layout == "contiguous":
             return self._reserve_contiguous(seq, num_new_tokens, reserve)
-        n = self.blocks_needed(seq, num_new_tokens)
+        shared_tail = self._shared_tail(seq) if num_new_tokens else None
+        n = self.blocks_needed(seq, num_new_tokens) + (shared_tail is not None)
         if n > self.pool.num_free - (self.watermark_blocks if reserve else 0):
             return False
+        if shared_tail is not None:  # copy-on-write: never write into a block another sequence reads
+            i, old = shared_tail
+            (new,) = self.pool.allocate(1)
+            self.pending_copies.append((old, new))
+            self.num_cow_copies += 1
+            self.pool.free([old])
+            seq.block_table[i] = new
+        n = self.blocks_needed(seq, num_new_tokens)
         if n:
             seq.block_table.extend(self.pool.allocate(n))
         return True
+
+    def _shared_tail(self, seq: Sequence) -> tuple[int, int] | None:
+        """(index, block) of the partly filled block seq writes next, if other sequences share it."""
+        pos = seq.num_computed_tokens
+        if pos % self.block_size == 0 or pos // self.block_size >= len(seq.block_table):
+            return None
+        b = seq.block_table[pos // self.block_size]
+        return (pos // self.block_size, b) if self.pool.ref_counts[b] > 1 else None
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child becomes a copy of parent that shares all of its blocks (copied on the first divergent write)."""
+        assert not child.block_table
+        for b in parent.block_table:
+            self.pool.incref(b)
+        child.block_table = list(parent.block_table)
+        child.token_ids = list(parent.token_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)
+        child.num_cached_blocks = parent.num_cached_blocks
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def _reserve_contiguous(self, seq: Sequence, num_new_tokens: int, reserve: bool) -> bool:
         if seq.block_table:

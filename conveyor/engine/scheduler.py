@@ -113,7 +113,16 @@ class Scheduler:
             i += 1
         if not out.preempted:  # admitting right after preempting would only thrash
             self._admit(out, budget)
+        assert self._writes_unshared(out), "a step would write into a block another sequence shares"
         return out
+
+    def _writes_unshared(self, out: SchedulerOutput) -> bool:
+        bs, refs = self.kv.block_size, self.kv.pool.ref_counts
+        for s in out.scheduled:
+            first, last = s.seq.num_computed_tokens // bs, (s.seq.num_computed_tokens + s.num_tokens - 1) // bs
+            if any(refs[b] != 1 for b in s.seq.block_table[first:last + 1]):
+                return False
+        return True
 
     def _admission_limit(self) -> int:
         """How many waiting sequences may join the running set now."""
@@ -133,6 +142,8 @@ class Scheduler:
         whole_batch = self.config.batching != "continuous"
         while self.waiting and limit > 0 and (budget > 0 or whole_batch):
             seq = self.waiting[0]
+            if 1 + len(seq.forks) > limit and self.running:
+                break  # its samples will need slots of their own once they fork
             if not seq.block_table:
                 self.kv.match_prefix(seq)
             n = self._chunk(seq, budget, 0)  # a batch member may join with 0 tokens and prefill later
@@ -145,7 +156,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            limit -= 1
+            limit -= 1 + len(seq.forks)
             if n:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
@@ -158,13 +169,21 @@ class Scheduler:
         self.num_preemptions += 1
         self._enqueue(seq, front=True)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A pending sample joins the running set sharing its parent's blocks (parallel sampling)."""
+        assert child.status == SequenceStatus.FORK_PENDING and parent.status == SequenceStatus.RUNNING
+        self.kv.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        child.first_scheduled_time = parent.first_scheduled_time
+        self.running.append(child)
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence (done or aborted) and free its blocks now, so the next step can reuse them."""
         if seq.is_finished:
             return
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
-        else:
+        elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED

@@ -17,6 +17,7 @@ _seq_counter = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    FORK_PENDING = "fork_pending"  # a sample of n > 1 waiting for its parent's prefill, whose blocks it will share
     FINISHED = "finished"
 
 
@@ -46,6 +47,7 @@ class Sequence:
     cache_salt: str | None = None  # keeps this request's cached prefix blocks apart from other tenants'
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full blocks, in order
     num_cached_blocks: int = 0  # leading blocks of the block table registered in the prefix cache
+    forks: list[Sequence] = field(default_factory=list)  # samples to fork from this one when its prefill ends
     # incremental detokenization state
     output_text: str = ""
     prefix_offset: int = 0

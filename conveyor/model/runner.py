@@ -10,7 +10,8 @@ import torch
 from conveyor.config import CacheConfig, SchedulerConfig
 from conveyor.engine.kv_cache_manager import cdiv
 from conveyor.engine.scheduler import ScheduledSeq
-from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_decode_mask, build_prefill_mask
+from conveyor.model.attention import (AttentionMetadata, GatherBuffers, PrefillChunk, build_decode_plan,
+                                      build_prefill_mask, copy_blocks, kv_cache_shape)
 from conveyor.model.loader import LoadedModel
 
 log = logging.getLogger("conveyor.runner")
@@ -36,8 +37,9 @@ class ModelRunner:
         self.sliding_window = loaded.arch.sliding_window
         self.num_blocks = self._num_blocks(cache, sched)
         a = self.arch
-        shape = (2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = kv_cache_shape(self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
+        self.gather_buffers = GatherBuffers()
         log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
 
@@ -68,7 +70,7 @@ class ModelRunner:
         n = min(sched.max_num_batched_tokens, sched.max_model_len)
         a = self.arch
         nb = cdiv(n, self.block_size)
-        tmp = [torch.empty((2, nb, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype,
+        tmp = [torch.empty(kv_cache_shape(nb, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype,
                            device=self.device) for _ in range(a.num_layers)]
         meta = AttentionMetadata(slot_mapping=torch.arange(n, device=self.device),
                                  prefills=[PrefillChunk(0, n, 0, torch.arange(nb, device=self.device),
@@ -82,6 +84,16 @@ class ModelRunner:
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
         return int(total * cache.gpu_memory_utilization) - peak
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Apply the step's copy-on-write block copies in every layer before the forward writes anything."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for kv in self.kv_caches:
+            copy_blocks(kv, src, dst)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
@@ -104,15 +116,13 @@ class ModelRunner:
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 buffers=self.gather_buffers)
         if decodes:
             meta.num_decodes = len(decodes)
-            ctx = [s.seq.num_computed_tokens + 1 for s in decodes]
-            width = cdiv(max(ctx), bs)
-            tables = [s.seq.block_table[:width] + [0] * (width - min(width, len(s.seq.block_table)))
-                      for s in decodes]
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            meta.decode_mask = build_decode_mask(torch.tensor(ctx, device=dev), width * bs, self.sliding_window)
+            meta.decode = build_decode_plan([s.seq.block_table for s in decodes],
+                                            [s.seq.num_computed_tokens + 1 for s in decodes], bs, self.num_blocks,
+                                            self.arch.num_kv_heads, self.sliding_window, dev)
         q_start = len(decodes)
         for s in prefills:
             cached = s.seq.num_computed_tokens
