@@ -29,6 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-timeout-s", type=float, default=2.0, help="static batching's flush timeout")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--swap-space", type=float, default=0.0, help="GiB of host memory for swapped-out KV blocks")
     p.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most tokens one prompt may prefill per step (0: no cap)")
 
@@ -40,7 +42,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                 batching=a.batching, kv_layout=a.kv_layout, batch_window_s=a.batch_window_s,
                 batch_timeout_s=a.batch_timeout_s, enable_prefix_caching=a.enable_prefix_caching,
-                scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold)
+                scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
+                preemption_mode=a.preemption_mode, swap_space=a.swap_space)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

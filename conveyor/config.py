@@ -41,8 +41,14 @@ class CacheConfig:
     kv_layout: str = "paged"
     enable_prefix_caching: bool = True
     watermark: float = 0.01  # share of blocks admission leaves free for running sequences to grow into
+    preemption_mode: str = "recompute"  # recompute | swap (falls back to recompute when swap space is full)
+    swap_space: float = 0.0  # GiB of host memory for swapped-out blocks
 
     def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.kv_layout not in ("paged", "contiguous"):

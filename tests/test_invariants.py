@@ -176,13 +176,15 @@ def test_block_bookkeeping_invariants(scenario):
 
 # ---- engine level ----------------------------------------------------------------------------------------------------
 def engine_live_seqs(llm: LLM) -> list[Sequence]:
+    """Sequences holding device blocks (swapped-out ones hold host blocks)."""
     return live_seqs(llm.engine.scheduler)
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("seed", [1234, 7, 2024])
-def test_engine_invariants_with_preemption_and_aborts(seed):
+def test_engine_invariants_with_preemption_and_aborts(seed, mode):
     llm = LLM(model="demo", block_size=4, num_kv_blocks=9, max_num_seqs=4, max_num_batched_tokens=24,
-              max_model_len=64, device="cpu")
+              max_model_len=64, device="cpu", preemption_mode=mode, swap_space=0.0002, watermark=0.0)
     eng = llm.engine
     rng = random.Random(seed)
     # reference greedy outputs from a roomy engine, to check recompute after preemption changes nothing
@@ -228,6 +230,9 @@ def test_engine_invariants_with_preemption_and_aborts(seed):
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
     assert stats["num_preemptions"] > 0, "the cache was meant to be small enough to force preemption"
     assert stats["kv_blocks_peak"] <= 9
+    assert stats["num_swapped_out_blocks"] == 0
+    if mode == "swap":
+        assert stats["num_preemptions_swap"] > 0
     assert set(results) == set(ref)
     completed = 0
     for rid, out in results.items():

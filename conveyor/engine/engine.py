@@ -59,8 +59,8 @@ class Engine:
         self.runner = ModelRunner(loaded, config.cache, config.scheduler, config.device)
         c = config.cache
         self.kv = KVCacheManager(self.runner.num_blocks, c.block_size, c.kv_layout, c.enable_prefix_caching,
-                                 c.watermark)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+                                 c.watermark, self.runner.num_host_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.kv, c.preemption_mode)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
         self.requests: dict[str, Request] = {}
         self.last_step_num_seqs = 0
@@ -159,6 +159,7 @@ class Engine:
         if not sched.scheduled:
             return []
         sampling = [s.seq for s in sched.scheduled if s.samples]
+        self.runner.swap(*self.kv.take_swaps())
         self.runner.copy_blocks(self.kv.take_copies())
         logits = self.runner.execute(sched.scheduled)
         # samples waiting on a parent whose prefill just ended draw their first token from the parent's logits
@@ -246,4 +247,10 @@ class Engine:
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_cow_copies": self.kv.num_cow_copies,
+            "num_preemptions_recompute": self.scheduler.preemptions_by_mode["recompute"],
+            "num_preemptions_swap": self.scheduler.preemptions_by_mode["swap"],
+            "num_swapped": len(self.scheduler.swapped),
+            "num_swapped_out_blocks": self.kv.host_pool.num_in_use if self.kv.host_pool else 0,
+            "blocks_swapped_out": self.kv.blocks_swapped_out,
+            "blocks_swapped_in": self.kv.blocks_swapped_in,
         }

@@ -11,7 +11,7 @@ import hashlib
 from array import array
 
 from conveyor.engine.block_pool import BlockPool
-from conveyor.engine.sequence import Sequence
+from conveyor.engine.sequence import Sequence, SequenceStatus
 
 
 def cdiv(a: int, b: int) -> int:
@@ -28,10 +28,15 @@ def hash_block(parent: bytes | None, tokens: tuple[int, ...], extra: str | None)
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, layout: str = "paged", enable_prefix_caching: bool = True,
-                 watermark: float = 0.0) -> None:
+                 watermark: float = 0.0, num_host_blocks: int = 0) -> None:
         self.block_size = block_size
         self.layout = layout
         self.pool = BlockPool(num_blocks)
+        self.host_pool = BlockPool(num_host_blocks) if num_host_blocks else None  # swap space
+        self.pending_swap_out: list[tuple[int, int]] = []  # (device block, host block)
+        self.pending_swap_in: list[tuple[int, int]] = []  # (host block, device block)
+        self.blocks_swapped_out = 0
+        self.blocks_swapped_in = 0
         self.enable_prefix_caching = enable_prefix_caching and layout == "paged"
         # admission keeps this many blocks free for the running sequences' growth (bursts)
         self.watermark_blocks = int(watermark * num_blocks)
@@ -149,7 +154,42 @@ class KVCacheManager:
             self.pool.register(seq.block_table[i], h, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
         seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)
 
+    # ---- swap ----------------------------------------------------------------------------------------------------
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return self.host_pool is not None and len(seq.block_table) <= self.host_pool.num_free
+
+    def swap_out(self, seq: Sequence) -> None:
+        """Move seq's blocks to host memory; its device blocks go back to the pool (shared ones stay with the other
+        holders). The copies happen before the next forward."""
+        host = self.host_pool.allocate(len(seq.block_table))
+        self.pending_swap_out += zip(seq.block_table, host)
+        self.pool.free(list(reversed(seq.block_table)))
+        self.blocks_swapped_out += len(host)
+        seq.block_table = host
+        seq.num_cached_blocks = 0
+
+    def swap_in(self, seq: Sequence, reserve: int) -> bool:
+        """Bring seq's blocks back if that leaves `reserve` blocks free; False (nothing changed) otherwise."""
+        n = len(seq.block_table)
+        if n + reserve > self.pool.num_free:
+            return False
+        dev = self.pool.allocate(n)
+        self.pending_swap_in += zip(seq.block_table, dev)
+        self.host_pool.free(seq.block_table)
+        self.blocks_swapped_in += n
+        seq.block_table = dev
+        return True
+
+    def take_swaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        outs, ins = self.pending_swap_out, self.pending_swap_in
+        self.pending_swap_out, self.pending_swap_in = [], []
+        return outs, ins
+
     def free(self, seq: Sequence) -> None:
+        if seq.status == SequenceStatus.SWAPPED:
+            self.host_pool.free(seq.block_table)
+            seq.block_table = []
+            return
         # reversed so the tail blocks, least likely to be shared later, are reused first
         self.pool.free(list(reversed(seq.block_table)))
         seq.block_table = []

@@ -42,16 +42,21 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, preemption_mode: str = "recompute") -> None:
         self.config = config
         self.kv = kv
+        self.preemption_mode = preemption_mode
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []  # in rank order
         self.num_preemptions = 0
+        self.preemptions_by_mode = {"recompute": 0, "swap": 0}
+        # swap-in hysteresis: a swapped sequence returns only if this many blocks stay free afterwards
+        self.swap_in_reserve = max(1, kv.watermark_blocks, -(-kv.num_blocks * 4 // 100))
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     def prefill_backlog_tokens(self) -> int:
         """Tokens that still need a prefill (or a recompute after preemption): all uncomputed tokens of waiting
@@ -112,7 +117,9 @@ class Scheduler:
             budget -= n
             i += 1
         if not out.preempted:  # admitting right after preempting would only thrash
-            self._admit(out, budget)
+            budget = self._swap_in(out, budget)
+            if not self.swapped:  # new work waits until every swapped-out sequence is back
+                self._admit(out, budget)
         assert self._writes_unshared(out), "a step would write into a block another sequence shares"
         return out
 
@@ -161,12 +168,38 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
 
+    def _swap_in(self, out: SchedulerOutput, budget: int) -> int:
+        """Bring swapped-out sequences back in rank order while slots, budget and the hysteresis reserve allow."""
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            reserve = self.swap_in_reserve if self.running else 1  # alone, it must always be able to return
+            if not self.kv.swap_in(seq, reserve):
+                break
+            self.swapped.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = self._chunk(seq, budget, 0)
+            if n and self.kv.allocate_slots(seq, n):  # else it runs from the next step on
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        return budget
+
     def _preempt(self, seq: Sequence) -> None:
+        """Swap seq out when the mode is swap and host space allows, else recompute it later from scratch."""
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        if self.preemption_mode == "swap" and self.kv.can_swap_out(seq):
+            self.kv.swap_out(seq)
+            seq.status = SequenceStatus.SWAPPED
+            key = self.rank(seq)
+            i = next((i for i, w in enumerate(self.swapped) if self.rank(w) > key), len(self.swapped))
+            self.swapped.insert(i, seq)
+            self.preemptions_by_mode["swap"] += 1
+            return
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
+        self.preemptions_by_mode["recompute"] += 1
         self._enqueue(seq, front=True)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -185,6 +218,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status == SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

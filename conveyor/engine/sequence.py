@@ -17,6 +17,7 @@ _seq_counter = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted by swap: its blocks are in host memory, its progress kept
     FORK_PENDING = "fork_pending"  # a sample of n > 1 waiting for its parent's prefill, whose blocks it will share
     FINISHED = "finished"
 

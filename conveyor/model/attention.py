@@ -173,3 +173,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy whole blocks (K and V, every head) src[i] -> dst[i]: copy-on-write of shared blocks."""
     kv_cache[:, :, dst] = kv_cache[:, :, src]
+
+
+def move_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy blocks between two caches of the same layout (device <-> host swap)."""
+    dst_cache[:, :, dst.to(dst_cache.device)] = src_cache[:, :, src.to(src_cache.device)].to(dst_cache.device)

@@ -11,7 +11,8 @@ from conveyor.config import CacheConfig, SchedulerConfig
 from conveyor.engine.kv_cache_manager import cdiv
 from conveyor.engine.scheduler import ScheduledSeq
 from conveyor.model.attention import (AttentionMetadata, GatherBuffers, PrefillChunk, build_decode_plan,
-                                      build_prefill_mask, copy_blocks, kv_cache_shape)
+                                      build_prefill_mask, copy_blocks, kv_cache_shape,
+                                      move_blocks)
 from conveyor.model.loader import LoadedModel
 
 log = logging.getLogger("conveyor.runner")
@@ -39,6 +40,12 @@ class ModelRunner:
         a = self.arch
         shape = kv_cache_shape(self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
+        # host memory for swapped-out blocks (swap preemption)
+        self.num_host_blocks = int(cache.swap_space * 2**30) // self.bytes_per_block
+        host_shape = kv_cache_shape(self.num_host_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        pin = self.device.type == "cuda"
+        self.host_caches = [torch.zeros(host_shape, dtype=self.dtype, pin_memory=pin) for _ in range(a.num_layers)] \
+            if self.num_host_blocks else []
         self.gather_buffers = GatherBuffers()
         log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
@@ -94,6 +101,17 @@ class ModelRunner:
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         for kv in self.kv_caches:
             copy_blocks(kv, src, dst)
+
+    @torch.inference_mode()
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Device -> host copies of swapped-out blocks, then host -> device copies of swapped-in ones."""
+        for pairs, to_host in ((swap_out, True), (swap_in, False)):
+            if not pairs:
+                continue
+            src = torch.tensor([p[0] for p in pairs])
+            dst = torch.tensor([p[1] for p in pairs])
+            for dev, host in zip(self.kv_caches, self.host_caches):
+                move_blocks(dev, host, src, dst) if to_host else move_blocks(host, dev, src, dst)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:

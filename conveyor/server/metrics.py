@@ -36,7 +36,12 @@ class ServerMetrics:
                                      registry=r).labels(model)
         self.generation_tokens = Counter("conveyor_generation_tokens", "Generated tokens", lbl,
                                          registry=r).labels(model)
-        self.preemptions = Counter("conveyor_preemptions", "Sequences preempted", lbl, registry=r).labels(model)
+        preempt = Counter("conveyor_preemptions", "Sequences preempted, by mode", ["model", "mode"], registry=r)
+        self.preempt_recompute, self.preempt_swap = preempt.labels(model, "recompute"), preempt.labels(model, "swap")
+        self.swapped_out = Counter("conveyor_kv_blocks_swapped_out", "KV blocks copied to host memory", lbl,
+                                   registry=r).labels(model)
+        self.swapped_in = Counter("conveyor_kv_blocks_swapped_in", "KV blocks copied back from host memory", lbl,
+                                  registry=r).labels(model)
         self.prefix_queries = Counter("conveyor_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       lbl, registry=r).labels(model)
         self.prefix_hits = Counter("conveyor_prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl,
@@ -52,14 +57,17 @@ class ServerMetrics:
         self.queue_time = hist("request_queue_time_seconds", "Arrival to first scheduled", _LATENCY_BUCKETS)
         self.batch_size = hist("batch_size", "Sequences per engine step", _BATCH_BUCKETS)
         self._last_token_time: dict[str, float] = {}
-        self._seen = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
+        self._counters = {"num_preemptions_recompute": self.preempt_recompute,
+                          "num_preemptions_swap": self.preempt_swap, "prefix_cache_queries": self.prefix_queries,
+                          "prefix_cache_hits": self.prefix_hits, "blocks_swapped_out": self.swapped_out,
+                          "blocks_swapped_in": self.swapped_in}
+        self._seen = dict.fromkeys(self._counters, 0)
 
     def on_step(self, engine: Engine, outs: list[RequestOutput], step_time: float | None) -> None:
         """After an engine step (step_time None: only aborts were applied)."""
         now = time.monotonic()
         stats = self._set_gauges(engine)
-        for key, counter in (("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
-                             ("prefix_cache_hits", self.prefix_hits)):
+        for key, counter in self._counters.items():
             if stats[key] > self._seen[key]:  # the engine counts; Prometheus counters take the increments
                 counter.inc(stats[key] - self._seen[key])
                 self._seen[key] = stats[key]
