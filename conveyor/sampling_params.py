@@ -26,6 +26,11 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token
     skip_special_tokens: bool = True
     priority: int = 0
+    # beam search (transformers' semantics): the best n of beam_width beams, scored with length_penalty
+    use_beam_search: bool = False
+    beam_width: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True | False | "never"
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +75,15 @@ class SamplingParams:
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative ints")
         check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         check(isinstance(self.priority, int), f"priority must be an integer, got {self.priority!r}")
+        if self.use_beam_search:
+            check(isinstance(self.beam_width, int) and 1 <= self.beam_width <= 64,
+                  f"beam_width must be an integer in [1, 64], got {self.beam_width!r}")
+            check(self.n <= self.beam_width, f"n ({self.n}) must not exceed beam_width ({self.beam_width})")
+            check(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
+            check(isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty),
+                  "length_penalty must be a finite number")
+            check(not self.stop_list and self.logprobs is None and self.min_tokens == 0,
+                  "beam search does not take stop strings, logprobs or min_tokens")
 
     @property
     def greedy(self) -> bool:

@@ -292,3 +292,18 @@ def test_prefix_cache_metrics_and_cache_salt(server):
     httpx.post(f"{server.base_url}/v1/completions", json={**body, "cache_salt": "other-tenant"}, timeout=30)
     assert hits() == before
     assert server.metric("conveyor_prefix_cache_queries_total") > 0
+
+
+def test_beam_search_over_http(server, client):
+    r = client.completions.create(model="demo", prompt="Beams", max_tokens=6, n=2,
+                                  extra_body={"use_beam_search": True, "beam_width": 3})
+    # one token per byte; a beam that ended on an end token counts it, though its text is not shown
+    assert len(r.choices) == 2
+    assert r.usage.completion_tokens == sum(len(TOK.encode(c.text)) + (c.finish_reason == "stop") for c in r.choices)
+    chunks = list(client.completions.create(model="demo", prompt="Beams", max_tokens=6, n=2, stream=True,
+                                            extra_body={"use_beam_search": True, "beam_width": 3}))
+    texts = {c.choices[0].index: c.choices[0].text for c in chunks}
+    assert texts == {c.index: c.text for c in r.choices}
+    bad = httpx.post(f"{server.base_url}/v1/completions",
+                     json={"prompt": "x", "use_beam_search": True, "beam_width": 1, "n": 2})
+    assert bad.status_code == 400

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conveyor.config import EngineConfig
+from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
 from conveyor.engine.sampler import Sampler
@@ -36,9 +37,13 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     emitted_text: list[int] = field(default_factory=list)  # per seq: chars already handed out
     emitted_tokens: list[int] = field(default_factory=list)
+    beam: BeamSearchState | None = None  # beam search requests: seqs are the live beams
+    aborted: bool = False
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done or self.aborted
         return all(s.is_finished for s in self.seqs)
 
 
@@ -120,8 +125,12 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         max_tokens = self._resolve_max_tokens(len(ids), params)
-        if params.n > self.config.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} samples exceed max_num_seqs={self.config.scheduler.max_num_seqs}")
+        width = params.beam_width if params.use_beam_search else params.n
+        if width > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"{width} samples or beams exceed max_num_seqs={self.config.scheduler.max_num_seqs}")
+        if params.use_beam_search:
+            self._add_beam_request(request_id, text or prompt_text, ids, params, max_tokens, cache_salt)
+            return
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -140,11 +149,25 @@ class Engine:
             if s.status == SequenceStatus.WAITING:
                 self.scheduler.add(s)
 
+    def _add_beam_request(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
+                          max_tokens: int, cache_salt: str | None) -> None:
+        """One sequence to start with; it forks into beam_width beams after the prompt's prefill."""
+        seq = Sequence(request_id, 0, list(ids), len(ids), params, max_tokens, cache_salt=cache_salt,
+                       num_reserved_slots=params.beam_width - 1)
+        eos = ([] if params.ignore_eos else list(self.eos_token_ids)) + list(params.stop_token_ids)
+        state = BeamSearchState(params.beam_width, len(ids), len(ids) + max_tokens, params.length_penalty,
+                                params.early_stopping, sorted(set(eos)), beams=[seq], scores=[0.0])
+        req = Request(request_id, text, ids, params, [seq], seq.arrival_time, [0] * params.n, [0] * params.n,
+                      beam=state)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks; returns its final output (finish reason "abort")."""
         req = self.requests.get(request_id)
         if req is None:
             return None
+        req.aborted = True
         for s in req.seqs:
             self.scheduler.finish(s, FinishReason.ABORT)
         return self._make_output(req, time.monotonic())
@@ -162,6 +185,14 @@ class Engine:
         self.runner.swap(*self.kv.take_swaps())
         self.runner.copy_blocks(self.kv.take_copies())
         logits = self.runner.execute(sched.scheduled)
+        beams = [(i, s) for i, s in enumerate(sampling) if self.requests[s.request_id].beam is not None]
+        if beams:  # beams are advanced by the beam search, from their log-probabilities
+            lps = logits[torch.tensor([i for i, _ in beams], device=logits.device)].log_softmax(-1).cpu()
+            for (_, seq), lp in zip(beams, lps):
+                self.requests[seq.request_id].beam.pending[seq.seq_id] = lp
+            keep = [i for i, s in enumerate(sampling) if self.requests[s.request_id].beam is None]
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+            sampling = [sampling[i] for i in keep]
         # samples waiting on a parent whose prefill just ended draw their first token from the parent's logits
         rows = list(range(len(sampling)))
         forking = [(i, p, c) for i, p in enumerate(sampling) for c in p.forks]
@@ -182,7 +213,41 @@ class Engine:
         for seq, tok, lp in zip(sampling, tokens, logprobs):
             self._append_token(seq, tok, lp, now)
             touched[seq.request_id] = self.requests[seq.request_id]
+        for _, seq in beams:
+            req = self.requests[seq.request_id]
+            if req.beam.ready():
+                self._beam_step(req, now)
+                if req.finished:
+                    touched[req.request_id] = req
         return [self._make_output(req, now) for req in touched.values()]
+
+    def _beam_step(self, req: Request, now: float) -> None:
+        """Apply one beam search step: surviving beams continue or fork (sharing blocks), the others end."""
+        st = req.beam
+        old = list(st.beams)
+        chosen = st.step()
+        new: list[Sequence] = []
+        taken: set[int] = set()
+        for parent, _ in chosen:  # fork before any parent gets its new token
+            if parent.seq_id not in taken:
+                taken.add(parent.seq_id)
+                new.append(parent)
+                continue
+            child = Sequence(req.request_id, 0, [], parent.num_prompt_tokens, parent.params, parent.max_tokens,
+                             arrival_time=parent.arrival_time, status=SequenceStatus.FORK_PENDING,
+                             cache_salt=parent.cache_salt)
+            self.scheduler.fork(parent, child)
+            new.append(child)
+        for beam in old:
+            beam.num_reserved_slots = 0
+            if beam.seq_id not in taken:
+                self.scheduler.finish(beam, FinishReason.STOP if st.done else FinishReason.ABORT)
+        for seq, (_, tok) in zip(new, chosen):
+            seq.token_ids.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+        st.beams = new
+        req.seqs = new or old
 
     def _account_kv(self) -> None:
         running = self.scheduler.running
@@ -205,7 +270,23 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
+    def _beam_output(self, req: Request) -> list[CompletionOutput]:
+        outs = []
+        for i, h in enumerate(req.beam.results(req.params.n)):
+            text = self.tokenizer.decode(h.token_ids, skip_special_tokens=req.params.skip_special_tokens)
+            outs.append(CompletionOutput(index=i, text=text, token_ids=h.token_ids,
+                                         finish_reason="stop" if h.hit_eos else "length",
+                                         num_new_tokens=len(h.token_ids), new_text=text))
+        return outs
+
     def _make_output(self, req: Request, now: float) -> RequestOutput:
+        if req.beam is not None:
+            out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                                self._beam_output(req) if req.finished else [], finished=req.finished)
+            if out.finished:
+                out.metrics["e2e_s"] = now - req.arrival_time
+                del self.requests[req.request_id]
+            return out
         hold = max((len(s) for s in req.params.stop_list), default=1) - 1  # a stop string may still be forming
         outs = []
         for i, seq in enumerate(req.seqs):

@@ -135,7 +135,7 @@ class Scheduler:
         """How many waiting sequences may join the running set now."""
         cfg = self.config
         if cfg.batching == "continuous":
-            return cfg.max_num_seqs - len(self.running)
+            return cfg.max_num_seqs - sum(1 + s.num_reserved_slots + len(s.forks) for s in self.running)
         if self.running or not self.waiting:
             return 0  # batch modes admit only at a batch boundary
         if cfg.batching == "none":
@@ -149,8 +149,9 @@ class Scheduler:
         whole_batch = self.config.batching != "continuous"
         while self.waiting and limit > 0 and (budget > 0 or whole_batch):
             seq = self.waiting[0]
-            if 1 + len(seq.forks) > limit and self.running:
-                break  # its samples will need slots of their own once they fork
+            slots = 1 + len(seq.forks) + seq.num_reserved_slots
+            if slots > limit and self.running:
+                break  # its samples or beams will need slots of their own once they fork
             if not seq.block_table:
                 self.kv.match_prefix(seq)
             n = self._chunk(seq, budget, 0)  # a batch member may join with 0 tokens and prefill later
@@ -163,7 +164,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            limit -= 1 + len(seq.forks)
+            limit -= slots
             if n:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n

@@ -49,6 +49,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full blocks, in order
     num_cached_blocks: int = 0  # leading blocks of the block table registered in the prefix cache
     forks: list[Sequence] = field(default_factory=list)  # samples to fork from this one when its prefill ends
+    num_reserved_slots: int = 0  # running slots held for sequences this one will fork (beam search)
     # incremental detokenization state
     output_text: str = ""
     prefix_offset: int = 0

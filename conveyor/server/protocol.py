@@ -37,6 +37,10 @@ class _Common(BaseModel):
     priority: int = 0
     skip_special_tokens: bool = True
     cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
+    use_beam_search: bool = False
+    beam_width: int | None = None  # default: n
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ValueError for out-of-range values."""
@@ -47,7 +51,9 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            priority=self.priority)
+            priority=self.priority, use_beam_search=self.use_beam_search,
+            beam_width=self.beam_width if self.beam_width is not None else self.n,
+            length_penalty=self.length_penalty, early_stopping=self.early_stopping)
 
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
