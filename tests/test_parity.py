@@ -113,3 +113,17 @@ def test_eos_and_chat_template_come_from_the_checkpoint(checkpoint):
     text = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                    add_generation_prompt=True)
     assert text == "user: hi\nassistant:"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 17, 64])
+def test_outputs_identical_for_every_chunk_size(checkpoint, chunk):
+    """Prefill split into chunks of any size (long_prefill_token_threshold), with prefix caching, gives the
+    reference tokens."""
+    path = checkpoint("llama")
+    expected = hf_greedy(path, PROMPTS, 8)
+    llm = LLM(path, dtype="float32", block_size=4, num_kv_blocks=128, long_prefill_token_threshold=chunk)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # cached prefixes
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.stats()["prefix_cache_hits"] > 0 and llm.stats()["kv_blocks_in_use"] == 0
