@@ -104,6 +104,20 @@ class KVCacheManager:
     def _reserve_contiguous(self, seq: Sequence, num_new_tokens: int, reserve: bool) -> bool:
         if seq.block_table:
             assert self.blocks_needed(seq, num_new_tokens) == 0, "a contiguous reservation never grows"
+            # beams forked from one reservation share all of it: copy-on-write each shared block this step writes
+            bs, pos = self.block_size, seq.num_computed_tokens
+            shared = [i for i in range(pos // bs, cdiv(pos + num_new_tokens, bs))
+                      if self.pool.ref_counts[seq.block_table[i]] > 1]
+            if len(shared) > self.pool.num_free:
+                return False
+            for i in shared:
+                old = seq.block_table[i]
+                (new,) = self.pool.allocate(1)
+                if i * bs < pos:  # holds computed positions: copy them
+                    self.pending_copies.append((old, new))
+                    self.num_cow_copies += 1
+                self.pool.free([old])
+                seq.block_table[i] = new
             return True
         assert reserve, "contiguous blocks are reserved at admission"
         blocks = self.pool.allocate_contiguous(cdiv(seq.num_prompt_tokens + seq.max_tokens, self.block_size))
