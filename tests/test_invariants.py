@@ -56,9 +56,9 @@ def live_seqs(sched: Scheduler) -> list[Sequence]:
 
 
 def check_sharing(kv: KVCacheManager, seqs: list[Sequence]) -> Counter[int]:
-    """A block in two live tables is either a full block of the prefix cache that every holder has computed, or
-    the partly filled tail forked samples share until one writes (copy-on-write: the scheduler asserts that no
-    block is written while shared). Returns the owner counts."""
+    """A block in two live tables is either a full block every holder has computed (from the prefix cache or a
+    fork), or the partly filled tail forked samples share until one writes (copy-on-write: the scheduler asserts
+    that no block is written while shared). Returns the owner counts."""
     owners: Counter[int] = Counter()
     for seq in seqs:
         assert len(seq.block_table) == len(set(seq.block_table)), "a block twice in one table"
@@ -68,11 +68,12 @@ def check_sharing(kv: KVCacheManager, seqs: list[Sequence]) -> Counter[int]:
         for i, b in enumerate(seq.block_table):
             if owners[b] == 1:
                 continue
+            full = (i + 1) * bs <= seq.num_computed_tokens
             if kv.pool.block_hash[b] is not None:
-                assert (i + 1) * bs <= seq.num_computed_tokens, f"shared cached block {b} not yet computed"
-            else:
-                assert i == len(seq.block_table) - 1 and i * bs < seq.num_computed_tokens < (i + 1) * bs, \
-                    f"block {b} shared but neither a cached full block nor a forked tail"
+                assert full, f"shared cached block {b} not yet computed"
+            else:  # forked: a computed full block (its hash may live on another block) or the partly filled tail
+                tail = i == len(seq.block_table) - 1 and i * bs < seq.num_computed_tokens
+                assert full or tail, f"block {b} shared but neither computed nor a forked tail"
     return owners
 
 
