@@ -333,8 +333,8 @@ class KVSharingMachine(RuleBasedStateMachine):
                         break
 
     @precondition(lambda self: self.with_status(RUNNING) and len(self.seqs) < MAX_SEQS)
-    @rule(i=st.integers(0, MAX_SEQS), who=st.sampled_from(["parent", "child", "both"]), frac=st.sampled_from([0.0, 1.0]),
-          toks=st.lists(TOKENS, min_size=3, max_size=3))
+    @rule(i=st.integers(0, MAX_SEQS), who=st.sampled_from(["parent", "child", "both"]),
+          frac=st.sampled_from([0.0, 1.0]), toks=st.lists(TOKENS, min_size=3, max_size=3))
     def fork_then_compute(self, i, who, frac, toks):
         """Fork, then the parent and/or the child compute their next chunk: the first writer into a shared partly
         filled tail must copy it."""
