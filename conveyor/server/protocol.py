@@ -69,6 +69,8 @@ class CompletionRequest(_Common):
         p = self.prompt
         if isinstance(p, str):
             return [p]
+        if not p:
+            return [[]]  # an empty prompt list is rejected downstream as an empty prompt (400)
         if p and all(isinstance(x, int) for x in p):
             return [{"prompt_token_ids": p}]
         return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
