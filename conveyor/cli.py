@@ -122,6 +122,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from conveyor.gateway.app import build_gateway
+    from conveyor.gateway.config import ConfigError
+    from conveyor.server.logs import setup_json_logging
+
+    setup_json_logging(getattr(logging, a.log_level.upper()))
+    try:
+        gateway = build_gateway(a.config)
+    except (OSError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False, log_level=a.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM serving stack")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,7 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests may take to finish after SIGTERM")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+    gw = sub.add_parser("gateway", help="the gateway: tenants, rate limits, fair admission, routing, failover")
+    gw.add_argument("--config", required=True, help="gateway YAML (reloaded on SIGHUP)")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument("--log-level", default="info")
+    gw.set_defaults(func=cmd_gateway)
     add_bench_parser(sub)
+    add_autoscale_parser(sub)
     return parser
 
 
@@ -174,6 +199,15 @@ def add_bench_parser(sub) -> None:
         p = bsub.add_parser(name, help=help_text)
         add_args(p)
         p.set_defaults(func=func)
+
+
+def add_autoscale_parser(sub) -> None:
+    """`conveyor autoscale [simulate]`: flags and commands live in conveyor/autoscale/cli.py."""
+    from conveyor.autoscale import cli as autoscale
+
+    a = sub.add_parser("autoscale", help="scale a gateway's replicas on LLM signals; `autoscale simulate` a trace")
+    autoscale.add_args(a)
+    a.set_defaults(func=autoscale.cmd_run)
 
 
 def main(argv: list[str] | None = None) -> int:

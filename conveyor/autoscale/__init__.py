@@ -1,0 +1,1 @@
+"""Autoscaler: LLM signals from /metrics → desired replicas → actuator (local processes | Ray)."""

@@ -1,0 +1,55 @@
+"""The local actuator: each replica is a `conveyor serve` process on this machine, on a free port."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from conveyor.autoscale.actuator import Actuator, GatewayAdmin, Replica
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_command(port: int, serve_args: list[str], host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "conveyor.cli", "serve", "--host", host, "--port", str(port), *serve_args]
+
+
+class LocalActuator(Actuator):
+    def __init__(self, gateway: GatewayAdmin | None, serve_args: list[str], log_dir: str | None = None,
+                 host: str = "127.0.0.1", **kw) -> None:
+        super().__init__(gateway, **kw)
+        self.serve_args, self.host, self.log_dir = list(serve_args), host, log_dir
+
+    def _launch(self, replica_id: str) -> subprocess.Popen:
+        port = free_port(self.host)
+        out = subprocess.DEVNULL
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, f"{replica_id}-{port}.log"), "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(serve_command(port, self.serve_args, self.host), stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+        proc.conveyor_url = f"http://{self.host}:{port}"  # known at once: we chose the port
+        return proc
+
+    def _url(self, replica: Replica) -> str | None:
+        return replica.handle.conveyor_url
+
+    def _alive(self, replica: Replica) -> bool:
+        return replica.handle.poll() is None
+
+    def _terminate(self, replica: Replica) -> None:
+        """SIGTERM: the server refuses new requests and finishes in-flight ones before exiting."""
+        proc: subprocess.Popen = replica.handle
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
