@@ -62,3 +62,35 @@ def test_bad_beam_parameters():
         SamplingParams(use_beam_search=True, early_stopping="sometimes")
     with pytest.raises(ValueError):
         LLM(max_num_seqs=2).generate("x", SamplingParams(use_beam_search=True, beam_width=4))
+
+
+def test_beam_searches_that_preempt_each_other_finish_with_the_same_beams():
+    """Three searches on a cache that holds only one: beams are preempted as a group (the search restarts), so no
+    beam holds blocks waiting for a sibling that cannot get any, and the result is the one computed alone."""
+    sp = SamplingParams(use_beam_search=True, beam_width=4, n=2, max_tokens=24, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(40 + i, 60 + i))} for i in range(3)]
+    roomy = LLM(dtype="float32", block_size=4, num_kv_blocks=400)
+    want = [[c.token_ids for c in o.outputs] for o in roomy.generate(prompts, sp)]
+    assert roomy.stats()["num_preemptions"] == 0
+    tight = LLM(dtype="float32", block_size=4, num_kv_blocks=34)  # 5 prompt blocks + 4 beams x 7 blocks, + 1
+    eng = tight.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, sp)
+    got = {}
+    for _ in range(2000):
+        for o in eng.step():
+            if o.finished:
+                got[int(o.request_id)] = [c.token_ids for c in o.outputs]
+        if not eng.has_unfinished_requests():
+            break
+    assert [got.get(i) for i in range(3)] == want
+    st = tight.stats()
+    assert st["num_preemptions"] > 0 and st["kv_blocks_in_use"] == 0
+
+
+def test_beam_search_that_can_never_fit_is_rejected():
+    llm = LLM(block_size=4, num_kv_blocks=30)
+    with pytest.raises(ValueError, match="beam search"):
+        llm.engine.add_request("b", {"prompt_token_ids": list(range(40, 60))},
+                               SamplingParams(use_beam_search=True, beam_width=4, max_tokens=24))
+    assert not llm.engine.has_unfinished_requests()

@@ -202,6 +202,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-timeout-s", type=float, default=2.0, help="static batching's flush timeout")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=_positive_int, default=1,
+                   help="run every mode this many times, round robin, and report medians (for noisy machines)")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--plot", default=None, metavar="DIR", help="write compare.png here")
 
@@ -239,12 +241,13 @@ def cmd_compare(a: argparse.Namespace) -> int:
           f"{max(r.max_tokens for r in reqs)}; KV budget {blocks} blocks x {a.block_size} = {blocks * a.block_size} "
           f"token slots for every mode", file=sys.stderr)
     modes = compare(a.model, reqs, blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, a.dtype,
-                    a.load_format, a.batch_window_s, a.batch_timeout_s, a.modes)
+                    a.load_format, a.batch_window_s, a.batch_timeout_s, a.modes, a.repeat)
     print(format_table(modes))
     result = {"modes": modes, "config": {
         "model": a.model, "load_format": a.load_format, "dtype": a.dtype, "workload": a.workload,
         "num_requests": len(reqs), "request_rate": a.request_rate if math.isfinite(a.request_rate) else "inf",
         "max_num_seqs": a.max_num_seqs, "block_size": a.block_size, "num_kv_blocks": blocks, "seed": a.seed,
+        "repeat": a.repeat,
         "command": "conveyor " + " ".join(sys.argv[1:])}}
     if a.output:
         write_json(result, Path(a.output))

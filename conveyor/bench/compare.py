@@ -90,21 +90,37 @@ def run_mode(llm: LLM, requests: list[CompareRequest]) -> dict:
 def compare(model: str, requests: list[CompareRequest], num_kv_blocks: int, block_size: int = 16,
             max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, dtype: str = "auto",
             load_format: str = "auto", batch_window_s: float = 0.05, batch_timeout_s: float = 2.0,
-            modes: list[str] | None = None) -> dict:
-    results = {}
-    for name in modes or list(MODES):
-        batching, layout = MODES[name]
-        llm = LLM(model, dtype=dtype, load_format=load_format, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, batching=batching,
-                  kv_layout=layout, batch_window_s=batch_window_s, batch_timeout_s=batch_timeout_s)
-        warm = requests[0]
-        llm.generate({"prompt_token_ids": warm.prompt_token_ids}, SamplingParams(max_tokens=2))
-        llm.engine.kv_slots_reserved = llm.engine.kv_slots_used = llm.engine.peak_running = 0
-        log.info("mode %s ...", name)
-        results[name] = run_mode(llm, requests)
-        assert llm.stats()["kv_blocks_in_use"] == 0
-        del llm
-    return results
+            modes: list[str] | None = None, repeat: int = 1) -> dict:
+    """Runs every mode `repeat` times, round robin (so a noisy neighbour hurts all modes alike); each metric is the
+    median over the runs, and `runs` keeps them all."""
+    runs: dict[str, list[dict]] = {name: [] for name in modes or list(MODES)}
+    for r in range(repeat):
+        for name in runs:
+            log.info("mode %s, run %d/%d ...", name, r + 1, repeat)
+            runs[name].append(run_once(model, name, requests, num_kv_blocks, block_size, max_num_seqs,
+                                       max_num_batched_tokens, dtype, load_format, batch_window_s, batch_timeout_s))
+    return {name: {**{k: _median(rs, k) for k in rs[0]}, "runs": rs} for name, rs in runs.items()}
+
+
+def _median(runs: list[dict], key: str):
+    vals = sorted(r[key] for r in runs)
+    mid = vals[len(vals) // 2]
+    return type(mid)(statistics.median(vals)) if isinstance(mid, int) else statistics.median(vals)
+
+
+def run_once(model: str, name: str, requests: list[CompareRequest], num_kv_blocks: int, block_size: int,
+             max_num_seqs: int, max_num_batched_tokens: int, dtype: str, load_format: str, batch_window_s: float,
+             batch_timeout_s: float) -> dict:
+    batching, layout = MODES[name]
+    llm = LLM(model, dtype=dtype, load_format=load_format, block_size=block_size, num_kv_blocks=num_kv_blocks,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, batching=batching,
+              kv_layout=layout, batch_window_s=batch_window_s, batch_timeout_s=batch_timeout_s)
+    warm = requests[0]
+    llm.generate({"prompt_token_ids": warm.prompt_token_ids}, SamplingParams(max_tokens=2))
+    llm.engine.kv_slots_reserved = llm.engine.kv_slots_used = llm.engine.peak_running = 0
+    result = run_mode(llm, requests)
+    assert llm.stats()["kv_blocks_in_use"] == 0
+    return result
 
 
 def format_table(modes: dict) -> str:

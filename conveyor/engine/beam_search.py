@@ -50,6 +50,12 @@ class BeamSearchState:
     def ready(self) -> bool:
         return bool(self.beams) and all(b.seq_id in self.pending for b in self.beams)
 
+    def restart(self, seq: Sequence) -> None:
+        """Forget all progress; the search begins again from seq (the prompt alone)."""
+        assert seq.num_tokens == self.num_prompt_tokens
+        self.beams, self.scores, self.pending, self.finished = [seq], [0.0], {}, []
+        self.improvable, self.done = True, False
+
     def step(self) -> list[tuple[Sequence, int]]:
         """Advance the search by one token. Returns the next beams as (parent beam, token) pairs, best first
         (empty when the search is done)."""

@@ -46,6 +46,12 @@ class Request:
             return self.beam.done or self.aborted
         return all(s.is_finished for s in self.seqs)
 
+    def restart_beams(self, seq: Sequence) -> None:
+        """The scheduler preempted this beam search: it starts over from seq, its prompt."""
+        assert self.beam is not None and seq.request_id == self.request_id
+        self.beam.restart(seq)
+        self.seqs = [seq]
+
 
 def _mix_seed(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + index * 1442695040888963407) % (1 << 63)
@@ -129,6 +135,10 @@ class Engine:
         if width > self.config.scheduler.max_num_seqs:
             raise ValueError(f"{width} samples or beams exceed max_num_seqs={self.config.scheduler.max_num_seqs}")
         if params.use_beam_search:
+            need = cdiv(len(ids), self.kv.block_size) + params.beam_width * (cdiv(max_tokens, self.kv.block_size) + 1)
+            if need > self.kv.num_blocks:
+                raise ValueError(f"beam search with beam_width={params.beam_width} and max_tokens={max_tokens} "
+                                 f"may need {need} KV blocks but the whole cache has {self.kv.num_blocks}")
             self._add_beam_request(request_id, text or prompt_text, ids, params, max_tokens, cache_salt)
             return
         now = time.monotonic()
@@ -178,6 +188,8 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        for seq in sched.restarted:
+            self.requests[seq.request_id].restart_beams(seq)
         self.last_step_num_seqs = len(sched.scheduled)
         if not sched.scheduled:
             return []
@@ -252,8 +264,10 @@ class Engine:
     def _account_kv(self) -> None:
         running = self.scheduler.running
         self.peak_running = max(self.peak_running, len(running))
-        self.kv_slots_reserved += self.kv.pool.num_in_use * self.kv.block_size
-        self.kv_slots_used += sum(s.num_computed_tokens for s in running)
+        reserved = self.kv.pool.num_in_use * self.kv.block_size
+        self.kv_slots_reserved += reserved
+        # samples and beams share blocks: the tokens they hold can outnumber the slots behind them
+        self.kv_slots_used += min(reserved, sum(s.num_computed_tokens for s in running))
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         seq.token_ids.append(token)

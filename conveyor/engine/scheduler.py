@@ -35,6 +35,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    restarted: list[Sequence] = field(default_factory=list)  # fresh first sequences of restarted beam searches
 
     @property
     def num_tokens(self) -> int:
@@ -73,15 +74,15 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         assert seq.status == SequenceStatus.WAITING and not seq.block_table
-        self._enqueue(seq, front=False)
+        self._enqueue(seq)
 
-    def _enqueue(self, seq: Sequence, front: bool) -> None:
-        """fcfs: new arrivals at the back, preempted sequences at the front. priority: in rank order."""
-        if self.config.scheduling_policy != "priority":
-            self.waiting.appendleft(seq) if front else self.waiting.append(seq)
-            return
+    def _enqueue(self, seq: Sequence) -> None:
+        """The waiting queue is kept in rank order, so a preempted sequence goes back ahead of later arrivals."""
         key = self.rank(seq)
-        i = next((i for i, w in enumerate(self.waiting) if self.rank(w) > key), len(self.waiting))
+        if not self.waiting or self.rank(self.waiting[-1]) <= key:
+            self.waiting.append(seq)
+            return
+        i = next(i for i, w in enumerate(self.waiting) if self.rank(w) > key)
         self.waiting.insert(i, seq)
 
     def _chunk(self, seq: Sequence, budget: int, reserved: int) -> int:
@@ -97,25 +98,20 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self.rank)
-        decodes_after = _decodes_after(self.running)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = self._chunk(seq, budget, decodes_after[i])
+        order = list(self.running)  # preemption only removes sequences from the running set
+        decodes_after = _decodes_after(order)
+        for k, seq in enumerate(order):
+            if budget <= 0:
+                break
+            n = self._chunk(seq, budget, decodes_after[k]) if seq.status == SequenceStatus.RUNNING else 0
             if n == 0:
-                i += 1
                 continue
-            while not self.kv.allocate_slots(seq, n):
-                victim = self.running.pop()  # lowest ranked, never one already scheduled this step
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
+            while seq.status == SequenceStatus.RUNNING and not self.kv.allocate_slots(seq, n):
+                budget += self._preempt(self.running[-1], out)  # the lowest ranked, maybe seq itself
             if seq.status != SequenceStatus.RUNNING:
-                continue  # seq preempted itself; it was the last one
+                continue
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-            i += 1
         if not out.preempted:  # admitting right after preempting would only thrash
             budget = self._swap_in(out, budget)
             if not self.swapped:  # new work waits until every swapped-out sequence is back
@@ -185,10 +181,16 @@ class Scheduler:
                 budget -= n
         return budget
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Swap seq out when the mode is swap and host space allows, else recompute it later from scratch."""
-        seq.num_preemptions += 1
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Preempt seq: swap it out when the mode is swap and host space allows, else recompute it later from
+        scratch. A beam is never preempted alone (its siblings would hold their blocks waiting for it): its whole
+        search restarts from the prompt. Returns the budget given back by sequences taken out of this step."""
         self.num_preemptions += 1
+        if seq.params.use_beam_search:
+            return self._restart_beams(seq, out)
+        self.running.remove(seq)
+        out.preempted.append(seq)
+        seq.num_preemptions += 1
         if self.preemption_mode == "swap" and self.kv.can_swap_out(seq):
             self.kv.swap_out(seq)
             seq.status = SequenceStatus.SWAPPED
@@ -196,12 +198,35 @@ class Scheduler:
             i = next((i for i, w in enumerate(self.swapped) if self.rank(w) > key), len(self.swapped))
             self.swapped.insert(i, seq)
             self.preemptions_by_mode["swap"] += 1
-            return
+            return 0
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         self.preemptions_by_mode["recompute"] += 1
-        self._enqueue(seq, front=True)
+        self._enqueue(seq)
+        return 0
+
+    def _restart_beams(self, victim: Sequence, out: SchedulerOutput) -> int:
+        """Free every beam of victim's request and queue one fresh sequence for its prompt (by its original rank).
+        The engine resets the search state for out.restarted. Beam search is deterministic, so the restart
+        recomputes the same beams; the validation in Engine.add_request guarantees one search fits the cache."""
+        beams = [s for s in self.running if s.request_id == victim.request_id]
+        given_back = sum(s.num_tokens for s in out.scheduled if s.seq.request_id == victim.request_id)
+        out.scheduled = [s for s in out.scheduled if s.seq.request_id != victim.request_id]
+        for b in beams:
+            self.running.remove(b)
+            self.kv.free(b)
+            b.status, b.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
+            out.preempted.append(b)
+        fresh = Sequence(victim.request_id, 0, victim.token_ids[:victim.num_prompt_tokens], victim.num_prompt_tokens,
+                         victim.params, victim.max_tokens, arrival_time=victim.arrival_time,
+                         cache_salt=victim.cache_salt, num_reserved_slots=victim.params.beam_width - 1,
+                         num_preemptions=victim.num_preemptions + 1)
+        fresh.first_scheduled_time = victim.first_scheduled_time
+        self.preemptions_by_mode["recompute"] += 1
+        self._enqueue(fresh)
+        out.restarted.append(fresh)
+        return given_back
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """A pending sample joins the running set sharing its parent's blocks (parallel sampling)."""
