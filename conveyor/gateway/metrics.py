@@ -1,0 +1,34 @@
+"""Gateway metrics (prefix conveyor_gateway_). Labels: model, tenant class, status, reason, replica state — never
+tenant names or request ids."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "conveyor_gateway_"
+        self.requests = Counter(p + "requests", "Finished requests by status", ["model", "tenant_class", "status"],
+                                registry=r)
+        self.rejections = Counter(p + "rejections", "Requests refused by the gateway, by reason",
+                                  ["model", "tenant_class", "reason"], registry=r)
+        self.queue_time = Histogram(p + "queue_time_seconds", "Time in the dispatch queue",
+                                    ["model", "tenant_class"], buckets=_BUCKETS, registry=r)
+        self.upstream_latency = Histogram(p + "upstream_latency_seconds", "Dispatch to the end of the upstream "
+                                          "response (retries included)", ["model", "tenant_class"],
+                                          buckets=_BUCKETS, registry=r)
+        self.retries = Counter(p + "retries", "Attempts repeated on another replica", ["model"], registry=r)
+        self.stream_errors = Counter(p + "stream_errors", "Streams cut by an upstream failure after their first "
+                                     "byte", ["model"], registry=r)
+        self.coalesced = Counter(p + "coalesced", "Requests served by joining an identical in-flight generation",
+                                 ["model"], registry=r)
+        self.idempotent_replays = Counter(p + "idempotent_replays", "Requests answered from an earlier request "
+                                          "with the same Idempotency-Key", ["model"], registry=r)
+        self.upstream_requests = Counter(p + "upstream_requests", "Requests sent to replicas (attempts)",
+                                         ["model"], registry=r)
+        self.queued = Gauge(p + "queued_requests", "Requests waiting in the dispatch queue", ["model"], registry=r)
+        self.in_flight = Gauge(p + "in_flight_requests", "Requests at replicas", ["model"], registry=r)
+        self.replicas = Gauge(p + "replicas", "Replicas by state", ["model", "state"], registry=r)

@@ -1,0 +1,228 @@
+"""Replica pools: health (active /health checks, passive ejection, a circuit breaker per replica), load (this
+gateway's in-flight tokens plus the replica's own /metrics, used only when under a second old) and prefix affinity."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+log = logging.getLogger("conveyor.gateway")
+
+METRICS_MAX_AGE_S = 1.0
+_SCRAPED = {"conveyor_requests_running": "running", "conveyor_requests_waiting": "waiting",
+            "conveyor_kv_cache_usage_ratio": "kv_usage"}
+
+
+class Breaker:
+    """closed → (N consecutive failures) → open → (open_s) → half_open: one trial; success closes, failure reopens."""
+
+    def __init__(self, failures: int, open_s: float) -> None:
+        self.threshold, self.open_s = failures, open_s
+        self.state, self.failures, self.opened_at, self.trial = "closed", 0, 0.0, False
+
+    def available(self, now: float) -> bool:
+        if self.state == "open" and now - self.opened_at >= self.open_s:
+            self.state, self.trial = "half_open", False
+        return self.state == "closed" or (self.state == "half_open" and not self.trial)
+
+    def on_dispatch(self) -> None:
+        if self.state == "half_open":
+            self.trial = True
+
+    def success(self) -> None:
+        self.state, self.failures, self.trial = "closed", 0, False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self.threshold:
+            self.state, self.opened_at, self.trial = "open", now, False
+
+    def health_ok(self, now: float) -> None:
+        """An active check passing counts as the half-open trial."""
+        if self.state != "closed" and self.available(now):
+            self.success()
+
+
+@dataclass
+class Replica:
+    url: str
+    breaker: Breaker
+    source: str = "config"  # or "admin"
+    started: bool = False  # a health check has passed once
+    draining: bool = False
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    served: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_at: float = -1e9
+
+    def state(self, now: float) -> str:
+        if self.draining:
+            return "draining"
+        if not self.started:
+            return "starting"
+        return "healthy" if self.breaker.state == "closed" else "unhealthy"
+
+    def routable(self, now: float) -> bool:
+        return self.started and not self.draining and self.breaker.available(now)
+
+    def load(self, now: float) -> float:
+        """Outstanding tokens: ours, plus requests the replica has from elsewhere (other gateways) at our mean cost."""
+        load = float(self.in_flight_tokens)
+        if now - self.metrics_at <= METRICS_MAX_AGE_S and self.metrics:
+            others = self.metrics.get("running", 0) + self.metrics.get("waiting", 0) - self.in_flight
+            mean = self.in_flight_tokens / self.in_flight if self.in_flight else 256
+            load += max(0.0, others) * mean + self.metrics.get("kv_usage", 0.0)
+        return load
+
+
+def affinity_key(text: str, prefix_chars: int) -> str | None:
+    if prefix_chars <= 0 or len(text) < prefix_chars:
+        return None
+    return hashlib.sha256(text[:prefix_chars].encode()).hexdigest()[:32]
+
+
+class Pool:
+    def __init__(self, model: str, max_in_flight: int, client: httpx.AsyncClient, *, breaker_failures: int = 3,
+                 breaker_open_s: float = 5.0, health_interval_s: float = 1.0, scrape_interval_s: float = 0.5,
+                 affinity_max_load_ratio: float = 2.0) -> None:
+        self.model, self.max_in_flight, self.client = model, max_in_flight, client
+        self.breaker_failures, self.breaker_open_s = breaker_failures, breaker_open_s
+        self.health_interval_s, self.scrape_interval_s = health_interval_s, scrape_interval_s
+        self.affinity_max_load_ratio = affinity_max_load_ratio
+        self.replicas: dict[str, Replica] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.affinity: OrderedDict[str, str] = OrderedDict()
+        self.on_capacity: Callable[[], None] = lambda: None
+
+    # ---- membership (config, SIGHUP reload, admin API) -----------------------------------------------------------
+    def add(self, url: str, source: str = "config") -> Replica:
+        url = url.rstrip("/")
+        if url in self.replicas:
+            r = self.replicas[url]
+            r.draining = False
+            self.on_capacity()
+            return r
+        r = self.replicas[url] = Replica(url, Breaker(self.breaker_failures, self.breaker_open_s), source)
+        self.tasks[url] = asyncio.create_task(self._watch(r))
+        return r
+
+    def drain(self, url: str) -> Replica | None:
+        r = self.replicas.get(url.rstrip("/"))
+        if r is not None:
+            r.draining = True
+        return r
+
+    def remove(self, url: str) -> Replica | None:
+        """In-flight requests keep their Replica object and finish normally."""
+        r = self.replicas.pop(url.rstrip("/"), None)
+        task = self.tasks.pop(url.rstrip("/"), None)
+        if task is not None:
+            task.cancel()
+        return r
+
+    async def close(self) -> None:
+        for url in list(self.replicas):
+            self.remove(url)
+
+    def usable(self) -> bool:
+        now = time.monotonic()
+        return any(r.routable(now) for r in self.replicas.values())
+
+    def states(self) -> dict[str, int]:
+        now = time.monotonic()
+        counts = dict.fromkeys(("healthy", "unhealthy", "draining", "starting"), 0)
+        for r in self.replicas.values():
+            counts[r.state(now)] += 1
+        return counts
+
+    # ---- picking -------------------------------------------------------------------------------------------------
+    def acquire(self, affinity: str | None, cost: int, exclude: tuple[Replica, ...] = (),
+                ignore_cap: bool = False) -> Replica | None:
+        now = time.monotonic()
+        cands = [r for r in self.replicas.values() if r.routable(now) and r not in exclude
+                 and (ignore_cap or r.in_flight < self.max_in_flight)]
+        if not cands:
+            return None
+        loads = {r.url: r.load(now) for r in cands}
+        best = min(cands, key=lambda r: (loads[r.url], r.in_flight, random.random()))
+        if affinity is not None:
+            url = self.affinity.get(affinity)
+            if url in loads and loads[url] <= self.affinity_max_load_ratio * loads[best.url] + cost:
+                best = self.replicas[url]
+            self.affinity[affinity] = best.url
+            self.affinity.move_to_end(affinity)
+            if len(self.affinity) > 100_000:
+                self.affinity.popitem(last=False)
+        best.in_flight += 1
+        best.in_flight_tokens += cost
+        best.breaker.on_dispatch()
+        return best
+
+    def release(self, r: Replica, cost: int, ok: bool | None) -> None:
+        """ok: True success, False a failure to count against the replica, None neither."""
+        r.in_flight -= 1
+        r.in_flight_tokens -= cost
+        assert r.in_flight >= 0 and r.in_flight_tokens >= 0
+        if ok is True:
+            r.served += 1
+            r.breaker.success()
+        elif ok is False:
+            self.failed(r)
+        self.on_capacity()
+
+    def failed(self, r: Replica) -> None:
+        was = r.breaker.state
+        r.breaker.failure(time.monotonic())
+        if r.breaker.state == "open" and was != "open":
+            log.warning('{"event": "replica_ejected", "model": "%s", "replica": "%s"}', self.model, r.url)
+
+    # ---- active checks -------------------------------------------------------------------------------------------
+    async def _watch(self, r: Replica) -> None:
+        next_health = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + self.health_interval_s
+                await self._check_health(r)
+            if r.started:
+                await self._scrape(r)
+            await asyncio.sleep(min(self.scrape_interval_s, self.health_interval_s))
+
+    async def _check_health(self, r: Replica) -> None:
+        try:
+            ok = (await self.client.get(f"{r.url}/health", timeout=1.0)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        now = time.monotonic()
+        was_routable = r.routable(now)
+        if ok:
+            r.started = True
+            r.breaker.health_ok(now)
+        elif r.started:
+            self.failed(r)
+        if r.routable(now) and not was_routable:
+            log.info('{"event": "replica_available", "model": "%s", "replica": "%s"}', self.model, r.url)
+            self.on_capacity()
+
+    async def _scrape(self, r: Replica) -> None:
+        try:
+            text = (await self.client.get(f"{r.url}/metrics", timeout=1.0)).text
+        except httpx.HTTPError:
+            return
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in _SCRAPED:
+                try:
+                    values[_SCRAPED[name]] = values.get(_SCRAPED[name], 0.0) + float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    pass
+        r.metrics, r.metrics_at = values, time.monotonic()

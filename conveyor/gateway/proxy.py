@@ -1,0 +1,225 @@
+"""Forwarding. A `Flight` is one upstream generation that any number of clients read: its first client, clients
+coalesced onto it, and retries with the same Idempotency-Key. It runs as its own task (queue → replica → response),
+so it outlives any one client, and is cancelled when its last client has gone (which aborts the upstream request).
+
+Failover: a connection error or a 5xx before the first streamed event is retried on another replica (at most
+`max_retries` times, exponential backoff with full jitter); once an event went out the stream is never replayed —
+the clients get an error event and `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from conveyor.gateway.admission import ModelQueue, Rejected, Waiter
+from conveyor.gateway.config import GatewayConfig
+from conveyor.gateway.metrics import GatewayMetrics
+from conveyor.gateway.picker import Replica
+
+DONE = "data: [DONE]\n\n"
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> str:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
+            429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}.get(status, "api_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+class Flight:
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+        self.status: int | None = None  # known once the response may start: first event, or the whole body
+        self.chunks: list[str] = []  # SSE events, or the one response body
+        self.usage_only: set[int] = set()  # the usage chunk, hidden from clients that did not ask for it
+        self.usage: dict | None = None
+        self.headers: dict[str, str] = {}
+        self.done = False
+        self.saw_done = False
+        self.queue_ms: float | None = None
+        self.replica: str | None = None
+        self.retries = 0
+        self.subscribers = 0
+        self.task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def push_event(self, line: str) -> None:
+        if line == "data: [DONE]":
+            self.saw_done = True
+        elif '"usage"' in line and line.startswith("data: {"):
+            obj = json.loads(line[6:])
+            if obj.get("usage"):
+                self.usage = obj["usage"]
+                if obj.get("choices") == []:
+                    self.usage_only.add(len(self.chunks))
+        if self.status is None:
+            self.status = 200
+        self.chunks.append(line + "\n\n")
+        self._notify()
+
+    def finish(self, status: int | None = None, body: str | None = None, headers: dict | None = None) -> None:
+        if self.status is None:
+            self.status = status or 502
+            self.chunks = [body if body is not None else error_body(502, "no response")]
+            self.headers = headers or {}
+            if self.status == 200 and not self.stream:
+                try:
+                    self.usage = json.loads(self.chunks[0]).get("usage")
+                except ValueError:
+                    pass
+        self.done = True
+        self._notify()
+
+    async def head(self) -> int:
+        while self.status is None:
+            ev = self._changed
+            if self.done:
+                break
+            await ev.wait()
+        return self.status or 502
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        i = 0
+        while True:
+            ev = self._changed
+            while i < len(self.chunks):
+                if include_usage or i not in self.usage_only:
+                    yield self.chunks[i]
+                i += 1
+            if self.done:
+                return
+            await ev.wait()
+
+    async def wait_done(self) -> None:
+        while not self.done:
+            await self._changed.wait()
+
+    def subscribe(self) -> None:
+        self.subscribers += 1
+
+    def unsubscribe(self) -> None:
+        self.subscribers -= 1
+        assert self.subscribers >= 0
+        if self.subscribers == 0 and not self.done and self.task is not None:
+            self.task.cancel()
+
+
+@dataclass
+class Call:
+    """What a flight sends: the body is final (upstream model name, include_usage for streams)."""
+    model: str
+    tenant_class: str
+    queue: ModelQueue
+    path: str
+    body: bytes
+    waiter: Waiter
+    request_id: str
+    stream: bool
+
+
+class Forwarder:
+    def __init__(self, cfg: GatewayConfig, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
+        self.cfg, self.client, self.metrics = cfg, client, metrics
+
+    async def run(self, flight: Flight, call: Call) -> None:
+        m = self.metrics
+        try:
+            try:
+                replica = await call.queue.admit(call.waiter)
+            except Rejected as e:
+                m.rejections.labels(call.model, call.tenant_class, e.reason).inc()
+                headers = {"retry-after": str(int(e.retry_after_s))} if e.retry_after_s else {}
+                flight.finish(e.status, error_body(e.status, e.message, e.reason), headers)
+                return
+            flight.queue_ms = (time.monotonic() - call.waiter.enqueued) * 1000
+            m.queue_time.labels(call.model, call.tenant_class).observe(flight.queue_ms / 1000)
+            t0 = time.monotonic()
+            try:
+                await self._forward(flight, call, replica)
+            finally:
+                m.upstream_latency.labels(call.model, call.tenant_class).observe(time.monotonic() - t0)
+                if flight.usage:  # the fair queue charges what was actually served
+                    call.queue.queue.charge(call.waiter, flight.usage.get("total_tokens", 0) - call.waiter.cost)
+        finally:
+            if not flight.done:
+                flight.finish(499, error_body(499, "all clients went away"))
+
+    async def _forward(self, flight: Flight, call: Call, replica: Replica) -> None:
+        pool, w = call.queue.pool, call.waiter
+        tried: list[Replica] = []
+        last = (502, error_body(502, "no replica answered"), {})
+        while True:
+            tried.append(replica)
+            flight.replica = replica.url
+            ok = None
+            try:
+                ok, retry, last = await self._attempt(flight, call, replica, last)
+            finally:
+                pool.release(replica, w.cost, ok)
+            if not retry:
+                return
+            if len(tried) > self.cfg.max_retries:
+                flight.finish(*last)
+                return
+            self.metrics.retries.labels(call.model).inc()
+            flight.retries += 1
+            await asyncio.sleep(random.uniform(0, self.cfg.retry_backoff_s * 2 ** (len(tried) - 1)))
+            nxt = (pool.acquire(w.affinity, w.cost, exclude=tuple(tried), ignore_cap=True)
+                   or pool.acquire(w.affinity, w.cost, ignore_cap=True))
+            if nxt is None:
+                flight.finish(503, error_body(503, f"no healthy replica of {call.model!r}", "no_replica"),
+                              {"retry-after": "1"})
+                return
+            replica = nxt
+
+    async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple
+                       ) -> tuple[bool | None, bool, tuple]:
+        """One try at one replica → (replica ok?, retry elsewhere?, the error to return if retries run out)."""
+        self.metrics.upstream_requests.labels(call.model).inc()
+        req = self.client.build_request("POST", replica.url + call.path, content=call.body,
+                                        headers={"content-type": "application/json",
+                                                 "x-request-id": call.request_id})
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            return False, True, (502, error_body(502, f"replica unreachable ({type(e).__name__})",
+                                                 "upstream_unreachable"), {})
+        try:
+            if resp.status_code >= 500:
+                body = (await resp.aread()).decode(errors="replace")
+                headers = {"retry-after": resp.headers["retry-after"]} if "retry-after" in resp.headers else {}
+                # 503 is a busy replica's backpressure, not a fault: try elsewhere without ejecting it
+                return (None if resp.status_code == 503 else False), True, (resp.status_code, body, headers)
+            if resp.status_code != 200 or not call.stream:
+                body = (await resp.aread()).decode(errors="replace")
+                flight.finish(resp.status_code, body)
+                return True, False, last
+            async for line in resp.aiter_lines():
+                if line:
+                    flight.push_event(line)
+            if not flight.saw_done:
+                raise httpx.RemoteProtocolError("stream ended without [DONE]")
+            flight.finish()
+            return True, False, last
+        except httpx.HTTPError as e:
+            if not flight.chunks:
+                return False, True, (502, error_body(502, f"replica failed ({type(e).__name__})",
+                                                     "upstream_failed"), {})
+            self.metrics.stream_errors.labels(call.model).inc()
+            flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({type(e).__name__}); "
+                                                    "the response is incomplete", "upstream_failed"))
+            flight.push_event(DONE.strip())
+            flight.finish()
+            return False, False, last
+        finally:
+            await resp.aclose()

@@ -1,0 +1,320 @@
+"""Unit tests of the gateway's pure parts: token buckets, fair queue, circuit breaker, picker, router, config."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+
+import pytest
+
+from conveyor.gateway.admission import FairQueue, ModelQueue, Rejected, Waiter
+from conveyor.gateway.auth import find_tenant
+from conveyor.gateway.config import ConfigError, TenantConfig, parse_config
+from conveyor.gateway.picker import Breaker, Pool, Replica, affinity_key
+from conveyor.gateway.ratelimit import MemoryLimiter, _duration
+from conveyor.gateway.router import auto_route
+
+H = hashlib.sha256(b"key-a").hexdigest()
+
+
+def tenant(**kw) -> TenantConfig:
+    return TenantConfig(**{"name": "a", "api_key_sha256": H, **kw})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---- token buckets ---------------------------------------------------------------------------------------------
+def test_request_bucket_burst_then_refill_rate():
+    clock = Clock()
+    lim = MemoryLimiter(clock)
+    t = tenant(requests_per_minute=60, burst=3, tokens_per_minute=10_000)
+    assert [run(lim.acquire(t, 10)).allowed for _ in range(4)] == [True, True, True, False]
+    d = run(lim.acquire(t, 10))
+    assert d.reason == "requests" and d.remaining_requests == 0
+    assert d.retry_after_s == pytest.approx(1.0)  # 60/min refills one request per second
+    assert d.headers()["retry-after"] == "1"
+    clock.t += 0.5
+    assert not run(lim.acquire(t, 10)).allowed
+    clock.t += 0.5
+    d = run(lim.acquire(t, 10))
+    assert d.allowed and d.remaining_requests == 0
+    clock.t += 100  # refills to the burst capacity, no further
+    assert run(lim.acquire(t, 10)).remaining_requests == 2
+
+
+def test_token_bucket_reserve_refund_and_debt():
+    clock = Clock()
+    lim = MemoryLimiter(clock)
+    t = tenant(requests_per_minute=1000, tokens_per_minute=600)  # 10 tokens/s
+    d = run(lim.acquire(t, 500))
+    assert d.allowed and d.remaining_tokens == 100 and d.limit_tokens == 600
+    d = run(lim.acquire(t, 200))
+    assert not d.allowed and d.reason == "tokens"
+    assert d.retry_after_s == pytest.approx(10.0)  # 100 missing at 10/s
+    assert d.remaining_requests == 999  # a refused request takes nothing
+    run(lim.refund(t, 450))  # the request used 50 of its 500
+    d = run(lim.acquire(t, 200))
+    assert d.allowed and d.remaining_tokens == 350
+    run(lim.refund(t, -400))  # used more than reserved: the bucket goes into debt
+    d = run(lim.acquire(t, 1))
+    assert not d.allowed and d.retry_after_s == pytest.approx(5.1)
+    assert run(lim.acquire(t, 10_000)).reason == "too_large"
+    assert math.isinf(run(lim.acquire(t, 10_000)).retry_after_s)
+
+
+def test_ratelimit_headers_and_peek():
+    clock = Clock()
+    lim = MemoryLimiter(clock)
+    t = tenant(requests_per_minute=120, tokens_per_minute=6000)
+    run(lim.acquire(t, 3000))
+    h = run(lim.acquire(t, 0, take=False)).headers()
+    assert h["x-ratelimit-limit-requests"] == "120" and h["x-ratelimit-remaining-requests"] == "119"
+    assert h["x-ratelimit-limit-tokens"] == "6000" and h["x-ratelimit-remaining-tokens"] == "3000"
+    assert h["x-ratelimit-reset-tokens"] == "30s" and h["x-ratelimit-reset-requests"] == "500ms"
+    assert "retry-after" not in h
+    assert _duration(360) == "6m0s" and _duration(0.25) == "250ms" and _duration(1.5) == "1.5s"
+
+
+def test_limits_change_on_reload_keep_level():
+    clock = Clock()
+    lim = MemoryLimiter(clock)
+    run(lim.acquire(tenant(requests_per_minute=60, burst=10), 1))
+    d = run(lim.acquire(tenant(requests_per_minute=60, burst=2), 1))
+    assert d.allowed and d.limit_requests == 2 and d.remaining_requests == 1  # 9 left, cut to the new 2
+
+
+# ---- fair queue ----------------------------------------------------------------------------------------------------
+def drain(q: FairQueue) -> list[str]:
+    out = []
+    while (w := q.pop()) is not None:
+        out.append(w.tenant)
+    return out
+
+
+def test_flooding_tenant_does_not_delay_a_light_one():
+    q = FairQueue()
+    for _ in range(10):
+        q.push(Waiter("flood", "interactive", 100))
+    q.pop()  # one flood request is being served
+    q.push(Waiter("light", "interactive", 20))
+    q.push(Waiter("light", "interactive", 20))
+    order = drain(q)
+    assert order[:2] == ["light", "light"], order  # its tags start at the current virtual time
+
+
+def test_backlogged_tenants_share_by_tokens():
+    q = FairQueue()
+    for _ in range(20):
+        q.push(Waiter("big", "interactive", 200))
+    for _ in range(40):
+        q.push(Waiter("small", "interactive", 50))
+    first = drain(q)[:20]
+    served = {"big": 200 * first.count("big"), "small": 50 * first.count("small")}
+    assert abs(served["big"] - served["small"]) <= 200, (first, served)
+
+
+def test_interactive_before_batch_and_weights():
+    q = FairQueue()
+    q.push(Waiter("b", "batch", 1))
+    q.push(Waiter("i", "interactive", 1000))
+    assert drain(q) == ["i", "b"]
+    for _ in range(6):
+        q.push(Waiter("heavy", "interactive", 100, weight=2.0))
+        q.push(Waiter("plain", "interactive", 100))
+    order = drain(q)
+    assert order[:3].count("heavy") >= 2 and order.count("heavy") == 6
+
+
+def test_removed_waiters_are_skipped_and_not_charged():
+    q = FairQueue()
+    ws = [Waiter("a", "interactive", 100) for _ in range(3)]
+    for w in ws:
+        q.push(w)
+    q.remove(ws[0])
+    assert len(q) == 2 and q.pop() is ws[1]
+    assert q.finish[("interactive", "a")] == 200  # three pushed, one rolled back
+
+
+class FakePool:
+    def __init__(self, slots: int) -> None:
+        self.slots, self.on_capacity = slots, lambda: None
+
+    def acquire(self, affinity, cost, **kw):
+        if self.slots <= 0:
+            return None
+        self.slots -= 1
+        return "replica"
+
+    def release(self, r, cost, ok):
+        self.slots += 1
+        self.on_capacity()
+
+    def usable(self) -> bool:
+        return True
+
+
+def test_queue_deadline_shedding_and_release():
+    async def main():
+        pool = FakePool(1)
+        q = ModelQueue("m", pool, max_queue=4, shed_batch_ratio=0.5, cold_start_timeout_s=60)
+        assert await q.admit(Waiter("a", "interactive", 10)) == "replica"
+        loop = asyncio.get_running_loop()
+        with pytest.raises(Rejected) as e:
+            await q.admit(Waiter("a", "interactive", 10, deadline=loop.time() + 0.05))
+        assert e.value.status == 408 and len(q) == 0
+        waiting = [asyncio.create_task(q.admit(Waiter("a", "interactive", 10))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Rejected) as e:  # half full: batch is shed first
+            await q.admit(Waiter("b", "batch", 10))
+        assert e.value.status == 503 and e.value.reason == "shed"
+        waiting += [asyncio.create_task(q.admit(Waiter("a", "interactive", 10))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Rejected):  # full: interactive too
+            await q.admit(Waiter("a", "interactive", 10))
+        pool.release("replica", 10, True)
+        assert await waiting[0] == "replica" and len(q) == 3
+        for t in waiting[1:]:
+            t.cancel()
+        await asyncio.gather(*waiting[1:], return_exceptions=True)
+        assert len(q) == 0
+
+    run(main())
+
+
+# ---- circuit breaker and picker ----------------------------------------------------------------------------------
+def test_breaker_transitions():
+    b = Breaker(failures=3, open_s=5.0)
+    b.failure(0.0)
+    b.failure(0.1)
+    b.success()  # consecutive failures only
+    b.failure(1.0)
+    b.failure(1.1)
+    assert b.available(1.2) and b.state == "closed"
+    b.failure(1.2)
+    assert b.state == "open" and not b.available(3.0)
+    assert b.available(6.3) and b.state == "half_open"
+    b.on_dispatch()
+    assert not b.available(6.4)  # one trial at a time
+    b.failure(6.5)
+    assert b.state == "open" and not b.available(11.0)
+    b.health_ok(8.0)  # too early: stays open
+    assert b.state == "open"
+    b.health_ok(11.6)  # past the cooldown, a passing check closes it
+    assert b.state == "closed" and b.available(11.6)
+
+
+def pool_with(*urls: str) -> Pool:
+    pool = Pool("m", 4, client=None, affinity_max_load_ratio=2.0)
+    for u in urls:
+        pool.replicas[u] = Replica(u, Breaker(3, 5.0), started=True)
+    return pool
+
+
+def test_picker_least_work_caps_and_health():
+    pool = pool_with("r1", "r2")
+    a = pool.acquire(None, 1000)
+    b = pool.acquire(None, 10)
+    assert {a.url, b.url} == {"r1", "r2"}
+    c = pool.acquire(None, 10)
+    assert c is b  # fewer outstanding tokens
+    pool.replicas["r2"].draining = True
+    assert pool.acquire(None, 10) is a
+    for _ in range(3):
+        pool.failed(a)
+    assert pool.acquire(None, 10) is None  # r1 ejected, r2 draining
+    pool.replicas["r2"].draining = False
+    pool.replicas["r2"].in_flight = 4
+    assert pool.acquire(None, 10) is None  # r2 at its cap
+    assert pool.acquire(None, 10, ignore_cap=True).url == "r2"
+
+
+def test_picker_prefix_affinity_unless_much_busier():
+    pool = pool_with("r1", "r2")
+    key = affinity_key("x" * 300, 256)
+    assert key is not None and affinity_key("x" * 100, 256) is None
+    first = pool.acquire(key, 100)
+    pool.release(first, 100, True)
+    other = pool.replicas["r2" if first.url == "r1" else "r1"]
+    other.in_flight_tokens = 50  # the affinity replica is idle anyway
+    other.in_flight = 1
+    assert pool.acquire(key, 100) is first
+    first.in_flight_tokens += 1000  # now much busier than the other: give up affinity
+    first.in_flight += 1
+    assert pool.acquire(key, 100) is other
+    assert pool.affinity[key] == other.url
+
+
+# ---- router, auth, config ----------------------------------------------------------------------------------------
+def gw_config(**extra):
+    return parse_config({
+        "models": [{"name": "big", "aliases": ["large"], "replicas": ["http://127.0.0.1:1"]},
+                   {"name": "small", "replicas": []}],
+        "auto_route": {"small": "small", "large": "big", "max_prompt_tokens_small": 100, "max_tokens_small": 50},
+        "tenants": [{"name": "a", "api_key_sha256": H, "class": "interactive", "allow_degrade": True},
+                    {"name": "b", "api_key_sha256": "b" * 64, "class": "batch"}], **extra})
+
+
+def test_auto_route_rule():
+    cfg = gw_config()
+    a, b = cfg.tenants
+    calm = lambda m: False  # noqa: E731
+    assert auto_route(cfg, 10, 20, None, a, calm)[0].name == "small"
+    assert auto_route(cfg, 101, 20, None, a, calm)[0].name == "big"
+    assert auto_route(cfg, 10, 51, None, a, calm)[0].name == "big"
+    assert auto_route(cfg, 10, None, None, a, calm)[0].name == "big"  # max_tokens_small set: unknown is large
+    assert auto_route(cfg, 500, 20, "small", a, calm)[0].name == "small"
+    assert auto_route(cfg, 1, 1, "large", a, calm)[0].name == "big"
+    big_busy = lambda m: m == "big"  # noqa: E731
+    assert auto_route(cfg, 500, 20, None, a, big_busy) == (cfg.model("small"), "degraded")
+    assert auto_route(cfg, 500, 20, None, b, big_busy)[0].name == "big"  # batch is never degraded
+    assert auto_route(cfg, 500, 20, None, a, lambda m: True)[0].name == "big"  # small busy too
+    assert cfg.model("large").name == "big"
+
+
+def test_find_tenant_by_key_hash():
+    cfg = gw_config()
+    assert find_tenant("Bearer key-a", cfg.tenants).name == "a"
+    assert find_tenant("Bearer key-b", cfg.tenants) is None
+    assert find_tenant("key-a", cfg.tenants) is None
+    assert find_tenant(None, cfg.tenants) is None
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"tenants": [{"name": "a", "api_key_sha256": "xyz"}]}, "tenants[0].api_key_sha256"),
+    ({"tenants": [{"name": "a", "api_key_sha256": H, "class": "vip"}]}, "tenants[0].class"),
+    ({"tenants": [{"name": "a", "api_key_sha256": H, "requests_per_minute": 0}]}, "tenants[0].requests_per_minute"),
+    ({"tenants": [{"name": "a", "api_key_sha256": H, "colour": "red"}]}, "tenants[0].colour"),
+    ({"tenants": [{"api_key_sha256": H}]}, "tenants[0].name"),
+    ({"models": [{"name": "m", "replicas": ["localhost:80"]}]}, "models[0].replicas"),
+    ({"models": [{"name": "m", "aliases": ["m"]}]}, "models[0]"),
+    ({"models": [{"name": "m", "max_queue": 0}]}, "models[0].max_queue"),
+    ({"models": []}, "models"),
+    ({"auto_route": {"small": "nope", "large": "m"}}, "auto_route.small"),
+    ({"redis_url": "http://x"}, "redis_url"),
+    ({"cold_start_timeout_s": -1}, "cold_start_timeout_s"),
+    ({"bogus": 1}, "config.bogus"),
+])
+def test_config_errors_name_the_field(patch, field):
+    raw = {"models": [{"name": "m"}], "tenants": [{"name": "a", "api_key_sha256": H}], **patch}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert str(e.value).startswith(field + ":") or str(e.value).startswith(field + " "), str(e.value)
+
+
+def test_config_defaults():
+    cfg = parse_config({"models": [{"name": "m", "replicas": ["http://h:1/"]}],
+                        "tenants": [{"name": "a", "api_key_sha256": H.upper(), "requests_per_minute": 30}]})
+    t = cfg.tenants[0]
+    assert t.cls == "interactive" and t.burst == 30 and t.api_key_sha256 == H
+    assert cfg.models[0].replicas == ["http://h:1"] and cfg.models[0].upstream_model == "m"
+    assert cfg.cold_start_timeout_s == 60
