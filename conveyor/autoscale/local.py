@@ -21,9 +21,10 @@ def serve_command(port: int, serve_args: list[str], host: str = "127.0.0.1") -> 
 
 class LocalActuator(Actuator):
     def __init__(self, gateway: GatewayAdmin | None, serve_args: list[str], log_dir: str | None = None,
-                 host: str = "127.0.0.1", **kw) -> None:
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None, **kw) -> None:
         super().__init__(gateway, **kw)
         self.serve_args, self.host, self.log_dir = list(serve_args), host, log_dir
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
 
     def _launch(self, replica_id: str) -> subprocess.Popen:
         port = free_port(self.host)
@@ -31,9 +32,8 @@ class LocalActuator(Actuator):
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"{replica_id}-{port}.log"), "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(serve_command(port, self.serve_args, self.host), stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT, env=self.env)
         proc.conveyor_url = f"http://{self.host}:{port}"  # known at once: we chose the port
         return proc
 

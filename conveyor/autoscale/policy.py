@@ -150,8 +150,11 @@ def decide(cfg: PolicyConfig, state: PolicyState, obs: Observation) -> tuple[Dec
     signal = max(recs, key=lambda k: recs[k])  # first of equals, in SIGNALS order
     raw = recs[signal]
     last_busy = obs.now if obs.busy or state.last_busy is None else state.last_busy
+    # a fresh (or restarted) controller counts the fleet it finds as recommended just before, so its first
+    # quiet sample can't shrink the fleet past the down window
+    seed = ((obs.now - 1e-6, obs.current),) if state.last_busy is None else ()
     state = replace(state, last_busy=last_busy,
-                    history=_trim(state.history + ((obs.now, raw),), obs.now, cfg))
+                    history=_trim(seed + state.history + ((obs.now, raw),), obs.now, cfg))
     ready = len(obs.samples)
     if raw >= cfg.panic_threshold * max(ready, 1) and raw > obs.current:
         state = replace(state, panic_until=obs.now + cfg.panic_window_s)

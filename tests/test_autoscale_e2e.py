@@ -1,0 +1,175 @@
+"""End to end: a real gateway, real `conveyor serve` replicas started by the actuators, load from `conveyor bench
+serve` through the gateway, and the controller scaling 1 → N → 1 (local processes, then Ray actors)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from conveyor.autoscale.actuator import GatewayAdmin
+from conveyor.autoscale.controller import Controller
+from conveyor.autoscale.local import LocalActuator
+from conveyor.autoscale.policy import PolicyConfig
+from conveyor.autoscale.signals import SignalScraper
+from server_process import free_port
+
+ADMIN_KEY, TENANT_KEY = "admin-secret", "tenant-secret"
+REPLICA = ["--model", "demo", "--max-num-seqs", "2", "--kv-cache-memory", str(64 << 20)]
+# short windows so a test sees a whole cycle in seconds; the real defaults are minutes
+POLICY = dict(min_replicas=1, target_waiting=2.0, target_slots_used_ratio=0.5, target_ttft_p95_s=None,
+              scale_down_window_s=6.0, scale_down_cooldown_s=3.0, scale_down_max_ratio=1.0, panic_window_s=3.0)
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    cfg = {"models": [{"name": "big", "upstream_model": "demo", "replicas": []},
+                      {"name": "rayed", "upstream_model": "demo", "replicas": []}],
+           "tenants": [{"name": "t", "api_key_sha256": sha(TENANT_KEY), "class": "interactive",
+                        "requests_per_minute": 100000, "max_concurrent": 1000}],
+           "admin_api_key_sha256": sha(ADMIN_KEY), "cold_start_timeout_s": 60, "health_interval_s": 0.3}
+    path = tmp_path_factory.mktemp("gw") / "gateway.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    port = free_port()
+    log = open(path.parent / "gateway.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code < 500:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (path.parent / "gateway.log").read_text()
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+class Run:
+    """The controller on a thread, plus a monitor of what each replica served (its conveyor_requests_total)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller, self.stop = controller, threading.Event()
+        self.served: dict[str, float] = {}
+        self.threads = [threading.Thread(target=controller.run, args=(self.stop,), daemon=True),
+                        threading.Thread(target=self._monitor, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _monitor(self) -> None:
+        while not self.stop.wait(0.5):
+            for r in self.controller.actuator.list():
+                if r.state == "ready":
+                    try:
+                        text = httpx.get(r.url + "/metrics", timeout=2).text
+                    except httpx.HTTPError:
+                        continue
+                    n = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith("conveyor_requests_total{"))
+                    self.served[r.url] = max(n, self.served.get(r.url, 0.0))
+
+    def ready(self) -> int:
+        return sum(r.state == "ready" for r in self.controller.actuator.list())
+
+    def wait_for(self, cond, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.controller.decisions[-3:]}"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        self.controller.actuator.shutdown()
+
+
+def bench(gateway: str, model: str, out, n: int, rate: str, output_len: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "conveyor.cli", "bench", "serve", "--base-url", gateway, "--model", model,
+           "--api-key", TENANT_KEY, "--workload", "chat", "--num-requests", str(n), "--request-rate", rate,
+           "--prompt-len", "64", "--output-len", str(output_len), "--disable-tqdm", "--output", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen, out, timeout: float = 240) -> dict:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    result = json.loads(out.read_text())
+    cut = [r for r in result["requests"] if r["error"] or r["output_tokens"] != r["output_len"]]
+    assert result["failed"] == 0 and not cut, (result["errors"], cut[:3])
+    return result
+
+
+def scale_cycle(run: Run, gateway: str, model: str, tmp_path, burst: int, max_replicas: int) -> None:
+    """1 replica → a burst scales up → the burst ends while a trickle keeps streaming → back to 1, nothing cut."""
+    run.wait_for(lambda: run.ready() == 1, 120, "the first replica")
+    load = bench(gateway, model, tmp_path / "burst.json", burst, "inf", 96)
+    run.wait_for(lambda: run.ready() >= 2, 120, "scale-up")
+    result = finished(load, tmp_path / "burst.json")
+    assert result["completed"] == burst
+    peak = max(d["replicas"].get("ready", 0) for d in run.controller.decisions)
+    assert 2 <= peak <= max_replicas
+    assert sum(n > 0 for n in run.served.values()) >= 2, run.served  # new replicas served through the gateway
+    # requests keep arriving while replicas drain and stop: none may fail or be cut short
+    trickle = bench(gateway, model, tmp_path / "trickle.json", 40, "4", 48)
+    run.wait_for(lambda: run.ready() == 1 and len(run.controller.actuator.list()) == 1, 120, "scale-down")
+    finished(trickle, tmp_path / "trickle.json")
+    downs = [d for d in run.controller.decisions if d["action"].startswith("scale_down")]
+    assert downs and all(d["reason"] for d in downs)
+    pool = GatewayAdmin(gateway, ADMIN_KEY, model).replicas()
+    assert len(pool) == 1 and pool[0]["state"] == "healthy"
+
+
+def test_local_actuator_scales_up_on_a_burst_and_drains_back_down(gateway, tmp_path):
+    admin = GatewayAdmin(gateway, ADMIN_KEY, "big")
+    actuator = LocalActuator(admin, REPLICA, log_dir=str(tmp_path / "replicas"), env={"OMP_NUM_THREADS": "1"},
+                             drain_timeout_s=60)
+    run = Run(Controller(PolicyConfig(max_replicas=3, **POLICY), actuator, SignalScraper("demo"), gateway, "big",
+                         interval_s=0.5))
+    try:
+        scale_cycle(run, gateway, "big", tmp_path, burst=120, max_replicas=3)
+        gone = [r for r in actuator.replicas.values() if r.state == "stopped"]
+        assert gone and all(r.handle.poll() is not None for r in gone)  # the processes exited
+    finally:
+        run.close()
+    assert all(r.handle.poll() is not None for r in actuator.replicas.values())
+
+
+def test_ray_actuator_replicas_are_actors(gateway, tmp_path):
+    ray = pytest.importorskip("ray")
+    from conveyor.autoscale.ray_actuator import RayActuator
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        admin = GatewayAdmin(gateway, ADMIN_KEY, "rayed")
+        actuator = RayActuator(admin, REPLICA, num_cpus=1, drain_timeout_s=60)
+        run = Run(Controller(PolicyConfig(max_replicas=2, **POLICY), actuator, SignalScraper("demo"), gateway,
+                             "rayed", interval_s=0.5))
+        try:
+            run.wait_for(lambda: run.ready() == 1, 180, "the first actor")
+            assert ray.available_resources().get("CPU", 0) == 3  # one replica reserves one CPU
+            scale_cycle(run, gateway, "rayed", tmp_path, burst=120, max_replicas=2)
+            assert ray.available_resources().get("CPU", 0) == 3  # the second actor is gone
+            stopped = [r for r in actuator.replicas.values() if r.state == "stopped"]
+            assert stopped
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(stopped[0].handle["actor"].url.remote(), timeout=30)
+        finally:
+            run.close()
+    finally:
+        ray.shutdown()
