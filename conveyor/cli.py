@@ -130,6 +130,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     from conveyor.server.logs import setup_json_logging
 
     setup_json_logging(getattr(logging, a.log_level.upper()))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is the access log's job
     try:
         gateway = build_gateway(a.config)
     except (OSError, ConfigError) as e:
