@@ -24,6 +24,8 @@ import tempfile
 import time
 
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 KEY = "bench-key"
 
@@ -35,10 +37,7 @@ def free_port() -> int:
 
 
 # ---- the fake upstream -------------------------------------------------------------------------------------------
-def fake_upstream_app(chunks: int):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-
+def fake_upstream_app(chunks: int) -> FastAPI:
     app = FastAPI()
 
     def sse(obj: dict) -> str:

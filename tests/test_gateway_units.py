@@ -227,15 +227,15 @@ def test_picker_least_work_caps_and_health():
     assert {a.url, b.url} == {"r1", "r2"}
     c = pool.acquire(None, 10)
     assert c is b  # fewer outstanding tokens
-    pool.replicas["r2"].draining = True
+    b.draining = True
     assert pool.acquire(None, 10) is a
     for _ in range(3):
         pool.failed(a)
-    assert pool.acquire(None, 10) is None  # r1 ejected, r2 draining
-    pool.replicas["r2"].draining = False
-    pool.replicas["r2"].in_flight = 4
-    assert pool.acquire(None, 10) is None  # r2 at its cap
-    assert pool.acquire(None, 10, ignore_cap=True).url == "r2"
+    assert pool.acquire(None, 10) is None  # a ejected, b draining
+    b.draining = False
+    b.in_flight = 4
+    assert pool.acquire(None, 10) is None  # b at its cap
+    assert pool.acquire(None, 10, ignore_cap=True) is b
 
 
 def test_picker_prefix_affinity_unless_much_busier():
@@ -318,3 +318,19 @@ def test_config_defaults():
     assert t.cls == "interactive" and t.burst == 30 and t.api_key_sha256 == H
     assert cfg.models[0].replicas == ["http://h:1"] and cfg.models[0].upstream_model == "m"
     assert cfg.cold_start_timeout_s == 60
+
+
+def test_readme_example_config_is_valid():
+    import pathlib
+    import re
+
+    import yaml
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"A complete `gateway.yaml`.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    for i, digest in enumerate((H, "b" * 64, "c" * 64)):  # the README's placeholders, one per key
+        block = block.replace("<hex>", digest, 1) if i < 2 else block.replace("<hex>", digest)
+    cfg = parse_config(yaml.safe_load(block))
+    assert [m.name for m in cfg.models] == ["big", "small"] and cfg.model("large").name == "big"
+    assert cfg.auto_route.max_prompt_tokens_small == 256 and cfg.redis_url.startswith("redis://")
+    assert [t.cls for t in cfg.tenants] == ["interactive", "batch"] and cfg.tenants[0].max_concurrent == 32

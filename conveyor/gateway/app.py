@@ -219,16 +219,21 @@ class Gateway:
             decision = await self.limiter.acquire(tenant, 0, take=False)
             raise _Reject(429, "concurrency", f"too many concurrent requests (max {tenant.max_concurrent})",
                           "concurrency_limit_exceeded", {**decision.headers(), "retry-after": "1"})
+        self.concurrent[tenant.name] = self.concurrent.get(tenant.name, 0) + 1  # before any await: no races
         prompt_tokens = count_prompt_tokens(body, load_tokenizer(model.tokenizer))
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or model.default_max_tokens
         n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
         ctx.cost = prompt_tokens + int(max_tokens) * n * num_prompts(body)
-        decision = await self.limiter.acquire(tenant, ctx.cost)
+        try:
+            decision = await self.limiter.acquire(tenant, ctx.cost)
+        except BaseException:
+            self.concurrent[tenant.name] -= 1
+            raise
         ctx.headers = decision.headers()
         if not decision.allowed:
+            self.concurrent[tenant.name] -= 1
             raise self._rate_limited(decision)
-        ctx.charged = True
-        self.concurrent[tenant.name] = self.concurrent.get(tenant.name, 0) + 1
+        ctx.charged = True  # holds a reservation and the concurrency slot until _settle
 
         deterministic = body.get("temperature") == 0 or body.get("seed") is not None
         flight = self.coalescing.get(request_hash) if deterministic else None

@@ -45,9 +45,13 @@ class Breaker:
             self.state, self.opened_at, self.trial = "open", now, False
 
     def health_ok(self, now: float) -> None:
-        """An active check passing counts as the half-open trial."""
-        if self.state != "closed" and self.available(now):
+        """An active check passing after the cooldown counts as a successful trial."""
+        if self.state == "half_open" or (self.state == "open" and now - self.opened_at >= self.open_s):
             self.success()
+
+    def trial_abandoned(self) -> None:
+        """The trial request ended without a verdict (its client left): allow another."""
+        self.trial = False
 
 
 @dataclass
@@ -176,6 +180,8 @@ class Pool:
             r.breaker.success()
         elif ok is False:
             self.failed(r)
+        else:
+            r.breaker.trial_abandoned()
         self.on_capacity()
 
     def failed(self, r: Replica) -> None:

@@ -89,14 +89,17 @@ class Flight:
         return self.status or 502
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        """Every event from the first; those that arrived together go out in one write."""
         i = 0
         while True:
             ev = self._changed
-            while i < len(self.chunks):
-                if include_usage or i not in self.usage_only:
-                    yield self.chunks[i]
-                i += 1
-            if self.done:
+            n = len(self.chunks)
+            if i < n:
+                out = [self.chunks[j] for j in range(i, n) if include_usage or j not in self.usage_only]
+                i = n
+                if out:
+                    yield "".join(out)
+            if self.done and i >= len(self.chunks):
                 return
             await ev.wait()
 
