@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import subprocess
 import sys
 import threading
@@ -12,6 +12,8 @@ import time
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.autoscale.actuator import GatewayAdmin
 from conveyor.autoscale.controller import Controller
@@ -125,16 +127,31 @@ def scale_cycle(run: Run, gateway: str, model: str, tmp_path, burst: int, max_re
     assert 2 <= peak <= max_replicas
     assert sum(n > 0 for n in run.served.values()) >= 2, run.served  # new replicas served through the gateway
     # requests keep arriving while replicas drain and stop: none may fail or be cut short
-    trickle = bench(gateway, model, tmp_path / "trickle.json", 40, "4", 48)
+    trickle = bench(gateway, model, tmp_path / "trickle.json", 24, "1", 32)
     run.wait_for(lambda: run.ready() == 1 and len(run.controller.actuator.list()) == 1, 120, "scale-down")
+    pool = GatewayAdmin(gateway, ADMIN_KEY, model).replicas()
+    assert len(pool) == 1 and pool[0]["state"] == "healthy", pool
+    assert trickle.poll() is None  # the trickle was still running through the scale-down
     finished(trickle, tmp_path / "trickle.json")
     downs = [d for d in run.controller.decisions if d["action"].startswith("scale_down")]
     assert downs and all(d["reason"] for d in downs)
-    pool = GatewayAdmin(gateway, ADMIN_KEY, model).replicas()
-    assert len(pool) == 1 and pool[0]["state"] == "healthy"
 
 
-def test_local_actuator_scales_up_on_a_burst_and_drains_back_down(gateway, tmp_path):
+def check_decision_records(run: Run, caplog) -> None:
+    """Every decision is a JSON log line and a metric: signals, desired count, reason, action."""
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "conveyor.autoscale.decision"]
+    assert len(logged) == len(run.controller.decisions) > 0
+    for entry in logged:
+        assert {"signals", "desired", "reason", "action", "signal", "current"} <= set(entry)
+    actions = {s.labels["action"]: s.value for f in text_string_to_metric_families(
+        generate_latest(run.controller.metrics.registry).decode()) for s in f.samples
+        if s.name == "conveyor_autoscaler_actions_total"}
+    assert actions["scale_up"] >= 1 and actions["scale_down"] >= 1
+    assert actions["none"] + actions["scale_up"] + actions["scale_down"] == len(logged)
+
+
+def test_local_actuator_scales_up_on_a_burst_and_drains_back_down(gateway, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor.autoscale.decision")
     admin = GatewayAdmin(gateway, ADMIN_KEY, "big")
     actuator = LocalActuator(admin, REPLICA, log_dir=str(tmp_path / "replicas"), env={"OMP_NUM_THREADS": "1"},
                              drain_timeout_s=60)
@@ -142,6 +159,9 @@ def test_local_actuator_scales_up_on_a_burst_and_drains_back_down(gateway, tmp_p
                          interval_s=0.5))
     try:
         scale_cycle(run, gateway, "big", tmp_path, burst=120, max_replicas=3)
+        run.stop.set()
+        run.threads[0].join(30)
+        check_decision_records(run, caplog)
         gone = [r for r in actuator.replicas.values() if r.state == "stopped"]
         assert gone and all(r.handle.poll() is not None for r in gone)  # the processes exited
     finally:

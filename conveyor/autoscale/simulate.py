@@ -215,8 +215,9 @@ def _report(reqs: list[SimRequest], fleet: Fleet, sim: SimConfig, end: float, ti
     unfinished = n - len(done) - sum(r.rejected for r in reqs)
     ttft = np.array([r.first_token - r.arrival for r in done]) if done else np.zeros(0)
     tpot = np.array([(r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0 for r in done])
-    violations = int(((ttft > sim.slo_ttft_s) | (tpot > sim.slo_tpot_s)).sum()) + unfinished
     rejected = sum(r.rejected for r in reqs)
+    # a rejected or never-finished request missed its objective too
+    violations = int(((ttft > sim.slo_ttft_s) | (tpot > sim.slo_tpot_s)).sum()) + unfinished + rejected
     pct = lambda xs, q: None if len(xs) == 0 else round(float(np.percentile(xs, q)) * 1e3, 2)  # noqa: E731
     return {"requests": n, "completed": len(done), "rejected": rejected, "unfinished": unfinished,
             "replica_hours": fleet.replica_seconds(end) / 3600,
