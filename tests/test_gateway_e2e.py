@@ -235,6 +235,36 @@ def test_auto_routing_by_prompt_length_and_hint(gateway):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_auto_degrades_interactive_to_small_when_allowed(gateway, replicas):
+    """With every `big` replica draining the large model is overloaded: a long prompt from a tenant with
+    allow_degrade goes to `small`; the same from a tenant without it stays on `big` (and waits: 408)."""
+    long_prompt = "y" * 200
+    for r in ("big1", "big2"):
+        assert gateway.admin("POST", "/admin/replicas/drain", model="big", url=replicas[r].base_url).status_code == 200
+    try:
+        raw = gateway.client("deg").completions.with_raw_response.create(model="auto", prompt=long_prompt,
+                                                                         max_tokens=2)
+        assert raw.headers["x-conveyor-model"] == "small"
+        with pytest.raises(openai.APIStatusError) as e:
+            gateway.client("a").completions.create(model="auto", prompt=long_prompt, max_tokens=2,
+                                                   extra_headers={"X-Request-Timeout": "0.3"})
+        assert e.value.status_code == 408 and e.value.response.headers["x-conveyor-model"] == "big"
+    finally:
+        for r in ("big1", "big2"):  # adding a draining replica again puts it back in service
+            gateway.admin("POST", model="big", url=replicas[r].base_url)
+    wait_until(lambda: all(gateway.replica_state("big", replicas[r].base_url) == "healthy" for r in ("big1", "big2")))
+
+
+def test_prefix_affinity_keeps_a_prefix_on_one_replica(gateway):
+    client = gateway.client("a")
+    for p in range(5):
+        prefix = f"{p} shared system prompt " + "s" * 260
+        seen = {client.completions.with_raw_response.create(model="big", prompt=prefix + f" question {q}",
+                                                            max_tokens=1).headers["x-conveyor-replica"]
+                for q in range(3)}
+        assert len(seen) == 1, seen  # idle replicas tie on load: without affinity these would spread
+
+
 # ---- rate limits ---------------------------------------------------------------------------------------------------
 def test_rate_limit_429_with_headers(gateway):
     client = gateway.client("limited")  # 3 requests per minute, burst 3
@@ -277,7 +307,8 @@ def test_redis_limits_shared_by_two_gateways(replicas, tmp_path):
         cfg = {"models": [{"name": "big", "replicas": [replicas["big2"].base_url], "tokenizer": "demo"}],
                "tenants": [tenant("limited", requests_per_minute=4, burst=4)],
                "redis_url": f"redis://127.0.0.1:{port}/0"}
-        gws = [GatewayProcess(cfg, str(tmp_path / f"gw{i}.yaml")) for i in range(2)]
+        with ThreadPoolExecutor(2) as ex:
+            gws = list(ex.map(lambda i: GatewayProcess(cfg, str(tmp_path / f"gw{i}.yaml")), range(2)))
         wait_until(lambda: all(httpx.get(g.url + "/health").json()["models"]["big"]["healthy"] for g in gws))
         clients = [g.client("limited") for g in gws]
         for i in range(4):  # 2 + 2 spread over both gateways: the whole budget
