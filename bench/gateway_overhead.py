@@ -4,8 +4,10 @@ side by side with a direct connection in the same run, against
   * a fast fake upstream (a tiny FastAPI app streaming canned SSE: the baseline costs almost nothing), and
   * a real replica (`conveyor serve --model demo`).
 
-Every request streams (`stream: true` with usage), as chat clients do. Latency runs are sequential (one client);
-throughput runs are closed loops of --concurrency clients for --seconds. Each server is its own process.
+Every request streams (`stream: true` with usage), as chat clients do. Latency runs are sequential (one client),
+direct and gateway requests alternating so both see the same machine; throughput runs are closed loops of
+--concurrency clients (at most 16 against the demo replica), direct and gateway in alternating windows, --seconds
+each way. Each server is its own process; the load generator is this process.
 
     .venv/bin/python bench/gateway_overhead.py [--requests 300] [--concurrency 32] [--seconds 8]
 """
@@ -109,15 +111,22 @@ async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, 
     return ttft or 0.0, time.perf_counter() - t0
 
 
-async def latency(url: str, model: str, n: int, max_tokens: int, headers: dict) -> dict:
+async def latency(base: str, gw: str, model: str, n: int, max_tokens: int, auth: dict) -> tuple[dict, dict, float]:
+    """Direct and gateway requests alternate, so both see the same machine; also the median paired difference."""
     async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
         for _ in range(10):  # warm up connections
-            await one(client, url, model, max_tokens, headers)
-        samples = [await one(client, url, model, max_tokens, headers) for _ in range(n)]
+            await one(client, base, model, max_tokens, {})
+            await one(client, gw, model, max_tokens, auth)
+        pairs = [(await one(client, base, model, max_tokens, {}), await one(client, gw, model, max_tokens, auth))
+                 for _ in range(n)]
+    return (_summary([d for d, _ in pairs]), _summary([g for _, g in pairs]),
+            1000 * statistics.median(g[1] - d[1] for d, g in pairs))
+
+
+def _summary(samples: list[tuple[float, float]]) -> dict:
     e2e = sorted(s[1] for s in samples)
-    ttft = sorted(s[0] for s in samples)
     return {"p50_ms": 1000 * statistics.median(e2e), "p99_ms": 1000 * e2e[int(0.99 * (len(e2e) - 1))],
-            "ttft_p50_ms": 1000 * statistics.median(ttft)}
+            "ttft_p50_ms": 1000 * statistics.median(s[0] for s in samples)}
 
 
 async def throughput(url: str, model: str, concurrency: int, seconds: float, max_tokens: int, headers: dict) -> float:
@@ -135,6 +144,16 @@ async def throughput(url: str, model: str, concurrency: int, seconds: float, max
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return done / (time.perf_counter() - t0)
+
+
+def alternating_throughput(base: str, gw: str, model: str, concurrency: int, seconds: float, max_tokens: int,
+                           auth: dict, rounds: int = 4) -> tuple[float, float]:
+    """Direct and gateway windows alternate (`rounds` each): the mean rate of each."""
+    direct, via = [], []
+    for _ in range(rounds):
+        direct.append(asyncio.run(throughput(base, model, concurrency, seconds / rounds, max_tokens, {})))
+        via.append(asyncio.run(throughput(gw, model, concurrency, seconds / rounds, max_tokens, auth)))
+    return statistics.mean(direct), statistics.mean(via)
 
 
 def main() -> int:
@@ -174,28 +193,26 @@ def main() -> int:
         for label, model, max_tokens in (("fake upstream", "fake", a.chunks), ("demo replica", "demo",
                                                                                 a.demo_tokens)):
             base = fake if model == "fake" else demo
-            direct = asyncio.run(latency(base, model, a.requests, max_tokens, {}))
-            via = asyncio.run(latency(gw, model, a.requests, max_tokens, auth))
+            direct, via, paired = asyncio.run(latency(base, gw, model, a.requests, max_tokens, auth))
             conc = a.concurrency if model == "fake" else min(a.concurrency, 16)
-            rps_direct = asyncio.run(throughput(base, model, conc, a.seconds, max_tokens, {}))
-            rps_via = asyncio.run(throughput(gw, model, conc, a.seconds, max_tokens, auth))
-            rows.append((label, direct, via, conc, rps_direct, rps_via))
+            rps_direct, rps_via = alternating_throughput(base, gw, model, conc, a.seconds, max_tokens, auth)
+            rows.append((label, direct, via, paired, conc, rps_direct, rps_via))
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(10)
 
-    print(f"# gateway overhead: {a.requests} sequential streamed requests per latency run; "
-          f"closed loop for {a.seconds:.0f}s per throughput run")
+    print(f"# gateway overhead: {a.requests} sequential streamed requests each way, direct and gateway alternating; "
+          f"closed loops of {a.seconds:.0f}s each way in alternating windows")
     print("| upstream | path | e2e p50 ms | e2e p99 ms | TTFT p50 ms | added p50 ms | added p99 ms | "
-          "clients | req/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, direct, via, conc, rps_direct, rps_via in rows:
+          "added, paired median ms | clients | req/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, direct, via, paired, conc, rps_direct, rps_via in rows:
         print(f"| {label} | direct | {direct['p50_ms']:.2f} | {direct['p99_ms']:.2f} | {direct['ttft_p50_ms']:.2f} "
-              f"| | | {conc} | {rps_direct:.0f} |")
+              f"| | | | {conc} | {rps_direct:.0f} |")
         print(f"| {label} | gateway | {via['p50_ms']:.2f} | {via['p99_ms']:.2f} | {via['ttft_p50_ms']:.2f} | "
-              f"{via['p50_ms'] - direct['p50_ms']:+.2f} | {via['p99_ms'] - direct['p99_ms']:+.2f} | {conc} | "
-              f"{rps_via:.0f} |")
+              f"{via['p50_ms'] - direct['p50_ms']:+.2f} | {via['p99_ms'] - direct['p99_ms']:+.2f} | {paired:+.2f} | "
+              f"{conc} | {rps_via:.0f} |")
     return 0
 
 
