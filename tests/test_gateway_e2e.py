@@ -601,3 +601,13 @@ def test_sighup_reload_without_dropping_requests(gateway, replicas):
         assert running.result(timeout=30).usage.completion_tokens == 300
     assert '"config_reload_failed"' in gateway.logs()
     assert late.completions.create(model="big", prompt="x", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_cli_rejects_a_bad_config_naming_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "m", "replicas": []}],
+                                    "tenants": [{"name": "a", "api_key_sha256": sha("k"), "class": "vip"}]}))
+    out = subprocess.run([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "tenants[0].class: must be one of interactive, batch" in out.stderr

@@ -57,8 +57,11 @@ class Flight:
         if line == "data: [DONE]":
             self.saw_done = True
         elif '"usage"' in line and line.startswith("data: {"):
-            obj = json.loads(line[6:])
-            if obj.get("usage"):
+            try:
+                obj = json.loads(line[6:])
+            except ValueError:  # not ours to judge: pass it through
+                obj = {}
+            if isinstance(obj, dict) and obj.get("usage"):
                 self.usage = obj["usage"]
                 if obj.get("choices") == []:
                     self.usage_only.add(len(self.chunks))
