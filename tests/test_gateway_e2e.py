@@ -209,13 +209,17 @@ def test_proxy_alias_headers_and_request_id(gateway):
     assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
     chunks = list(client.chat.completions.create(model="big", messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=4, stream=True, stream_options={"include_usage": True},
-                                                 **ignore_eos()))
-    assert chunks[-1].usage.completion_tokens == 4
+                                                 extra_headers={"X-Request-Id": "req-e2e-chat"}, **ignore_eos()))
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 4
     assert {m.id for m in client.models.list()} >= {"big", "large", "small", "auto"}
+    wait_until(lambda: "req-e2e-chat" in gateway.logs(), what="the access log line")  # written after [DONE]
     log_lines = [json.loads(line) for line in gateway.logs().splitlines() if '"access"' in line]
     entry = next(e for e in log_lines if e.get("request_id") == "req-e2e-1")
     assert entry["tenant"] == "a" and entry["model"] == "big" and entry["status"] == 200 and entry["replica"]
     assert "Hello" not in json.dumps(entry)
+    chat = next(e for e in log_lines if e.get("request_id") == "req-e2e-chat")
+    assert chat["reserved_tokens"] == usage.prompt_tokens + 4  # the gateway counts with the model's tokenizer
 
 
 def test_auto_routing_by_prompt_length_and_hint(gateway):

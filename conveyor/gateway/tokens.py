@@ -45,7 +45,8 @@ def count_prompt_tokens(body: dict[str, Any], tokenizer) -> int:
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             try:
                 conv = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in msgs]
-                return len(tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True))
+                text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+                return len(tokenizer.encode(text, add_special_tokens=False))  # the template has its specials
             except Exception:  # noqa: BLE001 - malformed messages: the replica will say why; estimate here
                 pass
         return _count(prompt_text(body), tokenizer)
