@@ -354,7 +354,7 @@ class Gateway:
                 try:
                     async for chunk in flight.events(include_usage):
                         yield chunk
-                    final = 200
+                    final = 502 if flight.cut else 200
                 finally:
                     flight.unsubscribe()
                     self._settle(ctx, flight, final)

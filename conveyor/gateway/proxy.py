@@ -42,6 +42,7 @@ class Flight:
         self.headers: dict[str, str] = {}
         self.done = False
         self.saw_done = False
+        self.cut = False  # an upstream failure after the first event: ended with an error event
         self.queue_ms: float | None = None
         self.replica: str | None = None
         self.retries = 0
@@ -222,6 +223,7 @@ class Forwarder:
                 return False, True, (502, error_body(502, f"replica failed ({type(e).__name__})",
                                                      "upstream_failed"), {})
             self.metrics.stream_errors.labels(call.model).inc()
+            flight.cut = True
             flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({type(e).__name__}); "
                                                     "the response is incomplete", "upstream_failed"))
             flight.push_event(DONE.strip())
