@@ -309,7 +309,7 @@ def test_redis_limits_shared_by_two_gateways(replicas, tmp_path):
     gws = []
     try:
         cfg = {"models": [{"name": "big", "replicas": [replicas["big2"].base_url], "tokenizer": "demo"}],
-               "tenants": [tenant("limited", requests_per_minute=4, burst=4)],
+               "tenants": [tenant("limited", requests_per_minute=4, burst=4), tenant("tokcap", tokens_per_minute=1000)],
                "redis_url": f"redis://127.0.0.1:{port}/0"}
         with ThreadPoolExecutor(2) as ex:
             gws = list(ex.map(lambda i: GatewayProcess(cfg, str(tmp_path / f"gw{i}.yaml")), range(2)))
@@ -322,9 +322,19 @@ def test_redis_limits_shared_by_two_gateways(replicas, tmp_path):
             with pytest.raises(openai.RateLimitError) as e:
                 c.completions.create(model="big", prompt="hi", max_tokens=1)
             assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+        # tokens: 905 reserved on one gateway, 899 of them given back when it ends, so the other can reserve again
+        tok = [g.client("tokcap") for g in gws]
+        stop_all = {"stop_token_ids": list(range(256))}
+        out = tok[0].completions.with_raw_response.create(model="big", prompt="hello", max_tokens=900,
+                                                          extra_body=stop_all)
+        assert int(out.headers["x-ratelimit-remaining-tokens"]) < 100
+        time.sleep(0.3)
+        out = tok[1].completions.with_raw_response.create(model="big", prompt="hello", max_tokens=900,
+                                                          extra_body=stop_all)
+        assert int(out.headers["x-ratelimit-remaining-tokens"]) < 200
         import redis as redis_py
-        keys = redis_py.Redis(port=port).keys("conveyor:ratelimit:*")
-        assert keys == [b"conveyor:ratelimit:limited"]
+        keys = sorted(redis_py.Redis(port=port).keys("conveyor:ratelimit:*"))
+        assert keys == [b"conveyor:ratelimit:limited", b"conveyor:ratelimit:tokcap"]
     finally:
         for g in gws:
             g.stop()

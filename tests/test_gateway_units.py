@@ -6,6 +6,8 @@ import hashlib
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conveyor.gateway.admission import FairQueue, ModelQueue, Rejected, Waiter
 from conveyor.gateway.auth import find_tenant
@@ -83,6 +85,31 @@ def test_ratelimit_headers_and_peek():
     assert h["x-ratelimit-reset-tokens"] == "30s" and h["x-ratelimit-reset-requests"] == "500ms"
     assert "retry-after" not in h
     assert _duration(360) == "6m0s" and _duration(0.25) == "250ms" and _duration(1.5) == "1.5s"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 5), st.integers(0, 400), st.integers(-200, 200)), max_size=60))
+def test_bucket_never_admits_more_than_capacity_plus_refill(ops):
+    """Whatever the arrivals and refunds, tokens taken over a span never exceed the bucket size plus what refilled
+    in that span plus what was refunded."""
+    clock = Clock()
+    lim = MemoryLimiter(clock)
+    t = tenant(requests_per_minute=600, burst=5, tokens_per_minute=600)
+    start, taken, requests, refunded = clock.t, 0, 0, 0
+    for dt, tokens, refund in ops:
+        clock.t += dt
+        d = run(lim.acquire(t, tokens))
+        if d.allowed:
+            taken += tokens
+            requests += 1
+            if refund > 0:
+                run(lim.refund(t, min(refund, tokens)))
+                refunded += min(refund, tokens)
+        req, tok = lim.buckets["a"]
+        assert req.level <= req.capacity and tok.level <= tok.capacity
+        elapsed = clock.t - start
+        assert requests <= 5 + 10 * elapsed + 1e-6
+        assert taken <= 600 + 10 * elapsed + refunded + 1e-6
 
 
 def test_limits_change_on_reload_keep_level():
