@@ -202,6 +202,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-timeout-s", type=float, default=2.0, help="static batching's flush timeout")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
     p.add_argument("--repeat", type=_positive_int, default=1,
                    help="run every mode this many times, round robin, and report medians (for noisy machines)")
     p.add_argument("--output", default=None, help="write the result JSON here")
@@ -229,6 +231,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from conveyor.engine.kv_cache_manager import cdiv
     from conveyor.llm import LLM
 
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     probe = LLM(a.model, load_format=a.load_format, dtype=a.dtype, num_kv_blocks=1)
     max_model_len = probe.engine.max_model_len
     del probe
@@ -247,7 +252,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         "model": a.model, "load_format": a.load_format, "dtype": a.dtype, "workload": a.workload,
         "num_requests": len(reqs), "request_rate": a.request_rate if math.isfinite(a.request_rate) else "inf",
         "max_num_seqs": a.max_num_seqs, "block_size": a.block_size, "num_kv_blocks": blocks, "seed": a.seed,
-        "repeat": a.repeat,
+        "repeat": a.repeat, "threads": a.threads,
         "command": "conveyor " + " ".join(sys.argv[1:])}}
     if a.output:
         write_json(result, Path(a.output))
