@@ -471,16 +471,26 @@ def test_coalescing_identical_requests_share_one_generation(gateway, replicas):
         time.sleep(0.1)
         f2 = ex.submit(lambda: text(client.completions.create(**kw)))
         assert f1.result() == f2.result() and len(f1.result()) > 0
+    # a streaming and a non-streaming chat client share one generation too
+    msgs = [{"role": "user", "content": "coalesce chat"}]
+    kw = dict(model="big", messages=msgs, max_tokens=200, temperature=0, **ignore_eos())
+    with ThreadPoolExecutor(2) as ex:
+        f1 = ex.submit(lambda: "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            **kw, stream=True) if c.choices))
+        time.sleep(0.1)
+        f2 = ex.submit(client.chat.completions.create, **kw)
+        whole = f2.result()
+        assert whole.choices[0].message.content == f1.result() and whole.usage.completion_tokens == 200
     time.sleep(0.2)
-    assert big_total(replicas) == before + 2  # two pairs, one generation each
-    assert gateway.metric("conveyor_gateway_coalesced_total") == joined + 2
+    assert big_total(replicas) == before + 3  # three pairs, one generation each
+    assert gateway.metric("conveyor_gateway_coalesced_total") == joined + 3
     # sampled requests are not deterministic: never coalesced
     with ThreadPoolExecutor(2) as ex:
         kw = dict(model="big", prompt="sampled", max_tokens=100, temperature=1.0, **ignore_eos())
         fs = [ex.submit(client.completions.create, **kw) for _ in range(2)]
         [f.result() for f in fs]
     time.sleep(0.2)
-    assert big_total(replicas) == before + 4
+    assert big_total(replicas) == before + 5
 
 
 def test_idempotency_key_returns_first_result(gateway, replicas):

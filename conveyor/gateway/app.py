@@ -26,7 +26,7 @@ from conveyor.gateway.auth import bearer_key, find_tenant, key_matches
 from conveyor.gateway.config import ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
-from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body
+from conveyor.gateway.proxy import Call, Flight, Forwarder, assemble, error_body
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, num_prompts, prompt_text
@@ -201,11 +201,16 @@ class Gateway:
         ctx.model = model.name
         stream = bool(body.get("stream"))
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        # identical deterministic requests share one generation, streamed upstream so that streaming and
+        # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
+        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
+        coalescable = deterministic and not any(body.get(k) for k in ("logprobs", "top_logprobs", "echo"))
         upstream = dict(body, model=model.upstream_model)
-        if stream:
-            upstream["stream_options"] = {"include_usage": True}  # the gateway needs usage to settle tokens
-        request_hash = _hash({"path": path, "model": model.name,
-                              "body": {k: v for k, v in upstream.items() if k != "user"}})
+        if stream or coalescable:
+            upstream.update(stream=True, stream_options={"include_usage": True})  # usage settles the tokens
+        content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options")}
+        request_hash = _hash({"path": path, "model": model.name, "body": content, "stream": stream})
+        coalesce_key = _hash({"path": path, "model": model.name, "body": content})
         deadline = self._deadline(request, tenant)
 
         idem = request.headers.get("idempotency-key")
@@ -213,7 +218,7 @@ class Gateway:
             self.metrics.idempotent_replays.labels(model.name).inc()
             ctx.joined = "idempotent"
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
-            return await self._respond(request, ctx, flight, include_usage)
+            return await self._respond(request, ctx, flight, stream, include_usage, path)
 
         if self.concurrent.get(tenant.name, 0) >= tenant.max_concurrent:
             decision = await self.limiter.acquire(tenant, 0, take=False)
@@ -235,23 +240,22 @@ class Gateway:
             raise self._rate_limited(decision)
         ctx.charged = True  # holds a reservation and the concurrency slot until _settle
 
-        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
-        flight = self.coalescing.get(request_hash) if deterministic else None
+        flight = self.coalescing.get(coalesce_key) if coalescable else None
         if flight is not None and not flight.done:
             self.metrics.coalesced.labels(model.name).inc()
             ctx.joined = "coalesced"
         else:
-            flight = self._start(model, tenant, path, upstream, stream, ctx, deadline,
+            flight = self._start(model, tenant, path, upstream, bool(upstream.get("stream")), ctx, deadline,
                                  affinity_key(prompt_text(body) + str(body.get("cache_salt") or ""),
                                               cfg.affinity_prefix_chars))
-            if deterministic:
-                self.coalescing[request_hash] = flight
-                flight.task.add_done_callback(lambda _t, k=request_hash, f=flight: self.coalescing.pop(k, None)
+            if coalescable:
+                self.coalescing[coalesce_key] = flight
+                flight.task.add_done_callback(lambda _t, k=coalesce_key, f=flight: self.coalescing.pop(k, None)
                                               if self.coalescing.get(k) is f else None)
         if idem:
             self.idempotency[(tenant.name, idem)] = IdempotencyEntry(request_hash, flight,
                                                                      time.monotonic() + cfg.idempotency_window_s)
-        return await self._respond(request, ctx, flight, include_usage)
+        return await self._respond(request, ctx, flight, stream, include_usage, path)
 
     async def _body(self, request: Request) -> dict:
         if int(request.headers.get("content-length") or 0) > self.cfg.max_body_bytes:
@@ -334,10 +338,12 @@ class Gateway:
         return _Reject(429, f"rate_limit_{what}", f"Rate limit reached for {what} per minute; retry in "
                        f"{d.retry_after_s:.1f}s", "rate_limit_exceeded", d.headers())
 
-    async def _respond(self, request: Request, ctx: Ctx, flight: Flight, include_usage: bool) -> Response:
+    async def _respond(self, request: Request, ctx: Ctx, flight: Flight, stream: bool, include_usage: bool,
+                       path: str) -> Response:
+        assert flight.stream or not stream
         flight.subscribe()
         try:
-            reached = await _until_disconnect(request, flight.head() if flight.stream else flight.wait_done())
+            reached = await _until_disconnect(request, flight.head() if stream else flight.wait_done())
         except BaseException:
             flight.unsubscribe()
             self._settle(ctx, flight, 499)
@@ -348,7 +354,7 @@ class Gateway:
             return Response(status_code=499)
         status = flight.status or 502
         headers = {**ctx.headers, **flight.headers, **self._info_headers(ctx, flight)}
-        if flight.stream and status == 200:
+        if stream and status == 200:
             async def events():
                 final = 499
                 try:
@@ -360,8 +366,12 @@ class Gateway:
                     self._settle(ctx, flight, final)
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
         flight.unsubscribe()
+        content = flight.chunks[0] if status != 200 or not flight.stream else \
+            assemble(flight, path.endswith("/chat/completions"))
+        if flight.stream and flight.cut:
+            status, content = 502, error_body(502, "the replica failed while generating", "upstream_failed")
         self._settle(ctx, flight, status)
-        return Response(flight.chunks[0], status_code=status, media_type="application/json", headers=headers)
+        return Response(content, status_code=status, media_type="application/json", headers=headers)
 
     def _info_headers(self, ctx: Ctx, flight: Flight) -> dict[str, str]:
         h = {"x-request-id": ctx.rid, "x-conveyor-model": ctx.model}
