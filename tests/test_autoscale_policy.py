@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from conveyor.autoscale.policy import Observation, PolicyConfig, PolicyState, ReplicaSample, decide, recommend
 
 QUIET = dict(scale_up_window_s=0, scale_down_window_s=0, scale_down_cooldown_s=0, scale_down_max_ratio=1.0,
+             scale_up_max_ratio=100.0,
              panic_threshold=100.0)
 
 
@@ -111,11 +112,19 @@ def test_panic_scales_up_past_the_window_and_blocks_scale_down():
                        panic_window_s=30, max_replicas=20)
     d, state = decide(cfg, PolicyState(), obs(0, 2, busy(slots=0.6)))
     d, state = decide(cfg, state, obs(2, 2, busy(slots=0.6, waiting=6)))  # 12 waiting / 2 = 6 ≥ 2 x 2 ready
-    assert d.panic and d.desired == 6 and "panic" in d.reason
+    assert d.panic and d.desired == 6 and "panic" in d.reason  # the up window (60 s) did not hold it
     ds, state = run(cfg, [obs(t, 6, busy(slots=0.1)) for t in (10, 20, 31, 33)], state)
     assert [x.desired for x in ds[:3]] == [6, 6, 6] and all(x.panic for x in ds[:3])
     assert "no scale-down" in ds[0].reason
     assert not ds[3].panic and ds[3].desired == 3  # panic over (32 s): down, by at most half at a time
+
+
+def test_one_scale_up_at_most_doubles_or_adds_four():
+    cfg = PolicyConfig(max_replicas=100, **{**QUIET, "scale_up_max_ratio": 2.0})
+    assert decide(cfg, PolicyState(), obs(0, 10, busy(waiting=10)))[0].desired == 20  # asks 50
+    assert decide(cfg, PolicyState(), obs(0, 1, busy(waiting=40)))[0].desired == 5  # asks 20
+    cfg = PolicyConfig(max_replicas=100, **QUIET)
+    assert decide(cfg, PolicyState(), obs(0, 10, busy(waiting=10)))[0].desired == 50
 
 
 def test_bounds():

@@ -9,12 +9,12 @@ import sys
 from dataclasses import fields
 
 
-def add_policy_args(p: argparse.ArgumentParser) -> None:
+def add_policy_args(p: argparse.ArgumentParser, **defaults) -> None:
     """One flag per PolicyConfig field: --min-replicas, --target-slots-used-ratio, ... ('none' disables a target)."""
     from conveyor.autoscale.policy import PolicyConfig
 
     for f in fields(PolicyConfig):
-        default = f.default
+        default = defaults.get(f.name, f.default)
         kind = int if f.name in ("min_replicas", "max_replicas") else _optional_float
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
                        help=f"default: {default}")
@@ -64,7 +64,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--sim-interval", type=float, default=2.0, help="seconds between policy decisions")
-    add_policy_args(p)
+    add_policy_args(p, max_replicas=20)  # room for the built-in trace's peak
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
@@ -92,11 +92,15 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     result = {"policies": {k: {key: v for key, v in r.items() if key != "timeline"} for k, r in runs.items()},
               "config": {"policy": cfg.__dict__, "sim": simcfg.__dict__, "trace": a.trace or "built-in generator",
                          "requests": len(trace), "profile": str(a.profile or DEFAULT_PROFILE),
-                         "command": "conveyor " + " ".join(shlex.quote(x) for x in sys.argv[1:])},
-              "timelines": {k: r["timeline"] for k, r in runs.items()}}
+                         "command": "conveyor " + " ".join(shlex.quote(x) for x in sys.argv[1:])}}
     if a.output:
         with open(a.output, "w") as f:
             json.dump(result, f, indent=1)
+        # one row per decision interval, by column: compact, next to the result
+        timelines = {k: {col: [row.get(col) for row in r["timeline"]] for col in r["timeline"][0]}
+                     for k, r in runs.items() if r["timeline"]}
+        with open(a.output.removesuffix(".json") + ".timelines.json", "w") as f:
+            json.dump(timelines, f, separators=(",", ":"))
     if a.plot:
         from conveyor.autoscale.plots import plot_timelines
 

@@ -60,6 +60,7 @@ class PolicyConfig:
     scale_up_cooldown_s: float = 0.0
     scale_down_cooldown_s: float = 30.0
     scale_down_max_ratio: float = 0.5  # most of the current replicas one scale-down removes (at least one)
+    scale_up_max_ratio: float = 2.0  # one scale-up at most multiplies the replicas by this, or adds 4 (HPA's)
     panic_threshold: float = 2.0
     panic_window_s: float = 60.0
     scale_to_zero_after_s: float | None = None
@@ -82,6 +83,8 @@ class PolicyConfig:
                      "panic_window_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.scale_up_max_ratio <= 1:
+            raise ValueError("scale_up_max_ratio must be > 1")
         if not 0 < self.scale_down_max_ratio <= 1:
             raise ValueError("scale_down_max_ratio must be in (0, 1]")
         if self.panic_threshold <= 1:
@@ -182,11 +185,13 @@ def _window(history: tuple, now: float, width: float) -> list[int]:
 def _stabilize(cfg: PolicyConfig, state: PolicyState, obs: Observation, raw: int, panic: bool) -> tuple[int, str]:
     cur, now = obs.current, obs.now
     if raw > cur:
+        # a queue that built up in seconds asks for more replicas than the load needs once it is served
+        cap = max(cur + 4, math.ceil(cur * cfg.scale_up_max_ratio))
         if panic:
-            return raw, "panic: scale up now"
+            return min(raw, cap), "panic: scale up now"
         if now - state.last_scale_up < cfg.scale_up_cooldown_s:
             return cur, "scale-up cooldown"
-        up = max(cur, min(_window(state.history, now, cfg.scale_up_window_s)))
+        up = min(cap, max(cur, min(_window(state.history, now, cfg.scale_up_window_s))))
         return up, "scale up" if up > cur else "scale-up window holds"
     if raw < cur:
         if panic:

@@ -191,7 +191,7 @@ def _tick(fleet: Fleet, policy: PolicyConfig | None, now: float, rate: float, st
     ttfts = [s.ttft_p95_s for s in samples if s.ttft_p95_s is not None]
     row = {"t": round(now, 2), "request_rate": rate, "replicas": current,
            "ready": sum(r.meta.state == "ready" for r in live),
-           "ttft_p95_s": max(ttfts) if ttfts else None, "state": state}
+           "ttft_p95_s": round(max(ttfts), 4) if ttfts else None, "state": state}
     if policy is None:
         return row
     obs = Observation(now, current, samples, float(len(fleet.gateway)), rate)
