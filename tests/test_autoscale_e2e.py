@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -36,7 +38,8 @@ def sha(key: str) -> str:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     cfg = {"models": [{"name": "big", "upstream_model": "demo", "replicas": []},
-                      {"name": "rayed", "upstream_model": "demo", "replicas": []}],
+                      {"name": "rayed", "upstream_model": "demo", "replicas": []},
+                      {"name": "zero", "upstream_model": "demo", "replicas": []}],
            "tenants": [{"name": "t", "api_key_sha256": sha(TENANT_KEY), "class": "interactive",
                         "requests_per_minute": 100000, "max_concurrent": 1000}],
            "admin_api_key_sha256": sha(ADMIN_KEY), "cold_start_timeout_s": 60, "health_interval_s": 0.3}
@@ -193,3 +196,40 @@ def test_ray_actuator_replicas_are_actors(gateway, tmp_path):
             run.close()
     finally:
         ray.shutdown()
+
+
+def test_cli_scales_from_zero_on_a_held_request_and_back_to_zero(gateway, tmp_path):
+    """`conveyor autoscale` as users run it: no replica until a request waits in the gateway, then one, then none
+    after the idle timeout; decisions on stdout as JSON lines and on its /metrics; SIGTERM stops it cleanly."""
+    metrics_port = free_port()
+    cmd = [sys.executable, "-m", "conveyor.cli", "autoscale", "--gateway", gateway, "--admin-key", ADMIN_KEY,
+           "--model", "zero", "--actuator", "local", "--serve-args", " ".join(REPLICA), "--interval", "0.5",
+           "--min-replicas", "0", "--scale-to-zero-after-s", "4", "--scale-down-window-s", "2",
+           "--scale-down-cooldown-s", "1", "--metrics-port", str(metrics_port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    admin = GatewayAdmin(gateway, ADMIN_KEY, "zero")
+    try:
+        time.sleep(3)
+        assert admin.replicas() == [] and proc.poll() is None  # idle: nothing started
+        t0 = time.monotonic()
+        r = httpx.post(gateway + "/v1/completions", headers={"Authorization": f"Bearer {TENANT_KEY}"}, timeout=90,
+                       json={"model": "zero", "prompt": "hello", "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        assert time.monotonic() - t0 > 1.0  # it waited in the gateway for a cold start
+        deadline = time.monotonic() + 60
+        while admin.replicas():
+            assert time.monotonic() < deadline, admin.replicas()
+            time.sleep(0.3)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'conveyor_autoscaler_actions_total{action="scale_up",model="zero"} 1.0' in text
+        assert 'conveyor_autoscaler_actions_total{action="scale_down",model="zero"} 1.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    decisions = [json.loads(line) for line in out.splitlines()
+                 if line.startswith("{") and "autoscale_decision" in line]
+    reasons = [d["reason"] for d in decisions if d["action"] != "none"]
+    assert any("activation" in x for x in reasons) and any("scale to zero" in x for x in reasons), reasons
