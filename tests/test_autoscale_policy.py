@@ -175,7 +175,7 @@ def test_no_flapping_on_a_noisy_constant_load(level, noise, seed):
     rng = random.Random(seed)
     cfg = PolicyConfig(max_replicas=64)
     total = level * 8  # the fleet's slot use, spread over whatever replicas exist
-    state, current, changes, last = PolicyState(), 8, [], None
+    state, current, changes = PolicyState(), 8, []
     for t in range(0, 1200, 2):
         jitter = 1 + rng.uniform(-noise, noise)
         d, state = decide(cfg, state, obs(t, current, busy(slots=min(1.0, total * jitter / current))))
@@ -183,3 +183,17 @@ def test_no_flapping_on_a_noisy_constant_load(level, noise, seed):
             changes.append(d.desired - current)
         current = d.desired
     assert len(changes) <= 2 and (all(c > 0 for c in changes) or all(c < 0 for c in changes)), changes
+
+
+def test_victims_are_starting_replicas_first_then_the_least_busy():
+    from conveyor.autoscale.actuator import Replica, pick_victims
+
+    reps = [Replica("a", None, "http://a", "ready", started_at=1),
+            Replica("b", None, "http://b", "ready", started_at=2),
+            Replica("c", None, None, "starting", started_at=3),
+            Replica("d", None, "http://d", "ready", started_at=4),
+            Replica("e", None, None, "starting", started_at=5)]
+    busy_ = {"http://a": 0, "http://b": 7, "http://d": 3}
+    assert [r.id for r in pick_victims(reps, busy_, 3)] == ["e", "c", "a"]
+    assert [r.id for r in pick_victims(reps, busy_, 4)] == ["e", "c", "a", "d"]
+    assert pick_victims(reps, busy_, 0) == []
