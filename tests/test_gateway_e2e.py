@@ -360,31 +360,38 @@ def _bursts(client: openai.OpenAI, n: int, size: int) -> list[float]:
     return times
 
 
-def test_fair_queue_protects_a_light_tenant_from_a_flood(gateway):
-    """One request at a time reaches the replica. Tenant B sends bursts of 6 short requests (~20 tokens each), so
-    alone it queues behind itself; tenant A floods with 8 clients of ~300-token requests. A burst of B costs less
-    than one request of A, so under fair queuing all of B's burst goes before A's next request: B waits at most
-    for the A request in service. (FIFO would put B behind A's whole backlog.)"""
-    light, flood = gateway.client("light"), gateway.client("flood")
-    alone = _bursts(light, 8, 6)
+def _flooding(gateway: GatewayProcess, model: str):
+    """Tenant A: 8 clients in closed loops of ~300-token requests to `model`; yields their queue times."""
+    flood = gateway.client("flood")
     stop = threading.Event()
-    flood_times: list[float] = []
+    times: list[float] = []
 
     def flooder(i: int) -> None:
         while not stop.is_set():
-            flood_times.append(_queue_ms(flood, "fair", f"{i:03d}" + "a" * 300, 4))
+            times.append(_queue_ms(flood, model, f"{i:03d}" + "a" * 300, 4))
 
     threads = [threading.Thread(target=flooder, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: gateway.metric("conveyor_gateway_queued_requests", model="fair") >= 5,
+        wait_until(lambda: gateway.metric("conveyor_gateway_queued_requests", model=model) >= 5,
                    what="the flood to queue up")
-        crowded = _bursts(light, 8, 6)
+        yield times
     finally:
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_fair_queue_protects_a_light_tenant_from_a_flood(gateway):
+    """One request at a time reaches a replica of `fair`. Tenant B sends bursts of 8 short requests (~20 tokens
+    each), so alone it queues behind itself. Tenant A floods with 8 clients of ~300-token requests. A burst of B
+    costs less than one request of A, so under fair queuing all of B's burst goes before A's next request: B waits
+    at most for the A request in service (FIFO would put it behind A's whole backlog)."""
+    light = gateway.client("light")
+    alone = _bursts(light, 8, 8)
+    for flood_times in _flooding(gateway, "fair"):
+        crowded = _bursts(light, 8, 8)
     m_alone, m_crowded, m_flood = (statistics.median(x) for x in (alone, crowded, flood_times))
     print(f"light tenant median queue: alone {m_alone:.1f} ms, during flood {m_crowded:.1f} ms; "
           f"flooding tenant {m_flood:.1f} ms")
