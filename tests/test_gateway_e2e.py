@@ -21,7 +21,8 @@ import server_process
 import yaml
 from server_process import ServerProcess, free_port
 
-KEYS = {name: f"key-{name}" for name in ("a", "b", "limited", "tokcap", "flood", "light", "deg", "late", "batchy")}
+KEYS = {name: f"key-{name}" for name in ("a", "b", "limited", "tokcap", "flood", "light", "deg", "late", "batchy",
+                                        "solo", "patient")}
 ADMIN_KEY = "admin-secret"
 REPLICA_ARGS = ("--model", "demo", "--max-num-seqs", "16", "--num-kv-blocks", "512", "--max-model-len", "1024")
 
@@ -157,7 +158,8 @@ def base_config(r: dict[str, ServerProcess]) -> dict:
         "auto_route": {"small": "small", "large": "big", "max_prompt_tokens_small": 64},
         "tenants": [tenant("a"), tenant("b"), tenant("flood"), tenant("light"), tenant("deg", allow_degrade=True),
                     tenant("limited", requests_per_minute=3, burst=3),
-                    tenant("tokcap", tokens_per_minute=1000), tenant("batchy", **{"class": "batch"})],
+                    tenant("tokcap", tokens_per_minute=1000), tenant("batchy", **{"class": "batch"}),
+                    tenant("solo", max_concurrent=1), tenant("patient", default_timeout_s=0.3)],
         "admin_api_key_sha256": sha(ADMIN_KEY),
         "breaker_open_s": 1.0,
         "health_interval_s": 0.5,
@@ -410,10 +412,30 @@ def test_deadline_408_never_reaches_replica(gateway, replicas):
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="fair", prompt="late", max_tokens=2, extra_headers={"X-Request-Timeout": "0.3"})
     assert e.value.status_code == 408 and e.value.response.json()["error"]["type"] == "timeout_error"
+    with pytest.raises(openai.APIStatusError) as e:  # no header: the tenant's default_timeout_s
+        gateway.client("patient").completions.create(model="fair", prompt="late", max_tokens=2)
+    assert e.value.status_code == 408
     long.join()
     time.sleep(0.2)
     assert requests_total(big1) == before + 1  # only the long one
-    assert gateway.metric("conveyor_gateway_rejections_total", model="fair", reason="deadline") == 1
+    assert gateway.metric("conveyor_gateway_rejections_total", model="fair", reason="deadline") == 2
+    assert gateway.metric("conveyor_gateway_requests_total", model="fair", status="408") == 2
+    assert gateway.metric("conveyor_gateway_queue_time_seconds_count", model="fair") >= 1
+    assert gateway.metric("conveyor_gateway_upstream_latency_seconds_count", model="fair") >= 1
+    assert gateway.metric("conveyor_gateway_replicas", model="big", state="healthy") == 2
+
+
+def test_tenant_concurrency_cap(gateway):
+    client = gateway.client("solo")  # max_concurrent: 1
+    with ThreadPoolExecutor(1) as ex:
+        running = ex.submit(client.completions.create, model="small", prompt="x", max_tokens=300, **ignore_eos())
+        wait_until(lambda: gateway.metric("conveyor_gateway_in_flight_requests", model="small") == 1)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="small", prompt="y", max_tokens=2)
+        assert e.value.response.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert "x-ratelimit-remaining-requests" in e.value.response.headers
+        running.result()
+    assert client.completions.create(model="small", prompt="y", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_load_shedding_batch_first(gateway):
