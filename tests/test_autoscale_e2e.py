@@ -146,6 +146,7 @@ def check_decision_records(run: Run, caplog) -> None:
     assert len(logged) == len(run.controller.decisions) > 0
     for entry in logged:
         assert {"signals", "desired", "reason", "action", "signal", "current"} <= set(entry)
+    assert max(e["signals"]["slots_used_ratio"] for e in logged) >= 1  # the burst filled the replicas' slots
     actions = {s.labels["action"]: s.value for f in text_string_to_metric_families(
         generate_latest(run.controller.metrics.registry).decode()) for s in f.samples
         if s.name == "conveyor_autoscaler_actions_total"}
@@ -158,7 +159,7 @@ def test_local_actuator_scales_up_on_a_burst_and_drains_back_down(gateway, tmp_p
     admin = GatewayAdmin(gateway, ADMIN_KEY, "big")
     actuator = LocalActuator(admin, REPLICA, log_dir=str(tmp_path / "replicas"), env={"OMP_NUM_THREADS": "1"},
                              drain_timeout_s=60)
-    run = Run(Controller(PolicyConfig(max_replicas=3, **POLICY), actuator, SignalScraper("demo"), gateway, "big",
+    run = Run(Controller(PolicyConfig(max_replicas=3, **POLICY), actuator, SignalScraper("big"), gateway, "big",
                          interval_s=0.5))
     try:
         scale_cycle(run, gateway, "big", tmp_path, burst=120, max_replicas=3)
@@ -181,7 +182,7 @@ def test_ray_actuator_replicas_are_actors(gateway, tmp_path):
     try:
         admin = GatewayAdmin(gateway, ADMIN_KEY, "rayed")
         actuator = RayActuator(admin, REPLICA, num_cpus=1, drain_timeout_s=60)
-        run = Run(Controller(PolicyConfig(max_replicas=2, **POLICY), actuator, SignalScraper("demo"), gateway,
+        run = Run(Controller(PolicyConfig(max_replicas=2, **POLICY), actuator, SignalScraper("rayed"), gateway,
                              "rayed", interval_s=0.5))
         try:
             run.wait_for(lambda: run.ready() == 1, 180, "the first actor")
@@ -218,6 +219,9 @@ def test_cli_scales_from_zero_on_a_held_request_and_back_to_zero(gateway, tmp_pa
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8
         assert time.monotonic() - t0 > 1.0  # it waited in the gateway for a cold start
+        r = httpx.post(gateway + "/v1/completions", headers={"Authorization": f"Bearer {TENANT_KEY}"}, timeout=90,
+                       json={"model": "zero", "prompt": "again", "max_tokens": 32, "ignore_eos": True})
+        assert r.status_code == 200, r.text
         deadline = time.monotonic() + 60
         while admin.replicas():
             assert time.monotonic() < deadline, admin.replicas()
@@ -233,3 +237,4 @@ def test_cli_scales_from_zero_on_a_held_request_and_back_to_zero(gateway, tmp_pa
                  if line.startswith("{") and "autoscale_decision" in line]
     reasons = [d["reason"] for d in decisions if d["action"] != "none"]
     assert any("activation" in x for x in reasons) and any("scale to zero" in x for x in reasons), reasons
+    assert any(d["signals"]["request_rate"] > 0 for d in decisions)  # the replica's own metrics were read

@@ -61,7 +61,9 @@ def quantile_between(before: dict[float, float], after: dict[float, float], q: f
 
 
 class SignalScraper:
-    """Remembers each replica's previous scrape so the TTFT p95 is over the last interval only."""
+    """Remembers each replica's previous scrape so the TTFT p95 is over the last interval only. `model` is the
+    gateway's model name, for its queue gauge; a replica serves one model (under its upstream name), so its
+    metrics are taken whatever their model label."""
 
     def __init__(self, model: str | None = None, timeout_s: float = 2.0, headers: dict | None = None) -> None:
         self.model = model
@@ -73,7 +75,7 @@ class SignalScraper:
         try:
             r = self.client.get(url.rstrip("/") + "/metrics")
             r.raise_for_status()
-            now = parse(r.text, self.model)
+            now = parse(r.text)
         except (httpx.HTTPError, ValueError):
             return None
         before = self.previous.get(url)
