@@ -39,7 +39,8 @@ def sha(key: str) -> str:
 def gateway(tmp_path_factory):
     cfg = {"models": [{"name": "big", "upstream_model": "demo", "replicas": []},
                       {"name": "rayed", "upstream_model": "demo", "replicas": []},
-                      {"name": "zero", "upstream_model": "demo", "replicas": []}],
+                      {"name": "zero", "upstream_model": "demo", "replicas": []},
+                      {"name": "drain", "upstream_model": "demo", "replicas": []}],
            "tenants": [{"name": "t", "api_key_sha256": sha(TENANT_KEY), "class": "interactive",
                         "requests_per_minute": 100000, "max_concurrent": 1000}],
            "admin_api_key_sha256": sha(ADMIN_KEY), "cold_start_timeout_s": 60, "health_interval_s": 0.3}
@@ -238,3 +239,49 @@ def test_cli_scales_from_zero_on_a_held_request_and_back_to_zero(gateway, tmp_pa
     reasons = [d["reason"] for d in decisions if d["action"] != "none"]
     assert any("activation" in x for x in reasons) and any("scale to zero" in x for x in reasons), reasons
     assert any(d["signals"]["request_rate"] > 0 for d in decisions)  # the replica's own metrics were read
+
+
+def test_drain_timeout_bounds_how_long_a_busy_replica_is_kept(gateway, tmp_path):
+    """A replica chosen for removal gets no new requests; one still busy when drain_timeout_s passes is stopped
+    anyway (the timeout is what bounds a scale-down), while the drain lasts at least that long."""
+    admin = GatewayAdmin(gateway, ADMIN_KEY, "drain")
+    actuator = LocalActuator(admin, REPLICA, env={"OMP_NUM_THREADS": "1"}, drain_timeout_s=2.0)
+    replica = actuator.start()
+    try:
+        deadline = time.monotonic() + 120
+        while replica.state != "ready":
+            assert time.monotonic() < deadline and replica.handle.poll() is None
+            actuator.poll()
+            time.sleep(0.2)
+        got: dict = {}
+
+        def long_stream() -> None:
+            body = {"model": "drain", "prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            chunks = 0
+            try:
+                with httpx.stream("POST", gateway + "/v1/completions", json=body, timeout=120,
+                                  headers={"Authorization": f"Bearer {TENANT_KEY}"}) as r:
+                    for line in r.iter_lines():
+                        chunks += line.startswith("data: {")
+                        got["done"] = line == "data: [DONE]"
+            except httpx.HTTPError as e:
+                got["error"] = e
+            got["chunks"] = chunks
+
+        client = threading.Thread(target=long_stream)
+        client.start()
+        while not any(r["in_flight"] for r in admin.replicas()):
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        actuator.drain_and_stop(replica)
+        assert admin.replicas()[0]["state"] == "draining"
+        while replica.state != "stopped":
+            actuator.poll()
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        client.join(60)
+        assert 2.0 <= took < 2.0 + 5.0 + 5.0, took  # the timeout, then at most the 5 s grace (plus slack)
+        assert replica.handle.poll() is not None and admin.replicas() == []
+        assert not got.get("done") and got["chunks"] < 4000  # it really was cut: the timeout won
+    finally:
+        actuator.shutdown()

@@ -78,7 +78,8 @@ class Actuator:
     def _url(self, replica: Replica) -> str | None:
         raise NotImplementedError
 
-    def _terminate(self, replica: Replica) -> None:
+    def _terminate(self, replica: Replica, grace_s: float) -> None:
+        """SIGTERM (the server finishes what it still has), SIGKILL after grace_s."""
         raise NotImplementedError
 
     def _alive(self, replica: Replica) -> bool:
@@ -121,7 +122,8 @@ class Actuator:
                     in_flight = self.gateway.in_flight() if self.gateway else {}
                 left = in_flight.get(r.url, 0)
                 if left == 0 or time.monotonic() > r.drain_deadline:
-                    self._stop(r, "drained" if left == 0 else f"drain timeout with {left} in flight")
+                    # past the timeout the replica must go: a short grace, not the server's own drain
+                    self._stop(r, "drained" if left == 0 else f"drain timeout with {left} in flight", grace_s=5.0)
 
     def _poll_starting(self, r: Replica) -> None:
         if r.url is None:
@@ -140,13 +142,13 @@ class Actuator:
         except httpx.HTTPError:
             return False
 
-    def _stop(self, r: Replica, why: str) -> None:
+    def _stop(self, r: Replica, why: str, grace_s: float = 30.0) -> None:
         if self.gateway and r.url and r.state in ("ready", "draining"):
             try:
                 self.gateway.remove(r.url)
             except httpx.HTTPError as e:
                 log.warning("replica %s: gateway remove failed: %s", r.id, e)
-        self._terminate(r)
+        self._terminate(r, grace_s)
         r.state = "stopped"
         log.info("replica %s stopped (%s)", r.id, why)
 

@@ -43,13 +43,12 @@ class LocalActuator(Actuator):
     def _alive(self, replica: Replica) -> bool:
         return replica.handle.poll() is None
 
-    def _terminate(self, replica: Replica) -> None:
-        """SIGTERM: the server refuses new requests and finishes in-flight ones before exiting."""
+    def _terminate(self, replica: Replica, grace_s: float) -> None:
         proc: subprocess.Popen = replica.handle
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(30)
+                proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -76,11 +76,11 @@ class RayActuator(Actuator):
         except Exception:  # the actor (or its node) died
             return False
 
-    def _terminate(self, replica: Replica) -> None:
+    def _terminate(self, replica: Replica, grace_s: float) -> None:
         actor = replica.handle["actor"]
         try:
             if replica.url is not None:
-                self.ray.get(actor.stop.remote(), timeout=60)
+                self.ray.get(actor.stop.remote(grace_s), timeout=grace_s + 30)
         except Exception:
             pass
         self.ray.kill(actor)
