@@ -32,6 +32,7 @@ from conveyor.gateway.router import auto_route
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, num_prompts, prompt_text
 
 log = logging.getLogger("conveyor.gateway")
+MAX_IDEMPOTENCY_ENTRIES = 10_000  # each keeps its whole response until it expires
 access_log = logging.getLogger("conveyor.gateway.access")
 
 
@@ -137,6 +138,9 @@ class Gateway:
                 self.queues[m.name] = ModelQueue(m.name, pool, m.max_queue, cfg.shed_batch_queue_ratio,
                                                  cfg.cold_start_timeout_s)
             pool.max_in_flight = m.max_in_flight_per_replica
+            pool.breaker_failures, pool.breaker_open_s = cfg.breaker_failures, cfg.breaker_open_s  # new replicas
+            pool.health_interval_s, pool.scrape_interval_s = cfg.health_interval_s, cfg.scrape_interval_s
+            pool.affinity_max_load_ratio = cfg.affinity_max_load_ratio
             q = self.queues[m.name]
             q.max_queue, q.shed_batch_ratio, q.cold_start_timeout_s = (m.max_queue, cfg.shed_batch_queue_ratio,
                                                                        cfg.cold_start_timeout_s)
@@ -307,8 +311,11 @@ class Gateway:
 
     def _idempotent(self, tenant: TenantConfig, key: str, request_hash: str) -> Flight | None:
         now = time.monotonic()
-        for k in [k for k, e in self.idempotency.items() if e.expires < now]:
-            del self.idempotency[k]
+        while self.idempotency:  # oldest first (insertion order); bounded in count as well as time
+            first = next(iter(self.idempotency))
+            if self.idempotency[first].expires >= now and len(self.idempotency) <= MAX_IDEMPOTENCY_ENTRIES:
+                break
+            del self.idempotency[first]
         entry = self.idempotency.get((tenant.name, key))
         if entry is None:
             return None
