@@ -229,10 +229,7 @@ class Gateway:
             raise _Reject(429, "concurrency", f"too many concurrent requests (max {tenant.max_concurrent})",
                           "concurrency_limit_exceeded", {**decision.headers(), "retry-after": "1"})
         self.concurrent[tenant.name] = self.concurrent.get(tenant.name, 0) + 1  # before any await: no races
-        prompt_tokens = count_prompt_tokens(body, load_tokenizer(model.tokenizer))
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or model.default_max_tokens
-        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-        ctx.cost = prompt_tokens + int(max_tokens) * n * num_prompts(body)
+        ctx.cost = _prompt_tokens(body, model.tokenizer) + _max_tokens(body, model) * _n(body) * num_prompts(body)
         try:
             decision = await self.limiter.acquire(tenant, ctx.cost)
         except BaseException:
@@ -280,8 +277,7 @@ class Gateway:
     def _route(self, request: Request, body: dict, tenant: TenantConfig, ctx: Ctx) -> ModelConfig:
         cfg, name = self.cfg, body["model"]
         if name == "auto" and cfg.auto_route is not None:
-            small = cfg.model(cfg.auto_route.small)
-            tokens = count_prompt_tokens(body, load_tokenizer(small.tokenizer))
+            tokens = _prompt_tokens(body, cfg.model(cfg.auto_route.small).tokenizer)
             max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
 
             def overloaded(model: str) -> bool:
@@ -493,6 +489,23 @@ class _Reject(Exception):
         super().__init__(message)
         self.status, self.reason, self.message, self.code = status, reason, message, code or reason
         self.headers, self.param = headers or {}, param
+
+
+def _prompt_tokens(body: dict, tokenizer: str | None) -> int:
+    try:
+        return count_prompt_tokens(body, load_tokenizer(tokenizer))
+    except Exception:  # noqa: BLE001 - a malformed prompt: the replica answers 400; charge by size meanwhile
+        return len(json.dumps(body)) // 4
+
+
+def _max_tokens(body: dict, model: ModelConfig) -> int:
+    v = body.get("max_tokens") or body.get("max_completion_tokens")
+    return v if isinstance(v, int) and v > 0 else model.default_max_tokens
+
+
+def _n(body: dict) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 0 else 1
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
