@@ -224,6 +224,17 @@ def test_proxy_alias_headers_and_request_id(gateway):
     assert chat["reserved_tokens"] == usage.prompt_tokens + 4  # the gateway counts with the model's tokenizer
 
 
+def test_bad_requests_get_openai_errors(gateway):
+    auth = {"authorization": f"Bearer {KEYS['a']}"}
+    r = httpx.post(f"{gateway.url}/v1/completions", content=b"{not json", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{gateway.url}/v1/completions", json={"prompt": "x"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.post(f"{gateway.url}/v1/completions", json={"model": "big", "prompt": "x", "max_tokens": "many"},
+                   headers=auth)  # the replica's own validation error comes through
+    assert r.status_code == 400 and "error" in r.json() and r.headers["x-conveyor-model"] == "big"
+
+
 def test_auto_routing_by_prompt_length_and_hint(gateway):
     client = gateway.client("a")
 
