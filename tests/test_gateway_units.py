@@ -218,6 +218,25 @@ def test_queue_deadline_shedding_and_release():
     run(main())
 
 
+def test_queue_without_replicas_waits_for_cold_start_then_503():
+    async def main():
+        pool = FakePool(0)
+        pool.usable = lambda: False
+        q = ModelQueue("m", pool, max_queue=4, shed_batch_ratio=0.5, cold_start_timeout_s=0.1)
+        with pytest.raises(Rejected) as e:
+            await q.admit(Waiter("a", "interactive", 10))
+        assert e.value.status == 503 and e.value.reason == "no_replica" and len(q) == 0
+        q.cold_start_timeout_s = 30
+        waiting = asyncio.create_task(q.admit(Waiter("a", "interactive", 10)))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and len(q) == 1
+        pool.slots = 1  # a replica was added: the queue is pumped
+        pool.on_capacity()
+        assert await waiting == "replica"
+
+    run(main())
+
+
 # ---- circuit breaker and picker ----------------------------------------------------------------------------------
 def test_breaker_transitions():
     b = Breaker(failures=3, open_s=5.0)
