@@ -175,27 +175,27 @@ def simulate(trace: list[TraceRequest], profile: Profile, sim: SimConfig, policy
             nxt, arrivals = nxt + 1, arrivals + 1
         fleet.step(now)
         if step % steps_per_tick == 0:
-            timeline.append(_tick(fleet, policy, now, arrivals / sim.interval_s, state, timeline))
-            state = timeline[-1].pop("state")
+            row, state = _tick(fleet, policy, now, arrivals / sim.interval_s, state)
+            timeline.append(row)
             arrivals = 0
         if nxt == len(reqs) and not fleet.gateway and all(r.in_flight == 0 for r in fleet.live()):
             break
     return _report(reqs, fleet, sim, now, timeline)
 
 
-def _tick(fleet: Fleet, policy: PolicyConfig | None, now: float, rate: float, state: PolicyState,
-          timeline: list) -> dict:
+def _tick(fleet: Fleet, policy: PolicyConfig | None, now: float, rate: float,
+          state: PolicyState) -> tuple[dict, PolicyState]:
     live = fleet.live()
     samples = tuple(fleet.sample(r, now) for r in live if r.meta.state == "ready")
     current = sum(r.meta.state in ("starting", "ready") for r in live)
     ttfts = [s.ttft_p95_s for s in samples if s.ttft_p95_s is not None]
     row = {"t": round(now, 2), "request_rate": rate, "replicas": current,
            "ready": sum(r.meta.state == "ready" for r in live),
-           "ttft_p95_s": round(max(ttfts), 4) if ttfts else None, "state": state}
+           "ttft_p95_s": round(max(ttfts), 4) if ttfts else None}
     if policy is None:
-        return row
+        return row, state
     obs = Observation(now, current, samples, float(len(fleet.gateway)), rate)
-    decision, row["state"] = decide(policy, state, obs)
+    decision, state = decide(policy, state, obs)
     row["desired"], row["signal"] = decision.desired, decision.signal
     if decision.desired > current:
         for _ in range(decision.desired - current):
@@ -206,7 +206,7 @@ def _tick(fleet: Fleet, policy: PolicyConfig | None, now: float, rate: float, st
         in_flight = {r.meta.url: r.in_flight for r in held}
         for meta in pick_victims([r.meta for r in held], in_flight, current - decision.desired):
             fleet.stop(by_meta[id(meta)], now)
-    return row
+    return row, state
 
 
 def _report(reqs: list[SimRequest], fleet: Fleet, sim: SimConfig, end: float, timeline: list) -> dict:
