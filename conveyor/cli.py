@@ -1,4 +1,4 @@
-"""Command line: `conveyor generate` and `conveyor serve` (gateway, bench and autoscale come later)."""
+"""Command line: `conveyor generate | serve | bench | gateway | autoscale`."""
 from __future__ import annotations
 
 import argparse
