@@ -16,6 +16,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logs, ok=lambda status: status == 200) -> None:
+    """Poll url/health until ok(status); raises (with the process's logs) if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{logs()}")
+        try:
+            if ok(httpx.get(f"{url}/health", timeout=1).status_code):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become healthy:\n{logs()}")
+
+
 class ServerProcess:
     def __init__(self, *args: str, startup_timeout: float = 120.0) -> None:
         self.port = free_port()
@@ -25,18 +40,11 @@ class ServerProcess:
         self.log_path = f"/tmp/conveyor-test-server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.logs()}")
+        try:
+            wait_healthy(self.proc, self.base_url, startup_timeout, self.logs)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def logs(self) -> str:
         self._log.flush()

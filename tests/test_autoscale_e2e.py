@@ -22,7 +22,7 @@ from conveyor.autoscale.controller import Controller
 from conveyor.autoscale.local import LocalActuator
 from conveyor.autoscale.policy import PolicyConfig
 from conveyor.autoscale.signals import SignalScraper
-from server_process import free_port
+from server_process import free_port, wait_healthy
 
 ADMIN_KEY, TENANT_KEY = "admin-secret", "tenant-secret"
 REPLICA = ["--model", "demo", "--max-num-seqs", "2", "--kv-cache-memory", str(64 << 20)]
@@ -52,14 +52,7 @@ def gateway(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path), "--host",
                              "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code < 500:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, (path.parent / "gateway.log").read_text()
-        time.sleep(0.1)
+    wait_healthy(proc, url, 30, (path.parent / "gateway.log").read_text, ok=lambda status: status < 500)
     yield url
     proc.terminate()
     proc.wait(20)

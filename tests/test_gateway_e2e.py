@@ -19,7 +19,7 @@ import openai
 import pytest
 import server_process
 import yaml
-from server_process import ServerProcess, free_port
+from server_process import ServerProcess, free_port, wait_healthy
 
 KEYS = {name: f"key-{name}" for name in ("a", "b", "limited", "tokcap", "flood", "light", "deg", "late", "batchy",
                                         "solo", "patient")}
@@ -66,16 +66,7 @@ class GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", path, "--port",
                                       str(self.port)], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.logs()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway did not start:\n{self.logs()}")
+        wait_healthy(self.proc, self.url, 60, self.logs)
 
     def write(self, config: dict) -> None:
         with open(self.path, "w") as f:

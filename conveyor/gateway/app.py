@@ -465,22 +465,18 @@ class Gateway:
         return await self._admin(request, add)
 
     async def admin_drain(self, request: Request) -> Response:
-        async def drain(pool: Pool, url: str) -> Response:
-            r = pool.drain(url)
-            if r is None:
-                raise _Reject(404, "not_found", f"{url} is not a replica of {pool.model!r}", "replica_not_found")
-            log.info(json.dumps({"event": "replica_draining", "model": pool.model, "replica": url}))
-            return JSONResponse({"model": pool.model, "url": url, "in_flight": r.in_flight})
-        return await self._admin(request, drain)
+        return await self._admin(request, lambda pool, url: self._retire(pool, url, "draining", pool.drain))
 
     async def admin_remove(self, request: Request) -> Response:
-        async def remove(pool: Pool, url: str) -> Response:
-            r = pool.remove(url)
-            if r is None:
-                raise _Reject(404, "not_found", f"{url} is not a replica of {pool.model!r}", "replica_not_found")
-            log.info(json.dumps({"event": "replica_removed", "model": pool.model, "replica": url}))
-            return JSONResponse({"model": pool.model, "url": url, "in_flight": r.in_flight})
-        return await self._admin(request, remove)
+        return await self._admin(request, lambda pool, url: self._retire(pool, url, "removed", pool.remove))
+
+    async def _retire(self, pool: Pool, url: str, event: str, act) -> Response:
+        """Drain or remove a replica; its in-flight requests finish either way."""
+        r = act(url)
+        if r is None:
+            raise _Reject(404, "not_found", f"{url} is not a replica of {pool.model!r}", "replica_not_found")
+        log.info(json.dumps({"event": f"replica_{event}", "model": pool.model, "replica": url}))
+        return JSONResponse({"model": pool.model, "url": url, "in_flight": r.in_flight})
 
 
 class _Reject(Exception):
