@@ -1,6 +1,7 @@
 """Gateway configuration: YAML → validated dataclasses. Errors name the offending field (`tenants[1].class`)."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -29,6 +30,9 @@ class ModelConfig:
     max_in_flight_per_replica: int = 64  # dispatch concurrency per replica; beyond it requests queue here
     max_queue: int = 256  # bound of this model's dispatch queue
     default_max_tokens: int = 256  # reserved when a request sets no max_tokens
+    # the environment variable holding the key the replicas require (`conveyor serve` reads CONVEYOR_API_KEY);
+    # the key itself never goes in the YAML
+    upstream_api_key_env: str | None = None
     where: str = "models[?]"
 
     def __post_init__(self) -> None:
@@ -43,9 +47,17 @@ class ModelConfig:
         _require(isinstance(self.aliases, list) and all(isinstance(a, str) and a for a in self.aliases),
                  f"{w}.aliases", "must be a list of names")
         self.upstream_model = self.upstream_model or self.name
+        _require(self.upstream_api_key_env is None or (isinstance(self.upstream_api_key_env, str)
+                                                       and bool(os.environ.get(self.upstream_api_key_env))),
+                 f"{w}.upstream_api_key_env", "must name an environment variable that holds the replicas' API key")
         for name in ("max_in_flight_per_replica", "max_queue", "default_max_tokens"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 1, f"{w}.{name}", "must be an integer >= 1")
+
+    @property
+    def upstream_api_key(self) -> str | None:
+        """The key sent to this model's replicas as `Authorization: Bearer`, read from the environment."""
+        return os.environ.get(self.upstream_api_key_env) if self.upstream_api_key_env else None
 
 
 @dataclass
