@@ -32,11 +32,11 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logs, ok=lamb
 
 
 class ServerProcess:
-    def __init__(self, *args: str, startup_timeout: float = 120.0) -> None:
+    def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--port", str(self.port), *args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # tiny models: one thread each
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))  # tiny models: 1 thread
         self.log_path = f"/tmp/conveyor-test-server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from conveyor.gateway.admission import ModelQueue, Waiter
-from conveyor.gateway.auth import bearer_key, find_tenant, key_matches
+from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
 from conveyor.gateway.config import ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
@@ -46,6 +46,7 @@ class Ctx:
     cost: int = 0
     charged: bool = False  # holds a token reservation and a concurrency slot
     joined: str | None = None  # "coalesced" | "idempotent"
+    deadline: float | None = None  # monotonic; this client's own, while its flight is queued
     headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -138,6 +139,7 @@ class Gateway:
                 self.queues[m.name] = ModelQueue(m.name, pool, m.max_queue, cfg.shed_batch_queue_ratio,
                                                  cfg.cold_start_timeout_s)
             pool.max_in_flight = m.max_in_flight_per_replica
+            pool.headers = _upstream_headers(m)
             pool.breaker_failures, pool.breaker_open_s = cfg.breaker_failures, cfg.breaker_open_s  # new replicas
             pool.health_interval_s, pool.scrape_interval_s = cfg.health_interval_s, cfg.scrape_interval_s
             pool.affinity_max_load_ratio = cfg.affinity_max_load_ratio
@@ -209,13 +211,17 @@ class Gateway:
         # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
         deterministic = body.get("temperature") == 0 or body.get("seed") is not None
         coalescable = deterministic and not any(body.get(k) for k in ("logprobs", "top_logprobs", "echo"))
-        upstream = dict(body, model=model.upstream_model)
+        client_salt = body.get("cache_salt")
+        if client_salt is not None and not isinstance(client_salt, str):
+            raise _Reject(400, "bad_request", "cache_salt must be a string", param="cache_salt")
+        salt = tenant_cache_salt(tenant.name, client_salt)  # prefix-cache hits only within this tenant
+        upstream = dict(body, model=model.upstream_model, cache_salt=salt)
         if stream or coalescable:
             upstream.update(stream=True, stream_options={"include_usage": True})  # usage settles the tokens
         content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options")}
         request_hash = _hash({"path": path, "model": model.name, "body": content, "stream": stream})
-        coalesce_key = _hash({"path": path, "model": model.name, "body": content})
-        deadline = self._deadline(request, tenant)
+        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": content})
+        ctx.deadline = self._deadline(request, tenant)
 
         idem = request.headers.get("idempotency-key")
         if idem and (flight := self._idempotent(tenant, idem, request_hash)) is not None:
@@ -246,9 +252,10 @@ class Gateway:
             self.metrics.coalesced.labels(model.name).inc()
             ctx.joined = "coalesced"
         else:
-            flight = self._start(model, tenant, path, upstream, bool(upstream.get("stream")), ctx, deadline,
-                                 affinity_key(prompt_text(body) + str(body.get("cache_salt") or ""),
-                                              cfg.affinity_prefix_chars))
+            # a shared flight has no one client's deadline: each client keeps its own (see _respond)
+            flight = self._start(model, tenant, path, upstream, bool(upstream.get("stream")), ctx,
+                                 None if coalescable else ctx.deadline,
+                                 affinity_key(prompt_text(body), cfg.affinity_prefix_chars, salt))
             if coalescable:
                 self.coalescing[coalesce_key] = flight
                 flight.task.add_done_callback(lambda _t, k=coalesce_key, f=flight: self.coalescing.pop(k, None)
@@ -329,7 +336,7 @@ class Gateway:
         flight = Flight(stream)
         waiter = Waiter(tenant.name, tenant.cls, ctx.cost, tenant.weight, affinity, deadline)
         call = Call(model.name, tenant.cls, self.queues[model.name], path, json.dumps(upstream).encode(), waiter,
-                    ctx.rid, stream)
+                    ctx.rid, stream, _upstream_headers(model))
         flight.task = asyncio.create_task(self.forwarder.run(flight, call))
         return flight
 
@@ -346,15 +353,21 @@ class Gateway:
         assert flight.stream or not stream
         flight.subscribe()
         try:
-            reached = await _until_disconnect(request, flight.head() if stream else flight.wait_done())
+            reached = await _until_disconnect(request, _client_wait(ctx, flight, stream))
         except BaseException:
             flight.unsubscribe()
             self._settle(ctx, flight, 499)
             raise
-        if not reached:
+        if reached is not True:  # this client leaves; the flight goes on while it has other clients
             flight.unsubscribe()
-            self._settle(ctx, flight, 499)
-            return Response(status_code=499)
+            if reached is None:
+                self._settle(ctx, flight, 499)
+                return Response(status_code=499)
+            self.metrics.rejections.labels(ctx.model, ctx.tenant_class, "deadline").inc()
+            self._settle(ctx, flight, 408)
+            return JSONResponse(json.loads(error_body(408, "the request's deadline passed while it was queued",
+                                                      "deadline")), status_code=408,
+                                headers={**ctx.headers, "x-request-id": ctx.rid, "x-conveyor-model": ctx.model})
         status = flight.status or 502
         headers = {**ctx.headers, **flight.headers, **self._info_headers(ctx, flight)}
         if stream and status == 200:
@@ -381,7 +394,7 @@ class Gateway:
         if flight.queue_ms is not None:
             h["x-conveyor-queue-time-ms"] = f"{flight.queue_ms:.2f}" if ctx.joined is None else "0"
         if flight.replica:
-            h["x-conveyor-replica"] = flight.replica
+            h["x-conveyor-replica"] = replica_label(flight.replica)
         if ctx.joined:
             h["x-conveyor-joined"] = ctx.joined
         return h
@@ -445,7 +458,8 @@ class Gateway:
         except _Reject as e:
             return self._reject(Ctx(rid=uuid.uuid4().hex, started=time.monotonic()), e)
         now = time.monotonic()
-        return JSONResponse({"models": {name: [{"url": r.url, "state": r.state(now), "in_flight": r.in_flight}
+        return JSONResponse({"models": {name: [{"url": r.url, "label": replica_label(r.url), "state": r.state(now),
+                                                "in_flight": r.in_flight}
                                                for r in pool.replicas.values()]
                                         for name, pool in self.pools.items()}})
 
@@ -487,6 +501,11 @@ class _Reject(Exception):
         self.headers, self.param = headers or {}, param
 
 
+def _upstream_headers(model: ModelConfig) -> dict[str, str]:
+    key = model.upstream_api_key
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def _prompt_tokens(body: dict, tokenizer: str | None) -> int:
     try:
         return count_prompt_tokens(body, load_tokenizer(tokenizer))
@@ -512,8 +531,20 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-async def _until_disconnect(request: Request, aw) -> bool:
-    """Await aw unless the client disconnects first (then aw is cancelled and False returned)."""
+async def _client_wait(ctx: Ctx, flight: Flight, stream: bool) -> bool:
+    """Wait until the flight has what this client needs (its first event, or the whole response); False when this
+    client's own deadline passed while the flight was still queued. Coalesced clients each keep their own deadline."""
+    if ctx.deadline is not None and not flight.dispatched.is_set():
+        try:
+            await asyncio.wait_for(flight.dispatched.wait(), max(0.0, ctx.deadline - time.monotonic()))
+        except TimeoutError:
+            return False
+    await (flight.head() if stream else flight.wait_done())
+    return True
+
+
+async def _until_disconnect(request: Request, aw):
+    """aw's result, unless the client disconnects first (then aw is cancelled and None returned)."""
     task = asyncio.ensure_future(aw)
     gone = asyncio.create_task(_wait_disconnect(request))
     try:
@@ -522,7 +553,7 @@ async def _until_disconnect(request: Request, aw) -> bool:
         if not task.done():
             task.cancel()
         gone.cancel()
-    return task.done() and not task.cancelled()
+    return task.result() if task.done() and not task.cancelled() else None
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -1,8 +1,10 @@
-"""API keys → tenants. Only sha256 hashes of keys are stored; hashes are compared in constant time."""
+"""API keys → tenants (only sha256 hashes of keys are stored; hashes are compared in constant time), and what keeps
+tenants apart upstream: per-tenant prefix-cache salts and opaque replica names."""
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 from conveyor.gateway.config import TenantConfig
 
@@ -33,3 +35,16 @@ def find_tenant(authorization: str | None, tenants: list[TenantConfig]) -> Tenan
         if hmac.compare_digest(digest, t.api_key_sha256):
             found = t
     return found
+
+
+def tenant_cache_salt(tenant: str, client_salt: str | None) -> str:
+    """The cache_salt the gateway sends upstream: derived from the tenant, so replicas share cached prefix blocks
+    only within one tenant. A client's own salt narrows sharing further (to requests with the same salt); it can
+    never reach another tenant's blocks, because the tenant part is not the client's to choose. 64 hex digits."""
+    material = json.dumps(["conveyor-cache-salt-v1", tenant, client_salt])  # ASCII: lone surrogates are escaped
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def replica_label(url: str) -> str:
+    """The opaque name a client sees for a replica (`x-conveyor-replica`): stable, but no internal address."""
+    return "r-" + hashlib.sha256(url.encode()).hexdigest()[:12]

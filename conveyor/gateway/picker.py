@@ -87,10 +87,13 @@ class Replica:
         return load
 
 
-def affinity_key(text: str, prefix_chars: int) -> str | None:
+def affinity_key(text: str, prefix_chars: int, salt: str = "") -> str | None:
+    """The routing key of a prompt whose first `prefix_chars` characters a replica may have cached, or None for a
+    shorter prompt. Only prompts with the same cache salt share cached blocks, so the salt is part of the key."""
     if prefix_chars <= 0 or len(text) < prefix_chars:
         return None
-    return hashlib.sha256(text[:prefix_chars].encode()).hexdigest()[:32]
+    h = hashlib.sha256(salt.encode() + b"\0" + text[:prefix_chars].encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:32]
 
 
 class Pool:
@@ -105,6 +108,7 @@ class Pool:
         self.tasks: dict[str, asyncio.Task] = {}
         self.affinity: OrderedDict[str, str] = OrderedDict()
         self.on_capacity: Callable[[], None] = lambda: None
+        self.headers: dict[str, str] = {}  # the replicas' credentials, for health checks and scrapes
 
     # ---- membership (config, SIGHUP reload, admin API) -----------------------------------------------------------
     def add(self, url: str, source: str = "config") -> Replica:
@@ -204,7 +208,7 @@ class Pool:
 
     async def _check_health(self, r: Replica) -> None:
         try:
-            ok = (await self.client.get(f"{r.url}/health", timeout=1.0)).status_code == 200
+            ok = (await self.client.get(f"{r.url}/health", timeout=1.0, headers=self.headers)).status_code == 200
         except httpx.HTTPError:
             ok = False
         now = time.monotonic()
@@ -220,7 +224,7 @@ class Pool:
 
     async def _scrape(self, r: Replica) -> None:
         try:
-            text = (await self.client.get(f"{r.url}/metrics", timeout=1.0)).text
+            text = (await self.client.get(f"{r.url}/metrics", timeout=1.0, headers=self.headers)).text
         except httpx.HTTPError:
             return
         values: dict[str, float] = {}

@@ -69,6 +69,7 @@ class Flight:
         self.saw_done = False
         self.cut = False  # an upstream failure after the first event: ended with an error event
         self.queue_ms: float | None = None
+        self.dispatched = asyncio.Event()  # it left the dispatch queue (to a replica, or rejected)
         self.replica: str | None = None
         self.retries = 0
         self.subscribers = 0
@@ -107,6 +108,7 @@ class Flight:
                 except ValueError:
                     pass
         self.done = True
+        self.dispatched.set()
         self._notify()
 
     async def head(self) -> int:
@@ -157,6 +159,7 @@ class Call:
     waiter: Waiter
     request_id: str
     stream: bool
+    headers: dict[str, str]  # the replicas' credentials, if they require them
 
 
 class Forwarder:
@@ -174,6 +177,7 @@ class Forwarder:
                 flight.finish(e.status, error_body(e.status, e.message, e.reason), headers)
                 return
             flight.queue_ms = (time.monotonic() - call.waiter.enqueued) * 1000
+            flight.dispatched.set()
             m.queue_time.labels(call.model, call.tenant_class).observe(flight.queue_ms / 1000)
             t0 = time.monotonic()
             try:
@@ -220,7 +224,7 @@ class Forwarder:
         self.metrics.upstream_requests.labels(call.model).inc()
         req = self.client.build_request("POST", replica.url + call.path, content=call.body,
                                         headers={"content-type": "application/json",
-                                                 "x-request-id": call.request_id})
+                                                 "x-request-id": call.request_id, **call.headers})
         try:
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as e:
