@@ -199,12 +199,12 @@ def test_cli_scales_from_zero_on_a_held_request_and_back_to_zero(gateway, tmp_pa
     """`conveyor autoscale` as users run it: no replica until a request waits in the gateway, then one, then none
     after the idle timeout; decisions on stdout as JSON lines and on its /metrics; SIGTERM stops it cleanly."""
     metrics_port = free_port()
-    cmd = [sys.executable, "-m", "conveyor.cli", "autoscale", "--gateway", gateway, "--admin-key", ADMIN_KEY,
+    cmd = [sys.executable, "-m", "conveyor.cli", "autoscale", "--gateway", gateway,
            "--model", "zero", "--actuator", "local", "--serve-args", " ".join(REPLICA), "--interval", "0.5",
            "--min-replicas", "0", "--scale-to-zero-after-s", "4", "--scale-down-window-s", "2",
            "--scale-down-cooldown-s", "1", "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", CONVEYOR_ADMIN_KEY=ADMIN_KEY))
     admin = GatewayAdmin(gateway, ADMIN_KEY, "zero")
     try:
         time.sleep(3)

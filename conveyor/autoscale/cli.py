@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -32,7 +33,8 @@ def policy_config(a: argparse.Namespace):
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway", help="the gateway's base URL, e.g. http://127.0.0.1:9000")
-    p.add_argument("--admin-key", help="the gateway's admin API key")
+    p.add_argument("--admin-key", default=os.environ.get("CONVEYOR_ADMIN_KEY"),
+                   help="the gateway's admin API key (default: $CONVEYOR_ADMIN_KEY, which keeps it out of `ps`)")
     p.add_argument("--model", help="the gateway model whose replica pool this scales")
     p.add_argument("--actuator", default="local", choices=["local", "ray"])
     p.add_argument("--serve-args", default="--model demo",
@@ -145,7 +147,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from conveyor.server.logs import setup_json_logging
 
     if not (a.gateway and a.admin_key and a.model):
-        print("error: --gateway, --admin-key and --model are required (or use `autoscale simulate`)",
+        print("error: --gateway, --admin-key (or CONVEYOR_ADMIN_KEY) and --model are required "
+              "(or use `autoscale simulate`)",
               file=sys.stderr)
         return 2
     try:

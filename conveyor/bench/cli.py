@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import sys
 
 
@@ -44,7 +45,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=_positive_int, default=None, help="override the workload's mean output tokens")
     p.add_argument("--max-model-len", type=_positive_int, default=None,
                    help="clip prompt + output to this (default: the server's max_model_len from /v1/models)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY, which keeps it out of `ps`)")
     p.add_argument("--metrics-interval", type=_positive_float, default=1.0, help="seconds between /metrics scrapes")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
