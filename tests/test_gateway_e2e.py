@@ -665,4 +665,4 @@ def test_cli_rejects_a_bad_config_naming_the_field(tmp_path):
     out = subprocess.run([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "tenants[0].class: must be one of interactive, batch" in out.stderr
+    assert "tenants[0].class: Input should be 'interactive' or 'batch'" in out.stderr

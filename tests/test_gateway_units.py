@@ -348,7 +348,9 @@ def test_find_tenant_by_key_hash():
     ({"auto_route": {"small": "nope", "large": "m"}}, "auto_route.small"),
     ({"redis_url": "http://x"}, "redis_url"),
     ({"cold_start_timeout_s": -1}, "cold_start_timeout_s"),
-    ({"bogus": 1}, "config.bogus"),
+    ({"bogus": 1}, "bogus"),
+    ({"shed_batch_queue_ratio": "x"}, "shed_batch_queue_ratio"),  # a wrong type is not "missing"
+    ({"ratelimit_on_redis_error": "maybe"}, "ratelimit_on_redis_error"),
 ])
 def test_config_errors_name_the_field(patch, field):
     raw = {"models": [{"name": "m"}], "tenants": [{"name": "a", "api_key_sha256": H}], **patch}
