@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +28,10 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from server_process import GatewayProcess, ServerProcess, free_port, wait_healthy  # noqa: E402
+
 KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the fake upstream -------------------------------------------------------------------------------------------
@@ -80,20 +76,18 @@ def run_fake_upstream(port: int, chunks: int) -> None:
 
 
 # ---- processes -----------------------------------------------------------------------------------------------------
-def spawn(args: list[str], health: str, log: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args} exited; see {log}")
-        try:
-            if httpx.get(health, timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{args} did not start; see {log}")
+def start_fake_upstream(chunks: int, log: str) -> tuple[subprocess.Popen, str]:
+    """This script as the fake upstream on a free port: (its process, its URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, __file__, "--fake-upstream", str(port), "--chunks", str(chunks)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, url, 60, lambda: open(log).read())
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
 
 
 # ---- load --------------------------------------------------------------------------------------------------------
@@ -170,23 +164,20 @@ def main() -> int:
         return 0
 
     tmp = tempfile.mkdtemp(prefix="gw-bench-")
-    fake_port, demo_port, gw_port = free_port(), free_port(), free_port()
-    fake, demo, gw = (f"http://127.0.0.1:{p}" for p in (fake_port, demo_port, gw_port))
-    cfg = {"models": [{"name": "fake", "replicas": [fake], "max_in_flight_per_replica": 4096, "max_queue": 4096},
-                      {"name": "demo", "replicas": [demo], "tokenizer": "demo"}],
-           "tenants": [{"name": "bench", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
-                        "requests_per_minute": 1e9, "tokens_per_minute": 1e12, "max_concurrent": 100_000}]}
-    cfg_path = os.path.join(tmp, "gateway.yaml")
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)  # JSON is YAML
-    procs = []
+    fake_proc, servers = None, []
     try:
-        procs.append(spawn([sys.executable, __file__, "--fake-upstream", str(fake_port), "--chunks", str(a.chunks)],
-                           fake + "/health", os.path.join(tmp, "fake.log")))
-        procs.append(spawn([sys.executable, "-m", "conveyor.cli", "serve", "--model", "demo", "--port",
-                            str(demo_port)], demo + "/health", os.path.join(tmp, "demo.log")))
-        procs.append(spawn([sys.executable, "-m", "conveyor.cli", "gateway", "--config", cfg_path, "--port",
-                            str(gw_port), "--log-level", "warning"], gw + "/health", os.path.join(tmp, "gw.log")))
+        fake_proc, fake = start_fake_upstream(a.chunks, os.path.join(tmp, "fake.log"))
+        servers.append(ServerProcess("--model", "demo"))
+        demo = servers[0].base_url
+        cfg = {"models": [{"name": "fake", "replicas": [fake], "max_in_flight_per_replica": 4096, "max_queue": 4096},
+                          {"name": "demo", "replicas": [demo], "tokenizer": "demo"}],
+               "tenants": [{"name": "bench", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+                            "requests_per_minute": 1e9, "tokens_per_minute": 1e12, "max_concurrent": 100_000}]}
+        cfg_path = os.path.join(tmp, "gateway.yaml")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)  # JSON is YAML
+        servers.append(GatewayProcess(cfg_path, "--log-level", "warning"))
+        gw = servers[1].base_url
         time.sleep(1.5)  # first health checks of the gateway's pools
         auth = {"authorization": f"Bearer {KEY}"}
         rows = []
@@ -198,9 +189,11 @@ def main() -> int:
             rps_direct, rps_via = alternating_throughput(base, gw, model, conc, a.seconds, max_tokens, auth)
             rows.append((label, direct, via, paired, conc, rps_direct, rps_via))
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
+        for server in servers:
+            server.stop()
+        if fake_proc is not None:
+            fake_proc.terminate()
+            fake_proc.wait(10)
 
     print(f"# gateway overhead: {a.requests} sequential streamed requests each way, direct and gateway alternating; "
           f"closed loops of {a.seconds:.0f}s each way in alternating windows")

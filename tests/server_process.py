@@ -32,17 +32,22 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logs, ok=lamb
 
 
 class ServerProcess:
+    """`conveyor serve ARGS` on a free loopback port, its output in a log file; `env` is added to the environment
+    (secrets go there, not into ARGS, so they stay out of `ps`)."""
+
+    command = "serve"
+
     def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "conveyor.cli", self.command, "--port", str(self.port), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))  # tiny models: 1 thread
-        self.log_path = f"/tmp/conveyor-test-server-{self.port}.log"
+        self.log_path = f"/tmp/conveyor-test-{self.command}-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_healthy(self.proc, self.base_url, startup_timeout, self.logs)
-        except RuntimeError:
+        except BaseException:  # also Ctrl-C while waiting: never leave the process behind
             self.stop()
             raise
 
@@ -68,3 +73,13 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class GatewayProcess(ServerProcess):
+    """`conveyor gateway --config CONFIG_PATH ARGS` on a free loopback port (healthy once it answers /health)."""
+
+    command = "gateway"
+
+    def __init__(self, config_path: str, *args: str, startup_timeout: float = 60.0,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__("--config", config_path, *args, startup_timeout=startup_timeout, env=env)
