@@ -136,8 +136,11 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from conveyor.http_limits import header_timeout_protocol
+
+    http = header_timeout_protocol(gateway.cfg.client_read_timeout_s, gateway.client_timed_out)
     uvicorn.run(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False, log_level=a.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=http)
     return 0
 
 

@@ -222,7 +222,10 @@ def test_bad_requests_get_openai_errors(gateway):
     r = httpx.post(f"{gateway.url}/v1/completions", json={"prompt": "x"}, headers=auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = httpx.post(f"{gateway.url}/v1/completions", json={"model": "big", "prompt": "x", "max_tokens": "many"},
-                   headers=auth)  # the replica's own validation error comes through
+                   headers=auth)  # a field the gateway reads: checked by the gateway
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(f"{gateway.url}/v1/completions", json={"model": "big", "prompt": "x", "top_p": "most"},
+                   headers=auth)  # a field only the replica reads: the replica's own validation error comes through
     assert r.status_code == 400 and "error" in r.json() and r.headers["x-conveyor-model"] == "big"
 
 

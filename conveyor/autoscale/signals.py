@@ -5,9 +5,9 @@ import math
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.autoscale.policy import ReplicaSample
+from conveyor.prometheus_text import samples
 
 GAUGES = {"conveyor_requests_waiting": "waiting", "conveyor_prefill_backlog_tokens": "prefill_backlog_tokens",
           "conveyor_slots_used_ratio": "slots_used_ratio", "conveyor_kv_cache_usage_ratio": "kv_cache_usage_ratio",
@@ -28,17 +28,16 @@ def parse(text: str, model: str | None = None) -> Scrape:
     """The policy's gauges, the TTFT histogram buckets and the finished-request counter, for one model (None:
     summed over models)."""
     out = Scrape()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if model is not None and s.labels.get("model", model) != model:
-                continue
-            if s.name in GAUGES:
-                out.gauges[GAUGES[s.name]] = out.gauges.get(GAUGES[s.name], 0.0) + s.value
-            elif s.name == TTFT + "_bucket":
-                le = float(s.labels["le"])
-                out.ttft_buckets[le] = out.ttft_buckets.get(le, 0.0) + s.value
-            elif s.name == FINISHED:
-                out.finished += s.value
+    for s in samples(text):
+        if model is not None and s.labels.get("model", model) != model:
+            continue
+        if s.name in GAUGES:
+            out.gauges[GAUGES[s.name]] = out.gauges.get(GAUGES[s.name], 0.0) + s.value
+        elif s.name == TTFT + "_bucket":
+            le = float(s.labels["le"])
+            out.ttft_buckets[le] = out.ttft_buckets.get(le, 0.0) + s.value
+        elif s.name == FINISHED:
+            out.finished += s.value
     return out
 
 
@@ -97,12 +96,11 @@ class SignalScraper:
             r.raise_for_status()
         except httpx.HTTPError:
             return 0.0
-        total = 0.0
-        for family in text_string_to_metric_families(r.text):
-            for s in family.samples:
-                if s.name == QUEUED and (self.model is None or s.labels.get("model") == self.model):
-                    total += s.value
-        return total
+        try:
+            return sum(s.value for s in samples(r.text)
+                       if s.name == QUEUED and (self.model is None or s.labels.get("model") == self.model))
+        except ValueError:
+            return 0.0
 
     def forget(self, keep: set[str]) -> None:
         self.previous = {u: s for u, s in self.previous.items() if u in keep}

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from conveyor.prometheus_text import sum_by_name
 
 GAUGES = ("conveyor_requests_running", "conveyor_requests_waiting", "conveyor_slots_used_ratio",
           "conveyor_kv_cache_usage_ratio")
@@ -30,12 +31,7 @@ class MetricsSeries:
 
 def parse_gauges(text: str, names: tuple[str, ...] = GAUGES) -> dict[str, float]:
     """The named gauges from Prometheus text, each summed over its label sets (one per model)."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in names:
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
+    return sum_by_name(text, names)
 
 
 async def scrape_once(client: httpx.AsyncClient, url: str, series: MetricsSeries, t0: float) -> None:

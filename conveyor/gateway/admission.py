@@ -119,6 +119,7 @@ class ModelQueue:
                                    retry_after_s=5)
                 wait = 0.5 if w.deadline is None else min(0.5, w.deadline - now)
                 await asyncio.wait([w.future], timeout=max(wait, 0.001))
+                self.pump()  # a backstop: capacity events (breaker closed, replica added) also pump at once
             return w.future.result()
         except BaseException:
             if w.future.done() and not w.future.cancelled():

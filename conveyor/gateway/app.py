@@ -1,8 +1,12 @@
 """The gateway's HTTP app: OpenAI endpoints in front of replica pools, /health, /metrics, the admin API.
 
-One request: auth → parse → route → idempotency → concurrency cap → rate limits → coalesce or start a Flight
-(dispatch queue → replica → response) → answer the client (JSON, or SSE as events arrive) → settle the token
-reservation with the actual usage.
+One request: auth → concurrency slot → read the body (bounded in size and time) → parse and check it (off the
+event loop) → route → idempotency → count tokens (off the event loop) → rate limits → coalesce or start a Flight
+(dispatch queue → replica → response) → answer the client (JSON, or SSE as events arrive) → settle: the slot is
+freed and the token reservation settled by the actual usage, exactly once whichever way the request ends.
+
+Every error is OpenAI's error JSON with an access-log line and a metric, including unknown routes and methods, and
+an unexpected exception (logged with its traceback, answered 500).
 """
 from __future__ import annotations
 
@@ -11,29 +15,37 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import re
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
+from conveyor.gateway.body import BodyError, Parsed, parse_body
 from conveyor.gateway.config import ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config
+from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
-from conveyor.gateway.proxy import Call, Flight, Forwarder, assemble, error_body
+from conveyor.gateway.proxy import Call, Flight, Forwarder, assemble, error_body, total_tokens
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
-from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, num_prompts, prompt_text
+from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer
+from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body
 
 log = logging.getLogger("conveyor.gateway")
-MAX_IDEMPOTENCY_ENTRIES = 10_000  # each keeps its whole response until it expires
 access_log = logging.getLogger("conveyor.gateway.access")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: it goes upstream as a header and into logs
 
 
 @dataclass
@@ -44,7 +56,8 @@ class Ctx:
     tenant: TenantConfig | None = None
     model: str = "unknown"
     cost: int = 0
-    charged: bool = False  # holds a token reservation and a concurrency slot
+    slot: bool = False  # holds one of its tenant's max_concurrent slots
+    reserved: bool = False  # holds a reservation of `cost` tokens in the rate limiter
     joined: str | None = None  # "coalesced" | "idempotent"
     deadline: float | None = None  # monotonic; this client's own, while its flight is queued
     headers: dict[str, str] = field(default_factory=dict)
@@ -52,13 +65,6 @@ class Ctx:
     @property
     def tenant_class(self) -> str:
         return self.tenant.cls if self.tenant else "none"
-
-
-@dataclass
-class IdempotencyEntry:
-    request_hash: str
-    flight: Flight
-    expires: float
 
 
 class Gateway:
@@ -72,15 +78,19 @@ class Gateway:
         self.limiter = self._limiter(cfg)
         self.pools: dict[str, Pool] = {}
         self.queues: dict[str, ModelQueue] = {}
-        self.concurrent: dict[str, int] = {}
+        self.concurrent: dict[str, int] = {}  # tenant → slots held
         self.coalescing: dict[str, Flight] = {}
-        self.idempotency: dict[tuple[str, str], IdempotencyEntry] = {}
+        self.idempotency = IdempotencyCache(cfg.idempotency_window_s, cfg.idempotency_max_entries,
+                                            cfg.idempotency_max_bytes)
+        self.cpu = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="gateway-cpu")  # parse, tokenize
         self.background: set[asyncio.Task] = set()
         self.app = self._build_app()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         app = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(StarletteHTTPException, self._on_http_error)
+        app.add_exception_handler(Exception, self._on_unexpected)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
@@ -107,10 +117,13 @@ class Gateway:
             await pool.close()
         await self.limiter.close()
         await self.client.aclose()
+        self.cpu.shutdown(wait=False, cancel_futures=True)
 
-    @staticmethod
-    def _limiter(cfg: GatewayConfig):
-        return RedisLimiter(cfg.redis_url) if cfg.redis_url else MemoryLimiter()
+    def _limiter(self, cfg: GatewayConfig):
+        if not cfg.redis_url:
+            return MemoryLimiter()
+        return RedisLimiter(cfg.redis_url, on_error=cfg.ratelimit_on_redis_error,
+                            on_fallback=lambda op: self.metrics.ratelimit_fallbacks.labels(op).inc())
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file. In-flight and queued requests are untouched; a bad file is ignored."""
@@ -119,7 +132,7 @@ class Gateway:
         except (OSError, ConfigError) as e:
             log.error(json.dumps({"event": "config_reload_failed", "error": str(e)}))
             return
-        if cfg.redis_url != self.cfg.redis_url:
+        if (cfg.redis_url, cfg.ratelimit_on_redis_error) != (self.cfg.redis_url, self.cfg.ratelimit_on_redis_error):
             old, self.limiter = self.limiter, self._limiter(cfg)
             self._spawn(old.close())
         self.apply(cfg)
@@ -129,6 +142,9 @@ class Gateway:
     def apply(self, cfg: GatewayConfig) -> None:
         """Make pools and queues match cfg. Replicas added through the admin API are kept."""
         self.cfg = self.forwarder.cfg = cfg
+        ic = self.idempotency
+        ic.window_s, ic.max_entries, ic.max_bytes = (cfg.idempotency_window_s, cfg.idempotency_max_entries,
+                                                     cfg.idempotency_max_bytes)
         for m in cfg.models:
             pool = self.pools.get(m.name)
             if pool is None:
@@ -176,7 +192,8 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         if find_tenant(request.headers.get("authorization"), self.cfg.tenants) is None:
-            return _error(401, "invalid or missing API key", "invalid_api_key")
+            return self._reject(Ctx(rid=uuid.uuid4().hex, started=time.monotonic()),
+                                _Reject(401, "auth", "invalid or missing API key", "invalid_api_key"))
         names = [n for m in self.cfg.models for n in (m.name, *m.aliases)]
         if self.cfg.auto_route is not None:
             names.append("auto")
@@ -191,61 +208,59 @@ class Gateway:
         return await self.proxy(request, "/v1/chat/completions")
 
     async def proxy(self, request: Request, path: str) -> Response:
-        ctx = Ctx(rid=request.headers.get("x-request-id") or uuid.uuid4().hex, started=time.monotonic())
+        ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
         try:
             return await self._proxy(request, path, ctx)
         except _Reject as e:
+            self._release(ctx, 0)
             return self._reject(ctx, e)
+        except Exception as e:  # a bug: never a leaked slot, never a plain-text 500
+            self._release(ctx, 0)
+            return self._internal_error(ctx, e)
+        except BaseException:  # cancelled: nothing to answer, but the slot and the reservation go back
+            self._release(ctx, 0)
+            raise
 
     async def _proxy(self, request: Request, path: str, ctx: Ctx) -> Response:
+        """Raises _Reject for every refusal; whatever it raises, proxy() frees what ctx holds."""
         cfg = self.cfg
+        rid = request.headers.get("x-request-id")
+        if rid is not None and not _REQUEST_ID.fullmatch(rid):
+            raise _Reject(400, "bad_request", "X-Request-Id must be 1-128 visible ASCII characters",
+                          "invalid_request_id")
+        ctx.rid = rid or ctx.rid
         ctx.tenant = tenant = find_tenant(request.headers.get("authorization"), cfg.tenants)
         if tenant is None:
             raise _Reject(401, "auth", "invalid or missing API key", "invalid_api_key")
-        body = await self._body(request)
-        model = self._route(request, body, tenant, ctx)
+        await self._take_slot(ctx, tenant)  # before any CPU is spent on the body: bounds each tenant's share
+        parsed = await self._parse(request, path)
+        body = parsed.body
+        model = await self._route(request, parsed, tenant)
         ctx.model = model.name
-        stream = bool(body.get("stream"))
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        stream, include_usage, coalescable = parsed.stream, parsed.include_usage, parsed.coalescable
         # identical deterministic requests share one generation, streamed upstream so that streaming and
         # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
-        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
-        coalescable = deterministic and not any(body.get(k) for k in ("logprobs", "top_logprobs", "echo"))
-        client_salt = body.get("cache_salt")
-        if client_salt is not None and not isinstance(client_salt, str):
-            raise _Reject(400, "bad_request", "cache_salt must be a string", param="cache_salt")
-        salt = tenant_cache_salt(tenant.name, client_salt)  # prefix-cache hits only within this tenant
+        salt = tenant_cache_salt(tenant.name, parsed.cache_salt)  # prefix-cache hits only within this tenant
         upstream = dict(body, model=model.upstream_model, cache_salt=salt)
         if stream or coalescable:
             upstream.update(stream=True, stream_options={"include_usage": True})  # usage settles the tokens
-        content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options")}
-        request_hash = _hash({"path": path, "model": model.name, "body": content, "stream": stream})
-        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": content})
+        request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": stream})
+        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": parsed.digest})
         ctx.deadline = self._deadline(request, tenant)
 
         idem = request.headers.get("idempotency-key")
+        if idem is not None and not 1 <= len(idem) <= 255:
+            raise _Reject(400, "bad_request", "Idempotency-Key must be 1-255 characters", "invalid_idempotency_key")
         if idem and (flight := self._idempotent(tenant, idem, request_hash)) is not None:
             self.metrics.idempotent_replays.labels(model.name).inc()
             ctx.joined = "idempotent"
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
             return await self._respond(request, ctx, flight, stream, include_usage, path)
 
-        if self.concurrent.get(tenant.name, 0) >= tenant.max_concurrent:
-            decision = await self.limiter.acquire(tenant, 0, take=False)
-            raise _Reject(429, "concurrency", f"too many concurrent requests (max {tenant.max_concurrent})",
-                          "concurrency_limit_exceeded", {**decision.headers(), "retry-after": "1"})
-        self.concurrent[tenant.name] = self.concurrent.get(tenant.name, 0) + 1  # before any await: no races
-        ctx.cost = _prompt_tokens(body, model.tokenizer) + _max_tokens(body, model) * _n(body) * num_prompts(body)
-        try:
-            decision = await self.limiter.acquire(tenant, ctx.cost)
-        except BaseException:
-            self.concurrent[tenant.name] -= 1
-            raise
-        ctx.headers = decision.headers()
-        if not decision.allowed:
-            self.concurrent[tenant.name] -= 1
-            raise self._rate_limited(decision)
-        ctx.charged = True  # holds a reservation and the concurrency slot until _settle
+        prompt_tokens = await self._count(parsed, model.tokenizer)
+        await self._reserve(ctx, tenant, prompt_tokens + (parsed.max_tokens if parsed.max_tokens and
+                                                          parsed.max_tokens > 0 else model.default_max_tokens)
+                            * parsed.n * parsed.num_prompts)
 
         flight = self.coalescing.get(coalesce_key) if coalescable else None
         if flight is not None and not flight.done:
@@ -255,43 +270,94 @@ class Gateway:
             # a shared flight has no one client's deadline: each client keeps its own (see _respond)
             flight = self._start(model, tenant, path, upstream, bool(upstream.get("stream")), ctx,
                                  None if coalescable else ctx.deadline,
-                                 affinity_key(prompt_text(body), cfg.affinity_prefix_chars, salt))
+                                 affinity_key(parsed.text, cfg.affinity_prefix_chars, salt))
             if coalescable:
                 self.coalescing[coalesce_key] = flight
                 flight.task.add_done_callback(lambda _t, k=coalesce_key, f=flight: self.coalescing.pop(k, None)
                                               if self.coalescing.get(k) is f else None)
         if idem:
-            self.idempotency[(tenant.name, idem)] = IdempotencyEntry(request_hash, flight,
-                                                                     time.monotonic() + cfg.idempotency_window_s)
+            self.idempotency.put(tenant.name, idem, request_hash, flight)
         return await self._respond(request, ctx, flight, stream, include_usage, path)
 
-    async def _body(self, request: Request) -> dict:
-        if int(request.headers.get("content-length") or 0) > self.cfg.max_body_bytes:
-            raise _Reject(413, "too_large", "request body too large")
-        raw = await request.body()
-        if len(raw) > self.cfg.max_body_bytes:
-            raise _Reject(413, "too_large", "request body too large")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise _Reject(400, "bad_request", "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise _Reject(400, "bad_request", "the body must be a JSON object")
-        if not isinstance(body.get("model"), str):
-            raise _Reject(400, "bad_request", "'model' is required", "missing_model", param="model")
-        return body
+    async def _take_slot(self, ctx: Ctx, tenant: TenantConfig) -> None:
+        if self.concurrent.get(tenant.name, 0) >= tenant.max_concurrent:
+            decision = await self.limiter.acquire(tenant, 0, take=False)
+            raise _Reject(429, "concurrency", f"too many concurrent requests (max {tenant.max_concurrent})",
+                          "concurrency_limit_exceeded", {**decision.headers(), "retry-after": "1"})
+        self.concurrent[tenant.name] = self.concurrent.get(tenant.name, 0) + 1  # no await since the check
+        self.metrics.slots.labels(tenant.cls).inc()
+        ctx.slot = True
 
-    def _route(self, request: Request, body: dict, tenant: TenantConfig, ctx: Ctx) -> ModelConfig:
-        cfg, name = self.cfg, body["model"]
+    async def _reserve(self, ctx: Ctx, tenant: TenantConfig, cost: int) -> None:
+        decision = await self.limiter.acquire(tenant, cost)
+        ctx.headers = decision.headers()
+        if decision.reason == "unavailable":
+            raise _Reject(503, "ratelimit_unavailable", "the rate-limit store is unavailable; retry shortly",
+                          "ratelimit_unavailable", decision.headers())
+        if not decision.allowed:
+            raise self._rate_limited(decision)
+        ctx.cost, ctx.reserved = cost, True
+        self.metrics.reserved_tokens.labels(tenant.cls).inc(cost)
+
+    def _release(self, ctx: Ctx, used: int) -> None:
+        """Free ctx's slot and settle its reservation (`used` tokens kept), each exactly once."""
+        tenant = ctx.tenant
+        if ctx.slot:
+            ctx.slot = False
+            self.concurrent[tenant.name] -= 1
+            assert self.concurrent[tenant.name] >= 0
+            if not self.concurrent[tenant.name]:
+                del self.concurrent[tenant.name]
+            self.metrics.slots.labels(tenant.cls).dec()
+        if ctx.reserved:
+            ctx.reserved = False
+            self.metrics.reserved_tokens.labels(tenant.cls).dec(ctx.cost)
+            if used != ctx.cost:
+                self._spawn(self.limiter.refund(tenant, ctx.cost - used))
+
+    async def _parse(self, request: Request, path: str) -> Parsed:
+        cfg = self.cfg
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            raise _Reject(413, "too_large", f"the request body exceeds {cfg.max_body_bytes} bytes", "body_too_large",
+                          {"connection": "close"})
+        try:
+            raw = await read_body(request.stream(), cfg.max_body_bytes, cfg.client_read_timeout_s)
+        except BodyTooLarge as e:
+            raise _Reject(413, "too_large", str(e), "body_too_large", {"connection": "close"}) from None
+        except BodyTimeout as e:
+            raise _Reject(408, "client_timeout", str(e), "client_timeout", {"connection": "close"}) from None
+        except ClientDisconnect:
+            raise _Reject(499, "client_gone", "the client went away while sending the body") from None
+        try:
+            return await self._offload(parse_body, raw, path.endswith("/chat/completions"))
+        except BodyError as e:
+            raise _Reject(400, "bad_request", e.message, e.code, param=e.param) from None
+
+    async def _offload(self, fn, *args):
+        """fn(*args) in the CPU pool, so that parsing and tokenizing never stall the event loop."""
+        self.metrics.cpu_jobs.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+        finally:
+            self.metrics.cpu_jobs.dec()
+
+    async def _count(self, parsed: Parsed, tokenizer: str | None) -> int:
+        if tokenizer not in parsed.counts:
+            parsed.counts[tokenizer] = await self._offload(
+                count_prompt_tokens, parsed, load_tokenizer(tokenizer), self.cfg.tokenize_max_chars)
+        return parsed.counts[tokenizer]
+
+    async def _route(self, request: Request, parsed: Parsed, tenant: TenantConfig) -> ModelConfig:
+        cfg, name = self.cfg, parsed.model
         if name == "auto" and cfg.auto_route is not None:
-            tokens = _prompt_tokens(body, cfg.model(cfg.auto_route.small).tokenizer)
-            max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+            tokens = await self._count(parsed, cfg.model(cfg.auto_route.small).tokenizer)
 
             def overloaded(model: str) -> bool:
                 q = self.queues[model]
                 return q.overloaded(cfg.auto_route.degrade_queue_ratio) or not q.pool.usable()
 
-            model, _why = auto_route(cfg, tokens, max_tokens, request.headers.get("x-conveyor-route"), tenant,
+            model, _why = auto_route(cfg, tokens, parsed.max_tokens, request.headers.get("x-conveyor-route"), tenant,
                                      overloaded)
             return model
         model = cfg.model(name)
@@ -307,29 +373,19 @@ class Gateway:
         else:
             try:
                 timeout = float(raw)
-                assert timeout > 0
-            except (ValueError, AssertionError):
-                raise _Reject(400, "bad_request", "X-Request-Timeout must be a number of seconds > 0") from None
+            except ValueError:
+                timeout = math.nan
+            if not (math.isfinite(timeout) and 0 < timeout <= 86_400 * 365):
+                raise _Reject(400, "bad_request", "X-Request-Timeout must be a number of seconds > 0",
+                              "invalid_request_timeout")
         return None if timeout is None else time.monotonic() + timeout
 
     def _idempotent(self, tenant: TenantConfig, key: str, request_hash: str) -> Flight | None:
-        now = time.monotonic()
-        while self.idempotency:  # oldest first (insertion order); bounded in count as well as time
-            first = next(iter(self.idempotency))
-            if self.idempotency[first].expires >= now and len(self.idempotency) <= MAX_IDEMPOTENCY_ENTRIES:
-                break
-            del self.idempotency[first]
-        entry = self.idempotency.get((tenant.name, key))
-        if entry is None:
-            return None
-        if entry.request_hash != request_hash:
+        try:
+            return self.idempotency.get(tenant.name, key, request_hash)
+        except KeyReused:
             raise _Reject(422, "idempotency_mismatch", "this Idempotency-Key was used with a different request",
-                          "idempotency_key_reused")
-        f = entry.flight
-        if f.done and (f.status is None or f.status >= 500 or f.status in (408, 429, 499)):
-            del self.idempotency[(tenant.name, key)]  # it failed: let this one try again
-            return None
-        return f
+                          "idempotency_key_reused") from None
 
     def _start(self, model: ModelConfig, tenant: TenantConfig, path: str, upstream: dict, stream: bool, ctx: Ctx,
                deadline: float | None, affinity: str | None) -> Flight:
@@ -363,7 +419,8 @@ class Gateway:
             if reached is None:
                 self._settle(ctx, flight, 499)
                 return Response(status_code=499)
-            self.metrics.rejections.labels(ctx.model, ctx.tenant_class, "deadline").inc()
+            if not (flight.done and flight.status == 408):  # else its admission counted this deadline already
+                self.metrics.rejections.labels(ctx.model, ctx.tenant_class, "deadline").inc()
             self._settle(ctx, flight, 408)
             return JSONResponse(json.loads(error_body(408, "the request's deadline passed while it was queued",
                                                       "deadline")), status_code=408,
@@ -371,6 +428,15 @@ class Gateway:
         status = flight.status or 502
         headers = {**ctx.headers, **flight.headers, **self._info_headers(ctx, flight)}
         if stream and status == 200:
+            left = False
+
+            def leave(final: int) -> None:  # exactly once: when the stream ends, or if it never starts
+                nonlocal left
+                if not left:
+                    left = True
+                    flight.unsubscribe()
+                    self._settle(ctx, flight, final)
+
             async def events():
                 final = 499
                 try:
@@ -378,9 +444,8 @@ class Gateway:
                         yield chunk
                     final = 502 if flight.cut else 200
                 finally:
-                    flight.unsubscribe()
-                    self._settle(ctx, flight, final)
-            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+                    leave(final)
+            return _Stream(events(), lambda: leave(499), media_type="text/event-stream", headers=headers)
         flight.unsubscribe()
         content = flight.chunks[0] if status != 200 or not flight.stream else \
             assemble(flight, path.endswith("/chat/completions"))
@@ -401,17 +466,11 @@ class Gateway:
 
     def _settle(self, ctx: Ctx, flight: Flight, status: int) -> None:
         """The request is over for this client: return unused tokens, free its concurrency slot, log it."""
-        tenant = ctx.tenant
-        assert tenant is not None
-        if ctx.charged:
-            ctx.charged = False
-            self.concurrent[tenant.name] -= 1
-            if flight.usage:
-                used = int(flight.usage.get("total_tokens", 0))
-            else:  # failed before generating: nothing used; cut off mid-way: keep the reservation
-                used = ctx.cost if flight.chunks and status in (200, 499) and flight.status == 200 else 0
-            if used != ctx.cost:
-                self._spawn(self.limiter.refund(tenant, ctx.cost - used))
+        if flight.usage:
+            used = total_tokens(flight.usage)
+        else:  # failed before generating: nothing used; cut off mid-way: keep the reservation
+            used = ctx.cost if flight.chunks and status in (200, 499) and flight.status == 200 else 0
+        self._release(ctx, used)
         self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(status)).inc()
         self._access_log(ctx, status, flight)
 
@@ -419,8 +478,30 @@ class Gateway:
         self.metrics.rejections.labels(ctx.model, ctx.tenant_class, e.reason).inc()
         self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(e.status)).inc()
         self._access_log(ctx, e.status, None, e.reason)
-        return JSONResponse(json.loads(error_body(e.status, e.message, e.code, e.param)), status_code=e.status,
-                            headers={**e.headers, "x-request-id": ctx.rid})
+        return Response(error_body(e.status, e.message, e.code, e.param), status_code=e.status,
+                        media_type="application/json", headers={**e.headers, "x-request-id": ctx.rid})
+
+    def _internal_error(self, ctx: Ctx, e: BaseException) -> Response:
+        log.error(json.dumps({"event": "internal_error", "request_id": ctx.rid, "path": None,
+                              "error": f"{type(e).__name__}: {e}"[:300]}), exc_info=e)
+        return self._reject(ctx, _Reject(500, "internal", "internal error in the gateway", "internal_error"))
+
+    async def _on_http_error(self, request: Request, e: StarletteHTTPException) -> Response:
+        """Unknown routes and wrong methods: OpenAI's error JSON, counted and logged like any refusal."""
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
+        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return self._reject(Ctx(rid=uuid.uuid4().hex, started=time.monotonic()),
+                            _Reject(e.status_code, reason, msg, reason, dict(e.headers or {})))
+
+    async def _on_unexpected(self, request: Request, e: Exception) -> Response:
+        return self._internal_error(Ctx(rid=uuid.uuid4().hex, started=time.monotonic()), e)
+
+    def client_timed_out(self) -> None:
+        """A connection closed because its request headers did not arrive in time (see http_limits)."""
+        self.metrics.rejections.labels("unknown", "none", "client_timeout").inc()
+        self.metrics.requests.labels("unknown", "none", "408").inc()
+        access_log.info(json.dumps({"event": "access", "request_id": None, "tenant": None, "tenant_class": "none",
+                                    "model": "unknown", "status": 408, "reason": "client_timeout"}))
 
     def _access_log(self, ctx: Ctx, status: int, flight: Flight | None, reason: str | None = None) -> None:
         entry = {"event": "access", "request_id": ctx.rid, "tenant": ctx.tenant.name if ctx.tenant else None,
@@ -442,10 +523,11 @@ class Gateway:
     async def _admin_target(self, request: Request) -> tuple[Pool, str]:
         self._admin_check(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_body(request.stream(), 64 << 10, self.cfg.client_read_timeout_s))
             name, url = body["model"], body["url"]
-            assert isinstance(name, str) and isinstance(url, str) and url.startswith(("http://", "https://"))
-        except (ValueError, KeyError, TypeError, AssertionError):
+            if not (isinstance(name, str) and isinstance(url, str) and url.startswith(("http://", "https://"))):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError, BodyTooLarge, BodyTimeout, ClientDisconnect):
             raise _Reject(400, "bad_request", 'the body must be {"model": NAME, "url": "http://HOST:PORT"}') from None
         model = self.cfg.model(name)
         if model is None or model.name not in self.pools:
@@ -506,25 +588,19 @@ def _upstream_headers(model: ModelConfig) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-def _prompt_tokens(body: dict, tokenizer: str | None) -> int:
-    try:
-        return count_prompt_tokens(body, load_tokenizer(tokenizer))
-    except Exception:  # noqa: BLE001 - a malformed prompt: the replica answers 400; charge by size meanwhile
-        return len(json.dumps(body)) // 4
+class _Stream(StreamingResponse):
+    """A streaming response that calls on_close() however it ends — even when the client is gone before the first
+    chunk, where the body generator would never start (and so never run its `finally`)."""
 
+    def __init__(self, content, on_close, **kw) -> None:
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
-def _max_tokens(body: dict, model: ModelConfig) -> int:
-    v = body.get("max_tokens") or body.get("max_completion_tokens")
-    return v if isinstance(v, int) and v > 0 else model.default_max_tokens
-
-
-def _n(body: dict) -> int:
-    n = body.get("n")
-    return n if isinstance(n, int) and n > 0 else 1
-
-
-def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(json.loads(error_body(status, message, code)), status_code=status)
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _hash(obj) -> str:

@@ -32,3 +32,12 @@ class GatewayMetrics:
         self.queued = Gauge(p + "queued_requests", "Requests waiting in the dispatch queue", ["model"], registry=r)
         self.in_flight = Gauge(p + "in_flight_requests", "Requests at replicas", ["model"], registry=r)
         self.replicas = Gauge(p + "replicas", "Replicas by state", ["model", "state"], registry=r)
+        self.slots = Gauge(p + "concurrency_slots", "Tenants' concurrency slots held (max_concurrent)",
+                           ["tenant_class"], registry=r)
+        self.reserved_tokens = Gauge(p + "reserved_tokens", "Rate-limit tokens reserved by requests not yet "
+                                     "settled", ["tenant_class"], registry=r)
+        self.cpu_jobs = Gauge(p + "cpu_jobs", "Body parses and token counts queued or running off the event loop",
+                              registry=r)
+        self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
+                                           "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
+                                           registry=r)

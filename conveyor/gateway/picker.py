@@ -3,6 +3,7 @@ gateway's in-flight tokens plus the replica's own /metrics, used only when under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+from conveyor.prometheus_text import sum_by_name
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -189,21 +192,28 @@ class Pool:
         self.on_capacity()
 
     def failed(self, r: Replica) -> None:
+        """Evidence that the replica itself is broken: a failed health check, or a connection it refused."""
         was = r.breaker.state
         r.breaker.failure(time.monotonic())
         if r.breaker.state == "open" and was != "open":
             log.warning('{"event": "replica_ejected", "model": "%s", "replica": "%s"}', self.model, r.url)
+            with contextlib.suppress(RuntimeError):  # no loop: a unit test driving the pool by hand
+                # half-open after the cooldown: requests queued behind the open breaker get their trial then
+                asyncio.get_running_loop().call_later(r.breaker.open_s, self.on_capacity)
 
     # ---- active checks -------------------------------------------------------------------------------------------
     async def _watch(self, r: Replica) -> None:
         next_health = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_health:
-                next_health = now + self.health_interval_s
-                await self._check_health(r)
-            if r.started:
-                await self._scrape(r)
+            try:
+                if now >= next_health:
+                    next_health = now + self.health_interval_s
+                    await self._check_health(r)
+                if r.started:
+                    await self._scrape(r)
+            except Exception:  # noqa: BLE001 - a watcher that dies would leave the replica's state frozen
+                log.exception('{"event": "replica_watch_error", "model": "%s", "replica": "%s"}', self.model, r.url)
             await asyncio.sleep(min(self.scrape_interval_s, self.health_interval_s))
 
     async def _check_health(self, r: Replica) -> None:
@@ -218,21 +228,16 @@ class Pool:
             r.breaker.health_ok(now)
         elif r.started:
             self.failed(r)
-        if r.routable(now) and not was_routable:
-            log.info('{"event": "replica_available", "model": "%s", "replica": "%s"}', self.model, r.url)
-            self.on_capacity()
+        if r.routable(now):
+            if not was_routable:
+                log.info('{"event": "replica_available", "model": "%s", "replica": "%s"}', self.model, r.url)
+            self.on_capacity()  # its breaker may have closed (half-open stays "routable"): wake the queue either way
 
     async def _scrape(self, r: Replica) -> None:
         try:
-            text = (await self.client.get(f"{r.url}/metrics", timeout=1.0, headers=self.headers)).text
-        except httpx.HTTPError:
+            resp = await self.client.get(f"{r.url}/metrics", timeout=1.0, headers=self.headers)
+            resp.raise_for_status()
+            sums = sum_by_name(resp.text, _SCRAPED)
+        except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text: no fresh numbers
             return
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in _SCRAPED:
-                try:
-                    values[_SCRAPED[name]] = values.get(_SCRAPED[name], 0.0) + float(line.rsplit(" ", 1)[1])
-                except ValueError:
-                    pass
-        r.metrics, r.metrics_at = values, time.monotonic()
+        r.metrics, r.metrics_at = {_SCRAPED[k]: v for k, v in sums.items()}, time.monotonic()

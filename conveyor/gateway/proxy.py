@@ -3,13 +3,16 @@ coalesced onto it, and retries with the same Idempotency-Key. It runs as its own
 so it outlives any one client, and is cancelled when its last client has gone (which aborts the upstream request).
 
 Failover: a connection error or a 5xx before the first streamed event is retried on another replica (at most
-`max_retries` times, exponential backoff with full jitter); once an event went out the stream is never replayed —
-the clients get an error event and `data: [DONE]`.
+`max_retries` times, exponential backoff with full jitter), but a request that reached two replicas and failed on
+both is not tried on a third, and only refused connections (and health checks) count against a replica's breaker —
+so no one request can take the fleet down. Once an event went out the stream is never replayed — the clients get
+an error event and `data: [DONE]`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +25,10 @@ from conveyor.gateway.config import GatewayConfig
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Replica
 
+log = logging.getLogger("conveyor.gateway")
+
 DONE = "data: [DONE]\n\n"
+MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its error is returned
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> str:
@@ -88,7 +94,7 @@ class Flight:
                 obj = json.loads(line[6:])
             except ValueError:  # not ours to judge: pass it through
                 obj = {}
-            if isinstance(obj, dict) and obj.get("usage"):
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 self.usage = obj["usage"]
                 if obj.get("choices") == []:
                     self.usage_only.add(len(self.chunks))
@@ -104,9 +110,11 @@ class Flight:
             self.headers = headers or {}
             if self.status == 200 and not self.stream:
                 try:
-                    self.usage = json.loads(self.chunks[0]).get("usage")
+                    obj = json.loads(self.chunks[0])
                 except ValueError:
-                    pass
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    self.usage = obj["usage"]
         self.done = True
         self.dispatched.set()
         self._notify()
@@ -185,26 +193,37 @@ class Forwarder:
             finally:
                 m.upstream_latency.labels(call.model, call.tenant_class).observe(time.monotonic() - t0)
                 if flight.usage:  # the fair queue charges what was actually served
-                    call.queue.queue.charge(call.waiter, flight.usage.get("total_tokens", 0) - call.waiter.cost)
+                    call.queue.queue.charge(call.waiter, total_tokens(flight.usage) - call.waiter.cost)
+        except Exception:  # a bug, not an upstream failure: the clients still get an answer
+            log.exception('{"event": "flight_error", "request_id": "%s"}', call.request_id)
+            if flight.chunks and flight.status == 200:
+                flight.cut = True
+                flight.push_event("data: " + error_body(500, "internal error in the gateway", "internal_error"))
+                flight.push_event(DONE.strip())
+            flight.finish(500, error_body(500, "internal error in the gateway", "internal_error"))
         finally:
             if not flight.done:
                 flight.finish(499, error_body(499, "all clients went away"))
 
     async def _forward(self, flight: Flight, call: Call, replica: Replica) -> None:
+        """Attempts until one answers. A request that reached two replicas and failed on both (5xx, or the
+        connection broke) is not tried on a third: it is most likely the request's own fault."""
         pool, w = call.queue.pool, call.waiter
         tried: list[Replica] = []
+        failed_after_send = 0
         last = (502, error_body(502, "no replica answered"), {})
         while True:
             tried.append(replica)
             flight.replica = replica.url
             ok = None
             try:
-                ok, retry, last = await self._attempt(flight, call, replica, last)
+                ok, outcome, last = await self._attempt(flight, call, replica, last)
             finally:
                 pool.release(replica, w.cost, ok)
-            if not retry:
+            if outcome == "done":
                 return
-            if len(tried) > self.cfg.max_retries:
+            failed_after_send += outcome == "failed"
+            if failed_after_send >= MAX_FAILED_DELIVERIES or len(tried) > self.cfg.max_retries:
                 flight.finish(*last)
                 return
             self.metrics.retries.labels(call.model).inc()
@@ -219,44 +238,72 @@ class Forwarder:
             replica = nxt
 
     async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple
-                       ) -> tuple[bool | None, bool, tuple]:
-        """One try at one replica → (replica ok?, retry elsewhere?, the error to return if retries run out)."""
+                       ) -> tuple[bool | None, str, tuple]:
+        """One try at one replica → (verdict for its breaker, outcome, the error to return if retries run out).
+
+        Verdict: True it answered, False it refused the connection (a broken replica, whatever the request), None
+        no evidence either way: a 5xx or a connection broken after the request was sent may be the request's own
+        doing, so only health checks judge the replica then. Outcome: "done" (the flight is finished), "unsent"
+        (the request never reached the replica) or "failed" (it did, and failed before the first event)."""
         self.metrics.upstream_requests.labels(call.model).inc()
         req = self.client.build_request("POST", replica.url + call.path, content=call.body,
                                         headers={"content-type": "application/json",
                                                  "x-request-id": call.request_id, **call.headers})
         try:
             resp = await self.client.send(req, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            return False, "unsent", (502, error_body(502, f"replica unreachable ({type(e).__name__})",
+                                                     "upstream_unreachable"), {})
+        except httpx.PoolTimeout:  # our own connection pool is exhausted: not the replica's fault
+            return None, "unsent", (503, error_body(503, "the gateway has no free upstream connection",
+                                                    "upstream_busy"), {"retry-after": "1"})
         except httpx.HTTPError as e:
-            return False, True, (502, error_body(502, f"replica unreachable ({type(e).__name__})",
-                                                 "upstream_unreachable"), {})
+            return None, "failed", (502, error_body(502, f"replica failed ({type(e).__name__})",
+                                                    "upstream_failed"), {})
         try:
             if resp.status_code >= 500:
-                body = (await resp.aread()).decode(errors="replace")
+                body = _openai_error(resp.status_code, (await resp.aread()).decode(errors="replace"))
                 headers = {"retry-after": resp.headers["retry-after"]} if "retry-after" in resp.headers else {}
-                # 503 is a busy replica's backpressure, not a fault: try elsewhere without ejecting it
-                return (None if resp.status_code == 503 else False), True, (resp.status_code, body, headers)
+                return None, "failed", (resp.status_code, body, headers)
             if resp.status_code != 200 or not call.stream:
                 body = (await resp.aread()).decode(errors="replace")
-                flight.finish(resp.status_code, body)
-                return True, False, last
+                flight.finish(resp.status_code, body if resp.status_code == 200 else
+                              _openai_error(resp.status_code, body))
+                return True, "done", last  # a 4xx is the request's fault, never the replica's
             async for line in resp.aiter_lines():
                 if line:
                     flight.push_event(line)
             if not flight.saw_done:
                 raise httpx.RemoteProtocolError("stream ended without [DONE]")
             flight.finish()
-            return True, False, last
+            return True, "done", last
         except httpx.HTTPError as e:
             if not flight.chunks:
-                return False, True, (502, error_body(502, f"replica failed ({type(e).__name__})",
-                                                     "upstream_failed"), {})
+                return None, "failed", (502, error_body(502, f"replica failed ({type(e).__name__})",
+                                                        "upstream_failed"), {})
             self.metrics.stream_errors.labels(call.model).inc()
             flight.cut = True
             flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({type(e).__name__}); "
                                                     "the response is incomplete", "upstream_failed"))
             flight.push_event(DONE.strip())
             flight.finish()
-            return False, False, last
+            return None, "done", last
         finally:
             await resp.aclose()
+
+
+def total_tokens(usage: dict) -> int:
+    """A replica's usage.total_tokens, or 0 when it is not a sane count."""
+    n = usage.get("total_tokens")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 else 0
+
+
+def _openai_error(status: int, body: str) -> str:
+    """A replica's error body when it is OpenAI's error JSON, else one that is (with the replica's text)."""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+            return body
+    except ValueError:
+        pass
+    return error_body(status, f"the replica answered {status}: {body[:200]}", "upstream_error")

@@ -7,11 +7,12 @@ several gateway processes enforce one limit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from conveyor.gateway.config import TenantConfig
 
@@ -48,8 +49,11 @@ class Decision:
     remaining_tokens: int
     reset_tokens_s: float
     retry_after_s: float  # until this request would fit
+    checked: bool = True  # False: the store was unreachable, nothing was checked (and no headers claim a quota)
 
     def headers(self) -> dict[str, str]:
+        if not self.checked:
+            return {"retry-after": "1"} if not self.allowed else {}
         h = {"x-ratelimit-limit-requests": str(self.limit_requests),
              "x-ratelimit-remaining-requests": str(self.remaining_requests),
              "x-ratelimit-reset-requests": _duration(self.reset_requests_s),
@@ -154,13 +158,24 @@ return 1
 
 
 class RedisLimiter:
-    """The same buckets in Redis. If Redis is unreachable requests are let through (logged): the gateway stays up."""
+    """The same buckets in Redis. When Redis cannot be reached, `on_error` decides: "open" admits requests
+    unchecked, "closed" refuses them (reason "unavailable"). Either way the decision says it was not checked (so
+    no quota headers), on_fallback(op) is called for each operation that fell back (op: acquire, peek, refund),
+    and the outage is logged once when it starts and once when it ends. After a failure Redis is left alone for
+    RETRY_S (operations fall back at once) instead of every request waiting for its timeout."""
 
-    def __init__(self, url: str, prefix: str = "conveyor:ratelimit:") -> None:
+    RETRY_S = 1.0
+
+    def __init__(self, url: str, prefix: str = "conveyor:ratelimit:", on_error: str = "open",
+                 on_fallback: Callable[[str], None] | None = None) -> None:
         import redis.asyncio as redis
 
+        assert on_error in ("open", "closed")
         self.client = redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        self.prefix = prefix
+        self.prefix, self.on_error = prefix, on_error
+        self.on_fallback = on_fallback or (lambda op: None)
+        self.down_since: float | None = None
+        self.retry_at = 0.0
         self._acquire = self.client.register_script(_ACQUIRE)
         self._refund = self.client.register_script(_REFUND)
 
@@ -168,21 +183,40 @@ class RedisLimiter:
         req, tok = buckets_for(t, 0.0)
         return [req.capacity, req.rate, tok.capacity, tok.rate, amount, int(take)]
 
+    async def _run(self, script, t: TenantConfig, amount: int, take: bool, op: str):
+        """The script's result, or None after a fallback (counted; the outage logged when it starts)."""
+        now = time.monotonic()
+        if self.down_since is None or now >= self.retry_at:
+            try:
+                out = await script(keys=[self.prefix + t.name], args=self._args(t, amount, take))
+            except Exception as e:  # noqa: BLE001 - any Redis failure: the configured fallback
+                if self.down_since is None:
+                    self.down_since = now
+                    log.warning(json.dumps({"event": "ratelimit_store_down", "fallback": self.on_error,
+                                            "error": f"{type(e).__name__}: {e}"[:300]}))
+                self.retry_at = now + self.RETRY_S
+            else:
+                if self.down_since is not None:
+                    log.warning(json.dumps({"event": "ratelimit_store_recovered",
+                                            "down_s": round(now - self.down_since, 3)}))
+                    self.down_since = None
+                return out
+        self.on_fallback(op)
+        return None
+
     async def acquire(self, t: TenantConfig, tokens: int, take: bool = True) -> Decision:
         req, tok = buckets_for(t, 0.0)
-        try:
-            ok, r, k = await self._acquire(keys=[self.prefix + t.name], args=self._args(t, tokens, take))
-        except Exception as e:  # noqa: BLE001 - any Redis failure: fail open
-            log.warning("rate limit store unavailable, admitting without limits: %s", e)
-            return decision(True, req, tok, tokens)
+        out = await self._run(self._acquire, t, tokens, take, "acquire" if take else "peek")
+        if out is None:
+            allowed = self.on_error == "open" or not take
+            return replace(decision(allowed, req, tok, tokens), checked=False,
+                           reason=None if allowed else "unavailable", retry_after_s=0.0 if allowed else 1.0)
+        ok, r, k = out
         req.level, tok.level = float(r), float(k)
         return decision(bool(ok), req, tok, tokens)
 
     async def refund(self, t: TenantConfig, tokens: int) -> None:
-        try:
-            await self._refund(keys=[self.prefix + t.name], args=self._args(t, tokens))
-        except Exception as e:  # noqa: BLE001
-            log.warning("rate limit store unavailable: %s", e)
+        await self._run(self._refund, t, tokens, True, "refund")
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -1,10 +1,16 @@
 """Prompt token counts for rate limiting and routing: the model's tokenizer when configured (`tokenizer: demo` or
-a tokenizer directory), else an estimate of one token per 4 characters."""
+a tokenizer directory), else an estimate of one token per 4 characters.
+
+Counting is CPU work (seconds for megabytes of text), so the gateway runs it in a small thread pool, never on its
+event loop, and tokenizes at most `max_chars` characters of a request: beyond that the count is extrapolated at the
+ratio measured on what was tokenized.
+"""
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+
+from conveyor.gateway.body import Parsed
 
 
 @functools.lru_cache(maxsize=16)
@@ -20,60 +26,24 @@ def load_tokenizer(spec: str | None):
     return AutoTokenizer.from_pretrained(spec)
 
 
-def prompt_text(body: dict[str, Any]) -> str:
-    """The prompt as one string (chat: the message contents), for estimates and prefix affinity."""
-    if "messages" in body:
-        parts = []
-        for m in body.get("messages") or []:
-            c = m.get("content") if isinstance(m, dict) else None
-            if isinstance(c, list):
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
-            parts.append(f"{m.get('role', '')}:{c or ''}\n" if isinstance(m, dict) else "")
-        return "".join(parts)
-    p = body.get("prompt", "")
-    if isinstance(p, str):
-        return p
-    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        return "\n".join(p)
-    return ""
+def count_prompt_tokens(p: Parsed, tokenizer, max_chars: int) -> int:
+    """Prompt tokens of the whole request (every prompt of a batched completion; chat through its template when
+    the text is short enough to template whole). Never raises: a tokenizer failure falls back to chars / 4."""
+    try:
+        if p.chat and tokenizer is not None and getattr(tokenizer, "chat_template", None) \
+                and sum(len(m["content"]) for m in p.messages or []) <= max_chars:
+            text = tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+            return len(tokenizer.encode(text, add_special_tokens=False))  # the template has its specials
+        return p.token_ids + _count("".join(p.texts), tokenizer, max_chars)
+    except Exception:  # noqa: BLE001 - e.g. a template that rejects these roles: the replica will say why
+        return p.token_ids + math.ceil(sum(len(t) for t in p.texts) / 4)
 
 
-def count_prompt_tokens(body: dict[str, Any], tokenizer) -> int:
-    """Prompt tokens of the whole request (every prompt of a batched completion; chat through its template)."""
-    if "messages" in body:
-        msgs = body.get("messages") or []
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            try:
-                conv = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in msgs]
-                text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-                return len(tokenizer.encode(text, add_special_tokens=False))  # the template has its specials
-            except Exception:  # noqa: BLE001 - malformed messages: the replica will say why; estimate here
-                pass
-        return _count(prompt_text(body), tokenizer)
-    p = body.get("prompt", "")
-    if isinstance(p, str):
-        return _count(p, tokenizer)
-    if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
-        return len(p)
-    if isinstance(p, list):
-        return sum(len(x) if isinstance(x, list) else _count(str(x), tokenizer) for x in p)
-    return 0
-
-
-def num_prompts(body: dict[str, Any]) -> int:
-    p = body.get("prompt")
-    if isinstance(p, list) and p and not all(isinstance(x, int) for x in p):
-        return len(p)
-    return 1
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
-
-
-def _count(text: str, tokenizer) -> int:
-    if tokenizer is None:
+def _count(text: str, tokenizer, max_chars: int) -> int:
+    if tokenizer is None or not text:
         return math.ceil(len(text) / 4)
-    return len(tokenizer.encode(text, add_special_tokens=False))
+    head = text[:max_chars]
+    n = len(tokenizer.encode(head, add_special_tokens=False))
+    if len(text) > len(head):  # extrapolate the rest at the ratio measured on the head
+        n += math.ceil((len(text) - len(head)) * n / len(head))
+    return n

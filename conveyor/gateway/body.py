@@ -1,0 +1,196 @@
+"""A request body as the gateway reads it: parsed, checked and summarised before any concurrency slot or token
+reservation is taken, so a malformed body is a 400 here and never an exception later.
+
+Checked: valid JSON (finite numbers only), an object, nesting at most MAX_DEPTH deep, no lone surrogates (text
+that cannot be UTF-8), and the fields the gateway itself interprets — with the same types, and the same lax
+coercions, as `conveyor serve` — so that the gateway and the replica read a request the same way. Every other field
+is passed through untouched for the replica to judge.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+MAX_DEPTH = 32
+
+
+class BodyError(Exception):
+    """A body the gateway refuses: 400 with `message` (and `param` when one field is at fault)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Part(_Loose):
+    type: str | None = None
+    text: str | None = None
+
+
+class _Message(_Loose):
+    role: str
+    content: str | list[_Part] | None = None
+
+
+class _StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class _Fields(_Loose):
+    """Only what the gateway reads (routing, rate limits, coalescing, affinity, usage)."""
+    model: str
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    cache_salt: str | None = None
+
+
+class _Completion(_Fields):
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+
+
+class _Chat(_Fields):
+    messages: list[_Message] | None = None
+
+
+@dataclass
+class Parsed:
+    """body: the JSON object as sent (forwarded, with the gateway's own changes); the rest is read from it."""
+    body: dict[str, Any]
+    model: str
+    chat: bool
+    stream: bool
+    include_usage: bool
+    coalescable: bool  # deterministic (temperature 0 or a seed) and nothing the gateway cannot reassemble
+    max_tokens: int | None
+    n: int
+    num_prompts: int
+    texts: list[str]  # the prompt strings (chat: "role:content" per message)
+    token_ids: int  # prompt tokens given as ids
+    messages: list[dict[str, str]] | None  # chat: role and text of each message, for the chat template
+    cache_salt: str | None
+    digest: str  # sha256 of the body without model, stream, stream_options and user: "the same request"
+    counts: dict[str | None, int] = field(default_factory=dict)  # prompt tokens by tokenizer, once counted
+
+    @property
+    def text(self) -> str:
+        """The prompt as one string, for prefix affinity."""
+        return "".join(self.texts) if self.chat else "\n".join(self.texts)
+
+
+def parse_body(raw: bytes, chat: bool) -> Parsed:
+    """Parse and check a request body (CPU work: callers run it off the event loop). Raises BodyError."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BodyError(f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # includes bytes that are not UTF-8
+        raise BodyError(f"the body is not valid JSON: {_short(e)}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BodyError("the body must be a JSON object")
+    _check_tree(body)
+    if not isinstance(body.get("model"), str):
+        raise BodyError("'model' is required (a string)", "model", "missing_model")
+    try:
+        f = (_Chat if chat else _Completion).model_validate(body)
+    except ValidationError as e:
+        err = max(e.errors(), key=lambda x: len(x["loc"]))  # the deepest: the most specific of a union's
+        loc = [x for x in err["loc"] if not _is_union_tag(x)]
+        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+        msg = "Input should be an object" if err["type"] == "model_type" else err["msg"]
+        raise BodyError(f"{where}: {msg}", str(loc[0]) if loc else None) from None
+    return _summarise(body, f, chat)
+
+
+def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
+    texts: list[str] = []
+    token_ids, num_prompts, messages = 0, 1, None
+    if chat:
+        messages = [{"role": m.role, "content": _content_text(m.content)} for m in f.messages or []]
+        texts = [f"{m['role']}:{m['content']}\n" for m in messages]
+    else:
+        p = f.prompt
+        if isinstance(p, str):
+            texts = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            token_ids = len(p)
+        elif p:
+            num_prompts = len(p)
+            texts = [x for x in p if isinstance(x, str)]
+            token_ids = sum(len(x) for x in p if isinstance(x, list))
+    deterministic = f.temperature == 0 or f.seed is not None
+    content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options")}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
+                  include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
+                  coalescable=deterministic and not (f.logprobs or f.top_logprobs or f.echo),
+                  max_tokens=f.max_completion_tokens if chat and f.max_completion_tokens else f.max_tokens,
+                  n=f.n if f.n is not None and f.n > 0 else 1, num_prompts=num_prompts, texts=texts,
+                  token_ids=token_ids, messages=messages, cache_salt=f.cache_salt, digest=digest)
+
+
+def _content_text(content: str | list[_Part] | None) -> str:
+    if isinstance(content, list):
+        return "".join(p.text or "" for p in content)
+    return content or ""
+
+
+def _check_tree(root: Any) -> None:
+    """Depth at most MAX_DEPTH, and every string (keys too) encodable as UTF-8. Iterative: no recursion limit."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BodyError(f"the body is nested more than {MAX_DEPTH} levels deep")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if isinstance(k, str):
+                _check_text(k)
+            if isinstance(v, str):
+                _check_text(v)
+            elif isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+
+
+def _check_text(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode()
+        except UnicodeEncodeError:
+            raise BodyError("the body contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise ValueError(f"number out of range: {s[:40]}")
+    return v
+
+
+def _reject_constant(s: str) -> float:
+    raise ValueError(f"{s} is not a JSON number")
+
+
+def _is_union_tag(x: Any) -> bool:
+    """pydantic names union members in error locations (`str`, `list[int]`): not part of the field's path."""
+    return isinstance(x, str) and (x in ("str", "int", "bool", "float", "none") or "[" in x or x.startswith("_"))
+
+
+def _short(e: Exception) -> str:
+    return str(e)[:200]

@@ -1,0 +1,89 @@
+"""Idempotency-Key replays: the first response to (tenant, key) is kept and returned to retries of the same request.
+
+Kept responses are bounded three ways — age (`window_s`), count and bytes — and evicted oldest first. A response
+is counted in bytes once it is complete (a live one is held by its own clients anyway); a failed one (5xx, 408,
+429, 499) is dropped as soon as it ends, so a retry runs again.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from conveyor.gateway.proxy import Flight
+
+
+class KeyReused(Exception):
+    """The key was first used with a different request (422)."""
+
+
+@dataclass
+class Entry:
+    request_hash: str
+    flight: Flight
+    expires: float  # monotonic
+    nbytes: int = 0  # the kept response's size, once complete
+
+
+class IdempotencyCache:
+    def __init__(self, window_s: float, max_entries: int, max_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.max_entries, self.max_bytes, self.clock = window_s, max_entries, max_bytes, clock
+        self.entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # oldest first
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, tenant: str, key: str, request_hash: str) -> Flight | None:
+        """The flight to replay, or None (run the request). Raises KeyReused for a different request."""
+        self._purge()
+        entry = self.entries.get((tenant, key))
+        if entry is None:
+            return None
+        if entry.request_hash != request_hash:
+            raise KeyReused(key)
+        if entry.flight.done and _failed(entry.flight):
+            self._drop((tenant, key))
+            return None
+        return entry.flight
+
+    def put(self, tenant: str, key: str, request_hash: str, flight: Flight) -> None:
+        k = (tenant, key)
+        self._drop(k)
+        entry = self.entries[k] = Entry(request_hash, flight, self.clock() + self.window_s)
+        if flight.done:
+            self._settle(k, entry)
+        elif flight.task is not None:
+            flight.task.add_done_callback(lambda _t: self._settle(k, entry))
+        self._purge()
+
+    def _settle(self, k: tuple[str, str], entry: Entry) -> None:
+        """The flight ended: count its bytes, or forget it if it failed."""
+        if self.entries.get(k) is not entry:
+            return  # evicted meanwhile
+        if _failed(entry.flight):
+            self._drop(k)
+            return
+        entry.nbytes = sum(len(c) for c in entry.flight.chunks)
+        self.nbytes += entry.nbytes
+        self._purge()
+
+    def _purge(self) -> None:
+        now = self.clock()
+        while self.entries:
+            k, first = next(iter(self.entries.items()))
+            if first.expires >= now and len(self.entries) <= self.max_entries and self.nbytes <= self.max_bytes:
+                break
+            self._drop(k)
+
+    def _drop(self, k: tuple[str, str]) -> None:
+        entry = self.entries.pop(k, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        assert self.nbytes >= 0
+
+
+def _failed(f: Flight) -> bool:
+    return f.status is None or f.status >= 500 or f.status in (408, 429, 499) or f.cut
