@@ -107,9 +107,11 @@ class Workload:
         self.last_idempotent: dict[str, Shot] = {}
 
     def text(self, chars: int) -> str:
-        words = []
-        while sum(len(w) + 1 for w in words) < chars:
+        """Random words, exactly `chars` characters (one demo token each)."""
+        words, n = [], 0
+        while n < chars:
             words.append(self.rng.choice(WORDS))
+            n += len(words[-1]) + 1
         return " ".join(words)[:chars]
 
     def next(self) -> Shot:
@@ -143,7 +145,7 @@ class Workload:
 # ---- one request -------------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
-    status: str  # "ok", an HTTP status, or what went wrong: timeout, connect, stream_error, short_output, ...
+    status: str  # "ok", an HTTP status, or what went wrong: timeout, connect, stream_error, wrong_length, ...
     latency_s: float
     ttft_s: float | None = None
 
