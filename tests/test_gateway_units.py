@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 
 import pytest
@@ -11,10 +12,16 @@ from hypothesis import strategies as st
 
 from conveyor.gateway.admission import FairQueue, ModelQueue, Rejected, Waiter
 from conveyor.gateway.auth import find_tenant
+from conveyor.gateway.body import MAX_DEPTH, BodyError, parse_body
 from conveyor.gateway.config import ConfigError, TenantConfig, parse_config
+from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.picker import Breaker, Pool, Replica, affinity_key
+from conveyor.gateway.proxy import Flight
 from conveyor.gateway.ratelimit import MemoryLimiter, _duration
 from conveyor.gateway.router import auto_route
+from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer
+from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body
+from conveyor.prometheus_text import sum_by_name
 
 H = hashlib.sha256(b"key-a").hexdigest()
 
@@ -368,7 +375,7 @@ def test_config_defaults():
     assert cfg.cold_start_timeout_s == 60
 
 
-def test_readme_example_config_is_valid():
+def test_readme_example_config_is_valid(monkeypatch):
     import pathlib
     import re
 
@@ -378,7 +385,229 @@ def test_readme_example_config_is_valid():
     block = re.search(r"A complete `gateway.yaml`.*?```yaml\n(.*?)```", readme, re.S).group(1)
     for i, digest in enumerate((H, "b" * 64, "c" * 64)):  # the README's placeholders, one per key
         block = block.replace("<hex>", digest, 1) if i < 2 else block.replace("<hex>", digest)
+    monkeypatch.setenv("BIG_REPLICA_KEY", "replica-key")
     cfg = parse_config(yaml.safe_load(block))
+    assert cfg.models[0].upstream_api_key == "replica-key"
     assert [m.name for m in cfg.models] == ["big", "small"] and cfg.model("large").name == "big"
     assert cfg.auto_route.max_prompt_tokens_small == 256 and cfg.redis_url.startswith("redis://")
     assert [t.cls for t in cfg.tenants] == ["interactive", "batch"] and cfg.tenants[0].max_concurrent == 32
+
+
+# ---- request bodies (issue 11: checked before any slot is taken) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, chat, param", [
+    (b'{"model": "m", "messages": 5}', True, "messages"),
+    (b'{"model": "m", "messages": [5]}', True, "messages"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', True, "messages"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}', True, "messages"),
+    (b'{"model": "m", "prompt": "x", "stream_options": "x"}', False, "stream_options"),
+    (b'{"model": "m", "prompt": "x", "stream_options": {"include_usage": "maybe"}}', False, "stream_options"),
+    (b'{"model": "m", "prompt": {"a": 1}}', False, "prompt"),
+    (b'{"model": "m", "prompt": [1, "a"]}', False, "prompt"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "many"}', False, "max_tokens"),
+    (b'{"model": "m", "prompt": "x", "n": [2]}', False, "n"),
+    (b'{"model": "m", "prompt": "x", "temperature": "hot"}', False, "temperature"),
+    (b'{"model": "m", "prompt": "x", "cache_salt": 5}', False, "cache_salt"),
+    (b'{"model": 5, "prompt": "x"}', False, "model"),
+    (b'{"prompt": "x"}', False, "model"),
+])
+def test_malformed_fields_the_gateway_reads_are_400(raw, chat, param):
+    with pytest.raises(BodyError) as e:
+        parse_body(raw, chat)
+    assert e.value.param == param, e.value.message
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "prompt": "\\ud800"}',  # a lone surrogate: valid JSON, not text
+    b'{"model": "m", "messages": [{"role": "user", "content": "a\\udfffb"}]}',
+    b'{"model": "m", "prompt": "x", "\\ud83d": 1}',  # in a key, a field the gateway does not read
+    b'{"model": "m", "prompt": "x", "temperature": NaN}',
+    b'{"model": "m", "prompt": "x", "temperature": Infinity}',
+    b'{"model": "m", "prompt": "x", "top_p": 1e999}',  # overflows to inf
+    b'{"model": "m", "prompt": "\xff\xfe"}',  # not UTF-8
+    b'{"model": "m", "prompt": "x", "extra": ' + b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1) + b"}",
+    b'{"model": "m", "prompt": "x", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # past the recursion limit
+    b'["model"]',
+    b'{"model": "m", "prompt": "x"',
+    b"",
+])
+def test_bodies_that_are_not_json_text_are_400(raw):
+    for chat in (False, True):
+        with pytest.raises(BodyError):
+            parse_body(raw, chat)
+
+
+def test_body_summary():
+    p = parse_body(b'{"model": "m", "prompt": ["ab", "cd"], "temperature": 0, "n": 2, "max_tokens": "7", '
+                   b'"stream": true, "stream_options": {"include_usage": true}, "user": "u", "top_k": 3}', False)
+    assert (p.model, p.stream, p.include_usage, p.coalescable) == ("m", True, True, True)
+    assert (p.max_tokens, p.n, p.num_prompts, p.texts) == (7, 2, 2, ["ab", "cd"])  # coerced as the replica does
+    q = parse_body(b'{"model": "other", "prompt": ["ab", "cd"], "temperature": 0, "n": 2, "max_tokens": "7", '
+                   b'"top_k": 3}', False)
+    assert q.digest == p.digest  # model, stream, stream_options and user are not "the request"
+    c = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, '
+                   b'{"type": "image_url", "image_url": {"url": "x"}}]}], "seed": 1, "logprobs": true, '
+                   b'"max_completion_tokens": 9, "max_tokens": 3}', True)
+    assert c.texts == ["user:hi\n"] and c.max_tokens == 9 and not c.coalescable  # logprobs: not reassembled
+    ids = parse_body(b'{"model": "m", "prompt": [[1, 2], [3]], "n": -1}', False)
+    assert (ids.token_ids, ids.num_prompts, ids.n, ids.texts) == (3, 2, 1, [])
+
+
+def test_token_count_caps_what_it_tokenizes():
+    tok = load_tokenizer("demo")  # byte-level: one token per byte
+    text = "hello world " * 10_000
+    p = parse_body(json.dumps({"model": "m", "prompt": text}).encode(), False)
+    assert count_prompt_tokens(p, tok, 10**9) == len(text)
+    assert count_prompt_tokens(p, tok, 1000) == len(text)  # extrapolated at the measured ratio
+    chat = parse_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode(), True)
+    exact = count_prompt_tokens(chat, tok, 10**9)  # through the chat template
+    assert exact > len(text) and abs(count_prompt_tokens(chat, tok, 1000) - exact) < 0.01 * exact
+    assert count_prompt_tokens(p, None, 1000) == math.ceil(len(text) / 4)
+
+
+# ---- idempotency cache: bounded by age, count and bytes -----------------------------------------------------------
+
+
+def finished_flight(nbytes: int, status: int = 200) -> Flight:
+    f = Flight(stream=False)
+    f.finish(status, "x" * nbytes)
+    return f
+
+
+def test_idempotency_cache_bounded_by_bytes_oldest_first():
+    async def main():
+        clock = Clock()
+        cache = IdempotencyCache(window_s=600, max_entries=100, max_bytes=10_000, clock=clock)
+        for i in range(5):
+            cache.put("a", f"k{i}", "h", finished_flight(3000))
+            clock.t += 1
+        assert cache.nbytes <= 10_000 and len(cache) == 3
+        assert [k for _, k in cache.entries] == ["k2", "k3", "k4"]  # the oldest went first
+        assert cache.get("a", "k0", "h") is None and cache.get("a", "k4", "h") is not None
+        with pytest.raises(KeyReused):
+            cache.get("a", "k4", "another request")
+        cache.put("a", "huge", "h", finished_flight(20_000))  # bigger than the bound on its own: not kept
+        assert len(cache) == 0 and cache.nbytes == 0
+        # a live flight is counted when it ends; a failed one is dropped then
+        live = Flight(stream=True)
+
+        async def run(f: Flight, status: int, body: str) -> None:
+            await asyncio.sleep(0)
+            f.finish(status, body)
+        live.task = asyncio.create_task(run(live, 200, "y" * 4000))
+        failed = Flight(stream=True)
+        failed.task = asyncio.create_task(run(failed, 502, "z"))
+        cache.put("a", "live", "h", live)
+        cache.put("b", "failed", "h", failed)
+        assert cache.nbytes == 0 and len(cache) == 2
+        await asyncio.gather(live.task, failed.task)
+        await asyncio.sleep(0)
+        assert cache.nbytes == 4000 and [k for _, k in cache.entries] == ["live"]
+        clock.t += 601  # past the window
+        assert cache.get("a", "live", "h") is None and cache.nbytes == 0
+
+    run(main())
+
+
+def test_idempotency_cache_bounded_by_count():
+    cache = IdempotencyCache(window_s=600, max_entries=3, max_bytes=1 << 30)
+    for i in range(10):
+        cache.put("a", f"k{i}", "h", finished_flight(10))
+    assert [k for _, k in cache.entries] == ["k7", "k8", "k9"] and cache.nbytes == 30
+
+
+# ---- breakers: what counts, and who wakes the queue --------------------------------------------------------------
+def test_breaker_opened_wakes_the_queue_when_half_open():
+    """An open breaker becomes usable after open_s without any event; the pool must pump its queue then."""
+    async def main():
+        pool = Pool("m", 4, client=None)
+        pool.replicas["r"] = r = Replica("r", Breaker(2, 0.05), started=True)
+        woken = asyncio.Event()
+        pool.on_capacity = woken.set
+        pool.failed(r)
+        pool.failed(r)
+        assert r.breaker.state == "open" and not pool.usable()
+        await asyncio.wait_for(woken.wait(), 5)
+        assert pool.usable() and pool.acquire(None, 1) is r  # the half-open trial
+
+    run(main())
+
+
+def test_queue_waiting_behind_an_open_breaker_is_dispatched_on_recovery():
+    async def main():
+        pool = Pool("m", 4, client=None)
+        pool.replicas["r"] = r = Replica("r", Breaker(1, 0.1), started=True)
+        q = ModelQueue("m", pool, max_queue=8, shed_batch_ratio=0.5, cold_start_timeout_s=30)
+        pool.failed(r)
+        waiting = [asyncio.create_task(q.admit(Waiter("a", "interactive", 10))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert len(q) == 3 and not any(t.done() for t in waiting)
+        first = await asyncio.wait_for(waiting[0], 5)  # the half-open trial goes first ...
+        assert first is r and not waiting[1].done()
+        pool.release(r, 10, True)  # ... and its success closes the breaker: the rest follow
+        assert await asyncio.wait_for(asyncio.gather(*waiting[1:]), 5) == [r, r]
+        for _ in range(2):
+            pool.release(r, 10, True)
+        assert r.in_flight == 0 and len(q) == 0
+
+    run(main())
+
+
+# ---- reading bodies, Prometheus text, Redis fallback ---------------------------------------------------------------
+
+
+def test_read_body_stops_at_the_limit_and_the_deadline():
+    async def main():
+        sent = 0
+
+        async def chunks(n: int, size: int, delay: float = 0.0):
+            nonlocal sent
+            for _ in range(n):
+                await asyncio.sleep(delay)
+                sent += size
+                yield b"x" * size
+
+        assert len(await read_body(chunks(4, 100), 400, 5)) == 400
+        sent = 0
+        with pytest.raises(BodyTooLarge):
+            await read_body(chunks(1000, 1 << 16), 1 << 20, 5)
+        assert sent <= (1 << 20) + (1 << 16)  # nothing read past the limit
+        with pytest.raises(BodyTimeout):
+            await read_body(chunks(1000, 1, delay=0.01), 1 << 20, 0.1)
+
+    run(main())
+
+
+def test_one_prometheus_parser():
+    text = ('# HELP conveyor_requests_running r\n# TYPE conveyor_requests_running gauge\n'
+            'conveyor_requests_running{model="a"} 2.0\nconveyor_requests_running{model="b"} 1.0\n'
+            '# TYPE conveyor_requests_waiting gauge\nconveyor_requests_waiting{model="a"} 3.0\n')
+    assert sum_by_name(text, ["conveyor_requests_running", "conveyor_requests_waiting", "absent"]) == {
+        "conveyor_requests_running": 3.0, "conveyor_requests_waiting": 3.0}
+    with pytest.raises(ValueError):
+        sum_by_name("<html>not metrics</html>", ["x"])
+
+
+def test_redis_unreachable_falls_back_as_configured_without_quota_headers(caplog):
+    from conveyor.gateway.ratelimit import RedisLimiter
+    from server_process import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there: connections are refused
+
+    async def main():
+        ops: list[str] = []
+        for mode in ("open", "closed"):
+            lim = RedisLimiter(url, on_error=mode, on_fallback=ops.append)
+            d = await lim.acquire(tenant(), 10)
+            assert d.allowed == (mode == "open") and not d.checked
+            assert not any(h.startswith("x-ratelimit") for h in d.headers())  # no quota it did not check
+            assert (d.reason, d.headers()) == ((None, {}) if mode == "open" else ("unavailable", {"retry-after": "1"}))
+            await lim.acquire(tenant(), 10)
+            await lim.refund(tenant(), 5)
+            await lim.close()
+        assert ops == ["acquire", "acquire", "refund"] * 2
+
+    with caplog.at_level("WARNING", logger="conveyor.gateway"):
+        run(main())
+    assert sum('"ratelimit_store_down"' in r.getMessage() for r in caplog.records) == 2  # once per outage
