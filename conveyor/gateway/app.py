@@ -138,6 +138,9 @@ class Gateway:
             old, self.limiter = self.limiter, self._limiter(cfg)
             self._spawn(old.close())
         self.apply(cfg)
+        loop = asyncio.get_running_loop()
+        for m in cfg.models:  # a new tokenizer loads in the pool, not on the first request's event loop turn
+            self._spawn(loop.run_in_executor(self.cpu, load_tokenizer, m.tokenizer))
         log.info(json.dumps({"event": "config_reloaded", "models": [m.name for m in cfg.models],
                              "tenants": len(cfg.tenants)}))
 
