@@ -54,6 +54,18 @@ BAD_PARAMS = [
     dict(stop_token_ids=[-1]), dict(stop_token_ids=[1.5]),
     dict(seed="abc"), dict(seed=1.5),
     dict(priority=None), dict(priority="high"), dict(priority=1.5),
+    # issue 11: absurd numbers and text the engine would only trip over inside a step
+    dict(use_beam_search=True, beam_width=2, length_penalty=1e300), dict(length_penalty=float("inf")),
+    dict(length_penalty=float("nan")), dict(length_penalty=-11.0), dict(temperature=float("inf")),
+    dict(top_p=float("-inf")), dict(min_p=float("nan")), dict(repetition_penalty=float("inf")),
+    dict(frequency_penalty=1e300), dict(presence_penalty=-1e300),
+    dict(seed=1 << 64), dict(seed=-(1 << 63) - 1), dict(priority=10 ** 30), dict(priority=-(10 ** 30)),
+    dict(top_k=1 << 63), dict(max_tokens=10 ** 30), dict(min_tokens=10 ** 30), dict(logprobs=10 ** 30),
+    dict(n=10 ** 30), dict(use_beam_search=True, beam_width=10 ** 30), dict(beam_width=1 << 63),
+    dict(beam_width="4"), dict(stop_token_ids=[1 << 63]), dict(stop_token_ids=[True]),
+    dict(stop_token_ids=list(range(1025))), dict(stop_token_ids=5), dict(stop=5), dict(stop={"a": 1}),
+    dict(stop="\ud800"), dict(stop=["ok", "a\udfffb"]), dict(ignore_eos="yes"), dict(skip_special_tokens=None),
+    dict(use_beam_search=1), dict(early_stopping="always"),
 ]
 
 
@@ -86,6 +98,11 @@ BAD_REQUESTS = [
     ("str token id", [5, "a"], SP(max_tokens=4), "vocabulary"),
     ("not a prompt", 42, SP(max_tokens=4), "prompt"),
     ("None prompt", None, SP(max_tokens=4), "prompt"),
+    ("lone surrogate in the prompt", "hi \ud800 there", SP(max_tokens=4), "UTF-8"),
+    ("lone low surrogate alone", "\udc80", SP(max_tokens=4), "UTF-8"),
+    ("dict with non-list ids", {"prompt_token_ids": 5}, SP(max_tokens=4), "prompt_token_ids"),
+    ("dict with string ids", {"prompt_token_ids": "abc"}, SP(max_tokens=4), "prompt_token_ids"),
+    ("params not SamplingParams", "hello", {"max_tokens": 4}, "SamplingParams"),
     ("prompt longer than max_model_len", "x" * (MAX_LEN + 10), SP(max_tokens=4), "maximum length"),
     ("prompt exactly max_model_len", [1] * MAX_LEN, SP(max_tokens=1), "maximum length"),
     ("prompt fills max_model_len, default max_tokens", [1] * MAX_LEN, SP(max_tokens=None), "no room"),
@@ -154,13 +171,14 @@ def test_extreme_but_valid_params_do_not_break_the_batch(llm):
     """Values at or past the ends of their ranges are served (or rejected up front), never fail inside a step,
     which would take every other request in the batch down with them."""
     params = [
-        SP(temperature=1.0, top_k=10 ** 20, max_tokens=4),  # k beyond the vocabulary: no top-k
+        SP(temperature=1.0, top_k=(1 << 63) - 1, max_tokens=4),  # k beyond the vocabulary: no top-k
         SP(temperature=1.0, top_k=VOCAB + 1, max_tokens=4),
-        SP(temperature=1.0, seed=10 ** 30, max_tokens=4),
-        SP(temperature=1.0, seed=-7, max_tokens=4),
-        SP(temperature=0.0, priority=10 ** 30, max_tokens=4),
-        SP(temperature=0.0, priority=-(10 ** 30), max_tokens=4),
-        SP(temperature=0.0, stop_token_ids=[10 ** 9], min_tokens=2, max_tokens=4),
+        SP(temperature=1.0, seed=(1 << 64) - 1, max_tokens=4),
+        SP(temperature=1.0, seed=-(1 << 63), max_tokens=4),
+        SP(temperature=0.0, priority=(1 << 63) - 1, max_tokens=4),
+        SP(temperature=0.0, priority=-(1 << 63), max_tokens=4),
+        SP(temperature=0.0, stop_token_ids=[(1 << 63) - 1] * 1024, min_tokens=2, max_tokens=4),
+        SP(temperature=0.0, stop=["\u00e9\U0001f600"], max_tokens=4),
         SP(temperature=100.0, top_p=1e-9, max_tokens=4),
         SP(temperature=1e-5, min_p=1.0, max_tokens=4),
         SP(temperature=1.0, logprobs=20, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=10.0,
@@ -171,7 +189,7 @@ def test_extreme_but_valid_params_do_not_break_the_batch(llm):
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
     assert_idle(llm)
     # top_k past the vocabulary samples exactly as no top_k
-    a = llm.generate(["hello"], SP(temperature=1.0, seed=5, max_tokens=8, top_k=10 ** 20))[0].outputs[0].token_ids
+    a = llm.generate(["hello"], SP(temperature=1.0, seed=5, max_tokens=8, top_k=(1 << 63) - 1))[0].outputs[0].token_ids
     b = llm.generate(["hello"], SP(temperature=1.0, seed=5, max_tokens=8))[0].outputs[0].token_ids
     assert a == b
 
