@@ -9,7 +9,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: list[dict[int, float]] | None = None
     num_new_tokens: int = 0  # tokens added since the previous output of this request
     new_text: str = ""  # text added since the previous output (for streaming)
@@ -27,3 +27,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # the engine failed this request inside a step and ended it (finish reason "error")

@@ -36,11 +36,12 @@ class ServerProcess:
     (secrets go there, not into ARGS, so they stay out of `ps`)."""
 
     command = "serve"
+    entry: tuple[str, ...] = ("-m", "conveyor.cli")  # what python runs: a test may wrap the CLI (fault injection)
 
     def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "conveyor.cli", self.command, "--port", str(self.port), *args]
+        cmd = [sys.executable, *self.entry, self.command, "--port", str(self.port), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))  # tiny models: 1 thread
         self.log_path = f"/tmp/conveyor-test-{self.command}-{self.port}.log"
         self._log = open(self.log_path, "w")

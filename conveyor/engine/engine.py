@@ -4,6 +4,7 @@ step(): Scheduler.schedule() → ModelRunner.execute() → Sampler → stop chec
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,12 @@ from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
 from conveyor.engine.sampler import Sampler
-from conveyor.engine.scheduler import Scheduler
+from conveyor.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
 from conveyor.model.loader import load_model
 from conveyor.model.runner import ModelRunner
 from conveyor.outputs import CompletionOutput, RequestOutput
-from conveyor.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams, ensure_utf8
 
 log = logging.getLogger("conveyor.engine")
 
@@ -57,6 +58,17 @@ def _mix_seed(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + index * 1442695040888963407) % (1 << 63)
 
 
+def _salt_key(cache_salt: str | None) -> str | None:
+    """The salt as the prefix cache keys it: a fixed-size digest, so a long salt costs nothing per block.
+    Raises ValueError for a salt that is not a string of valid text."""
+    if cache_salt is None:
+        return None
+    if not isinstance(cache_salt, str):
+        raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+    ensure_utf8(cache_salt, "cache_salt")
+    return hashlib.sha256(cache_salt.encode()).hexdigest()
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -75,6 +87,8 @@ class Engine:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
         self.requests: dict[str, Request] = {}
         self.last_step_num_seqs = 0
+        self.last_step_all_failed = False  # every request the last step ran failed (see step())
+        self.num_failed_requests = 0
         # KV slots reserved (blocks in use × block size) vs used (tokens in the cache), summed over steps
         self.kv_slots_reserved = 0
         self.kv_slots_used = 0
@@ -82,14 +96,24 @@ class Engine:
 
     # ---- requests in -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """Returns (text or None, token ids). Raises ValueError for anything that is not a servable prompt."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError("a dict prompt needs 'prompt_token_ids'")
-            prompt = list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt_token_ids"]
+            if not isinstance(prompt, (list, tuple)):
+                raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
+            ensure_utf8(prompt, "the prompt")
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except Exception as e:  # whatever the tokenizer cannot take is a bad prompt, not a server fault
+                raise ValueError(f"the prompt could not be tokenized ({type(e).__name__})") from None
+            if not ids:
+                raise ValueError("the prompt tokenizes to no tokens")
+            return prompt, ids
         if isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise ValueError("the prompt is empty")
@@ -100,9 +124,13 @@ class Engine:
         raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, "
                          f"got {type(prompt).__name__}")
 
-    def validate(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def validate(self, prompt: Prompt, params: SamplingParams,
+                 cache_salt: str | None = None) -> tuple[str | None, list[int]]:
         """Tokenize and check a request without queueing it (safe from any thread). Raises ValueError for a request
         that can never be served."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        _salt_key(cache_salt)
         text, ids = self.tokenize(prompt)
         self._resolve_max_tokens(len(ids), params)
         return text, ids
@@ -126,10 +154,11 @@ class Engine:
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     prompt_text: str | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request. Raises ValueError for a request that can never be served."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize(prompt)
+        text, ids = self.validate(prompt, params, cache_salt)
+        cache_salt = _salt_key(cache_salt)
         max_tokens = self._resolve_max_tokens(len(ids), params)
         width = params.beam_width if params.use_beam_search else params.n
         if width > self.config.scheduler.max_num_seqs:
@@ -187,16 +216,87 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        for seq in sched.restarted:
-            self.requests[seq.request_id].restart_beams(seq)
+        """Schedule and run one forward; returns the outputs of the requests it advanced.
+
+        A request that makes the step raise is ended (blocks freed) and comes back finished with `error` set and
+        finish reason "error"; the other requests of the batch carry on (a failing forward is run again on halves
+        of the batch to find the requests that fail). What cannot be pinned on requests fails the whole batch (in
+        the scheduler: every request). An AssertionError (a broken invariant) propagates: the state is suspect."""
+        self.last_step_all_failed = False
+        try:
+            sched = self.scheduler.schedule()
+            for seq in sched.restarted:
+                self.requests[seq.request_id].restart_beams(seq)
+        except AssertionError:
+            raise
+        except Exception as e:
+            self.last_step_num_seqs = 0
+            return self._fail_all(dict.fromkeys(self.requests, e))
+        batch = list(dict.fromkeys(s.seq.request_id for s in sched.scheduled))
+        try:
+            return self._run(sched)
+        except AssertionError:
+            raise
+        except Exception as e:  # outside any one request's part of the step
+            return self._fail_all(dict.fromkeys(batch, e))
+
+    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         self.last_step_num_seqs = len(sched.scheduled)
         if not sched.scheduled:
             return []
-        sampling = [s.seq for s in sched.scheduled if s.samples]
         self.runner.swap(*self.kv.take_swaps())
         self.runner.copy_blocks(self.kv.take_copies())
-        logits = self.runner.execute(sched.scheduled)
+        sampled, forking, failed = self._compute(sched.scheduled)
+        beams = [s.seq.request_id for s in sched.scheduled if s.samples and s.seq.request_id not in failed
+                 and self.requests[s.seq.request_id].beam is not None]
+        for s in sched.scheduled:  # only once the forward has succeeded
+            if s.seq.request_id not in failed:
+                s.seq.num_computed_tokens += s.num_tokens
+                self.kv.cache_full_blocks(s.seq)
+        for parent, child in forking:
+            self.scheduler.fork(parent, child)
+            parent.forks = []
+        self._account_kv()
+        now = time.monotonic()
+        tokens: dict[str, list[tuple[Sequence, int, dict[int, float] | None]]] = {}
+        for seq, tok, lp in sampled:
+            tokens.setdefault(seq.request_id, []).append((seq, tok, lp))
+        outs = []
+        for rid in dict.fromkeys([*tokens, *beams]):
+            try:
+                out = self._advance(self.requests[rid], tokens.get(rid, []), now)
+            except AssertionError:
+                raise
+            except Exception as e:
+                failed[rid] = e
+                continue
+            if out is not None:
+                outs.append(out)
+        self.last_step_all_failed = len(failed) == len({s.seq.request_id for s in sched.scheduled})
+        return outs + self._fail(failed)
+
+    def _compute(self, batch: list[ScheduledSeq]) -> tuple[list, list, dict[str, Exception]]:
+        """Run the forward and sampling for batch. If that raises, run halves of it (whole requests each) to find the
+        requests that fail. Returns (seq, token, logprobs) per sampled sequence, (parent, child) forks, and the
+        failed requests with their errors."""
+        try:
+            return *self._forward(batch), {}
+        except AssertionError:
+            raise
+        except Exception as e:
+            ids = list(dict.fromkeys(s.seq.request_id for s in batch))
+            if len(ids) == 1:
+                return [], [], {ids[0]: e}
+            first = set(ids[:len(ids) // 2])
+            a = self._compute([s for s in batch if s.seq.request_id in first])
+            b = self._compute([s for s in batch if s.seq.request_id not in first])
+            return a[0] + b[0], a[1] + b[1], {**a[2], **b[2]}
+
+    def _forward(self, batch: list[ScheduledSeq]) -> tuple[list, list]:
+        """The model forward and sampling for batch. It changes nothing but KV cache contents and beams' pending
+        log-probs, so it can run again on part of the batch."""
+        sampling = [s.seq for s in batch if s.samples]
+        logits = self.runner.execute(batch)
         beams = [(i, s) for i, s in enumerate(sampling) if self.requests[s.request_id].beam is not None]
         if beams:  # beams are advanced by the beam search, from their log-probabilities
             lps = logits[torch.tensor([i for i, _ in beams], device=logits.device)].log_softmax(-1).cpu()
@@ -213,25 +313,44 @@ class Engine:
         if forking:
             logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs = self.sampler(logits, sampling)
-        for s in sched.scheduled:  # only once the step has fully succeeded
-            s.seq.num_computed_tokens += s.num_tokens
-            self.kv.cache_full_blocks(s.seq)
-        for _, parent, child in forking:
-            self.scheduler.fork(parent, child)
-            parent.forks = []
-        self._account_kv()
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
-        for seq, tok, lp in zip(sampling, tokens, logprobs):
+        return list(zip(sampling, tokens, logprobs)), [(p, c) for _, p, c in forking]
+
+    def _advance(self, req: Request, tokens: list[tuple[Sequence, int, dict[int, float] | None]],
+                 now: float) -> RequestOutput | None:
+        """Apply one request's new tokens (stop checks, text) or its beam step; its output, if it has one now."""
+        for seq, tok, lp in tokens:
             self._append_token(seq, tok, lp, now)
-            touched[seq.request_id] = self.requests[seq.request_id]
-        for _, seq in beams:
-            req = self.requests[seq.request_id]
-            if req.beam.ready():
-                self._beam_step(req, now)
-                if req.finished:
-                    touched[req.request_id] = req
-        return [self._make_output(req, now) for req in touched.values()]
+        if req.beam is not None:
+            if not req.beam.ready():
+                return None
+            self._beam_step(req, now)
+            if not req.finished:
+                return None
+        return self._make_output(req, now)
+
+    def _fail_all(self, failed: dict[str, Exception]) -> list[RequestOutput]:
+        self.last_step_all_failed = True
+        outs = self._fail(failed)
+        assert self.requests or (self.kv.pool.num_in_use == 0 and not self.scheduler.num_unfinished), \
+            "a failed step left blocks or sequences behind"
+        return outs
+
+    def _fail(self, failed: dict[str, Exception]) -> list[RequestOutput]:
+        """End requests that failed inside a step: every sequence of theirs leaves the scheduler and frees its
+        blocks. Returns their final outputs, with `error` set."""
+        outs = []
+        for rid, e in failed.items():
+            log.error("request %s failed inside a step; it was ended", rid, exc_info=e)
+            for seq in [*self.scheduler.running, *self.scheduler.waiting, *self.scheduler.swapped]:
+                if seq.request_id == rid:  # also beams forked before the failure but not yet recorded
+                    self.scheduler.finish(seq, FinishReason.ABORT)
+            out = self.abort_request(rid) or RequestOutput(rid, None, [], finished=True)
+            out.error = f"the engine failed while running this request ({type(e).__name__})"
+            for c in out.outputs:
+                c.finish_reason = "error"
+            outs.append(out)
+        self.num_failed_requests += len(failed)
+        return outs
 
     def _beam_step(self, req: Request, now: float) -> None:
         """Apply one beam search step: surviving beams continue or fork (sharing blocks), the others end."""
@@ -342,6 +461,7 @@ class Engine:
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_cow_copies": self.kv.num_cow_copies,
+            "num_failed_requests": self.num_failed_requests,
             "num_preemptions_recompute": self.scheduler.preemptions_by_mode["recompute"],
             "num_preemptions_swap": self.scheduler.preemptions_by_mode["swap"],
             "num_swapped": len(self.scheduler.swapped),

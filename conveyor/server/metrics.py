@@ -93,11 +93,11 @@ class ServerMetrics:
             self.e2e.observe(m.get("e2e_s", 0.0))
             if "queue_s" in m:
                 self.queue_time.observe(m["queue_s"])
-            n_out = max(len(c.token_ids) for c in out.outputs)
+            n_out = max((len(c.token_ids) for c in out.outputs), default=0)  # none: beams aborted or failed early
             if n_out > 1 and "ttft_s" in m:
                 self.tpot.observe((m["e2e_s"] - m["ttft_s"]) / (n_out - 1))
-            for c in out.outputs:
-                self.requests.labels(self.model, c.finish_reason or "abort").inc()
+            for reason in [c.finish_reason for c in out.outputs] or ["error" if out.error else "abort"]:
+                self.requests.labels(self.model, reason or "abort").inc()
 
     def refresh_idle(self, engine: Engine) -> None:
         """Gauges are set after each step; an idle engine takes no steps, so refresh them at scrape time."""
