@@ -82,6 +82,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    """Serve until SIGTERM (exit 0 after draining) or until the engine loop fails for good (exit 1, so that a
+    supervisor restarts the replica)."""
+    import os
     import threading
 
     import uvicorn
@@ -89,6 +92,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from conveyor import LLM
     from conveyor.engine.async_engine import AsyncEngine
     from conveyor.server.api import Server
+    from conveyor.server.connection import timed_h11
     from conveyor.server.logs import setup_json_logging
     from conveyor.server.metrics import ServerMetrics
 
@@ -96,8 +100,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
     engine = LLM(**engine_kwargs(a)).engine
     name = a.served_model_name or engine.model_name
     metrics = ServerMetrics(name, engine.config.scheduler.max_num_seqs)
-    async_engine = AsyncEngine(engine, a.max_waiting_requests, on_step=metrics.on_step)
-    server = Server(async_engine, metrics, name, api_key=a.api_key, max_body_bytes=a.max_body_bytes)
+    uv: uvicorn.Server | None = None
+
+    def on_dead(e: BaseException) -> None:
+        logging.getLogger("conveyor.server").error("the engine loop failed for good; exiting")
+        if uv is not None:
+            uv.should_exit = True  # open requests have their error; uvicorn stops and the process exits 1
+
+    async_engine = AsyncEngine(engine, a.max_waiting_requests, on_step=metrics.on_step, on_dead=on_dead)
+    api_key = a.api_key or os.environ.get("CONVEYOR_API_KEY") or None  # the variable keeps it out of `ps`
+    server = Server(async_engine, metrics, name, api_key=api_key, max_body_bytes=a.max_body_bytes)
 
     class GracefulServer(uvicorn.Server):
         """SIGTERM: stop admitting (503), let in-flight requests finish up to the timeout, then exit 0."""
@@ -117,9 +129,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
             self.should_exit = True  # not super().handle_exit: uvicorn would re-raise the signal, exiting non-zero
 
     config = uvicorn.Config(server.app, host=a.host, port=a.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5, log_level=a.log_level)
-    GracefulServer(config).run()
-    return 0
+                            timeout_graceful_shutdown=5, log_level=a.log_level,
+                            http=timed_h11(a.request_read_timeout))
+    uv = GracefulServer(config)
+    uv.run()
+    return 1 if async_engine.error is not None else 0
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
@@ -167,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or set CONVEYOR_API_KEY, which `ps` does not show)")
     s.add_argument("--max-waiting-requests", type=int, default=512,
                    help="bound of the waiting queue; beyond it requests get 503 with Retry-After")
     s.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    s.add_argument("--request-read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's head, and then its body (else 408 and close)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     s.add_argument("--log-level", default="info")

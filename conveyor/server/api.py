@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +17,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conveyor.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from conveyor.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
 from conveyor.outputs import CompletionOutput, RequestOutput
 from conveyor.server.metrics import ServerMetrics
-from conveyor.server.protocol import ChatCompletionRequest, CompletionRequest
+from conveyor.server.protocol import ChatCompletionRequest, CompletionRequest, find_invalid_text
 
 log = logging.getLogger("conveyor.server")
 request_log = logging.getLogger("conveyor.requests")
@@ -35,15 +37,29 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
+    """OpenAI's error JSON. ASCII-escaped, so any text (even a lone surrogate from the request) encodes."""
+    return json.dumps({"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+                                 "param": param, "code": code}}).encode()
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(status, message, param, code), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from receive() once a body passes the limit. An HTTPException, because FastAPI re-raises those from
+    its body parsing (anything else becomes a 400 there) and the app's handler then answers 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over max_bytes, by Content-Length or by counting a streamed body."""
+    """ASGI middleware: 413 for a body over max_bytes, by Content-Length before any of it is read, or by counting a
+    streamed (chunked) body as it arrives, so at most max_bytes plus one read is ever held."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -52,9 +68,9 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes", code="body_too_large")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_big(scope, receive, send)
+            e = BodyTooLarge(self.max_bytes)
+            return await error_response(413, e.detail, code="body_too_large")(scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -63,17 +79,10 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    raise BodyTooLarge(self.max_bytes)
             return msg
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_big(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, send)
 
 
 class Server:
@@ -84,7 +93,7 @@ class Server:
         self.engine = engine
         self.metrics = metrics
         self.model_name = served_model_name
-        self.api_key = api_key
+        self._auth = None if api_key is None else f"Bearer {api_key}".encode()
         self.draining = False
         self.created = int(time.time())
         self.tokenizer = engine.engine.tokenizer
@@ -110,10 +119,10 @@ class Server:
         yield
         self.engine.shutdown()
 
-    async def _on_api_error(self, request: Request, e: APIError) -> JSONResponse:
+    async def _on_api_error(self, request: Request, e: APIError) -> Response:
         return error_response(e.status, e.message, e.param, e.code, e.headers)
 
-    async def _on_validation_error(self, request: Request, e: RequestValidationError) -> JSONResponse:
+    async def _on_validation_error(self, request: Request, e: RequestValidationError) -> Response:
         err = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
@@ -121,11 +130,13 @@ class Server:
         msg = err.get("msg", "invalid request")
         return error_response(400, f"{'.'.join(loc) or 'body'}: {msg}", ".".join(loc) or None)
 
-    async def _on_http_error(self, request: Request, e: StarletteHTTPException) -> JSONResponse:
-        msg = f"route {request.url.path} not found" if e.status_code == 404 else str(e.detail)
-        return error_response(e.status_code, msg)
+    async def _on_http_error(self, request: Request, e: StarletteHTTPException) -> Response:
+        msg = f"route {request.url.path[:200]} not found" if e.status_code == 404 else str(e.detail)
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed",
+                413: "body_too_large"}.get(e.status_code)
+        return error_response(e.status_code, msg, code=code, headers=e.headers)
 
-    async def _on_unexpected(self, request: Request, e: Exception) -> JSONResponse:
+    async def _on_unexpected(self, request: Request, e: Exception) -> Response:
         log.exception("unexpected error")
         return error_response(500, "internal server error")
 
@@ -147,7 +158,7 @@ class Server:
 
     # ---- completions -------------------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._admit(request, body.model)
+        self._admit(request, body)
         if body.echo:
             raise APIError(400, "echo is not supported", "echo")
         params = self._params(body, body.max_tokens, body.logprobs)
@@ -155,7 +166,7 @@ class Server:
         return await self._respond(request, body, prompts, params, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._admit(request, body.model)
+        self._admit(request, body)
         try:
             logprobs = body.chat_logprobs()
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -163,29 +174,37 @@ class Server:
             raise APIError(400, str(e), "messages") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "the model has no chat template; use /v1/completions", "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=body.add_generation_prompt)
-        except Exception as e:  # a template may raise on messages it does not accept
-            raise APIError(400, f"chat template failed: {e}", "messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self._params(body, max_tokens, logprobs)
+        try:  # off the event loop: a long conversation takes a while to render and tokenize
+            ids = await asyncio.to_thread(self._chat_ids, messages, body.add_generation_prompt)
+        except Exception as e:  # a template may raise on messages it does not accept
+            raise APIError(400, f"the messages could not be rendered with the chat template "
+                                f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
         return await self._respond(request, body, [{"prompt_token_ids": ids}], params, chat=True)
 
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def _check_auth(self, request: Request) -> None:
-        if self.api_key is None:
+        if self._auth is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        sent = request.headers.get("authorization", "").encode("latin-1")  # the bytes as sent (ASGI decodes latin-1)
+        if not hmac.compare_digest(sent, self._auth):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
-    def _admit(self, request: Request, model: str | None) -> None:
+    def _admit(self, request: Request, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """Auth, model, draining, then text: raises APIError (401, 404, 503, 400)."""
         self._check_auth(request)
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model {body.model[:100]!r} does not exist; this server serves "
+                                f"{self.model_name!r}", "model", "model_not_found")
         if self.draining:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        bad = find_invalid_text(body.model_dump())
+        if bad is not None:
+            raise APIError(400, f"{bad}: not valid UTF-8 text (a lone surrogate)", bad, "invalid_text")
 
     def _params(self, body, max_tokens: int | None, logprobs: int | None):
         try:
@@ -207,12 +226,9 @@ class Server:
         except ValueError as e:
             await _close_all(gens)
             raise APIError(400, str(e), "prompt" if not chat else "messages") from None
-        except EngineOverloaded as e:
+        except (EngineOverloaded, EngineDead, RequestFailed) as e:
             await _close_all(gens)
-            raise APIError(503, str(e), code="overloaded", headers={"Retry-After": "1"}) from None
-        except EngineDead as e:
-            await _close_all(gens)
-            raise APIError(503, str(e), code="engine_dead", headers={"Retry-After": "5"}) from None
+            raise _engine_error(e) from None
         headers = {"X-Request-Id": rid}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -239,8 +255,10 @@ class Server:
         gone.cancel()
         try:
             task.result()
-        except EngineDead as e:
-            raise APIError(503, str(e), code="engine_dead", headers={"Retry-After": "5"}) from None
+        except (EngineDead, RequestFailed) as e:
+            err = _engine_error(e)
+            self._log(ctx, list(finals.values()), err.code)
+            raise err from None
         outs = [finals[i] for i in sorted(finals)]
         choices = [self._choice(ctx, i, c) for i, out in enumerate(outs) for c in out.outputs]
         self._log(ctx, outs, "ok")
@@ -281,10 +299,16 @@ class Server:
                 final = [outs[i] for i in sorted(outs)]
                 yield _sse({"id": ctx.response_id, "object": _chunk_object(ctx), "created": ctx.created,
                             "model": self.model_name, "choices": [], "usage": _usage(final)})
-        except EngineDead as e:
-            status = "engine_dead"
-            yield _sse({"error": {"message": str(e), "type": "service_unavailable", "param": None,
-                                  "code": "engine_dead"}})
+        except (EngineDead, RequestFailed) as e:  # headers are out: the error goes as an event
+            err = _engine_error(e)
+            status = err.code
+            yield _sse({"error": {"message": err.message, "type": _ERROR_TYPES[err.status], "param": None,
+                                  "code": err.code}})
+        except Exception:
+            status = "internal_error"
+            log.exception("stream failed")
+            yield _sse({"error": {"message": "internal server error", "type": "internal_error", "param": None,
+                                  "code": None}})
         finally:
             self._log(ctx, list(outs.values()), status)
         yield "data: [DONE]\n\n"
@@ -320,8 +344,8 @@ class Server:
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(ids, lps)],
-                "top_logprobs": [{self._token_text(k): v for k, v in lp.items()} for lp in lps],
+        return {"tokens": tokens, "token_logprobs": [_finite(lp[t]) for t, lp in zip(ids, lps)],
+                "top_logprobs": [{self._token_text(k): _finite(v) for k, v in lp.items()} for lp in lps],
                 "text_offset": offsets}
 
     def _chat_logprobs(self, ids: list[int], lps: list[dict[int, float]] | None, top_n: int) -> dict:
@@ -334,7 +358,7 @@ class Server:
 
     def _token_entry(self, token_id: int, logprob: float) -> dict:
         text = self._token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
 
     # ---- logs --------------------------------------------------------------------------------------------------
     def _log(self, ctx: _Ctx, outs: list[RequestOutput], status: str) -> None:
@@ -351,6 +375,21 @@ class Server:
 class _Ctx:
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
+
+
+def _engine_error(e: Exception) -> APIError:
+    """The HTTP error for an engine-side failure of a request."""
+    if isinstance(e, EngineOverloaded):
+        return APIError(503, str(e), code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDead):
+        return APIError(503, str(e), code="engine_dead", headers={"Retry-After": "5"})
+    assert isinstance(e, RequestFailed), e
+    return APIError(500, str(e), code="engine_step_failed")
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a token the model gives no chance is reported as -9999.0, as OpenAI does."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def _chunk_object(ctx: _Ctx) -> str:

@@ -21,7 +21,12 @@ class JsonFormatter(logging.Formatter):
             entry["message"] = msg
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        text = json.dumps(entry, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from some client text: escape it rather than lose the line
+            text = json.dumps(entry)
+        return text
 
 
 def setup_json_logging(level: int = logging.INFO) -> None:

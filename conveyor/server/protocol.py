@@ -56,6 +56,25 @@ class _Common(BaseModel):
             length_penalty=self.length_penalty, early_stopping=self.early_stopping)
 
 
+def find_invalid_text(obj: Any) -> str | None:
+    """The path ("messages.0.content") of the first string in a parsed body, dict keys included, that is not valid
+    UTF-8 text (JSON's \\ud800 escapes decode to lone surrogates); None when every string is valid."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:  # iterative: bodies may nest deeply
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(v, dict):
+            stack += [(path, k) for k in v]
+            stack += [(f"{path}.{k}" if path else str(k), x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v)]
+    return None
+
+
 TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
