@@ -243,10 +243,10 @@ class Gateway:
         model = await self._route(request, parsed, tenant)
         ctx.model = model.name
         stream, include_usage, coalescable = parsed.stream, parsed.include_usage, parsed.coalescable
-        # identical deterministic requests share one generation, streamed upstream so that streaming and
-        # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
         salt = tenant_cache_salt(tenant.name, parsed.cache_salt)  # prefix-cache hits only within this tenant
         upstream = dict(body, model=model.upstream_model, cache_salt=salt)
+        # identical deterministic requests share one generation, streamed upstream so that streaming and
+        # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
         if stream or coalescable:
             upstream.update(stream=True, stream_options={"include_usage": True})  # usage settles the tokens
         request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": stream})
@@ -262,10 +262,9 @@ class Gateway:
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
             return await self._respond(request, ctx, flight, stream, include_usage, path)
 
-        prompt_tokens = await self._count(parsed, model.tokenizer)
-        await self._reserve(ctx, tenant, prompt_tokens + (parsed.max_tokens if parsed.max_tokens and
-                                                          parsed.max_tokens > 0 else model.default_max_tokens)
-                            * parsed.n * parsed.num_prompts)
+        max_tokens = parsed.max_tokens if parsed.max_tokens and parsed.max_tokens > 0 else model.default_max_tokens
+        await self._reserve(ctx, tenant, await self._count(parsed, model.tokenizer)
+                            + max_tokens * parsed.n * parsed.num_prompts)
 
         flight = self.coalescing.get(coalesce_key) if coalescable else None
         if flight is not None and not flight.done:
