@@ -144,6 +144,8 @@ STAGES = [
     ("connect_refused", lambda gw, mp: mp.setattr(
         gw.client, "send", lambda *a, **k: (_ for _ in ()).throw(httpx.ConnectError("injected"))), SMALL, 502),
     ("mid_stream_assembled", lambda gw, mp: cut_after_first_line(mp), SHARED, 502),
+    ("respond", lambda gw, mp: mp.setattr(app_module, "_client_wait", aboom), SMALL, 500),
+    ("respond_stream", lambda gw, mp: mp.setattr(app_module, "_client_wait", aboom), STREAM, 500),
     ("assemble", lambda gw, mp: mp.setattr(app_module, "assemble", boom), SHARED, 500),
 ]
 

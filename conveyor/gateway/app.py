@@ -60,6 +60,7 @@ class Ctx:
     cost: int = 0
     slot: bool = False  # holds one of its tenant's max_concurrent slots
     reserved: bool = False  # holds a reservation of `cost` tokens in the rate limiter
+    logged: bool = False  # its access-log line is written
     joined: str | None = None  # "coalesced" | "idempotent"
     deadline: float | None = None  # monotonic; this client's own, while its flight is queued
     headers: dict[str, str] = field(default_factory=dict)
@@ -418,6 +419,9 @@ class Gateway:
         flight.subscribe()
         try:
             reached = await _until_disconnect(request, _client_wait(ctx, flight, stream))
+        except Exception:
+            flight.unsubscribe()
+            raise  # proxy() answers 500 and frees what ctx holds
         except BaseException:
             flight.unsubscribe()
             self._settle(ctx, flight, 499)
@@ -479,12 +483,10 @@ class Gateway:
         else:  # failed before generating: nothing used; cut off mid-way: keep the reservation
             used = ctx.cost if flight.chunks and status in (200, 499) and flight.status == 200 else 0
         self._release(ctx, used)
-        self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(status)).inc()
         self._access_log(ctx, status, flight)
 
     def _reject(self, ctx: Ctx, e: _Reject) -> Response:
         self.metrics.rejections.labels(ctx.model, ctx.tenant_class, e.reason).inc()
-        self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(e.status)).inc()
         self._access_log(ctx, e.status, None, e.reason)
         return Response(error_body(e.status, e.message, e.code, e.param), status_code=e.status,
                         media_type="application/json", headers={**e.headers, "x-request-id": ctx.rid})
@@ -512,6 +514,11 @@ class Gateway:
                                     "model": "unknown", "status": 408, "reason": "client_timeout"}))
 
     def _access_log(self, ctx: Ctx, status: int, flight: Flight | None, reason: str | None = None) -> None:
+        """One access-log line and one count in requests_total per request, whichever paths it went through."""
+        if ctx.logged:
+            return
+        ctx.logged = True
+        self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(status)).inc()
         entry = {"event": "access", "request_id": ctx.rid, "tenant": ctx.tenant.name if ctx.tenant else None,
                  "tenant_class": ctx.tenant_class, "model": ctx.model, "status": status,
                  "total_ms": round((time.monotonic() - ctx.started) * 1000, 2)}
