@@ -3,7 +3,8 @@
 A request takes 1 from the request bucket and its reservation (prompt tokens + max_tokens) from the token bucket;
 when it ends, `refund` gives back what it did not use (or takes more, leaving the bucket in debt). State lives in
 memory (`MemoryLimiter`) or in Redis (`RedisLimiter`, one Lua script per operation, timed by Redis's own clock) so
-several gateway processes enforce one limit.
+several gateway processes enforce one limit; when Redis is unreachable a configured fallback (open or closed)
+decides, and the decision says it was not checked.
 """
 from __future__ import annotations
 
