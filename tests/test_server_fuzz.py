@@ -1,5 +1,8 @@
-"""Hypothesis sends malformed and extreme requests to a real server: every answer is a 200 or a 4xx carrying
-OpenAI's error JSON, never a 5xx; afterwards the server still serves correctly and holds no KV blocks."""
+"""Hypothesis sends malformed and extreme requests to a real server, covering every field of both endpoints: wrong
+types, out-of-range, non-finite (NaN, Infinity as json.dumps writes them, 1e999 literals) and huge numbers, lone
+surrogates (JSON \\ud800 escapes) and invalid UTF-8 bytes, deep nesting, oversized bodies (chunked and not).
+Every answer is a 200 or a 4xx carrying OpenAI's error JSON, never a 5xx; afterwards the server is healthy, holds
+no KV block and still answers a normal request correctly."""
 from __future__ import annotations
 
 import json
@@ -10,83 +13,159 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_process import ServerProcess
 
+MAX_BODY = 1 << 16
+ROUTES = ["/v1/completions", "/v1/chat/completions"]
+
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--max-num-seqs", "8", "--num-kv-blocks", "256", "--max-model-len", "512")
+    s = ServerProcess("--max-num-seqs", "8", "--num-kv-blocks", "256", "--max-model-len", "512",
+                      "--max-body-bytes", str(MAX_BODY))
     yield s
     s.stop()
 
 
-weird = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=True),
-                  st.text(max_size=20), st.lists(st.integers(-5, 400), max_size=5),
-                  st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+# ---- values -------------------------------------------------------------------------------------------------------
+surrogate = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2).map(lambda s: f"a{s}b")
+texts = st.one_of(st.text(max_size=20), st.text(st.characters(exclude_categories=()), max_size=20), surrogate)
+numbers = st.one_of(st.integers(-2**70, 2**70), st.sampled_from([10**30, -10**30, 2**63, 2**64, -2**63 - 1]),
+                    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e300, -1e300, 5e-324]))
+weird = st.one_of(st.none(), st.booleans(), numbers, texts, st.lists(st.integers(-5, 400), max_size=5),
+                  st.lists(texts, max_size=3), st.dictionaries(texts, st.integers(), max_size=2))
+# JSON literals json.dumps never writes: spliced into the body text in place of a field's value
+LITERALS = ["1e999", "-1e999", "1e-999", "1" + "0" * 400, "-" + "9" * 5000, "[" * 10_000 + "]" * 10_000,
+            "[" * 300 + "1" + "]" * 300, '{"a": ' * 300 + "1" + "}" * 300, '"\\ud800"', '"\\udfff\\ud800"',
+            "NaN", "-Infinity", "tru", "01", ".5", '"\\u00"']
 small = st.integers(1, 4)
-fields = {
-    "model": st.one_of(st.just("demo"), weird),
-    "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-3, 300), max_size=8),
-                        st.lists(st.text(max_size=5), max_size=3), weird),
-    "messages": st.one_of(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
-                                                           "content": st.one_of(st.text(max_size=20), weird)}),
-                                   max_size=3), weird),
-    "max_tokens": st.one_of(small, weird), "temperature": st.one_of(st.floats(0, 2), weird),
-    "top_p": st.one_of(st.floats(0, 1), weird), "top_k": weird, "n": st.one_of(small, weird),
-    "stop": st.one_of(st.text(max_size=3), weird), "seed": weird, "logprobs": weird, "top_logprobs": weird,
-    "stream": st.booleans(), "presence_penalty": weird, "min_p": weird, "repetition_penalty": weird,
-    "stop_token_ids": weird, "min_tokens": weird, "priority": weird, "max_completion_tokens": weird,
+
+
+def field(*good: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(*good, weird)
+
+
+content_part = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", 5]), "text": weird}),
+                         st.fixed_dictionaries({"type": st.just("text"), "text": texts}), weird)
+message = st.fixed_dictionaries(
+    {"role": field(st.sampled_from(["user", "system", "assistant", "tool", "developer", "bot"]))},
+    optional={"content": field(texts, st.lists(content_part, max_size=3)), "name": weird})
+COMMON = {
+    "model": field(st.just("demo")), "max_tokens": field(small), "temperature": field(st.floats(0, 2)),
+    "top_p": field(st.floats(0.01, 1)), "n": field(small), "stop": field(texts, st.lists(texts, max_size=17)),
+    "seed": weird, "presence_penalty": field(st.floats(-2, 2)), "frequency_penalty": field(st.floats(-2, 2)),
+    "stream": field(st.booleans()),
+    "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": field(st.booleans())})),
+    "user": field(texts), "top_k": weird, "min_p": field(st.floats(0, 1)), "repetition_penalty": weird,
+    "min_tokens": weird, "ignore_eos": field(st.booleans()), "stop_token_ids": weird, "priority": weird,
+    "skip_special_tokens": field(st.booleans()), "cache_salt": field(texts), "use_beam_search": field(st.booleans()),
+    "beam_width": field(small), "length_penalty": weird, "early_stopping": field(st.sampled_from([True, "never"])),
 }
-junk = st.fixed_dictionaries({}, optional=fields)
+FIELDS = {
+    "/v1/completions": {**COMMON, "prompt": field(texts, st.lists(st.integers(-3, 300), max_size=8),
+                                                  st.lists(texts, max_size=3),
+                                                  st.lists(st.lists(st.integers(0, 261), max_size=4), max_size=3)),
+                        "logprobs": weird, "echo": field(st.booleans())},
+    "/v1/chat/completions": {**COMMON, "messages": field(st.lists(message, max_size=3)),
+                             "max_completion_tokens": weird, "logprobs": field(st.booleans()),
+                             "top_logprobs": weird, "add_generation_prompt": field(st.booleans())},
+}
 # in range, including the extremes: these must be served (or rejected as too long), never crash the server
-in_range = {
+IN_RANGE = {
     "max_tokens": st.integers(1, 40), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
     "top_k": st.integers(-1, 400), "min_p": st.floats(0, 1), "n": st.integers(1, 3),
     "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)),
-    "seed": st.integers(-2**63, 2**64 - 1), "logprobs": st.integers(0, 5), "stream": st.booleans(),
-    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
-    "repetition_penalty": st.floats(0.1, 3), "min_tokens": st.integers(0, 3), "ignore_eos": st.booleans(),
-    "stop_token_ids": st.lists(st.integers(0, 261), max_size=3), "priority": st.integers(-10, 10),
+    "seed": st.integers(-2**63, 2**64 - 1), "stream": st.booleans(), "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.1, 3), "min_tokens": st.integers(0, 3),
+    "ignore_eos": st.booleans(), "stop_token_ids": st.lists(st.integers(0, 261), max_size=3),
+    "priority": st.integers(-10, 10), "cache_salt": st.text(max_size=10),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
 }
-valid_prompt = st.one_of(st.text(min_size=1, max_size=60), st.lists(st.integers(0, 261), min_size=1, max_size=20))
-mostly_valid = st.fixed_dictionaries({"prompt": valid_prompt}, optional=in_range)
-bodies = st.one_of(junk, mostly_valid, st.tuples(mostly_valid, junk).map(lambda t: {**t[0], **t[1]}))
+VALID = {"/v1/completions": {"prompt": st.one_of(st.text(min_size=1, max_size=60),
+                                                 st.lists(st.integers(0, 261), min_size=1, max_size=20)),
+                             "logprobs": st.integers(0, 5)},
+         "/v1/chat/completions": {"messages": st.lists(st.fixed_dictionaries({
+             "role": st.sampled_from(["user", "system"]), "content": st.text(max_size=30)}), min_size=1, max_size=2),
+             "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5)}}
+
+
+@st.composite
+def requests(draw) -> tuple[str, bytes]:
+    route = draw(st.sampled_from(ROUTES))
+    valid = draw(st.fixed_dictionaries({k: v for k, v in VALID[route].items() if k in ("prompt", "messages")},
+                                       optional={**IN_RANGE, "logprobs": VALID[route]["logprobs"]}))
+    if route.endswith("chat/completions") and "logprobs" in valid and valid["logprobs"]:
+        valid["top_logprobs"] = draw(VALID[route]["top_logprobs"])
+    junk = draw(st.fixed_dictionaries({}, optional=FIELDS[route]))
+    body = draw(st.sampled_from([valid, junk, {**valid, **junk}]))
+    raw = json.dumps(body, allow_nan=True)  # NaN, Infinity as Python writes them; surrogates as \ud800 escapes
+    if draw(st.booleans()):  # one field's value replaced by a literal json.dumps would never write
+        name = draw(st.sampled_from(sorted(FIELDS[route])))
+        body = {**body, name: "\0LITERAL\0"}
+        raw = json.dumps(body, allow_nan=True).replace('"\\u0000LITERAL\\u0000"', draw(st.sampled_from(LITERALS)))
+    data = raw.encode()
+    if draw(st.integers(0, 9)) == 0 and b'"' in data:  # invalid UTF-8 bytes inside the body
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"])) + data[at:]
+    return route, data
+
+
+def _no_constants(name: str):
+    raise AssertionError(f"the response has {name}, which is not JSON")
+
+
+def strict_json(text: str):
+    return json.loads(text, parse_constant=_no_constants)
 
 
 def check(r: httpx.Response) -> None:
     assert r.status_code < 500, (r.status_code, r.text[:300])
     if r.status_code != 200:
         assert 400 <= r.status_code < 500
-        err = r.json()["error"]
+        assert r.headers["content-type"].startswith("application/json")
+        err = strict_json(r.text)["error"]
         assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
     elif r.headers["content-type"].startswith("text/event-stream"):
-        assert r.text.rstrip().endswith("data: [DONE]")
+        events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        for e in events[:-1]:
+            assert "error" not in strict_json(e), e
     else:
-        assert r.json()["choices"]
+        assert strict_json(r.text)["choices"]
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=bodies, route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
-def test_fuzzed_json_bodies(server, body, route):
-    if route.endswith("chat/completions") and "prompt" in body and "messages" not in body:
-        body = {**body, "messages": [{"role": "user", "content": str(body.pop("prompt"))}]}
-        body.pop("logprobs", None)
-    try:
-        payload = json.dumps(body, allow_nan=True)
-    except (ValueError, OverflowError):
-        return
-    check(httpx.post(server.base_url + route, content=payload, headers={"content-type": "application/json"},
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(req=requests())
+def test_fuzzed_requests(server, req):
+    route, data = req
+    check(httpx.post(server.base_url + route, content=data, headers={"content-type": "application/json"},
                      timeout=60))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(raw=st.binary(max_size=200), route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+@given(raw=st.binary(max_size=200), route=st.sampled_from(ROUTES))
 def test_fuzzed_raw_bytes(server, raw, route):
     check(httpx.post(server.base_url + route, content=raw, headers={"content-type": "application/json"}, timeout=60))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("size", [MAX_BODY + 1, 10 * MAX_BODY])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_oversized_bodies(server, route, size, chunked):
+    body = b'{"prompt": "' + b"x" * size + b'"}'
+    content = iter([body[i:i + 4096] for i in range(0, len(body), 4096)]) if chunked else body
+    r = httpx.post(server.base_url + route, content=content, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and strict_json(r.text)["error"]["code"] == "body_too_large"
 
 
 def test_server_healthy_after_fuzzing(server):
     r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "still fine", "max_tokens": 4,
                                                              "temperature": 0, "ignore_eos": True}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    again = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "still fine", "max_tokens": 4,
+                                                                 "temperature": 0, "ignore_eos": True}, timeout=30)
+    assert again.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]  # greedy: the same text
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert server.metric("conveyor_kv_cache_usage_ratio") == 0.0
     assert server.metric("conveyor_requests_running") == 0
+    assert server.metric("conveyor_requests_waiting") == 0
+    assert "Traceback" not in server.logs()  # no unexpected exception on the way

@@ -217,24 +217,45 @@ class Server:
         prefix = "chatcmpl" if chat else "cmpl"
         ctx = _Ctx(rid=rid, response_id=f"{prefix}-{rid}", created=int(time.time()), chat=chat, n=params.n,
                    logprobs=params.logprobs, started=time.monotonic())
-        gens = []
-        try:
-            for i, p in enumerate(prompts):
-                gen = self.engine.generate(f"{rid}:{uuid.uuid4().hex[:8]}:{i}", p, params, body.cache_salt)
-                first = await anext(gen)  # validation and admission errors surface here, before any header
-                gens.append(_prepend(first, gen))
-        except ValueError as e:
-            await _close_all(gens)
-            raise APIError(400, str(e), "prompt" if not chat else "messages") from None
-        except (EngineOverloaded, EngineDead, RequestFailed) as e:
-            await _close_all(gens)
-            raise _engine_error(e) from None
+        start = asyncio.create_task(self._start(rid, prompts, params, body.cache_salt, chat))
+        gone = asyncio.create_task(_wait_disconnect(request))
+        await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():  # the client left while its requests waited for their turn: they leave the queue
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            self._log(ctx, [], "client_disconnected")
+            return Response(status_code=499)
+        gone.cancel()
+        gens = [_prepend(first, gen) for first, gen in start.result()]
         headers = {"X-Request-Id": rid}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(ctx, gens, include_usage), media_type="text/event-stream",
                                      headers=headers)
         return await self._complete(request, ctx, gens, headers)
+
+    async def _start(self, rid: str, prompts: list[Any], params, cache_salt: str | None,
+                     chat: bool) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
+        """Queue each prompt and wait for its first output, so that validation, admission and engine errors come
+        before any header (as APIError). Returns (first output, the rest) per prompt."""
+        started = []
+        try:
+            for i, p in enumerate(prompts):
+                gen = self.engine.generate(f"{rid}:{uuid.uuid4().hex[:8]}:{i}", p, params, cache_salt)
+                try:
+                    first = await anext(gen)
+                except BaseException:
+                    await gen.aclose()
+                    raise
+                started.append((first, gen))
+        except BaseException as e:  # also cancelled: every queued request is aborted
+            await _close_all([g for _, g in started])
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e), "prompt" if not chat else "messages") from None
+            if isinstance(e, (EngineOverloaded, EngineDead, RequestFailed)):
+                raise _engine_error(e) from None
+            raise
+        return started
 
     async def _complete(self, request: Request, ctx: _Ctx, gens: list, headers: dict) -> Response:
         finals: dict[int, RequestOutput] = {}
