@@ -6,6 +6,7 @@ Faults are injected into the real model runner (tests/fault_server.py for the se
 for real."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -15,6 +16,7 @@ import pytest
 from fault_server import POISON
 from server_process import ServerProcess
 
+from conveyor.engine.async_engine import AsyncEngine, EngineDead
 from conveyor.llm import LLM
 from conveyor.sampling_params import SamplingParams as SP
 
@@ -171,6 +173,29 @@ def test_invalid_text_and_salt_are_rejected_when_added(llm):
     run(llm)
     assert llm.stats()["prefix_cache_hits"] > before
     assert_idle(llm)
+
+
+def test_an_error_outside_a_step_stops_the_loop_for_good(llm):
+    """The loop cannot vouch for its state after an error outside a step: every open request gets EngineDead, new
+    ones are refused, and on_dead is called so that the server can exit."""
+    dead: list[BaseException] = []
+
+    def broken_metrics(engine, outs, step_time):
+        raise RuntimeError("injected fault outside a step")
+
+    async def main() -> None:
+        engine = AsyncEngine(llm.engine, on_step=broken_metrics, on_dead=dead.append)
+        engine.start()
+        with pytest.raises(EngineDead):
+            async for _ in engine.generate("r1", "hello", GREEDY):
+                pass
+        assert not engine.alive
+        with pytest.raises(EngineDead):
+            await anext(engine.generate("r2", "hello", GREEDY))
+        engine.shutdown()
+
+    asyncio.run(main())
+    assert len(dead) == 1 and "outside a step" in str(dead[0])
 
 
 # ---- the server ---------------------------------------------------------------------------------------------------
