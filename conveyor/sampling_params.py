@@ -53,11 +53,12 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
-        """Every value the engine will use is checked here, so no request can fail inside a step: integers are
-        ints within int64, floats finite and in range, strings valid UTF-8. Raises ValueError."""
+    def validate(self) -> None:
+        """Every value the engine will use is checked here (when made, and again when a request is added), so no
+        request can fail inside a step: integers are ints within int64, floats finite and in range, strings valid
+        UTF-8. Raises ValueError."""
         def check(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
@@ -96,7 +97,8 @@ class SamplingParams:
         check(len(self.stop_list) <= 16, "at most 16 stop strings")
         for s in self.stop_list:
             ensure_utf8(s, "a stop string")
-        check(len(self.stop_token_ids) <= _MAX_STOP_TOKEN_IDS, f"at most {_MAX_STOP_TOKEN_IDS} stop_token_ids")
+        check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= _MAX_STOP_TOKEN_IDS,
+              f"stop_token_ids must be a list of at most {_MAX_STOP_TOKEN_IDS} integers")
         check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < _INT64 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative 64-bit integers")
         check(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")

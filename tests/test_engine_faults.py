@@ -111,13 +111,17 @@ def test_a_transient_fault_fails_no_request_of_a_shared_batch(llm):
 
 def test_a_failure_after_the_forward_fails_its_request_alone(llm):
     """length_penalty=1e300 used to overflow inside the beam search step (issue 11) and kill the engine; today it is
-    rejected when the params are made, so the value is forced in afterwards to exercise the step's own handling."""
-    bad = SP(use_beam_search=True, beam_width=2, max_tokens=6)
-    bad.length_penalty = 1e300
+    rejected when the params are made and again when the request is added, so the value is forced into the search's
+    state afterwards to exercise the step's own handling."""
     eng = llm.engine
     for rid, (p, sp) in GOOD.items():
         eng.add_request(rid, p, sp)
-    eng.add_request("overflow", "any prompt", bad)
+    params = SP(use_beam_search=True, beam_width=2, max_tokens=6)
+    params.length_penalty = 1e300
+    with pytest.raises(ValueError, match="length_penalty"):  # changed after it was made: caught when added
+        eng.add_request("overflow", "any prompt", params)
+    eng.add_request("overflow", "any prompt", SP(use_beam_search=True, beam_width=2, max_tokens=6))
+    eng.requests["overflow"].beam.length_penalty = 1e300
     done = run(llm)
     assert "OverflowError" in done.pop("overflow").error
     assert {rid: [c.token_ids for c in o.outputs] for rid, o in done.items()} == reference()

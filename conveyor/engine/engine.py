@@ -130,6 +130,7 @@ class Engine:
         that can never be served."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: fields may have been changed since the params were made
         _salt_key(cache_salt)
         text, ids = self.tokenize(prompt)
         self._resolve_max_tokens(len(ids), params)
