@@ -25,6 +25,8 @@ def _raw_response(status: int, reason: str, body: bytes) -> bytes:
 
 
 class TimedH11Protocol(H11Protocol):
+    """H11Protocol plus one read deadline per phase of a request (its head, then its body); see the module doc."""
+
     read_timeout: float = 30.0  # seconds; set per server with timed_h11()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
