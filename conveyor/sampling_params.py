@@ -85,8 +85,8 @@ class SamplingParams:
         check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         check(-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         check(0.0 < self.repetition_penalty <= 10.0, f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        check(abs(self.length_penalty) <= _MAX_LENGTH_PENALTY,
-              f"length_penalty must be in [-{_MAX_LENGTH_PENALTY:g}, {_MAX_LENGTH_PENALTY:g}], got {self.length_penalty}")
+        check(abs(self.length_penalty) <= _MAX_LENGTH_PENALTY, f"length_penalty must be in "
+              f"[-{_MAX_LENGTH_PENALTY:g}, {_MAX_LENGTH_PENALTY:g}], got {self.length_penalty}")
         check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens!r}")
         check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens,

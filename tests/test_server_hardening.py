@@ -310,7 +310,7 @@ def test_api_key_from_the_environment(held):
     assert KEY not in held.logs()
 
 
-# ---- found on the way: an aborted beam search has no choices -----------------------------------------------------------
+# ---- found on the way: an aborted beam search has no choices ------------------------------------------------------
 def test_metrics_count_a_beam_search_aborted_before_any_hypothesis():
     """Aborting a beam search before it had a hypothesis gives an output without choices; the metrics used to take
     max() of nothing on the engine thread and kill the loop (a client leaving a beam search request early)."""
