@@ -92,7 +92,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from conveyor import LLM
     from conveyor.engine.async_engine import AsyncEngine
     from conveyor.server.api import Server
-    from conveyor.server.connection import timed_h11
+    from conveyor.http_limits import timed_h11
     from conveyor.server.logs import setup_json_logging
     from conveyor.server.metrics import ServerMetrics
 
@@ -150,9 +150,12 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from conveyor.http_limits import header_timeout_protocol
+    from conveyor.http_limits import timed_h11
 
-    http = header_timeout_protocol(gateway.cfg.client_read_timeout_s, gateway.client_timed_out)
+    # the app reads bodies itself, with the same deadline and an answer per request (read_body); the protocol's body
+    # deadline is the backstop for a body nobody reads any more (the request was answered early, e.g. 413)
+    timeout = gateway.cfg.client_read_timeout_s
+    http = timed_h11(timeout, body_timeout=2 * timeout, on_timeout=gateway.client_timed_out)
     uvicorn.run(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False, log_level=a.log_level,
                 timeout_graceful_shutdown=5, http=http)
     return 0

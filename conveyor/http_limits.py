@@ -1,13 +1,16 @@
 """Limits on what a client may make an HTTP server wait for (slowloris and oversized bodies), shared by
-`conveyor gateway` and usable by `conveyor serve`.
+`conveyor serve` and `conveyor gateway`.
 
-- `header_timeout_protocol(timeout_s)`: a uvicorn HTTP protocol (h11) that closes a connection whose request
-  headers have not all arrived within `timeout_s` of its first byte (or of the connection opening), answering
-  408 in OpenAI's error JSON (a connection that sent nothing is just closed), that answers malformed HTTP with
-  OpenAI's error JSON rather than plain text, and that closes a connection once a response has gone out before the
-  request body was read to its end (so a client cannot trickle the rest of a refused body forever).
-- `read_body(chunks, max_bytes, timeout_s)`: read a request body incrementally, stopping at `max_bytes` (nothing
-  beyond it is buffered) or when the whole body has not arrived within `timeout_s`.
+uvicorn closes idle keep-alive connections but has no deadline once a request's first byte is in: a client sending
+its head or body a byte at a time holds the connection for as long as it likes.
+
+- `timed_h11(read_timeout, ...)`: a uvicorn `http=` protocol (h11) with one read deadline per phase of a request:
+  its head must arrive within `read_timeout` seconds of the connection opening (or of the previous response
+  ending), its body within `body_timeout` of its head. Past a deadline it answers 408 in OpenAI's error JSON (if
+  part of a request came and no response is under way) and closes the connection; the app sees a disconnect.
+  Malformed HTTP gets OpenAI's error JSON too, instead of uvicorn's plain text.
+- `read_body(chunks, max_bytes, timeout_s)`: read a request body incrementally in the app, stopping at `max_bytes`
+  (nothing beyond it is buffered) or when the whole body has not arrived within `timeout_s`.
 """
 from __future__ import annotations
 
@@ -52,61 +55,78 @@ def raw_error(status: int, reason: str, kind: str, code: str, message: str) -> b
             b"content-length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body))
 
 
-def header_timeout_protocol(timeout_s: float, on_timeout: Callable[[], None] | None = None) -> type[H11Protocol]:
-    """A uvicorn `http=` protocol class enforcing `timeout_s` on request headers; on_timeout() is called for each
-    connection closed that way (for a metric)."""
+class TimedH11Protocol(H11Protocol):
+    """H11Protocol plus one read deadline per phase of a request (its head, then its body); see the module doc."""
 
-    class HeaderTimeoutProtocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
+    read_timeout: float = 30.0  # seconds, for the head; set per server with timed_h11()
+    body_timeout: float = 30.0  # seconds, for the body
+    on_timeout: Callable[[], None] | None = None  # called when a partly sent head is cut off (the app never saw it)
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()  # a connection that never sends a byte is a slowloris too
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase: tuple | None = None
+        super().connection_made(transport)
+        self._watch()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
 
-        def data_received(self, data: bytes) -> None:
-            if self.conn.their_state is h11.IDLE:  # (part of) the next request's head
-                self._arm()
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the head is complete
-                self._disarm()
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
 
-        def on_response_complete(self) -> None:
-            if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) \
-                    and not self.transport.is_closing():
-                self.transport.close()  # answered before the body was read: no reason to read the rest
-                return
-            super().on_response_complete()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
 
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(timeout_s, self._expired)
+    def _watch(self) -> None:
+        """Arm a fresh deadline whenever reading enters a new phase (a request's head, its body); drop it once the
+        request is in."""
+        state = self.conn.their_state
+        phase = (state, self.cycle)
+        if phase == self._phase:
+            return
+        self._phase = phase
+        self._cancel()
+        if state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            timeout = self.read_timeout if state is h11.IDLE else self.body_timeout
+            self._deadline = self.loop.call_later(timeout, self._expired)
 
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
-        def _expired(self) -> None:
-            self._header_timer = None
-            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
-                return
-            partial = bool(self.conn.trailing_data[0])  # part of a head came; one that sent nothing just closes
-            if partial:
-                self.transport.write(raw_error(408, "Request Timeout", "timeout_error", "client_timeout",
-                                               f"the request headers did not arrive within {timeout_s:g} s"))
-            self.transport.close()
-            if partial and on_timeout is not None:
-                on_timeout()
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        reading_head = self.conn.their_state is h11.IDLE
+        started = bool(self.conn.trailing_data[0]) if reading_head else not self.cycle.response_started
+        if started:  # an idle connection is closed quietly, as keep-alive does: a 408 could cross a new request
+            what = "headers" if reading_head else "body"
+            self.transport.write(raw_error(408, "Request Timeout", "timeout_error", "request_timeout",
+                                           f"the request {what} did not arrive within "
+                                           f"{self.read_timeout if reading_head else self.body_timeout:g} s"))
+        self.logger.info("closed a connection: request %s not received in time", "head" if reading_head else "body")
+        self.transport.close()
+        if started and reading_head and self.on_timeout is not None:
+            self.on_timeout()
 
-        def send_400_response(self, msg: str) -> None:  # malformed HTTP: OpenAI's error JSON, not plain text
-            self._disarm()
-            if self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
-                self.transport.write(raw_error(400, "Bad Request", "invalid_request_error", "invalid_http",
-                                               f"malformed HTTP request: {msg}"))
-            self.transport.close()
+    def send_400_response(self, msg: str) -> None:  # malformed HTTP: OpenAI's error JSON, not plain text
+        self._cancel()
+        if self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
+            self.transport.write(raw_error(400, "Bad Request", "invalid_request_error", "invalid_http",
+                                           f"malformed HTTP request: {msg}"))
+        self.transport.close()
 
-    return HeaderTimeoutProtocol
+
+def timed_h11(read_timeout: float, body_timeout: float | None = None,
+              on_timeout: Callable[[], None] | None = None) -> type[TimedH11Protocol]:
+    """The protocol class to give uvicorn.Config(http=...): `read_timeout` seconds for a request's head,
+    `body_timeout` (default the same) for its body; on_timeout() is called for each connection cut off mid-head."""
+    assert read_timeout > 0 and (body_timeout is None or body_timeout > 0), (read_timeout, body_timeout)
+    return type("TimedH11Protocol", (TimedH11Protocol,),
+                {"read_timeout": read_timeout, "body_timeout": body_timeout or read_timeout,
+                 "on_timeout": staticmethod(on_timeout) if on_timeout else None})

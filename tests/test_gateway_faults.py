@@ -22,7 +22,7 @@ from conveyor.gateway import app as app_module
 from conveyor.gateway.admission import ModelQueue
 from conveyor.gateway.app import Gateway
 from conveyor.gateway.config import parse_config
-from conveyor.http_limits import header_timeout_protocol
+from conveyor.http_limits import timed_h11
 
 KEY = "faults-key"
 REPLICA_ARGS = ("--model", "demo", "--max-num-seqs", "8", "--num-kv-blocks", "256", "--max-model-len", "512")
@@ -85,7 +85,7 @@ def requests_total(gw: Gateway) -> float:
 
 async def serve(gw: Gateway, scenario) -> None:
     server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=free_port(), log_config=None,
-                                          lifespan="on", http=header_timeout_protocol(10)))
+                                          lifespan="on", http=timed_h11(10)))
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(400):

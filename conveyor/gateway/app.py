@@ -331,7 +331,7 @@ class Gateway:
         except BodyTooLarge as e:
             raise _Reject(413, "too_large", str(e), "body_too_large", {"connection": "close"}) from None
         except BodyTimeout as e:
-            raise _Reject(408, "client_timeout", str(e), "client_timeout", {"connection": "close"}) from None
+            raise _Reject(408, "client_timeout", str(e), "request_timeout", {"connection": "close"}) from None
         except ClientDisconnect:
             raise _Reject(499, "client_gone", "the client went away while sending the body") from None
         try:
