@@ -84,3 +84,40 @@ class GatewayProcess(ServerProcess):
     def __init__(self, config_path: str, *args: str, startup_timeout: float = 60.0,
                  env: dict[str, str] | None = None) -> None:
         super().__init__("--config", config_path, *args, startup_timeout=startup_timeout, env=env)
+
+
+def wait_until(cond, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll cond() every 50 ms until it is true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def dribble(port: int, head: bytes, trickle: bytes, every_s: float = 0.2, bound_s: float = 20.0) -> tuple[bytes, float]:
+    """Send head, then trickle one byte every every_s; returns what came back and when the server closed."""
+    t0 = time.monotonic()
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=bound_s) as s:
+        s.sendall(head)
+        for b in trickle:
+            try:
+                s.sendall(bytes([b]))
+                s.settimeout(every_s)
+                data = s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            got += data
+            if not data or time.monotonic() - t0 > bound_s:
+                break
+        s.settimeout(bound_s)
+        try:
+            while data := s.recv(65536):
+                got += data
+        except OSError:
+            pass
+    return got, time.monotonic() - t0

@@ -19,7 +19,7 @@ import openai
 import pytest
 import server_process
 import yaml
-from server_process import ServerProcess, free_port, wait_healthy
+from server_process import ServerProcess, free_port, wait_healthy, wait_until
 
 KEYS = {name: f"key-{name}" for name in ("a", "b", "limited", "tokcap", "flood", "light", "deg", "late", "batchy",
                                         "solo", "patient")}
@@ -108,15 +108,6 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-
-
-def wait_until(cond, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

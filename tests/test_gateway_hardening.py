@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import yaml
-from server_process import GatewayProcess, ServerProcess, free_port, wait_healthy
+from server_process import GatewayProcess, ServerProcess, dribble, free_port, wait_healthy, wait_until
 
 REPLICA_ARGS = ("--model", "demo", "--max-num-seqs", "16", "--num-kv-blocks", "512", "--max-model-len", "1024")
 KEYS = {n: f"hardening-key-{n}" for n in ("a", "b", "cap")}
@@ -35,15 +35,6 @@ def tenant(name: str, **kw) -> dict:
 
 def auth(name: str = "a") -> dict[str, str]:
     return {"authorization": f"Bearer {KEYS[name]}"}
-
-
-def wait_until(cond, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Gateway(GatewayProcess):
@@ -320,41 +311,6 @@ def test_an_oversized_chunked_body_is_refused_before_it_is_buffered(gw):
 
 
 # ---- item 10: slow clients are cut off -------------------------------------------------------------------------
-def dribble(port: int, head: bytes, trickle: bytes, every_s: float = 0.2, bound_s: float = 15.0) -> tuple[bytes, float]:
-    """Send `head`, then `trickle` a byte at a time; return what came back and when the connection was closed."""
-    t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=bound_s) as s:
-        s.sendall(head)
-        got = b""
-        for b in trickle:
-            try:
-                s.sendall(bytes([b]))
-            except OSError:
-                break
-            s.setblocking(False)
-            try:
-                data = s.recv(65536)
-                got += data
-                if not data:
-                    break
-            except BlockingIOError:
-                pass
-            except OSError:
-                break
-            s.setblocking(True)
-            if time.monotonic() - t0 > bound_s:
-                break
-            time.sleep(every_s)
-        s.setblocking(True)
-        s.settimeout(bound_s)
-        try:
-            while data := s.recv(65536):
-                got += data
-        except OSError:
-            pass
-    return got, time.monotonic() - t0
-
-
 def test_slow_headers_and_slow_bodies_are_cut_off(gw):
     # client_read_timeout_s is 1 s in this gateway; a byte every 0.2 s would take 40+ s for these
     got, took = dribble(gw.port, b"POST /v1/completions HTTP/1.1\r\n", b"x-filler: " + b"y" * 200 + b"\r\n\r\n")

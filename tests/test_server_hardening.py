@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from server_process import ServerProcess
+from server_process import ServerProcess, dribble
 
 from conveyor.engine.engine import Engine
 from conveyor.llm import LLM
@@ -213,33 +213,6 @@ def test_an_oversized_chunked_body_is_413_and_never_buffered(server):
 
 
 # ---- item 10: slow clients are cut off ------------------------------------------------------------------------------
-def dribble(port: int, head: bytes, trickle: bytes, every_s: float = 0.2, bound_s: float = 20.0) -> tuple[bytes, float]:
-    """Send head, then trickle one byte every every_s; returns what came back and when the server closed."""
-    t0 = time.monotonic()
-    got = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=bound_s) as s:
-        s.sendall(head)
-        for b in trickle:
-            try:
-                s.sendall(bytes([b]))
-                s.settimeout(every_s)
-                data = s.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            got += data
-            if not data or time.monotonic() - t0 > bound_s:
-                break
-        s.settimeout(bound_s)
-        try:
-            while data := s.recv(65536):
-                got += data
-        except OSError:
-            pass
-    return got, time.monotonic() - t0
-
-
 def test_slow_heads_and_slow_bodies_are_cut_off(server):
     # at a byte every 0.2 s these would take over 40 s; the server allows READ_TIMEOUT_S for each
     got, took = dribble(server.port, b"POST /v1/completions HTTP/1.1\r\n", b"x-filler: " + b"y" * 200 + b"\r\n\r\n")
