@@ -24,7 +24,9 @@ _SCRAPED = {"conveyor_requests_running": "running", "conveyor_requests_waiting":
 
 
 class Breaker:
-    """closed → (N consecutive failures) → open → (open_s) → half_open: one trial; success closes, failure reopens."""
+    """closed → (N consecutive failures) → open → (open_s) → half_open: one trial; success closes, failure reopens.
+    A passing active health check closes it at once, open or half-open: the replica answered, and requests waiting
+    behind it should not sit out the rest of a cooldown that each failed check restarted."""
 
     def __init__(self, failures: int, open_s: float) -> None:
         self.threshold, self.open_s = failures, open_s
@@ -48,8 +50,8 @@ class Breaker:
             self.state, self.opened_at, self.trial = "open", now, False
 
     def health_ok(self, now: float) -> None:
-        """An active check passing after the cooldown counts as a successful trial."""
-        if self.state == "half_open" or (self.state == "open" and now - self.opened_at >= self.open_s):
+        """An active check passed."""
+        if self.state != "closed":
             self.success()
 
     def trial_abandoned(self) -> None:
