@@ -16,10 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def valid_request_id(rid: str) -> bool:
+    """A client's X-Request-Id is used as is only when it is 1-128 visible ASCII characters: it goes into headers,
+    logs and every streamed event, so a long or odd one would be copied thousands of times."""
+    return _REQUEST_ID.fullmatch(rid) is not None
 
 
 class BodyTooLarge(Exception):

@@ -630,6 +630,18 @@ def test_admin_api_and_scale_from_zero(gateway, replicas):
     assert gateway.admin("POST", model="zero", url="not a url").status_code == 400
 
 
+@pytest.mark.parametrize("url", ["http://\ud800:1", "http://", "http://[::1", "http://a:99999", "http://a b",
+                                 "http://h:1/path", "http://user:pw@h:1", "ftp://h:1", 5, None])
+def test_admin_refuses_malformed_replica_urls(gateway, url):
+    """A malformed URL is a 400 that names it, never a replica added (whose watcher would fail every second, and
+    whose listing would break GET /admin/replicas)."""
+    before = gateway.admin("GET").json()
+    r = gateway.admin("POST", model="zero", url=url)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    after = gateway.admin("GET")
+    assert after.status_code == 200 and after.json() == before
+
+
 def test_sighup_reload_without_dropping_requests(gateway, replicas):
     late = gateway.client("late")
     with pytest.raises(openai.AuthenticationError):

@@ -373,6 +373,20 @@ def test_config_defaults():
     assert cfg.cold_start_timeout_s == 60
 
 
+def test_replica_urls_are_checked_and_normalized():
+    from conveyor.gateway.config import replica_url
+
+    assert replica_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert replica_url("https://[::1]:443") == "https://[::1]:443"
+    for bad in ("http://\ud800:1", "http://", "http://[::1", "http://a:99999", "http://a:0", "http://a b",
+                "http://h:1/v1", "http://u:p@h:1", "ftp://h:1"):
+        with pytest.raises(ValueError):
+            replica_url(bad)
+    with pytest.raises(ConfigError, match=r"models\[0\]\.replicas"):
+        parse_config({"models": [{"name": "m", "replicas": ["http://a b"]}],
+                      "tenants": [{"name": "t", "api_key_sha256": "a" * 64}]})
+
+
 def test_readme_example_config_is_valid(monkeypatch):
     import pathlib
     import re

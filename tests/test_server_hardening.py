@@ -146,6 +146,19 @@ def test_unknown_routes_and_wrong_methods_are_openai_errors(server):
     assert_error(httpx.delete(f"{server.base_url}/v1/models"), 405, code="method_not_allowed")
 
 
+@pytest.mark.parametrize("rid", ["r" * 129, "r" * 8192, "two words", "caf\u00e9".encode().decode("latin-1"), ""])
+def test_an_odd_request_id_is_400_not_copied_into_every_event(server, rid):
+    """X-Request-Id goes into logs, headers and every streamed event: only 1-128 visible ASCII characters are taken
+    (an 8 KB id made a 100-token stream 40 times bigger)."""
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True},
+                   headers={"x-request-id": rid.encode("latin-1")}, timeout=60)
+    assert_error(r, 400, code="invalid_request_id")
+    ok = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                    headers={"x-request-id": "order-42.retry_1"}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "order-42.retry_1"
+    assert ok.json()["id"] == "cmpl-order-42.retry_1"
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 15) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import signal
 import time
 import uuid
@@ -33,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
 from conveyor.gateway.body import BodyError, Parsed, parse_body
-from conveyor.gateway.config import ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config
+from conveyor.gateway.config import ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config, replica_url
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
@@ -41,13 +40,12 @@ from conveyor.gateway.proxy import Call, Flight, Forwarder, assemble, error_body
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer
-from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body
+from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body, valid_request_id
 
 log = logging.getLogger("conveyor.gateway")
 access_log = logging.getLogger("conveyor.gateway.access")
 INLINE_BODY_BYTES = 16 << 10  # smaller bodies are parsed on the event loop: sub-millisecond
 INLINE_TEXT_CHARS = 2048  # shorter prompts are counted on the event loop: a few milliseconds at most
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: it goes upstream as a header and into logs
 
 
 @dataclass
@@ -231,7 +229,7 @@ class Gateway:
         """Raises _Reject for every refusal; whatever it raises, proxy() frees what ctx holds."""
         cfg = self.cfg
         rid = request.headers.get("x-request-id")
-        if rid is not None and not _REQUEST_ID.fullmatch(rid):
+        if rid is not None and not valid_request_id(rid):
             raise _Reject(400, "bad_request", "X-Request-Id must be 1-128 visible ASCII characters",
                           "invalid_request_id")
         ctx.rid = rid or ctx.rid
@@ -539,15 +537,17 @@ class Gateway:
         self._admin_check(request)
         try:
             body = json.loads(await read_body(request.stream(), 64 << 10, self.cfg.client_read_timeout_s))
-            name, url = body["model"], body["url"]
-            if not (isinstance(name, str) and isinstance(url, str) and url.startswith(("http://", "https://"))):
+            name, url = body["model"], replica_url(body["url"])
+            if not isinstance(name, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, RecursionError, BodyTooLarge, BodyTimeout, ClientDisconnect):
-            raise _Reject(400, "bad_request", 'the body must be {"model": NAME, "url": "http://HOST:PORT"}') from None
+        except (ValueError, KeyError, TypeError, RecursionError, BodyTooLarge, BodyTimeout, ClientDisconnect) as e:
+            why = f" ({e})" if isinstance(e, ValueError) and "URL" in str(e) else ""
+            raise _Reject(400, "bad_request", 'the body must be {"model": NAME, "url": "http://HOST:PORT"}' + why,
+                          param="url" if why else None) from None
         model = self.cfg.model(name)
         if model is None or model.name not in self.pools:
             raise _Reject(404, "model_not_found", f"the model {name!r} does not exist", "model_not_found")
-        return self.pools[model.name], url.rstrip("/")
+        return self.pools[model.name], url
 
     async def admin_list(self, request: Request) -> Response:
         try:

@@ -6,6 +6,7 @@ import os
 import re
 from typing import Annotated, Any, Literal
 
+import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -14,6 +15,20 @@ CLASSES = ("interactive", "batch")  # rank order: interactive is dispatched firs
 Positive = Annotated[float, Field(gt=0)]
 Count = Annotated[int, Field(ge=1)]
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+def replica_url(url: str) -> str:
+    """A replica's base URL, checked and normalized (no trailing slash): http(s)://HOST[:PORT] with a plain ASCII
+    host, a port in 1-65535 and nothing else. Raises ValueError saying what is wrong."""
+    if not isinstance(url, str) or not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+/?", url):
+        raise ValueError(f"{url!r} is not an http(s)://HOST[:PORT] URL")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise ValueError(f"{url!r} is not a valid URL ({e})") from None
+    if not parsed.host or not (parsed.port is None or 1 <= parsed.port <= 65535):
+        raise ValueError(f"{url!r} needs a host and a port in 1-65535")
+    return url.rstrip("/")
 
 
 class ConfigError(ValueError):
@@ -47,9 +62,7 @@ class ModelConfig(_Strict):
     @field_validator("replicas")
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:
-        if not all(re.match(r"https?://", u) for u in v):
-            raise ValueError("must be a list of http(s):// URLs (may be empty)")
-        v = [u.rstrip("/") for u in v]
+        v = [replica_url(u) for u in v]
         if len(set(v)) != len(v):
             raise ValueError("has duplicates")
         return v

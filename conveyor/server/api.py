@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
+from conveyor.http_limits import valid_request_id
 from conveyor.outputs import CompletionOutput, RequestOutput
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import ChatCompletionRequest, CompletionRequest, find_invalid_text
@@ -197,6 +198,9 @@ class Server:
     def _admit(self, request: Request, body: CompletionRequest | ChatCompletionRequest) -> None:
         """Auth, model, draining, then text: raises APIError (401, 404, 503, 400)."""
         self._check_auth(request)
+        rid = request.headers.get("x-request-id")
+        if rid is not None and not valid_request_id(rid):
+            raise APIError(400, "X-Request-Id must be 1-128 visible ASCII characters", code="invalid_request_id")
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"the model {body.model[:100]!r} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", "model_not_found")
