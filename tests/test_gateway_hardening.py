@@ -404,3 +404,47 @@ def test_clients_that_disconnect_at_any_moment_leak_nothing(gw):
     for t in threads:
         t.join()
     wait_until(gw.idle, timeout=30, what="every slot and reservation back")
+
+
+# ---- idempotency: a response that did not complete is never replayed ---------------------------------------------
+def _leave_early(gw: Gateway, body: dict, key: str) -> None:
+    """Send body with Idempotency-Key: key on a raw socket and disconnect once the flight is under way (streaming:
+    after the first bytes; otherwise once it is at the replica), so that its flight is cancelled half-way."""
+    raw = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {KEYS['a']}\r\nidempotency-key: {key}\r\ncontent-length: {len(raw)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+        s.sendall(head.encode() + raw)
+        if body.get("stream"):
+            got = b""
+            while b"data: " not in got:
+                got += s.recv(4096)
+            assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        else:
+            wait_until(lambda: gw.metric("conveyor_gateway_in_flight_requests", model="big") >= 1,
+                       what="the request at the replica")
+    wait_until(gw.idle, what="the flight cancelled when its only client left")
+
+
+@pytest.mark.parametrize("stream,temperature", [(True, 1.0), (False, 0.0), (False, 1.0)])
+def test_an_idempotent_retry_after_the_client_left_half_way_runs_again(gw, stream, temperature):
+    """The first client leaves half-way (its flight is cancelled, the response incomplete): the retry with the same
+    key must run again and get the whole response, not a replay of the cut one; the complete one is then kept.
+    (temperature 0, not streaming: coalescable, so streamed upstream and cut after some events.)"""
+    key = f"cut-{stream}-{temperature}-{time.time()}"
+    body = {"model": "big", "prompt": "idem cut", "max_tokens": 200, "ignore_eos": True, "stream": stream,
+            "temperature": temperature}
+    _leave_early(gw, body, key)
+    retry = post(gw, body, **{"Idempotency-Key": key})
+    assert retry.status_code == 200, retry.text
+    assert "x-conveyor-joined" not in retry.headers  # ran again
+    if stream:
+        text = retry.text
+        assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text[-300:]
+        events = [e for e in text.split("\n\n") if e.startswith("data: {")]
+        assert len(events) >= 200  # one event per token at least
+    else:
+        assert retry.json()["usage"]["completion_tokens"] == 200
+    again = post(gw, body, **{"Idempotency-Key": key})  # a complete response is kept and replayed
+    assert again.status_code == 200 and again.headers["x-conveyor-joined"] == "idempotent"
+    assert again.text == retry.text

@@ -502,7 +502,7 @@ def test_idempotency_cache_bounded_by_bytes_oldest_first():
         cache.put("a", "huge", "h", finished_flight(20_000))  # bigger than the bound on its own: not kept
         assert len(cache) == 0 and cache.nbytes == 0
         # a live flight is counted when it ends; a failed one is dropped then
-        live = Flight(stream=True)
+        live = Flight(stream=False)
 
         async def run(f: Flight, status: int, body: str) -> None:
             await asyncio.sleep(0)
@@ -518,6 +518,43 @@ def test_idempotency_cache_bounded_by_bytes_oldest_first():
         assert cache.nbytes == 4000 and [k for _, k in cache.entries] == ["live"]
         clock.t += 601  # past the window
         assert cache.get("a", "live", "h") is None and cache.nbytes == 0
+
+    run(main())
+
+
+def test_idempotency_cache_never_keeps_an_incomplete_response():
+    """Only a whole response is replayed: 200, and a stream ended by the replica's own [DONE]. A stream whose flight
+    was cancelled when its last client left (events, no [DONE]), a cut stream, an error status or a flight cancelled
+    before it started are forgotten, so the retry runs again."""
+    async def main():
+        cache = IdempotencyCache(window_s=600, max_entries=100, max_bytes=1 << 20)
+
+        def streamed(*lines: str) -> Flight:
+            f = Flight(stream=True)
+            for line in lines:
+                f.push_event(line)
+            return f
+
+        event = 'data: {"choices": [{"index": 0, "text": "x"}]}'
+        whole = streamed(event, "data: [DONE]")
+        cancelled = streamed(event)  # its last client left: Forwarder.run finishes it without [DONE]
+        cut = streamed(event)
+        cut.cut = True
+        cut.push_event('data: {"error": {"message": "cut"}}')
+        cut.push_event("data: [DONE]")
+        flights = {"whole": whole, "cancelled": cancelled, "cut": cut, "400": finished_flight(10, 400),
+                   "ok": finished_flight(10)}
+        for f in flights.values():
+            f.finish(499)
+        never = Flight(stream=True)  # cancelled before its task ever ran: never finished
+        never.task = asyncio.create_task(asyncio.sleep(10))
+        never.task.cancel()
+        flights["never"] = never
+        for k, f in flights.items():
+            cache.put("a", k, "h", f)
+        await asyncio.gather(never.task, return_exceptions=True)
+        kept = {k for k in flights if cache.get("a", k, "h") is not None}
+        assert kept == {"whole", "ok"}
 
     run(main())
 

@@ -1,8 +1,9 @@
 """Idempotency-Key replays: the first response to (tenant, key) is kept and returned to retries of the same request.
 
 Kept responses are bounded three ways — age (`window_s`), count and bytes — and evicted oldest first. A response
-is counted in bytes once it is complete (a live one is held by its own clients anyway); a failed one (5xx, 408,
-429, 499) is dropped as soon as it ends, so a retry runs again.
+is counted in bytes once it is complete (a live one is held by its own clients anyway); one that did not complete
+(any status but 200, a stream cut or without `data: [DONE]`, a flight cancelled when its last client left) is
+dropped as soon as it ends, and never replayed: a retry runs again.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class IdempotencyCache:
             return None
         if entry.request_hash != request_hash:
             raise KeyReused(key)
-        if entry.flight.done and _failed(entry.flight):
+        if _failed(entry.flight):
             self._drop((tenant, key))
             return None
         return entry.flight
@@ -86,4 +87,5 @@ class IdempotencyCache:
 
 
 def _failed(f: Flight) -> bool:
-    return f.status is None or f.status >= 500 or f.status in (408, 429, 499) or f.cut
+    """It ended without the whole response (its task may end without finishing it: cancelled before it started)."""
+    return (f.done or f.task is not None and f.task.done()) and not f.complete

@@ -82,6 +82,12 @@ class Flight:
         self.task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
+    @property
+    def complete(self) -> bool:
+        """It ended with the whole response: 200, and a stream ended by the replica's own `data: [DONE]` (not cut,
+        not cancelled half-way when its last client left)."""
+        return self.done and self.status == 200 and not self.cut and (self.saw_done or not self.stream)
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
