@@ -566,6 +566,28 @@ def test_idempotency_cache_bounded_by_count():
     assert [k for _, k in cache.entries] == ["k7", "k8", "k9"] and cache.nbytes == 30
 
 
+def test_idempotency_cache_a_flooding_tenant_evicts_only_its_own():
+    """Over the count or byte bound, the tenant holding the most goes first (its oldest entry): one tenant's flood
+    of keys never pushes out another's entries, and both global bounds still hold."""
+    cache = IdempotencyCache(window_s=600, max_entries=100, max_bytes=1 << 30)
+    cache.put("b", "b-order-1", "h", finished_flight(10))
+    for i in range(120):
+        cache.put("a", f"a-{i}", "h", finished_flight(10))
+    assert len(cache) == 100 and cache.get("b", "b-order-1", "h") is not None
+    assert cache.get("a", "a-0", "h") is None and cache.get("a", "a-119", "h") is not None  # a's oldest went
+
+    cache = IdempotencyCache(window_s=600, max_entries=1000, max_bytes=10_000)
+    cache.put("b", "b1", "h", finished_flight(2000))
+    cache.put("b", "b2", "h", finished_flight(2000))
+    for i in range(30):
+        cache.put("a", f"a-{i}", "h", finished_flight(1000))
+    assert cache.nbytes <= 10_000
+    assert {k for t, k in cache.entries if t == "b"} == {"b1", "b2"}
+    cache.put("b", "huge", "h", finished_flight(9000))  # now b holds the most: b's own oldest go first
+    assert cache.nbytes <= 10_000 and cache.get("b", "b1", "h") is None
+    assert sum(t == "a" for t, _ in cache.entries) >= 1
+
+
 # ---- breakers: what counts, and who wakes the queue --------------------------------------------------------------
 def test_breaker_opened_wakes_the_queue_when_half_open():
     """An open breaker becomes usable after open_s without any event; the pool must pump its queue then."""

@@ -135,7 +135,7 @@ class GatewayConfig(_Strict):
     affinity_max_load_ratio: Positive = 2.0  # ... unless that replica's load exceeds this × the least loaded
     idempotency_window_s: Positive = 600.0
     idempotency_max_entries: Count = 10_000
-    idempotency_max_bytes: Count = 64 << 20  # responses kept for Idempotency-Key replays, oldest evicted first
+    idempotency_max_bytes: Count = 64 << 20  # kept for Idempotency-Key replays; the biggest holder's oldest go first
     max_body_bytes: Count = 4 << 20
     tokenize_max_chars: Count = 65_536  # prompt text tokenized exactly; the rest is estimated at the same ratio
     tokenizer_threads: Count = 2  # token counting runs in this many threads, off the event loop
