@@ -112,6 +112,8 @@ def gw(replica, fronts, tmp_path_factory):
              "tokenizer": "demo"},
             {"name": "wake", "upstream_model": "big", "replicas": [f.url for f in fronts["wake"]],
              "tokenizer": "demo"},
+            {"name": "capped", "upstream_model": "big", "replicas": [replica.base_url], "tokenizer": "demo",
+             "default_max_tokens": 8},
         ],
         "tenants": [tenant("a"), tenant("b"), tenant("cap", max_concurrent=2)],
         "max_retries": 4,  # room for a third attempt: the gateway must decline it, not run out of retries
@@ -125,7 +127,7 @@ def gw(replica, fronts, tmp_path_factory):
         "tokenizer_threads": 2,
     }
     g = Gateway(cfg, str(tmp_path_factory.mktemp("gw") / "gateway.yaml"))
-    wait_until(lambda: all(s == "healthy" for m in ("big", "poison", "wake") for s in g.states(m)),
+    wait_until(lambda: all(s == "healthy" for m in ("big", "poison", "wake", "capped") for s in g.states(m)),
                what="replicas healthy")
     yield g
     g.stop()
@@ -448,3 +450,45 @@ def test_an_idempotent_retry_after_the_client_left_half_way_runs_again(gw, strea
     again = post(gw, body, **{"Idempotency-Key": key})  # a complete response is kept and replayed
     assert again.status_code == 200 and again.headers["x-conveyor-joined"] == "idempotent"
     assert again.text == retry.text
+
+
+# ---- the token reservation caps the generation -------------------------------------------------------------------
+CAP = 8  # the "capped" model's default_max_tokens
+UNCAPPED = [  # (path, body, sequences): no limit from the client, in every way it can be said
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 1),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": None,
+                              "max_completion_tokens": None}, 1),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 1),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": None}, 1),
+    ("/v1/completions", {"prompt": "hi"}, 1),  # the replica's own default (16) would exceed the reservation
+    ("/v1/completions", {"prompt": ["one", "two"], "n": 2, "max_tokens": None}, 4),
+    ("/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": None, "temperature": 0}, 2),
+]
+
+
+@pytest.mark.parametrize("path,body,sequences", UNCAPPED)
+def test_a_request_without_max_tokens_generates_at_most_its_reservation(gw, path, body, sequences):
+    """A request that sets no limit reserves prompt + default_max_tokens per sequence; the gateway forwards that
+    limit, so the replica cannot generate up to max_model_len against a tenant's token budget."""
+    body = {"model": "capped", "ignore_eos": True, **body}
+    r = post(gw, body, path)
+    assert r.status_code == 200, r.text
+    if body.get("stream"):
+        usage = None
+        for line in r.text.split("\n\n"):
+            if line.startswith("data: {") and '"usage"' in line:
+                usage = json.loads(line[6:])["usage"] or usage
+        assert usage is None  # not asked for: hidden; the access log has it
+    else:
+        assert r.json()["usage"]["completion_tokens"] == CAP * sequences
+    entry = next(e for e in gw.access() if e["request_id"] == r.headers["x-request-id"])
+    assert entry["usage"]["completion_tokens"] == CAP * sequences
+    assert entry["usage"]["total_tokens"] <= entry["reserved_tokens"]
+
+
+def test_a_clients_own_max_tokens_is_kept(gw):
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "max_completion_tokens": 3, "max_tokens": 50})):
+        r = post(gw, {"model": "capped", "ignore_eos": True, **body}, path)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text

@@ -262,6 +262,8 @@ class Gateway:
             return await self._respond(request, ctx, flight, stream, include_usage, path)
 
         max_tokens = parsed.max_tokens if parsed.max_tokens and parsed.max_tokens > 0 else model.default_max_tokens
+        if parsed.max_tokens is None:  # the reservation is the cap: never a generation up to max_model_len
+            upstream["max_completion_tokens" if parsed.chat else "max_tokens"] = max_tokens
         await self._reserve(ctx, tenant, await self._count(parsed, model.tokenizer)
                             + max_tokens * parsed.n * parsed.num_prompts)
 

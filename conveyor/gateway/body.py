@@ -140,7 +140,7 @@ def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
     return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
                   include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
                   coalescable=deterministic and not (f.logprobs or f.top_logprobs or f.echo),
-                  max_tokens=f.max_completion_tokens if chat and f.max_completion_tokens else f.max_tokens,
+                  max_tokens=f.max_completion_tokens if chat and f.max_completion_tokens is not None else f.max_tokens,
                   n=f.n if f.n is not None and f.n > 0 else 1, num_prompts=num_prompts, texts=texts,
                   token_ids=token_ids, messages=messages, cache_salt=f.cache_salt, digest=digest)
 

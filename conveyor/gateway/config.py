@@ -47,7 +47,7 @@ class ModelConfig(_Strict):
     tokenizer: str | None = None  # "demo" | a tokenizer directory | None: estimate chars / 4
     max_in_flight_per_replica: Count = 64  # dispatch concurrency per replica; beyond it requests queue here
     max_queue: Count = 256  # bound of this model's dispatch queue
-    default_max_tokens: Count = 256  # reserved when a request sets no max_tokens
+    default_max_tokens: Count = 256  # a request that sets no max_tokens reserves this, and is capped at it
     # the environment variable holding the key the replicas require (`conveyor serve` reads CONVEYOR_API_KEY);
     # the key itself never goes in the YAML
     upstream_api_key_env: str | None = None
