@@ -176,3 +176,62 @@ def test_upstream_key_variable_must_be_set(tmp_path):
            "tenants": [tenant("a")]}
     with pytest.raises(ConfigError, match=r"models\[0\]\.upstream_api_key_env"):
         parse_config(raw)
+
+
+# ---- tenants cannot reorder each other on a replica ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def by_priority(tmp_path_factory):
+    """A replica that schedules by `priority` and runs one sequence at a time (the rest wait in its queue), behind a
+    gateway with two interactive tenants and a batch one."""
+    replica = ServerProcess("--model", "demo", "--max-num-seqs", "1", "--num-kv-blocks", "512", "--max-model-len",
+                            "1024", "--scheduling-policy", "priority", "--served-model-name", "m")
+    cfg = {"models": [{"name": "m", "replicas": [replica.base_url]}],
+           "tenants": [tenant("a"), tenant("b"), tenant("batchy", **{"class": "batch"})],
+           "admin_api_key_sha256": sha(ADMIN_KEY)}
+    g = GatewayProcess(cfg, str(tmp_path_factory.mktemp("priority") / "gateway.yaml"))
+    wait_until(lambda: g.replica_state("m", replica.base_url) == "healthy", what="the replica healthy")
+    yield g, replica
+    g.stop()
+    replica.stop()
+
+
+def _finish_order(gateway: GatewayProcess, replica: ServerProcess, first: str, late: str, late_extra: dict
+                  ) -> list[str]:
+    """Tenant `first` sends 4 requests; once the replica runs one and queues the others, tenant `late` sends one.
+    Returns the order in which they finished (tags: "first" x4, "late")."""
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def send(tag: str, key: str, extra: dict) -> None:
+        r = _post(gateway, key, {"model": "m", "prompt": f"{tag} {secrets.token_hex(4)}", "max_tokens": 100,
+                                 "ignore_eos": True, **extra})
+        assert r.status_code == 200, r.text
+        with lock:
+            order.append(tag)
+
+    firsts = [_in_thread(lambda: send("first", f"key-{first}", {})) for _ in range(4)]
+    wait_until(lambda: replica.metric("conveyor_requests_waiting") >= 3, what="the replica queueing 3 of them")
+    last = _in_thread(lambda: send("late", f"key-{late}", late_extra))
+    for t, out in (*firsts, last):
+        t.join(120)
+        assert "error" not in out, out
+    assert sorted(order) == ["first"] * 4 + ["late"]
+    return order
+
+
+def test_a_tenants_priority_field_cannot_jump_another_tenants_queued_work(by_priority):
+    """The gateway sets `priority` itself (from the tenant's class) and ignores the client's: tenant a's
+    priority -2**63 does not put its request ahead of tenant b's requests already queued at the replica."""
+    gateway, replica = by_priority
+    order = _finish_order(gateway, replica, "b", "a", {"priority": -2**63})
+    assert order[-1] == "late", order
+    for prio in (2**63, "high", None):  # values the replica would refuse are not forwarded either
+        r = _post(gateway, "key-a", {"model": "m", "prompt": "hi", "max_tokens": 2, "priority": prio})
+        assert r.status_code == 200, r.text
+
+
+def test_interactive_tenants_go_before_batch_ones_at_the_replica(by_priority):
+    """The priority the gateway sets ranks interactive before batch, as its own dispatch queue does."""
+    gateway, replica = by_priority
+    order = _finish_order(gateway, replica, "batchy", "a", {})
+    assert order[-1] != "late", order

@@ -32,7 +32,8 @@ from starlette.requests import ClientDisconnect
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
 from conveyor.gateway.body import BodyError, Parsed, parse_body
-from conveyor.gateway.config import ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config, replica_url
+from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
+                                     replica_url)
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
@@ -243,7 +244,9 @@ class Gateway:
         ctx.model = model.name
         stream, include_usage, coalescable = parsed.stream, parsed.include_usage, parsed.coalescable
         salt = tenant_cache_salt(tenant.name, parsed.cache_salt)  # prefix-cache hits only within this tenant
-        upstream = dict(body, model=model.upstream_model, cache_salt=salt)
+        # the replica's priority is the tenant's class rank (interactive first), never the client's: no tenant can
+        # reorder another's work queued at a replica
+        upstream = dict(body, model=model.upstream_model, cache_salt=salt, priority=CLASSES.index(tenant.cls))
         # identical deterministic requests share one generation, streamed upstream so that streaming and
         # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
         if stream or coalescable:

@@ -85,7 +85,7 @@ class Parsed:
     token_ids: int  # prompt tokens given as ids
     messages: list[dict[str, str]] | None  # chat: role and text of each message, for the chat template
     cache_salt: str | None
-    digest: str  # sha256 of the body without model, stream, stream_options and user: "the same request"
+    digest: str  # sha256 of the body without model, stream, stream_options, user, priority: "the same request"
     counts: dict[str | None, int] = field(default_factory=dict)  # prompt tokens by tokenizer, once counted
 
     @property
@@ -135,7 +135,7 @@ def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
             texts = [x for x in p if isinstance(x, str)]
             token_ids = sum(len(x) for x in p if isinstance(x, list))
     deterministic = f.temperature == 0 or f.seed is not None
-    content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options")}
+    content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options", "priority")}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
                   include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
