@@ -235,3 +235,38 @@ def test_interactive_tenants_go_before_batch_ones_at_the_replica(by_priority):
     gateway, replica = by_priority
     order = _finish_order(gateway, replica, "batchy", "a", {})
     assert order[-1] != "late", order
+
+
+# ---- a replica refusing the gateway's key is the gateway's fault, not the tenant's ------------------------------
+def test_a_replica_refusing_the_upstream_key_is_a_502_not_the_tenants_401(replica, tmp_path):
+    """The replica requires a key; one model sends a wrong key, another none. Tenants get 502 upstream_auth_failed
+    (never a 401 that reads as their own key failing), the failure is counted and logged, and no key is logged."""
+    wrong = "wrong-" + secrets.token_hex(16)
+    os.environ["CONVEYOR_TEST_WRONG_REPLICA_KEY"] = wrong
+    try:
+        cfg = {"models": [{"name": "wrong", "upstream_model": "m", "replicas": [replica.base_url],
+                           "upstream_api_key_env": "CONVEYOR_TEST_WRONG_REPLICA_KEY"},
+                          {"name": "nokey", "upstream_model": "m", "replicas": [replica.base_url]}],
+               "tenants": [tenant("a")]}
+        g = GatewayProcess(cfg, str(tmp_path / "gateway.yaml"))
+    finally:
+        os.environ.pop("CONVEYOR_TEST_WRONG_REPLICA_KEY")
+    try:
+        calls = [("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                 ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})]
+        for model in ("wrong", "nokey"):
+            for path, body in calls:
+                r = httpx.post(g.url + path, json={"model": model, **body}, headers={"authorization": "Bearer key-a"},
+                               timeout=30)
+                assert r.status_code == 502, r.text
+                err = r.json()["error"]
+                assert (err["type"], err["code"]) == ("upstream_error", "upstream_auth_failed"), err
+                assert REPLICA_KEY not in r.text and wrong not in r.text
+            assert g.metric("conveyor_gateway_upstream_auth_failures_total", model=model) >= len(calls)
+        assert g.client("a").models.list().data  # the tenant's own key still works
+        logs = g.logs()
+        assert logs.count('"event": "upstream_auth_failed"') >= 2 * len(calls)
+        assert wrong not in logs and REPLICA_KEY not in logs
+    finally:
+        g.stop()

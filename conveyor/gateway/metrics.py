@@ -27,6 +27,9 @@ class GatewayMetrics:
                                  ["model"], registry=r)
         self.idempotent_replays = Counter(p + "idempotent_replays", "Requests answered from an earlier request "
                                           "with the same Idempotency-Key", ["model"], registry=r)
+        self.upstream_auth_failures = Counter(p + "upstream_auth_failures", "Replica answers 401/403 to the "
+                                              "gateway's own key (attempts; a misconfigured upstream key)",
+                                              ["model"], registry=r)
         self.upstream_requests = Counter(p + "upstream_requests", "Requests sent to replicas (attempts)",
                                          ["model"], registry=r)
         self.queued = Gauge(p + "queued_requests", "Requests waiting in the dispatch queue", ["model"], registry=r)

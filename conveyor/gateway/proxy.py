@@ -2,11 +2,12 @@
 coalesced onto it, and retries with the same Idempotency-Key. It runs as its own task (queue → replica → response),
 so it outlives any one client, and is cancelled when its last client has gone (which aborts the upstream request).
 
-Failover: a connection error or a 5xx before the first streamed event is retried on another replica (at most
-`max_retries` times, exponential backoff with full jitter), but a request that reached two replicas and failed on
-both is not tried on a third, and only refused connections (and health checks) count against a replica's breaker —
-so no one request can take the fleet down. Once an event went out the stream is never replayed — the clients get
-an error event and `data: [DONE]`.
+Failover: a connection error, a 5xx, or a 401/403 (the replica refused the gateway's own key: answered 502
+`upstream_auth_failed`, never passed on as the tenant's 401) before the first streamed event is retried on another
+replica (at most `max_retries` times, exponential backoff with full jitter), but a request that reached two replicas
+and failed on both is not tried on a third, and only refused connections (and health checks) count against a
+replica's breaker — so no one request can take the fleet down. Once an event went out the stream is never
+replayed — the clients get an error event and `data: [DONE]`.
 """
 from __future__ import annotations
 
@@ -271,6 +272,9 @@ class Forwarder:
                 body = _openai_error(resp.status_code, (await resp.aread()).decode(errors="replace"))
                 headers = {"retry-after": resp.headers["retry-after"]} if "retry-after" in resp.headers else {}
                 return None, "failed", (resp.status_code, body, headers)
+            if resp.status_code in (401, 403):
+                await resp.aread()
+                return None, "failed", self._auth_failed(call, replica, resp.status_code)
             if resp.status_code != 200 or not call.stream:
                 body = (await resp.aread()).decode(errors="replace")
                 flight.finish(resp.status_code, body if resp.status_code == 200 else
@@ -296,6 +300,15 @@ class Forwarder:
             return None, "done", last
         finally:
             await resp.aclose()
+
+    def _auth_failed(self, call: Call, replica: Replica, status: int) -> tuple[int, str, dict]:
+        """The replica refused the gateway's own key (its 401/403): a misconfiguration (the model's
+        upstream_api_key_env), never the tenant's auth failure. Logged (no key) and counted; the client gets 502."""
+        self.metrics.upstream_auth_failures.labels(call.model).inc()
+        log.error(json.dumps({"event": "upstream_auth_failed", "model": call.model, "replica": replica.url,
+                              "status": status, "request_id": call.request_id,
+                              "key_sent": "authorization" in call.headers}))
+        return 502, error_body(502, "the replica refused the gateway's credentials", "upstream_auth_failed"), {}
 
 
 def total_tokens(usage: dict) -> int:
