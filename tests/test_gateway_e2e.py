@@ -636,7 +636,8 @@ def test_admin_refuses_malformed_replica_urls(gateway, url):
     """A malformed URL is a 400 that names it, never a replica added (whose watcher would fail every second, and
     whose listing would break GET /admin/replicas)."""
     before = gateway.admin("GET").json()
-    r = gateway.admin("POST", model="zero", url=url)
+    r = httpx.post(gateway.url + "/admin/replicas", content=json.dumps({"model": "zero", "url": url}), timeout=10,
+                   headers={"authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     after = gateway.admin("GET")
     assert after.status_code == 200 and after.json() == before
