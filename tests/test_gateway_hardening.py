@@ -191,8 +191,10 @@ def test_requests_queued_behind_open_breakers_finish_when_replicas_recover(gw, f
             assert not any(f.done() for f in futs)  # replica ... (health keeps failing: they stay open)
             for f in wake:
                 f.set(health=200)
+            recovered = time.monotonic()
             # no other traffic: the health checks alone must wake the queue (generous bound; not a timing test)
             results = [f.result(timeout=15) for f in futs]
+            print(f"queued requests finished {time.monotonic() - recovered:.2f} s after the replicas recovered")
     finally:
         for f in wake:
             f.set(health=200)
