@@ -38,6 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from server_process import GatewayProcess, ServerProcess  # noqa: E402
 
+from conveyor.bench.client import sse_chunks  # noqa: E402
+
 MODEL = "demo"
 REPLICA_KEY_ENV = "SOAK_REPLICA_API_KEY"  # the gateway's environment: the key it sends to the replicas
 TENANTS = (("alpha", "interactive", 0.5), ("beta", "interactive", 0.3), ("gamma", "batch", 0.2))  # name, class, share
@@ -175,14 +177,10 @@ async def send(client: httpx.AsyncClient, url: str, shot: Shot, key: str) -> Out
 async def read_stream(r: httpx.Response, t0: float) -> tuple[str, float | None, dict | None]:
     """(status, time to first token, usage) of an SSE response."""
     ttft, usage, done = None, None, False
-    async for line in r.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+    async for chunk in sse_chunks(r):
+        if chunk is None:
             done = True
             break
-        chunk = json.loads(data)
         if "error" in chunk:
             return "stream_error", ttft, usage
         usage = chunk.get("usage") or usage

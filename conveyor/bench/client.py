@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -70,14 +71,10 @@ async def _read_stream(client: httpx.AsyncClient, url: str, body: dict, rec: Req
             await r.aread()
             rec.error = f"HTTP {r.status_code}: {_error_message(r)}"
             return
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+        async for chunk in sse_chunks(r):
+            if chunk is None:
                 done = True
                 break
-            chunk = json.loads(data)
             if chunk.get("error"):
                 rec.error = f"stream error: {_message(chunk['error'])}"
                 return
@@ -96,6 +93,15 @@ async def _read_stream(client: httpx.AsyncClient, url: str, body: dict, rec: Req
         rec.error = "stream ended before [DONE]"
     elif rec.ttft_s is None:
         rec.error = "no tokens received"
+
+
+async def sse_chunks(r: httpx.Response) -> AsyncIterator[dict | None]:
+    """The JSON objects of an OpenAI SSE stream's `data:` lines, then None for `data: [DONE]`. Raises ValueError
+    for a line that is not JSON."""
+    async for line in r.aiter_lines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            yield None if data == "[DONE]" else json.loads(data)
 
 
 def _error_message(r: httpx.Response) -> str:
