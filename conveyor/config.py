@@ -11,21 +11,29 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
+QUANTIZATIONS = (None, "none", "int8", "int4")
+
 
 @dataclass
 class ModelConfig:
     model: str = "demo"
     dtype: str = "auto"  # auto: the checkpoint's torch_dtype (float32 on CPU for float16 checkpoints)
-    load_format: str = "auto"  # auto | safetensors | dummy
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     seed: int = 0
     revision: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory or hub id overriding the checkpoint's own
+    # weight-only quantization: None keeps a GGUF's own formats (Q8_0/Q4_0/Q4_1 stay low-bit) and loads other
+    # checkpoints at dtype; int8 (per output channel) and int4 (group-wise) quantize at load; none dequantizes a GGUF
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {[q for q in QUANTIZATIONS if q]}, got {self.quantization!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
