@@ -1,4 +1,4 @@
-"""Command line: `conveyor generate | serve | bench | gateway | autoscale`."""
+"""Command line: `conveyor generate | serve | bench | gateway | autoscale | eval`."""
 from __future__ import annotations
 
 import argparse
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=cmd_gateway)
     add_bench_parser(sub)
     add_autoscale_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -232,6 +233,17 @@ def add_autoscale_parser(sub) -> None:
     a = sub.add_parser("autoscale", help="scale a gateway's replicas on LLM signals; `autoscale simulate` a trace")
     autoscale.add_args(a)
     a.set_defaults(func=autoscale.cmd_run)
+
+
+def add_eval_parser(sub) -> None:
+    """`conveyor eval perplexity`: flags and command live in conveyor/eval/cli.py."""
+    from conveyor.eval import cli as evaluate
+
+    e = sub.add_parser("eval", help="model quality checks: perplexity on a text")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    p = esub.add_parser("perplexity", help="perplexity of --model on --text, llama.cpp's windows (second halves)")
+    evaluate.add_perplexity_args(p)
+    p.set_defaults(func=evaluate.cmd_perplexity)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Model quality checks: `conveyor eval perplexity`."""
