@@ -11,7 +11,10 @@ from conveyor.config import QUANTIZATIONS
 
 
 def add_perplexity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="'demo', a checkpoint directory or .gguf file, or a model name")
+    from conveyor.model.builtin import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a .gguf file, a checkpoint directory, a hub id, a built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--text", required=True, help="a UTF-8 text file, e.g. bench/data/perplexity_en.txt")
     p.add_argument("--context", type=int, default=512, help="tokens per window; the second half of each is scored")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --context)")
