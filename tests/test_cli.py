@@ -17,13 +17,13 @@ def test_generate_prints_json_outputs(capsys):
 
 
 def test_generate_rejects_bad_input_with_a_message(capsys):
-    rc = main(["generate", "--prompt", "x", "--max-tokens", "100000"])
+    rc = main(["generate", "--model", "demo", "--prompt", "x", "--max-tokens", "100000"])
     assert rc == 2
     assert "maximum length" in capsys.readouterr().err
 
 
 def test_console_script_chat_mode_runs():
-    out = subprocess.run([sys.executable, "-m", "conveyor.cli", "generate", "--chat", "--prompt", "Hi",
+    out = subprocess.run([sys.executable, "-m", "conveyor.cli", "generate", "--model", "demo", "--chat", "--prompt", "Hi",
                           "--max-tokens", "4", "--temperature", "0.7", "--sampling-seed", "3"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

