@@ -166,8 +166,8 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def _int4(cls, q: Tensor, scale: Tensor, zero: Tensor, group: int, k: int, bias: Tensor | None,
               dtype: torch.dtype, splits: int = 1) -> QuantizedLinear:
-        """q: codes [N, K_pad] in 0..15, scale/zero [N, K_pad / group]; w = (q - 8) * scale + zero. Rows are padded
-        to a multiple of ROW_BLOCK with all-zero weights."""
+        """q: codes [N, K_pad] in 0..15 (uint8 or float), scale/zero [N, K_pad / group]; w = (q - 8) * scale +
+        zero. Rows are padded to a multiple of ROW_BLOCK with all-zero weights."""
         if q.is_cuda and dtype != torch.bfloat16:
             raise ValueError(f"int4 on CUDA computes in bfloat16 only, got {dtype}")
         n = q.shape[0]
@@ -208,8 +208,8 @@ class QuantizedLinear(nn.Module):
         blocks = torch.from_numpy(np.ascontiguousarray(raw).reshape(n, k // 32, type_size).copy()).to(device)
         d = blocks[..., :2].contiguous().view(torch.float16)[..., 0].float()
         if name == "Q8_0":
-            q = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k).int()
-            hi, lo = (q >> 4) + 8, q & 15
+            q = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k)
+            hi, lo = ((q >> 4) + 8).view(torch.uint8), (q & 15).view(torch.uint8)
             scale, zero = torch.cat([16 * d, d], 1), torch.cat([torch.zeros_like(d), 8 * d], 1)
             return cls._int4(torch.cat([hi, lo], 1), scale, zero, 32, k, bias, dtype, splits=2)
         packed = blocks[..., 2 if name == "Q4_0" else 4:]
