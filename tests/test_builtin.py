@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conveyor.model import builtin
-from conveyor.model.builtin import (BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel, ModelFetchError, cache_dir,
-                                    resolve_builtin, tokenizer_dir)
+from conveyor.model.builtin import (BUILTIN_MODELS, DEFAULT_MODEL, BuiltinModel, ModelFetchError, cache_dir, model_dir,
+                                    resolve_builtin)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "conveyor"
     monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
-    assert tokenizer_dir(DEFAULT_MODEL) == tmp_path / "c" / "models" / DEFAULT_MODEL / "tokenizer"
+    assert model_dir(DEFAULT_MODEL) == tmp_path / "c" / "models" / DEFAULT_MODEL
 
 
 def test_cached_file_used_without_pip(tiny, cache, caplog):

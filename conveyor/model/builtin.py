@@ -67,12 +67,6 @@ def model_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def tokenizer_dir(name: str) -> Path:
-    """Where the tokenizer converted from a built-in model's GGUF metadata is saved: cache_dir()/models/<name>/tokenizer.
-    The caller creates it (write to a temporary sibling and rename, so a half-written tokenizer is never read)."""
-    return model_dir(name) / "tokenizer"
-
-
 def is_builtin(name: str) -> bool:
     return name in BUILTIN_MODELS
 
