@@ -230,15 +230,15 @@ def _keep_low_bit(tensors: list, quantization: str | None) -> bool:
 
 def _linear(ckpt: GGUFCheckpoint, tensors: list, bias: list | None, module: nn.Linear, quantization: str | None,
             dtype: torch.dtype, device: str) -> nn.Module:
-    """The module for one (possibly fused) projection: a QuantizedLinear over the file's own blocks, or the
-    nn.Linear filled with dequantized weights."""
+    """The module for one (possibly fused) projection: a QuantizedLinear over the file's own blocks (packed on
+    `device`: the kernels' packed layouts differ by device), or the nn.Linear filled with dequantized weights."""
     from conveyor.model.quant import QuantizedLinear
 
     b = _float(ckpt, bias, dtype, device) if bias else None
     if _keep_low_bit(tensors, quantization):
         raw = np.concatenate([_rows(ckpt, t, raw=True) for t in tensors])
         shape = (module.out_features, module.in_features)
-        return QuantizedLinear.from_gguf(raw, tensors[0].tensor_type, shape, b, dtype).to(device)
+        return QuantizedLinear.from_gguf(raw, tensors[0].tensor_type, shape, b, dtype, device)
     w = _float(ckpt, tensors, dtype, device)
     if tuple(w.shape) != (module.out_features, module.in_features):
         raise GGUFError(f"{ckpt.path}: {tensors[0].name} has shape {tuple(w.shape)}, expected "
@@ -292,7 +292,7 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, quantization: str 
     head = ckpt.tensors.get("output.weight", embd)
     if _keep_low_bit([embd], quantization):
         shape = (c.vocab_size, c.hidden_size)
-        table = QuantizedLinear.from_gguf(np.asarray(embd.data), embd.tensor_type, shape, None, dtype).to(device)
+        table = QuantizedLinear.from_gguf(np.asarray(embd.data), embd.tensor_type, shape, None, dtype, device)
         model.model.embed_tokens = QuantizedEmbedding(table, dtype)
         kept[embd.tensor_type.name] += 1
         if head is embd:
