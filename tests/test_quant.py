@@ -200,6 +200,19 @@ def test_bad_input():
         quantize_model(nn.Module(), "int4", 48)
 
 
+def test_int4_layout_stays_on_its_device():
+    """The packed int4 layout is the device's own: a layer moved elsewhere refuses to run rather than compute
+    garbage (int8 weights are plain and may move)."""
+    for method in ("int8", "int4"):
+        layer = QuantizedLinear.from_float(torch.randn(64, 64), None, method, dtype=torch.bfloat16).to("meta")
+        x = torch.empty(2, 64, dtype=torch.bfloat16, device="meta")
+        if method == "int8":
+            assert layer(x).shape == (2, 64)
+        else:
+            with pytest.raises(AssertionError, match="packed for cpu"):
+                layer(x)
+
+
 def tiny_model(dtype: torch.dtype) -> LlamaForCausalLM:
     """Qwen2 layout (q/k/v bias); hidden 96 and intermediate 200: K = 200 is not a multiple of the int4 group, the
     fused gate/up N = 400 not a multiple of 64."""

@@ -103,6 +103,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales)  # int8: [N]; int4: [K_pad / group, N64, 2] (scale, zero)
         self.register_buffer("bias", None if bias is None else bias.to(scales.dtype))
         self.k_pad = qweight.shape[1] if kind == "int8" else scales.shape[0] * group_size
+        self.packed_for = qweight.device.type  # int4 layouts differ by device: .to() another device cannot work
         assert self.k_pad >= splits * in_features
 
     @property
@@ -195,6 +196,7 @@ class QuantizedLinear(nn.Module):
 
         Error bound: exact up to the rounding of d (and m + 8d) from fp16 to ``dtype``: for bfloat16,
         |w' - w| <= 2^-8 * (8 |d| + |m + 8d|) per weight (Q4_0, Q8_0: <= 2^-8 |w|); none for float32.
+        device: where the layer will run (its int4 layout is that device's).
         Raises ValueError for another type or a raw array that does not match the shape."""
         name = getattr(qtype, "name", str(qtype))
         if name not in GGUF_TYPES:
@@ -223,7 +225,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., K] -> [..., N], in x's dtype (computed in the layer's dtype)."""
-        assert x.device == self.qweight.device, "a QuantizedLinear runs on the device it was built on"
+        assert x.device == self.qweight.device, f"input on {x.device}, weights on {self.qweight.device}"
+        self._check_layout()
         lead = x.shape[:-1]
         h = x.reshape(-1, self.in_features).to(self.dtype)
         if self.splits > 1:
@@ -237,6 +240,10 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
+    def _check_layout(self) -> None:
+        assert self.kind == "int8" or self.qweight.device.type == self.packed_for, \
+            f"int4 weights packed for {self.packed_for} were moved to {self.qweight.device}: build them there"
+
     def _mm(self, h: Tensor) -> Tensor:
         if self.kind == "int4":
             return _int4_mm(h, self.qweight, self.group_size, self.scales)
@@ -247,6 +254,7 @@ class QuantizedLinear(nn.Module):
 
     def rows(self, ids: Tensor) -> Tensor:
         """Dequantized rows W[ids] (output channels), float32 [len(ids), K]: what forward multiplies by."""
+        self._check_layout()
         if self.kind == "int8":
             return self.qweight[ids, :self.in_features].float() * self.scales[ids].float()[:, None]
         q = _int4_codes(self.qweight, self.k_pad, ids).float()
