@@ -23,10 +23,12 @@ from conveyor.model.loader import load_model
 TEXT = Path(__file__).resolve().parent.parent / "bench" / "data" / "perplexity_en.txt"
 
 
-def hf_nll(path: str, ids: list[int], spans: list[tuple[int, int]], context: int, bos: int | None) -> float:
-    """Mean next-token NLL from transformers' own forward, one window at a time."""
+def hf_nll(path: str, ids: list[int], spans: list[tuple[int, int]], context: int,
+           bos: int | None) -> tuple[float, torch.Tensor]:
+    """Mean next-token NLL from transformers' own forward, one window at a time, and the log-probabilities
+    [scored tokens, vocab] of the scored positions."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    nlls = []
+    nlls, rows = [], []
     for start, first in spans:
         window = torch.tensor([ids[start:start + context]])
         if bos is not None:
@@ -35,7 +37,8 @@ def hf_nll(path: str, ids: list[int], spans: list[tuple[int, int]], context: int
             logp = F.log_softmax(hf(window).logits[0].double(), dim=-1)
         for pos in range(first - start, context):
             nlls.append(-logp[pos - 1, window[0, pos]].item())
-    return sum(nlls) / len(nlls)
+            rows.append(logp[pos - 1])
+    return sum(nlls) / len(nlls), torch.stack(rows)
 
 
 @pytest.mark.parametrize("kind,stride,bos", [("llama", None, None), ("qwen2", 32, None), ("llama-tied", None, 1)])
@@ -48,11 +51,15 @@ def test_perplexity_matches_transformers(checkpoint, kind, stride, bos):
     step = stride or context
     # the windows written out independently: every `step` tokens, the last min(step, context // 2) scored
     spans = [(s, s + context - min(step, context // 2)) for s in range(0, len(ids) - context + 1, step)]
-    ref = hf_nll(path, ids, spans, context, bos)
+    ref, ref_logp = hf_nll(path, ids, spans, context, bos)
     assert r.windows == len(spans)
     assert r.num_tokens == sum(s + context - f for s, f in spans)
     assert r.nll == pytest.approx(ref, rel=1e-4)
     assert r.ppl == pytest.approx(math.exp(ref), rel=1e-4)
+    # the greedy predictions are transformers' argmax, up to near-ties (float32 rounding may order those either way)
+    ours = torch.tensor(r.predictions)
+    gap = ref_logp.max(-1).values - ref_logp.gather(1, ours[:, None])[:, 0]
+    assert len(ours) == r.num_tokens and gap.max().item() < 1e-4
 
 
 def test_default_windows_score_second_halves_as_llama_cpp():

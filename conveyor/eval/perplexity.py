@@ -21,6 +21,7 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood of the scored tokens, nats per token
     ppl: float  # exp(nll)
     windows: int
+    predictions: list[int]  # the greedy (argmax) next token at each scored position, in text order
 
 
 def windows(num_tokens: int, context: int, stride: int | None = None) -> list[tuple[int, int]]:
@@ -57,8 +58,9 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], context: int = 512, st
 
     Each window is one prefill through LlamaForCausalLM.forward with a paged KV cache of its own; logits of the
     scored positions are computed LOGIT_ROWS at a time, log-softmaxed in float32, and their next-token NLLs summed in
-    float64. With `bos_token_id` set, each window's first token is replaced by it, as llama.cpp does for models
-    whose tokenizer adds a BOS (that token is never scored). `device` defaults to the model's.
+    float64; the argmax at each scored position is kept (`predictions`: greedy choices to compare across weights).
+    With `bos_token_id` set, each window's first token is replaced by it, as llama.cpp does for models whose
+    tokenizer adds a BOS (that token is never scored). `device` defaults to the model's.
     Raises ValueError for a context over the model's max_model_len, a token id outside the vocabulary, or what
     `windows` rejects."""
     spans = windows(len(token_ids), context, stride)
@@ -76,7 +78,7 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], context: int = 512, st
     meta = AttentionMetadata(slot_mapping=positions, prefills=[PrefillChunk(
         0, context, 0, torch.arange(nb, device=dev), build_prefill_mask(0, context, a.sliding_window, dev))])
     ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-    total, count = torch.zeros((), dtype=torch.float64, device=dev), 0
+    total, count, argmax = torch.zeros((), dtype=torch.float64, device=dev), 0, []
     for start, first in spans:
         window = ids[start:start + context].clone()
         if bos_token_id is not None:
@@ -87,6 +89,9 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], context: int = 512, st
             end = min(row + LOGIT_ROWS, context - 1)
             logp = F.log_softmax(model.compute_logits(hidden[row:end]).float(), dim=-1)
             total -= logp.gather(1, window[row + 1:end + 1, None]).sum(dtype=torch.float64)
+            argmax.append(logp.argmax(-1))
         count += start + context - first
     nll = total.item() / count
-    return PerplexityResult(num_tokens=count, nll=nll, ppl=math.exp(nll), windows=len(spans))
+    predictions = torch.cat(argmax).tolist()
+    assert len(predictions) == count
+    return PerplexityResult(num_tokens=count, nll=nll, ppl=math.exp(nll), windows=len(spans), predictions=predictions)
