@@ -48,7 +48,7 @@ def roundtrip(w: np.ndarray, qtype: str) -> np.ndarray:
         return w.astype(np.float32)
     if qtype == "F16":
         return w.astype(np.float16).astype(np.float32)
-    return gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), TYPES[qtype]), TYPES[qtype])
+    return gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), Q[qtype]), Q[qtype])
 
 
 def _encode(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Q | None]:
@@ -56,13 +56,16 @@ def _encode(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Q | None]:
         return w.astype(np.float32), None
     if qtype == "F16":
         return w.astype(np.float16), None
-    return gguf.quants.quantize(w.astype(np.float32), TYPES[qtype]), TYPES[qtype]
+    return gguf.quants.quantize(w.astype(np.float32), Q[qtype]), Q[qtype]
 
 
 def write_gguf(kind: str, hf_dir: Path, out: Path, qtype: str = "F32", embed_qtype: str | None = None,
-               with_tokenizer: bool = True, arch: str | None = None) -> Path:
+               with_tokenizer: bool = True, arch: str | None = None,
+               raw_tensors: dict[str, tuple[np.ndarray, Q]] | None = None) -> Path:
     """Write the HF checkpoint at hf_dir (written by tests.checkpoints.write_checkpoint(kind)) as a GGUF file:
-    2-D weights in qtype (the embedding in embed_qtype, default qtype), norms in F32."""
+    2-D weights in qtype (any type gguf.quants.quantize supports: TYPES, also Q5_0, Q5_1...; the embedding in
+    embed_qtype, default qtype), norms in F32. raw_tensors: GGUF tensor name -> (raw bytes, type) written instead
+    of that weight (for types the gguf package cannot quantize)."""
     arch = arch or ARCH[kind]
     cfg = json.loads((hf_dir / "config.json").read_text())
     w = gguf.GGUFWriter(str(out), arch)
@@ -86,7 +89,9 @@ def write_gguf(kind: str, hf_dir: Path, out: Path, qtype: str = "F32", embed_qty
         a = t.float().numpy()
         if arch == "llama" and ("q_proj.weight" in name or "k_proj.weight" in name):
             a = permute_rows(a, heads if "q_proj" in name else kv_heads)
-        if a.ndim == 1:
+        if gguf_name(name) in (raw_tensors or {}):
+            data, raw = raw_tensors[gguf_name(name)]
+        elif a.ndim == 1:
             data, raw = a.astype(np.float32), None
         else:
             data, raw = _encode(a, (embed_qtype or qtype) if "embed_tokens" in name else qtype)

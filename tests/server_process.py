@@ -33,16 +33,18 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, logs, ok=lamb
 
 class ServerProcess:
     """`conveyor serve ARGS` on a free loopback port, its output in a log file; `env` is added to the environment
-    (secrets go there, not into ARGS, so they stay out of `ps`)."""
+    (secrets go there, not into ARGS, so they stay out of `ps`). `--model default_model` is added when ARGS have
+    no --model; default_model=None starts ARGS as they are (a positional model, or none: the built-in real one)."""
 
     command = "serve"
     entry: tuple[str, ...] = ("-m", "conveyor.cli")  # what python runs: a test may wrap the CLI (fault injection)
 
-    def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None,
+                 default_model: str | None = "demo") -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        if self.command == "serve" and "--model" not in args:
-            args = ("--model", "demo", *args)  # serve's own default is the built-in real model
+        if self.command == "serve" and default_model and "--model" not in args:
+            args = ("--model", default_model, *args)  # serve's own default is the built-in real model
         cmd = [sys.executable, *self.entry, self.command, "--port", str(self.port), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))  # tiny models: 1 thread
         self.log_path = f"/tmp/conveyor-test-{self.command}-{self.port}.log"
