@@ -1,13 +1,17 @@
 """Tiny Hugging Face checkpoints with random weights, written by transformers' save_pretrained, and a BPE
-tokenizer trained here on a few sentences. Nothing is downloaded."""
+tokenizer trained here on a few sentences. Nothing is downloaded. forward_logits: our model's logits at every
+position, to compare with a reference's."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch import nn
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen3Config)
+
+from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_prefill_mask, kv_cache_shape
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -60,3 +64,17 @@ def write_checkpoint(kind: str, path: Path, max_shard_size: str | None = None) -
     model.save_pretrained(path, **kwargs)
     train_tokenizer().save_pretrained(path)
     return path
+
+
+@torch.inference_mode()
+def forward_logits(model: nn.Module, arch, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
+    """Float32 logits [len(ids), vocab] at every position: one prefill of ids through our model's forward over a
+    fresh paged KV cache (blocks of 16)."""
+    n, bs = len(ids), 16
+    nb = -(-n // bs)
+    kv = [torch.zeros(kv_cache_shape(nb, bs, arch.num_kv_heads, arch.head_dim), dtype=dtype)
+          for _ in range(arch.num_layers)]
+    pos = torch.arange(n)
+    meta = AttentionMetadata(slot_mapping=pos, prefills=[PrefillChunk(
+        0, n, 0, torch.arange(nb), build_prefill_mask(0, n, arch.sliding_window, torch.device("cpu")))])
+    return model.compute_logits(model(torch.tensor(ids), pos, kv, meta)).float()

@@ -20,12 +20,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from checkpoints import CORPUS, train_tokenizer
+from checkpoints import CORPUS, forward_logits, train_tokenizer
 from conveyor import LLM, SamplingParams
 from conveyor.config import ModelConfig
 from conveyor.engine.scheduler import ScheduledSeq
 from conveyor.engine.sequence import Sequence
-from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_prefill_mask, kv_cache_shape
 from conveyor.model.loader import load_model
 from conveyor.model.quant import QuantizedEmbedding, QuantizedLinear, resident_bytes
 from gguf_checkpoint import reference_hf_model, write_gguf
@@ -92,20 +91,6 @@ def reference(hf_dir):
 @pytest.fixture(scope="module")
 def hf_tokenizer(hf_dir):
     return AutoTokenizer.from_pretrained(hf_dir("llama-tied"))  # every kind has the same tokenizer
-
-
-@torch.inference_mode()
-def forward_logits(model: nn.Module, arch, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
-    """Float32 logits [len(ids), vocab] at every position: one prefill of ids through our model's forward over a
-    fresh paged KV cache (blocks of 16)."""
-    n, bs = len(ids), 16
-    nb = -(-n // bs)
-    kv = [torch.zeros(kv_cache_shape(nb, bs, arch.num_kv_heads, arch.head_dim), dtype=dtype)
-          for _ in range(arch.num_layers)]
-    pos = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=pos, prefills=[PrefillChunk(
-        0, n, 0, torch.arange(nb), build_prefill_mask(0, n, arch.sliding_window, torch.device("cpu")))])
-    return model.compute_logits(model(torch.tensor(ids), pos, kv, meta)).float()
 
 
 @torch.inference_mode()
