@@ -61,11 +61,11 @@ def _encode(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Q | None]:
 
 def write_gguf(kind: str, hf_dir: Path, out: Path, qtype: str = "F32", embed_qtype: str | None = None,
                with_tokenizer: bool = True, arch: str | None = None,
-               raw_tensors: dict[str, tuple[np.ndarray, Q]] | None = None) -> Path:
+               raw_tensors: dict[str, tuple[np.ndarray, Q | None]] | None = None) -> Path:
     """Write the HF checkpoint at hf_dir (written by tests.checkpoints.write_checkpoint(kind)) as a GGUF file:
     2-D weights in qtype (any type gguf.quants.quantize supports: TYPES, also Q5_0, Q5_1...; the embedding in
-    embed_qtype, default qtype), norms in F32. raw_tensors: GGUF tensor name -> (raw bytes, type) written instead
-    of that weight (for types the gguf package cannot quantize)."""
+    embed_qtype, default qtype), norms in F32. raw_tensors: GGUF tensor name -> (data, type) written instead of
+    that tensor: raw bytes of a type the gguf package cannot quantize, or a float array (type None)."""
     arch = arch or ARCH[kind]
     cfg = json.loads((hf_dir / "config.json").read_text())
     w = gguf.GGUFWriter(str(out), arch)

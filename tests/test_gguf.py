@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -457,3 +458,30 @@ def test_serve_a_gguf(gguf_file, form):
     served = r.json()["choices"][0]["text"]
     expected = LLM(path).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert served == expected[0].outputs[0].text
+
+
+def test_metadata_that_disagrees_with_the_tensors_is_an_error(hf_dir, tmp_path):
+    """Each tensor is checked against the shape the metadata implies, float or kept low-bit: never a model that
+    loads with an embedding larger or smaller than its vocabulary, or a norm or bias of the wrong length."""
+    def written(kind: str, qtype: str = "F32", config: dict | None = None, raw: dict | None = None) -> str:
+        src = tmp_path / f"hf-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(hf_dir(kind), src)
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+        return str(write_gguf(kind, src, src / "x.gguf", qtype, raw_tensors=raw))
+
+    short = np.ones(48, dtype=np.float32)
+    cases = [
+        (written("llama-tied", config={"vocab_size": 300}), r"token_embd\.weight has shape \(320, 64\), expected "
+                                                             r"\(300, 64\) from the metadata"),
+        (written("mistral", config={"vocab_size": 400}), r"token_embd\.weight has shape \(320, 64\), expected"),
+        (written("llama-tied", "Q4_0", config={"vocab_size": 300}), r"token_embd\.weight: Q4_0 data of shape"),
+        (written("qwen3", raw={"blk.1.attn_norm.weight": (short, None)}), r"blk\.1\.attn_norm\.weight has shape"),
+        (written("qwen3", raw={"blk.0.attn_k_norm.weight": (short, None)}), r"blk\.0\.attn_k_norm\.weight has"),
+        (written("qwen2", "Q8_0", raw={"blk.0.attn_q.bias": (short, None)}),
+         r"blk\.0\.attn_q\.bias\+blk\.0\.attn_k\.bias\+blk\.0\.attn_v\.bias has shape"),
+        (written("qwen2", raw={"output_norm.weight": (short, None)}), r"output_norm\.weight has shape"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_model(ModelConfig(model=path), "cpu")

@@ -232,17 +232,12 @@ def _linear(ckpt: GGUFCheckpoint, tensors: list, bias: list | None, module: nn.L
             dtype: torch.dtype, device: str) -> nn.Module:
     """The module for one (possibly fused) projection: a QuantizedLinear over the file's own blocks (packed on
     `device`: the kernels' packed layouts differ by device), or the nn.Linear filled with dequantized weights."""
-    from conveyor.model.quant import QuantizedLinear
-
-    b = _float(ckpt, bias, dtype, device) if bias else None
+    b = _checked(ckpt, bias, (module.out_features,), dtype, device) if bias else None
+    shape = (module.out_features, module.in_features)
     if _keep_low_bit(tensors, quantization):
         raw = np.concatenate([_rows(ckpt, t, raw=True) for t in tensors])
-        shape = (module.out_features, module.in_features)
-        return QuantizedLinear.from_gguf(raw, tensors[0].tensor_type, shape, b, dtype, device)
-    w = _float(ckpt, tensors, dtype, device)
-    if tuple(w.shape) != (module.out_features, module.in_features):
-        raise GGUFError(f"{ckpt.path}: {tensors[0].name} has shape {tuple(w.shape)}, expected "
-                        f"{(module.out_features, module.in_features)}")
+        return _from_gguf(ckpt, tensors, raw, shape, b, dtype, device)
+    w = _checked(ckpt, tensors, shape, dtype, device)
     lin = nn.Linear(module.in_features, module.out_features, bias=b is not None, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
     if b is not None:
@@ -254,13 +249,33 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def _checked(ckpt: GGUFCheckpoint, tensors: list, shape: tuple[int, ...], dtype: torch.dtype,
+             device: str) -> torch.Tensor:
+    """The tensors dequantized (rows concatenated); GGUFError unless that has the shape the metadata implies."""
+    w = _float(ckpt, tensors, dtype, device)
+    if tuple(w.shape) != shape:
+        raise GGUFError(f"{ckpt.path}: {'+'.join(t.name for t in tensors)} has shape {tuple(w.shape)}, expected "
+                        f"{shape} from the metadata")
+    return w
+
+
+def _from_gguf(ckpt: GGUFCheckpoint, tensors: list, raw: np.ndarray, shape: tuple[int, int],
+               bias: torch.Tensor | None, dtype: torch.dtype, device: str) -> nn.Module:
+    from conveyor.model.quant import QuantizedLinear
+
+    try:
+        return QuantizedLinear.from_gguf(raw, tensors[0].tensor_type, shape, bias, dtype, device)
+    except ValueError as e:  # the blocks do not hold the shape the metadata implies
+        raise GGUFError(f"{ckpt.path}: {'+'.join(t.name for t in tensors)}: {e}") from None
+
+
 @torch.no_grad()
 def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, quantization: str | None, dtype: torch.dtype,
                       device: str) -> Counter:
     """Fill `model` (built on the meta device) from the file: every module gets real tensors on `device`.
     Projections whose parts share one of KEPT_QUANTIZED (and quantization is None) become QuantizedLinear; the
     embedding too, shared with lm_head when tied. Returns how many tensors of each type were kept low-bit."""
-    from conveyor.model.quant import QuantizedEmbedding, QuantizedLinear
+    from conveyor.model.quant import QuantizedEmbedding
 
     c = model.config
     kept: Counter = Counter()
@@ -278,27 +293,33 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, quantization: str 
                                 dtype, device)
         for t in qkv + gate_up + _parts(ckpt, i, ["attn_output.weight", "ffn_down.weight"]):
             kept[t.tensor_type.name] += _keep_low_bit([t], quantization)
-        layer.input_layernorm.weight = _param(_float(ckpt, _parts(ckpt, i, ["attn_norm.weight"]), dtype, device))
+        hidden, head_dim = (c.hidden_size,), (c.head_dim,)
+        layer.input_layernorm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_norm.weight"]), hidden, dtype,
+                                                       device))
         layer.post_attention_layernorm.weight = _param(
-            _float(ckpt, _parts(ckpt, i, ["ffn_norm.weight"]), dtype, device))
+            _checked(ckpt, _parts(ckpt, i, ["ffn_norm.weight"]), hidden, dtype, device))
         if att.q_norm is not None:
-            att.q_norm.weight = _param(_float(ckpt, _parts(ckpt, i, ["attn_q_norm.weight"]), dtype, device))
-            att.k_norm.weight = _param(_float(ckpt, _parts(ckpt, i, ["attn_k_norm.weight"]), dtype, device))
+            att.q_norm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_q_norm.weight"]), head_dim, dtype,
+                                                device))
+            att.k_norm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_k_norm.weight"]), head_dim, dtype,
+                                                device))
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in ckpt.tensors:
             raise GGUFError(f"{ckpt.path}: the file lacks tensor {name}")
-    model.model.norm.weight = _param(_float(ckpt, [ckpt.tensors["output_norm.weight"]], dtype, device))
+    model.model.norm.weight = _param(_checked(ckpt, [ckpt.tensors["output_norm.weight"]], (c.hidden_size,), dtype,
+                                              device))
     embd = ckpt.tensors["token_embd.weight"]
     head = ckpt.tensors.get("output.weight", embd)
     if _keep_low_bit([embd], quantization):
         shape = (c.vocab_size, c.hidden_size)
-        table = QuantizedLinear.from_gguf(np.asarray(embd.data), embd.tensor_type, shape, None, dtype, device)
+        table = _from_gguf(ckpt, [embd], np.asarray(embd.data), shape, None, dtype, device)
         model.model.embed_tokens = QuantizedEmbedding(table, dtype)
         kept[embd.tensor_type.name] += 1
         if head is embd:
             model.lm_head = table
     else:
-        model.model.embed_tokens.weight = _param(_float(ckpt, [embd], dtype, device))
+        model.model.embed_tokens.weight = _param(_checked(ckpt, [embd], (c.vocab_size, c.hidden_size), dtype,
+                                                          device))
         if head is embd:
             model.lm_head.weight = model.model.embed_tokens.weight
     if head is not embd:
