@@ -252,3 +252,14 @@ def test_quantize_model(method, min_cos):
     lows = sum(m.nbytes for m in quantized.modules() if isinstance(m, QuantizedLinear))
     assert resident_bytes(quantized) == resident_bytes(model) - floats + lows
     assert lows / floats < (0.55 if method == "int8" else 0.42)
+
+
+def test_quantize_float32_model_computing_in_bfloat16():
+    """A float32 model whose quantized layers compute in bfloat16 (the int kernels' fast dtype on CPU)."""
+    model = tiny_model(torch.float32)
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, "int8", dtype=torch.bfloat16)
+    assert quantized.model.layers[1].mlp.down_proj.dtype == torch.bfloat16
+    ids = torch.arange(20)
+    cos = torch.nn.functional.cosine_similarity(logits(model, ids), logits(quantized, ids), dim=-1)
+    assert cos.min() > 0.999

@@ -290,18 +290,20 @@ class QuantizedEmbedding(nn.Module):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> None:
+def quantize_model(model: nn.Module, method: str, group_size: int = 32, dtype: torch.dtype | None = None) -> None:
     """Replace every nn.Linear of the decoder layers (qkv_proj, o_proj, gate_up_proj, down_proj) in place with
-    QuantizedLinear.from_float(method, group_size), computing in the model's dtype. The embedding and lm_head stay
-    at the model dtype, as vLLM keeps them: they are a small share of a large model, and the most sensitive.
-    Raises ValueError for an unknown method or group size (before anything is replaced)."""
+    QuantizedLinear.from_float(method, group_size), computing in ``dtype`` (default: each layer's own; inputs of
+    another dtype are cast). The embedding and lm_head stay at the model dtype, as vLLM keeps them: they are a small
+    share of a large model, and the most sensitive. Raises ValueError for an unknown method or group size (before
+    anything is replaced)."""
     if method not in ("int8", "int4") or (method == "int4" and group_size not in INT4_GROUP_SIZES):
         raise ValueError(f"cannot quantize with method {method!r}, group_size {group_size}")
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, QuantizedLinear.from_float(child.weight, child.bias, method, group_size))
+                    setattr(parent, name, QuantizedLinear.from_float(child.weight, child.bias, method, group_size,
+                                                                     dtype))
 
 
 def resident_bytes(model: nn.Module) -> int:
