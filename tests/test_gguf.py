@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -460,16 +461,50 @@ def test_serve_a_gguf(gguf_file, form):
     assert served == expected[0].outputs[0].text
 
 
-def test_metadata_that_disagrees_with_the_tensors_is_an_error(hf_dir, tmp_path):
-    """Each tensor is checked against the shape the metadata implies, float or kept low-bit: never a model that
-    loads with an embedding larger or smaller than its vocabulary, or a norm or bias of the wrong length."""
-    def written(kind: str, qtype: str = "F32", config: dict | None = None, raw: dict | None = None) -> str:
-        src = tmp_path / f"hf-{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(hf_dir(kind), src)
-        cfg = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+def edited_checkpoint(hf_dir: Path, out: Path, config: dict) -> Path:
+    """A copy of the checkpoint at hf_dir with `config` merged into its config.json."""
+    shutil.copytree(hf_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, **config}))
+    return out
+
+
+@pytest.fixture
+def written(hf_dir, tmp_path):
+    """written(kind, qtype, config=..., raw=...): a GGUF whose metadata takes `config` (HF names) and whose tensors
+    named in `raw` are replaced."""
+    def write(kind: str, qtype: str = "F32", config: dict | None = None, raw: dict | None = None) -> str:
+        src = edited_checkpoint(hf_dir(kind), tmp_path / f"hf-{len(list(tmp_path.iterdir()))}", config or {})
         return str(write_gguf(kind, src, src / "x.gguf", qtype, raw_tensors=raw))
 
+    return write
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"num_hidden_layers": 0}, "num_layers must be a positive integer, got 0"),
+    ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
+    ({"intermediate_size": 0}, "intermediate_size must be a positive integer, got 0"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"num_key_value_heads": 3}, "num_attention_heads must be a multiple of num_key_value_heads"),
+    ({"head_dim": 33}, "rotary embeddings need an even head_dim"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a positive number, got -1.0"),
+])
+def test_invalid_hyper_parameters_are_an_error(written, hf_dir, tmp_path, config, message):
+    """Sizes no model can be built from, in a GGUF's metadata (the file named) or in a config.json: a ValueError,
+    never a division by zero or an assert from deep inside."""
+    path = written("qwen3", config=config)
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: the metadata does not describe a valid model: "
+                                         f".*{message}"):
+        load_model(ModelConfig(model=path), "cpu")
+    hf = edited_checkpoint(hf_dir("qwen3"), tmp_path / "edited", config)
+    with pytest.raises(ValueError):  # ours, or transformers' when it validates the config first
+        load_model(ModelConfig(model=str(hf)), "cpu")
+
+
+def test_metadata_that_disagrees_with_the_tensors_is_an_error(written):
+    """Each tensor is checked against the shape the metadata implies, float or kept low-bit: never a model that
+    loads with an embedding larger or smaller than its vocabulary, or a norm or bias of the wrong length."""
     short = np.ones(48, dtype=np.float32)
     cases = [
         (written("llama-tied", config={"vocab_size": 300}), r"token_embd\.weight has shape \(320, 64\), expected "

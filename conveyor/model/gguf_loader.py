@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from conveyor.model.llama import ArchConfig
+
 log = logging.getLogger("conveyor.loader")
 
 # GGUF general.architecture -> our model_type
@@ -78,7 +80,12 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{p}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     tensors = {t.name: t for t in reader.tensors}
-    return GGUFCheckpoint(p, arch, _hf_config(p, arch, meta, tensors), tensors, meta)
+    hf_config = _hf_config(p, arch, meta, tensors)
+    try:
+        ArchConfig.from_hf(hf_config)  # the checks the model's construction makes, here with the file named
+    except ValueError as e:
+        raise GGUFError(f"{p}: the metadata does not describe a valid model: {e}") from None
+    return GGUFCheckpoint(p, arch, hf_config, tensors, meta)
 
 
 def _hf_config(path: Path, arch: str, meta: dict, tensors: dict) -> dict:
@@ -109,7 +116,7 @@ def _hf_config(path: Path, arch: str, meta: dict, tensors: dict) -> dict:
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
+        "head_dim": get("attention.key_length"),  # None: hidden // heads (ArchConfig.from_hf)
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": get("rope.freq_base", 10000.0),
         "rope_scaling": scaling,

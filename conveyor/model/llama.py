@@ -2,6 +2,7 @@
 Qwen3 (q/k RMSNorm). Parameter names follow Hugging Face checkpoints, with q/k/v and gate/up fused."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,18 @@ class ArchConfig:
     eos_token_id: list[int]
 
     def __post_init__(self) -> None:
-        assert self.num_heads % self.num_kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads"
-        assert self.head_dim % 2 == 0, "rotary embeddings need an even head_dim"
+        """Raises ValueError for a config no model can be built from (damaged or hand-edited checkpoints)."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            _positive_int(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise ValueError("rotary embeddings need an even head_dim")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"config {name} must be a positive number, got {v!r}")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ArchConfig:
@@ -51,20 +62,21 @@ class ArchConfig:
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = rope if rope.get("rope_type", "default") != "default" else cfg.get("rope_scaling")
-        heads = cfg["num_attention_heads"]
+        heads = _positive_int("num_attention_heads", cfg.get("num_attention_heads"))
+        hidden = _positive_int("hidden_size", cfg.get("hidden_size"))
         window = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
         eos = cfg.get("eos_token_id")
         return cls(
             model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            vocab_size=cfg.get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size"),
+            num_layers=cfg.get("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=scaling,
@@ -78,6 +90,12 @@ class ArchConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=[eos] if isinstance(eos, int) else list(eos or []),
         )
+
+
+def _positive_int(name: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"config {name} must be a positive integer, got {v!r}")
+    return v
 
 
 class Attention(nn.Module):
