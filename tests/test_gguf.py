@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -284,7 +285,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "Jumps."}, {"role": "user", "content": "数字 123"}]
 
 
-def test_tokenizer_and_chat_template_come_from_the_metadata(gguf_file, hf_tokenizer, cache_root):
+def test_tokenizer_and_chat_template_come_from_the_metadata(gguf_file, hf_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path))  # a cache of its own, to see what is written
     llm = LLM(str(gguf_file("llama-tied", "Q4_0")))
     tok = llm.get_tokenizer()
     for text in dict.fromkeys(CORPUS):
@@ -297,10 +299,11 @@ def test_tokenizer_and_chat_template_come_from_the_metadata(gguf_file, hf_tokeni
     assert (tok.bos_token_id, tok.eos_token_id) == (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (1, 2)
     assert llm.engine.eos_token_ids == [2]
     # converted once, then read from the cache
-    cached = list((cache_root / "tokenizers").glob("*/tokenizer_config.json"))
-    assert cached
+    [cached] = (tmp_path / "tokenizers").glob("*/tokenizer_config.json")
+    written_at = cached.stat().st_mtime_ns
     again = LLM(str(gguf_file("llama-tied", "Q4_0"))).get_tokenizer()
-    assert list((cache_root / "tokenizers").glob("*/tokenizer_config.json")) == cached
+    assert list((tmp_path / "tokenizers").glob("*/tokenizer_config.json")) == [cached]
+    assert cached.stat().st_mtime_ns == written_at
     assert again.encode(LOGITS_TEXT) == hf_tokenizer.encode(LOGITS_TEXT)
 
 
@@ -385,10 +388,10 @@ def bad_inputs(hf_dir, gguf_file, folder: Path) -> dict[str, tuple[list[str], st
     }
 
 
-def run_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180.0) -> subprocess.CompletedProcess:
     """`conveyor ARGS` in a subprocess; the timeout is only a bound against a hang."""
     return subprocess.run([sys.executable, "-m", "conveyor.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -396,11 +399,12 @@ def cli_results(hf_dir, gguf_file, tmp_path_factory, cache_root):
     """Every bad input through `generate` and `serve`, two processes at a time (each spends seconds importing):
     (case, command) -> a future of the CompletedProcess."""
     cases = bad_inputs(hf_dir, gguf_file, tmp_path_factory.mktemp("bad"))
-    pool = ThreadPoolExecutor(2)
+    pool, env = ThreadPoolExecutor(2), dict(os.environ)
     futures = {}
     for case, (model_args, _) in cases.items():
-        futures[case, "generate"] = pool.submit(run_cli, "generate", *model_args, "--prompt", "hi")
-        futures[case, "serve"] = pool.submit(run_cli, "serve", *model_args, "--port", str(free_port()))
+        # the environment now: a test running meanwhile may point CONVEYOR_CACHE_DIR elsewhere
+        futures[case, "generate"] = pool.submit(run_cli, "generate", *model_args, "--prompt", "hi", env=env)
+        futures[case, "serve"] = pool.submit(run_cli, "serve", *model_args, "--port", str(free_port()), env=env)
     yield {key: (f, cases[key[0]][1]) for key, f in futures.items()}
     pool.shutdown(cancel_futures=True)
 
