@@ -70,8 +70,7 @@ def test_kept_q4_1_answers_factual_questions(kept):
                          SamplingParams(temperature=0, max_tokens=16))
     for (question, answer), out in zip(QUESTIONS.items(), outs):
         assert answer in out.outputs[0].text, (question, out.outputs[0].text)
-    assert outs[0].outputs[0].text == "The capital of France is Paris."
-    assert outs[0].outputs[0].finish_reason == "stop"
+    assert outs[0].outputs[0].finish_reason == "stop"  # a short answer, ended by the model's EOS
 
 
 def test_greedy_and_logits_match_transformers_in_float32(gguf_path):
