@@ -28,6 +28,7 @@ from conveyor import LLM, SamplingParams
 from conveyor.config import ModelConfig
 from conveyor.engine.scheduler import ScheduledSeq
 from conveyor.engine.sequence import Sequence
+from conveyor.model.llama import ArchConfig
 from conveyor.model.loader import load_model
 from conveyor.model.quant import QuantizedEmbedding, QuantizedLinear, resident_bytes
 from gguf_checkpoint import reference_hf_model, write_gguf
@@ -504,6 +505,23 @@ def test_invalid_hyper_parameters_are_an_error(written, hf_dir, tmp_path, config
     hf = edited_checkpoint(hf_dir("qwen3"), tmp_path / "edited", config)
     with pytest.raises(ValueError):  # ours, or transformers' when it validates the config first
         load_model(ModelConfig(model=str(hf)), "cpu")
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"rope_theta": None}, "rope_theta must be a positive number, got None"),
+    ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number, got 'x'"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor must be a positive number, got None"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "original_max_position_embeddings must be a positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling type 'yarn' is not supported"),
+    ({"rope_scaling": "x"}, "rope_scaling must be an object"),
+])
+def test_invalid_rope_and_norm_values_are_an_error(config, message):
+    """Missing or non-numeric rope and norm values (GGUF metadata is mapped onto the same dict): a ValueError that
+    names the field, never a TypeError or KeyError from float() or the rotary tables."""
+    cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 1, "num_attention_heads": 2, **config}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ArchConfig.from_hf(cfg)
 
 
 def test_metadata_that_disagrees_with_the_tensors_is_an_error(written):

@@ -105,7 +105,7 @@ def _hf_config(path: Path, arch: str, meta: dict, tensors: dict) -> dict:
     if get("rope.scaling.type", "none") not in ("none", None):
         if get("rope.scaling.type") != "linear":
             raise GGUFError(f"{path}: rope scaling {get('rope.scaling.type')!r} is not supported (linear is)")
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}  # checked by ArchConfig
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                              "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)]
     cfg = {

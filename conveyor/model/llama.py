@@ -47,9 +47,8 @@ class ArchConfig:
         if self.head_dim % 2:
             raise ValueError("rotary embeddings need an even head_dim")
         for name in ("rms_norm_eps", "rope_theta"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"config {name} must be a positive number, got {v!r}")
+            _positive_number(name, getattr(self, name))
+        _check_rope_scaling(self.rope_scaling)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ArchConfig:
@@ -78,7 +77,7 @@ class ArchConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rope_theta=float(theta) if isinstance(theta, (int, float)) else theta,  # else __post_init__ says why
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -90,6 +89,32 @@ class ArchConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=[eos] if isinstance(eos, int) else list(eos or []),
         )
+
+
+def _positive_number(name: str, v) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"config {name} must be a positive number, got {v!r}")
+    return v
+
+
+def _check_rope_scaling(scaling) -> None:
+    """The rope_scaling dict RotaryEmbedding understands: None, or a type with its numeric parameters."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"config rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    needs = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "original_max_position_embeddings")}.get(kind)
+    if needs is None:
+        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+    for name in needs:
+        _positive_number(f"rope_scaling.{name}", scaling.get(name))
+    for name in ("low_freq_factor", "high_freq_factor"):
+        if kind == "llama3" and name in scaling:
+            _positive_number(f"rope_scaling.{name}", scaling[name])
+    if kind == "llama3" and scaling.get("high_freq_factor", 4.0) <= scaling.get("low_freq_factor", 1.0):
+        raise ValueError("config rope_scaling.high_freq_factor must exceed low_freq_factor")
 
 
 def _positive_int(name: str, v) -> int:
