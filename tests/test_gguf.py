@@ -514,6 +514,9 @@ def test_invalid_hyper_parameters_are_an_error(written, hf_dir, tmp_path, config
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "original_max_position_embeddings must be a positive"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling type 'yarn' is not supported"),
     ({"rope_scaling": "x"}, "rope_scaling must be an object"),
+    ({"sliding_window": 0}, "sliding_window must be a positive integer, got 0"),
+    ({"sliding_window": -3}, "sliding_window must be a positive integer, got -3"),
+    ({"sliding_window": "4"}, "sliding_window must be a positive integer, got '4'"),
 ])
 def test_invalid_rope_and_norm_values_are_an_error(config, message):
     """Missing or non-numeric rope and norm values (GGUF metadata is mapped onto the same dict): a ValueError that
@@ -542,3 +545,24 @@ def test_metadata_that_disagrees_with_the_tensors_is_an_error(written):
     for path, message in cases:
         with pytest.raises(ValueError, match=message):
             load_model(ModelConfig(model=path), "cpu")
+
+
+@pytest.mark.parametrize("layers,message", [
+    (1, r"block_count is 1 but the file has tensors for layers 0\.\.1"),
+    (10**9, r"block_count is 1000000000 but the file has tensors for layers 0\.\.1"),
+])
+def test_block_count_that_disagrees_with_the_tensors_is_an_error(written, layers, message):
+    """A block_count smaller than the file's layers silently dropped layers; a huge one built a billion modules
+    (a hang). Both are a GGUFError naming the file, before the model is built."""
+    path = written("llama-tied", config={"num_hidden_layers": layers})
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: .*{message}"):
+        load_model(ModelConfig(model=path), "cpu")
+
+
+def test_huge_context_length_loads_without_a_huge_rotary_table(written):
+    """context_length 2**32 - 1 in the metadata (a lie, or a long-context model): the rotary tables are computed
+    for the positions of each step, never allocated for the whole context (that was 128 GiB and a crash)."""
+    path = written("llama-tied", config={"max_position_embeddings": 2**32 - 1})
+    llm = LLM(model=path, num_kv_blocks=64, seed=0)
+    out = llm.generate(["hello"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4

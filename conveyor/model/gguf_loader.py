@@ -85,7 +85,19 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
         ArchConfig.from_hf(hf_config)  # the checks the model's construction makes, here with the file named
     except ValueError as e:
         raise GGUFError(f"{p}: the metadata does not describe a valid model: {e}") from None
+    _check_layers(p, hf_config["num_hidden_layers"], tensors)
     return GGUFCheckpoint(p, arch, hf_config, tensors, meta)
+
+
+def _check_layers(path: Path, block_count: int, tensors: dict) -> None:
+    """GGUFError unless the file's blk.N tensors are exactly layers 0..block_count-1: checked before the model is
+    built, so that a lying block_count neither drops layers silently nor builds millions of modules."""
+    layers = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    contiguous = bool(layers) and len(layers) == max(layers) + 1  # exactly 0..max
+    if not (contiguous and len(layers) == block_count):
+        found = f"layers 0..{max(layers)}" if contiguous else \
+            f"{len(layers)} layers numbered {min(layers)}..{max(layers)}" if layers else "no layers"
+        raise GGUFError(f"{path}: block_count is {block_count} but the file has tensors for {found}")
 
 
 def _hf_config(path: Path, arch: str, meta: dict, tensors: dict) -> dict:

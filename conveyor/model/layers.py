@@ -36,7 +36,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style (rotate-half) rotary embedding with a cos/sin table indexed by position. The sin table has its
+    """Neox-style (rotate-half) rotary embedding, cos/sin computed for each step's positions. The sin has its
     first half negated, so rotate_half(x) * sin is x.roll(half) * signed_sin: one op instead of slice, neg, cat."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None) -> None:
@@ -49,14 +49,16 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / scaling["factor"]
         elif rope_type != "default":
             raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
-        pos = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)
-        self.register_buffer("cos", torch.cat([freqs, freqs], dim=-1).cos(), persistent=False)
-        self.register_buffer("signed_sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
+        # no table over max_position: a checkpoint's context length (up to 2**32 - 1 in a GGUF) would size it
+        self.max_position = max_position
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin [T, 1, D] for the positions: computed once per forward, used by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
+        """cos and signed sin [T, 1, D] for the positions [T]: computed once per forward, used by every layer."""
+        freqs = torch.outer(positions.to(torch.float32), self.inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat([cos, cos], dim=-1).unsqueeze(1).to(dtype), \
+            torch.cat([-sin, sin], dim=-1).unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

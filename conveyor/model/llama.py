@@ -46,6 +46,8 @@ class ArchConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise ValueError("rotary embeddings need an even head_dim")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
         for name in ("rms_norm_eps", "rope_theta"):
             _positive_number(name, getattr(self, name))
         _check_rope_scaling(self.rope_scaling)
