@@ -10,9 +10,10 @@ Two storage kinds, chosen for the kernels:
   tinygemm ``aten._weight_int4pack_mm`` (CUDA, bfloat16 only).
 
 Compute dtype: scales and zeros are kept in the layer's dtype, which is the dtype the kernel computes in (inputs of
-another dtype are cast, the output cast back). **On CPU use bfloat16**: there the int8/int4 kernels beat a bfloat16
-matmul for decode-sized batches, while their float32 versions are 10-30x slower than a float32 matmul
-(bench/quant_matmul.py, bench/README.md). The CUDA paths are untested until a GPU check runs.
+another dtype are cast, the output cast back). **On CPU use bfloat16**: with bfloat16 activations the int8/int4
+kernels match or beat float matmuls at decode sizes, with float32 activations they are 2-26x slower than a float32
+matmul (bench/quant_matmul.py, bench/README.md; on an AVX2-only CPU a float32 model whose quantized layers compute
+in bfloat16 avoids emulated bfloat16 dense matmuls). The CUDA paths are untested until a GPU check runs.
 
 GGUF: Q4_0 and Q4_1 map exactly onto the int4 kind (group 32); Q8_0 onto int4 too, as two 4-bit halves of each
 int8 code (see ``QuantizedLinear.from_gguf``), so every supported GGUF type is exact up to the rounding of its fp16
