@@ -65,6 +65,18 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 preemption_mode=a.preemption_mode, swap_space=a.swap_space)
 
 
+def _render_chat(tok, prompt: str) -> str:
+    """One user message through the model's chat template. Raises ValueError when the model has no template or
+    the template fails (a broken template in a file's metadata raises jinja errors)."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("the model has no chat template; drop --chat")
+    try:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    except Exception as e:
+        raise ValueError(f"the model's chat template failed ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from conveyor import LLM, SamplingParams
 
@@ -76,8 +88,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompts = list(a.prompt)
         if a.chat:
             tok = llm.get_tokenizer()
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+            prompts = [_render_chat(tok, p) for p in prompts]
             prompts = [{"prompt_token_ids": tok.encode(p, add_special_tokens=False)} for p in prompts]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)

@@ -566,3 +566,20 @@ def test_huge_context_length_loads_without_a_huge_rotary_table(written):
     llm = LLM(model=path, num_kv_blocks=64, seed=0)
     out = llm.generate(["hello"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_broken_chat_template_is_one_error_line(hf_dir, tmp_path, capsys, monkeypatch):
+    """A chat template in a file's metadata that does not parse: `generate --chat` prints one error line and
+    exits 2 (the server answers such messages with a 400, tests/test_server_hardening.py)."""
+    from conveyor.cli import main
+
+    src = edited_checkpoint(hf_dir("llama-tied"), tmp_path / "hf", {})
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": "{% for m in messages %}{{ m"}))
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    path = write_gguf("llama-tied", src, tmp_path / "broken-template.gguf")
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["generate", "--model", str(path), "--chat", "--prompt", "hi", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("error: the model's chat template failed (TemplateSyntaxError"), err[-1]
