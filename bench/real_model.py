@@ -1,10 +1,11 @@
-"""SmolLM2-135M-Instruct served three ways on the same GGUF file, interleaved in one run:
+"""SmolLM2-135M-Instruct served four ways on the same GGUF file, interleaved in one run:
 
   * conveyor-q4_1: `conveyor serve smollm2-135m-instruct` (the default: the file's Q4_1 weights stay low-bit),
   * conveyor-bf16: the same with `--quantization none --dtype bfloat16` (dequantized at load),
+  * conveyor-f32:  the same with `--quantization none --dtype float32`,
   * llama-server:  llama.cpp's server on the file, started as ../shared/peers/run_llama_server.sh does.
 
-Each round starts every system in turn (A B C A B C ...; one server at a time) and measures: start-up time (process
+Each round starts every system in turn (A B C D A B C D ...; one server at a time) and measures: start-up time (process
 start -> first streamed token of one request), resident memory after load (before any request) and at its peak,
 then a chat workload streamed at concurrency 1 and at concurrency 32: output tokens/s, TTFT and ITL (gaps between
 streamed chunks) p50/p99, and the CPU the server, this client and every other process used meanwhile.
@@ -61,8 +62,11 @@ class System:
 SYSTEMS = {s.name: s for s in (
     System("conveyor-q4_1", "conveyor"),
     System("conveyor-bf16", "conveyor", ("--quantization", "none", "--dtype", "bfloat16")),
+    System("conveyor-f32", "conveyor", ("--quantization", "none", "--dtype", "float32")),
     System("llama-server", "llama-server"),
 )}
+# conveyor-f32 is there because a CPU without AVX-512 (bf16) runs bfloat16 matmuls several times slower than float32
+DEFAULT_SYSTEMS = ("conveyor-q4_1", "conveyor-bf16", "conveyor-f32", "llama-server")
 
 
 def server_command(s: System, model: str, gguf: Path, port: int, llama_server: Path) -> list[str]:
@@ -351,6 +355,7 @@ def aggregate(rounds: list[list[dict]], systems: list[str], concurrency: list[in
                    for m in ("ttft", "itl") for p in ("p50", "p99")},
                 **{f"cpu_{k}_pct": median([run["cpu_pct"][k] for run in runs]) for k in ("server", "client",
                                                                                          "others")},
+                "cpu_others_max_pct": max(run["cpu_pct"]["others"] for run in runs),
                 "failed": sum(run["summary"]["failed"] for run in runs),
                 "short_outputs": sum(run["short_outputs"] for run in runs)}
         out[name] = agg
@@ -368,7 +373,8 @@ def format_tables(agg: dict, concurrency: list[int], rounds: int) -> str:
             lines.append(f"| {name} | {c} | {f(r['output_tok_s'])} ({f(r['output_tok_s_min'])}-"
                          f"{f(r['output_tok_s_max'])}) | {f(r['ttft_p50_ms'], 0)} / {f(r['ttft_p99_ms'], 0)} | "
                          f"{f(r['itl_p50_ms'])} / {f(r['itl_p99_ms'])} | {f(r['cpu_server_pct'], 0)} % | "
-                         f"{f(r['cpu_client_pct'], 0)} % | {f(r['cpu_others_pct'], 0)} % | "
+                         f"{f(r['cpu_client_pct'], 0)} % | {f(r['cpu_others_pct'], 0)} % "
+                         f"(max {f(r['cpu_others_max_pct'], 0)} %) | "
                          f"{r['failed'] + r['short_outputs']} |")
     lines += ["", "| system | start-up to first token s (others' CPU) | RSS after load MiB | RSS after traffic MiB | "
               "peak RSS (loading included) MiB |", "|---|---|---|---|---|"]
@@ -379,13 +385,27 @@ def format_tables(agg: dict, concurrency: list[int], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and the vector extensions that decide which matmul kernels run."""
+    info = {"cpus": os.cpu_count(), "machine": platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    flags = set(found.group(1).split()) if found else set()
+    return {**info, "model": model.group(1) if model else None,
+            "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"})}
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="what conveyor serves (a name or a .gguf)")
     p.add_argument("--gguf", default=None, help="the file llama-server serves (default: the model's GGUF file)")
     p.add_argument("--llama-server", type=Path, default=PEERS_DIR / "llama.cpp-build" / "bin" / "llama-server")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", default="1,32")
     p.add_argument("--requests-c1", type=int, default=8, help="requests of the concurrency-1 run")
@@ -418,7 +438,7 @@ def main() -> int:
     work = build_workload(gguf, a.max_tokens, a.concurrency, a.requests_c1, a.requests)
     log_dir = tempfile.mkdtemp(prefix="real-model-bench-")
     print(f"# {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB); systems {', '.join(a.systems)}; {a.rounds} round(s); "
-          f"server logs in {log_dir}", flush=True)
+          f"server logs in {log_dir}\n# CPU: {cpu_info()}", flush=True)
     t0 = time.monotonic()
     rounds = []
     for i in range(a.rounds):
@@ -432,7 +452,7 @@ def main() -> int:
         result = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "model": a.model,
                   "max_tokens": a.max_tokens, "concurrency": a.concurrency, "rounds": a.rounds,
                   "prompt_tokens": {str(c): [len(r.prompt_ids) for r in work[c]] for c in a.concurrency},
-                  "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+                  "machine": cpu_info(),
                   "date": time.strftime("%Y-%m-%d"), "summary": agg, "table": table, "rounds_detail": rounds}
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(result, indent=1) + "\n")
