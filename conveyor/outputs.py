@@ -13,6 +13,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     num_new_tokens: int = 0  # tokens added since the previous output of this request
     new_text: str = ""  # text added since the previous output (for streaming)
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (raw distribution)
 
     @property
     def finished(self) -> bool:
@@ -27,4 +28,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    # per prompt token: {token: logprob, top-N...}; None for the first token (nothing precedes it)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None  # the engine failed this request inside a step and ended it (finish reason "error")
