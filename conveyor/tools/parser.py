@@ -41,8 +41,8 @@ class HermesParser:
 
     Text outside blocks is content; text that may be the start of an opening tag is held back until it is
     decided. A block whose JSON is not a call of one of the request's functions stays in the content as written.
-    Whitespace-only content is held back too and dropped once a call is made (so a message of calls has null
-    content). Without parallel calls, blocks after the first call are dropped."""
+    Trailing whitespace of the content is held back too, and dropped where a call follows it or the text ends
+    after calls (so a message of calls alone has null content); how the text is split never changes the result. Without parallel calls, blocks after the first call are dropped."""
 
     def __init__(self, names: set[str], parallel: bool) -> None:
         self._names, self._parallel = names, parallel
@@ -85,13 +85,11 @@ class HermesParser:
         return out
 
     def _content(self, text: str, out: Delta) -> None:
-        if not text:
-            return
-        if text.isspace():
-            self._space += text
-            return
-        out.content += self._space + text
-        self._space = ""
+        body = text.rstrip()
+        if body:
+            out.content += self._space + body
+            self._space = ""
+        self._space += text[len(body):]
 
     def _close(self, body: str, out: Delta, closed: bool) -> None:
         call = self._call(body)

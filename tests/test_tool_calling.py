@@ -1,0 +1,239 @@
+"""Tool calling on chat completions (issue 13 item 2): validation, rendering through the chat template or the
+fallback block, the <tool_call> parser whole and streamed, and the JSON-schema constraint of required / named
+choices (conveyor/tools)."""
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from conveyor.model.demo import demo_tokenizer
+from conveyor.tools import ToolError, ToolRequest, check_tool_messages, make_parser, parse_message, render_chat
+from conveyor.tools.template import template_reads_tools
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0,
+                                                                                 "maximum": 23}},
+                                       "required": ["hour"], "additionalProperties": False}}}
+TOOLS = [WEATHER, TIME]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+# a template that reads `tools` (as Qwen2.5's and Hermes' do), for the non-fallback path
+TOOLS_TEMPLATE = ("{% if tools %}TOOLS:{{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}: "
+                  "{{ m.content or '' }}{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} "
+                  "{{ c.function.arguments | tojson }}{% endfor %}\n{% endfor %}")
+
+
+def auto(tools=TOOLS, parallel=None) -> ToolRequest:
+    return ToolRequest.from_request(tools, "auto", parallel)
+
+
+def calls_of(calls) -> list[tuple[str, dict]]:
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+# ---- parsing (auto) ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, content, calls", [
+    ("no tools here", "no tools here", []),
+    ("", "", []),
+    (CALL, None, [("get_weather", {"city": "Paris", "unit": "c"})]),
+    ("Let me check.\n" + CALL + "\n", "Let me check.", [("get_weather", {"city": "Paris", "unit": "c"})]),
+    (CALL + "\n" + CALL.replace("Paris", "Rome"), None,
+     [("get_weather", {"city": "Paris", "unit": "c"}), ("get_weather", {"city": "Rome", "unit": "c"})]),
+    ('<tool_call>{"name": "get_time", "arguments": {"hour": 3}}', None, [("get_time", {"hour": 3})]),  # unclosed
+    ('<tool_call>{"name": "get_time", "arguments": "{\\"hour\\": 3}"}</tool_call>', None, [("get_time", {"hour": 3})]),
+    ('a <tool_call>{"name": oops}</tool_call> b', 'a <tool_call>{"name": oops}</tool_call> b', []),
+    ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', '<tool_call>{"name": "rm_rf", "arguments": {}}'
+     '</tool_call>', []),  # not one of the request's functions
+    ('<tool_call>{"name": "get_time", "arguments": [1]}</tool_call>', '<tool_call>{"name": "get_time", '
+     '"arguments": [1]}</tool_call>', []),
+    ("x <tool_ca", "x <tool_ca", []),  # held back while it may open a block, handed out at the end
+    ("<tool_call>[1, 2", "<tool_call>[1, 2", []),
+])
+def test_parse_auto(text, content, calls):
+    got_content, got_calls = parse_message(auto(), text)
+    assert got_content == content and calls_of(got_calls) == calls
+    assert all(c.id.startswith("call_") and len(c.id) == 29 for c in got_calls)
+    assert len({c.id for c in got_calls}) == len(got_calls)
+
+
+def test_parse_without_parallel_calls_keeps_the_first():
+    text = CALL + "\n" + CALL.replace("Paris", "Rome") + " done"
+    content, calls = parse_message(auto(parallel=False), text)
+    assert calls_of(calls) == [("get_weather", {"city": "Paris", "unit": "c"})] and content == " done"
+
+
+def test_no_tools_or_tool_choice_none_is_plain_content():
+    assert parse_message(None, CALL) == (CALL, [])
+    assert parse_message(ToolRequest.from_request(TOOLS, "none", None), CALL) == (CALL, [])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_streamed_parse_equals_whole(seed):
+    """Fed in random pieces (one character at a time included), the parser hands out the same content and calls
+    as on the whole text."""
+    rng = random.Random(seed)
+    parts = ["Sure. ", CALL, "\n", "<tool", "_call> bad </tool_call>", " <x>", "\n\n", CALL.replace("Paris", "Oslo"),
+             " \n", "<tool_c"]
+    text = "".join(rng.sample(parts, rng.randint(1, len(parts))))
+    whole_content, whole_calls = parse_message(auto(), text)
+    parser = make_parser(auto())
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, len(text))))) if len(text) > 1 \
+        else []
+    content, calls = "", []
+    for a, b in zip([0, *cuts], [*cuts, len(text)]):
+        d = parser.feed(text[a:b])
+        content, calls = content + d.content, calls + d.calls
+    d = parser.finish()
+    content, calls = content + d.content, calls + d.calls
+    assert (content or None if calls else content) == whole_content
+    assert calls_of(calls) == calls_of(whole_calls)
+
+
+# ---- constrained choices -----------------------------------------------------------------------------------------
+def test_constraints_of_required_and_named():
+    named = ToolRequest.from_request(TOOLS, {"type": "function", "function": {"name": "get_time"}}, None)
+    assert named.mode == "named" and named.structured_outputs().json == SCHEMAS["get_time"]
+    required = ToolRequest.from_request(TOOLS, "required", None).structured_outputs().json
+    single = ToolRequest.from_request(TOOLS, "required", False).structured_outputs().json
+    ok_call = {"name": "get_time", "arguments": {"hour": 5}}
+    jsonschema.validate([ok_call, {"name": "get_weather", "arguments": {"city": "x", "unit": "f"}}], required)
+    jsonschema.validate(ok_call, single)
+    for bad, schema in [([], required), ([{"name": "get_time", "arguments": {"city": "x"}}], required),
+                        ({"name": "nope", "arguments": {}}, single), ([ok_call], single)]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert ToolRequest.from_request(TOOLS, "auto", None).structured_outputs() is None
+
+
+@pytest.mark.parametrize("choice, parallel, text, calls", [
+    ("required", None, '[{"name": "get_time", "arguments": {"hour": 1}}, {"name": "get_weather", "arguments": '
+     '{"city": "Oslo", "unit": "c"}}]', [("get_time", {"hour": 1}), ("get_weather", {"city": "Oslo", "unit": "c"})]),
+    ("required", False, '{"name": "get_time", "arguments": {"hour": 2}}', [("get_time", {"hour": 2})]),
+    ({"type": "function", "function": {"name": "get_time"}}, None, '{"hour": 4}', [("get_time", {"hour": 4})]),
+    ("required", None, '[{"name": "get_time", "argum', []),  # cut by max_tokens: content
+    ({"type": "function", "function": {"name": "get_time"}}, None, '{"hour": ', []),
+])
+def test_parse_constrained(choice, parallel, text, calls):
+    content, got = parse_message(ToolRequest.from_request(TOOLS, choice, parallel), text)
+    assert calls_of(got) == calls and content == (None if calls else text)
+
+
+# ---- validation --------------------------------------------------------------------------------------------------
+def fn(**kw) -> dict:
+    return {"type": "function", "function": {"name": "f", **kw}}
+
+
+@pytest.mark.parametrize("tools, choice, parallel, param", [
+    (None, "auto", None, "tool_choice"),
+    (None, "required", None, "tool_choice"),
+    ([], None, None, "tools"),
+    ({"type": "function"}, None, None, "tools"),
+    ([fn()] * 129, None, None, "tools"),
+    (["f"], None, None, "tools.0"),
+    ([{"type": "retrieval"}], None, None, "tools.0.type"),
+    ([{"type": "function"}], None, None, "tools.0.function"),
+    ([{"type": "function", "function": {"description": "no name"}}], None, None, "tools.0.function.name"),
+    ([{"type": "function", "function": {"name": "has space"}}], None, None, "tools.0.function.name"),
+    ([{"type": "function", "function": {"name": "x" * 65}}], None, None, "tools.0.function.name"),
+    ([fn(), fn()], None, None, "tools.1.function.name"),
+    ([fn(parameters=[1])], None, None, "tools.0.function.parameters"),
+    ([fn(parameters={"type": "string"})], None, None, "tools.0.function.parameters"),
+    ([fn(description=3)], None, None, "tools.0.function.description"),
+    ([fn(strict="yes")], None, None, "tools.0.function.strict"),
+    ([fn()], "sometimes", None, "tool_choice"),
+    ([fn()], {"type": "function", "function": {"name": "g"}}, None, "tool_choice"),
+    ([fn()], {"type": "function"}, None, "tool_choice"),
+    ([fn()], {"function": {"name": "f"}}, None, "tool_choice"),
+    ([fn()], None, "yes", "parallel_tool_calls"),
+])
+def test_bad_tools_name_their_field(tools, choice, parallel, param):
+    with pytest.raises(ToolError) as e:
+        ToolRequest.from_request(tools, choice, parallel)
+    assert e.value.param == param
+
+
+def test_good_tools():
+    assert ToolRequest.from_request(None, None, None) is None
+    assert ToolRequest.from_request(None, "none", True) is None
+    r = ToolRequest.from_request([fn(), fn(name="g", parameters={"type": "object"})], None, None)
+    assert r.mode == "auto" and r.parallel and [f.name for f in r.functions] == ["f", "g"]
+    assert r.functions[0].parameters == {"type": "object", "properties": {}}  # no parameters: no arguments
+    assert len(ToolRequest.from_request([fn(name=f"f{i}") for i in range(128)], None, None).functions) == 128
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "tool", "content": "x"}], "messages.0.tool_call_id"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "x", "tool_call_id": ""}],
+     "messages.1.tool_call_id"),
+    ([{"role": "user", "content": "x", "tool_calls": []}], "messages.0.tool_calls"),
+    ([{"role": "assistant", "tool_calls": {"id": "a"}}], "messages.0.tool_calls"),
+    ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+     "messages.0.tool_calls.0.id"),
+    ([{"role": "assistant", "tool_calls": [{"id": "a", "function": {"arguments": "{}"}}]}],
+     "messages.0.tool_calls.0.function.name"),
+    ([{"role": "assistant", "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": 3}}]}],
+     "messages.0.tool_calls.0.function.arguments"),
+    ([{"role": "assistant", "tool_calls": [{"id": "a", "type": "code", "function": {"name": "f"}}]}],
+     "messages.0.tool_calls.0"),
+])
+def test_bad_tool_messages_name_their_field(messages, param):
+    with pytest.raises(ToolError) as e:
+        check_tool_messages(messages)
+    assert e.value.param == param
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------------
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "unit": "c"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Oslo", "unit": "c"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+    {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "4 C, rain"}]},
+]
+
+
+def test_fallback_rendering_for_a_template_without_tools():
+    """The demo template ignores tools: the tools block joins the system message, the calls and their results
+    are written as tagged text in assistant and user turns."""
+    tok = demo_tokenizer()
+    assert not template_reads_tools(tok, tok.chat_template)
+    check_tool_messages(CONVERSATION)
+    text = render_chat(tok, CONVERSATION, auto())
+    system = text[:text.index("<|start_header|>user")]
+    assert "Be brief.\n\n# Tools" in system and json.dumps(WEATHER["function"]) in system
+    assert json.dumps(TIME["function"]) in system and "<tool_call>" in system
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>' in text
+    assert ("user<|end_header|>\n\n<tool_response>\n21 C, sunny\n</tool_response>\n<tool_response>\n4 C, rain\n"
+            "</tool_response><|eot|>") in text
+    assert text.endswith("<|start_header|>assistant<|end_header|>\n\n")
+    no_system = render_chat(tok, CONVERSATION[1:2], auto())
+    assert no_system.startswith("<|begin_of_text|><|start_header|>system<|end_header|>\n\n# Tools")
+    # tool_choice none: the tools are not shown, the conversation still renders
+    none = render_chat(tok, CONVERSATION, ToolRequest.from_request(TOOLS, "none", None))
+    assert "# Tools" not in none and "<tool_response>\n21 C, sunny" in none
+    assert render_chat(tok, CONVERSATION[:2], None) == tok.apply_chat_template(
+        CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    named = render_chat(tok, CONVERSATION[:2], ToolRequest.from_request(
+        TOOLS, {"type": "function", "function": {"name": "get_time"}}, None))
+    assert "Call the function get_time now." in named
+
+
+def test_template_that_reads_tools_gets_them():
+    tok = demo_tokenizer()
+    assert template_reads_tools(tok, TOOLS_TEMPLATE)
+    text = render_chat(tok, CONVERSATION, auto(), chat_template=TOOLS_TEMPLATE)
+    assert text.startswith("TOOLS:[") and json.loads(text[6:text.index("\n")]) == TOOLS
+    assert 'CALL get_weather {"city": "Paris", "unit": "c"}' in text  # arguments handed over as an object
+    assert "tool: 21 C, sunny" in text and "# Tools" not in text
