@@ -147,7 +147,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     async_engine = AsyncEngine(engine, a.max_waiting_requests, on_step=metrics.on_step, on_dead=on_dead)
     api_key = a.api_key or os.environ.get("CONVEYOR_API_KEY") or None  # the variable keeps it out of `ps`
-    server = Server(async_engine, metrics, name, api_key=api_key, max_body_bytes=a.max_body_bytes)
+    server = Server(async_engine, metrics, name, api_key=api_key, max_body_bytes=a.max_body_bytes,
+                    lenient_request_fields=a.lenient_request_fields)
 
     class GracefulServer(uvicorn.Server):
         """SIGTERM: stop admitting (503), let in-flight requests finish up to the timeout, then exit 0."""
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--lenient-request-fields", action="store_true",
+                   help="ignore unknown request fields (logged at debug) instead of answering 400")
     s.set_defaults(func=cmd_serve)
     gw = sub.add_parser("gateway", help="the gateway: tenants, rate limits, fair admission, routing, failover")
     gw.add_argument("--config", required=True, help="gateway YAML (reloaded on SIGHUP)")

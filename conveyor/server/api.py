@@ -1,11 +1,11 @@
-"""OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+"""OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models[/{id}], vLLM's /tokenize and
+/detokenize, /health, /metrics."""
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from conveyor.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
 from conveyor.http_limits import valid_request_id
 from conveyor.outputs import CompletionOutput, RequestOutput
+from conveyor.server.logprobs import LogprobFormatter
 from conveyor.server.metrics import ServerMetrics
-from conveyor.server.protocol import ChatCompletionRequest, CompletionRequest, find_invalid_text
+from conveyor.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestError,
+                                      TokenizeRequest, find_invalid_text)
 
 log = logging.getLogger("conveyor.server")
 request_log = logging.getLogger("conveyor.requests")
@@ -87,17 +89,25 @@ class BodyLimit:
 
 
 class Server:
-    """Request handling around one AsyncEngine; `app` is the FastAPI application."""
+    """Request handling around one AsyncEngine; `app` is the FastAPI application. `served_model_name` is the name
+    clients send as `model` (several are aliases of one model; responses carry the first, as vLLM's do).
+    `lenient_request_fields`: unknown top-level request fields are ignored (logged at debug) instead of a 400."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_model_name: str,
-                 api_key: str | None = None, max_body_bytes: int = 4 << 20) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_model_name: str | list[str],
+                 api_key: str | None = None, max_body_bytes: int = 4 << 20,
+                 lenient_request_fields: bool = False) -> None:
+        names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        assert names and all(isinstance(n, str) and n for n in names), names
         self.engine = engine
         self.metrics = metrics
-        self.model_name = served_model_name
+        self.model_names = names
+        self.model_name = names[0]
+        self.lenient_request_fields = lenient_request_fields
         self._auth = None if api_key is None else f"Bearer {api_key}".encode()
         self.draining = False
         self.created = int(time.time())
         self.tokenizer = engine.engine.tokenizer
+        self.logprobs = LogprobFormatter(self.tokenizer)
         self.app = self._build_app(max_body_bytes)
 
     # ---- app ---------------------------------------------------------------------------------------------------
@@ -111,6 +121,9 @@ class Server:
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model_id:path}")(self.model)
+        app.post("/tokenize")(self.tokenize)
+        app.post("/detokenize")(self.detokenize)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics_endpoint)
         return app
@@ -151,42 +164,95 @@ class Server:
         self.metrics.refresh_idle(self.engine.engine)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "conveyor",
+                "root": self.model_name, "max_model_len": self.engine.engine.max_model_len}
+
     async def models(self, request: Request) -> JSONResponse:
         self._check_auth(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "conveyor",
-             "max_model_len": self.engine.engine.max_model_len}]})
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.model_names]})
+
+    async def model(self, model_id: str, request: Request) -> JSONResponse:
+        """GET /v1/models/{model_id}: one model (ids may contain slashes); 404 for a name not served."""
+        self._check_auth(request)
+        if model_id not in self.model_names:
+            raise APIError(404, f"the model {model_id[:100]!r} does not exist", "model", "model_not_found")
+        return JSONResponse(self._model_card(model_id))
+
+    # ---- tokenizer endpoints (vLLM's shapes) -------------------------------------------------------------------
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> JSONResponse:
+        """{"prompt"} or {"messages", "add_generation_prompt"} -> {"count", "max_model_len", "tokens"} (and
+        "token_strs" with return_token_strs)."""
+        self._check_request(request, body)
+        try:
+            if body.messages is not None:
+                messages = body.chat_messages()
+                self._need_chat_template()
+                ids = await self._render_chat(messages, body.add_generation_prompt, body.special_tokens())
+            elif body.prompt is not None:
+                ids = await asyncio.to_thread(self._encode, body.prompt, body.special_tokens())
+            else:
+                raise RequestError("give a prompt or messages", "prompt")
+        except RequestError as e:
+            raise APIError(400, str(e), e.param) from None
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.engine.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(out)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as e:
+            raise RequestError(f"the prompt could not be tokenized ({type(e).__name__})", "prompt") from None
+
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> JSONResponse:
+        """{"tokens": [ids]} -> {"prompt": text}; ids outside the vocabulary are a 400 (param tokens)."""
+        self._check_request(request, body)
+        vocab = min(self.engine.engine.vocab_size, len(self.tokenizer))  # the model's rows may pad the vocabulary
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}", "tokens")
+        try:
+            text = await asyncio.to_thread(self.tokenizer.decode, body.tokens)
+        except Exception as e:
+            raise APIError(400, f"the tokens could not be decoded ({type(e).__name__})", "tokens") from None
+        return JSONResponse({"prompt": text})
 
     # ---- completions -------------------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._admit(request, body)
-        if body.echo:
-            raise APIError(400, "echo is not supported", "echo")
-        params = self._params(body, body.max_tokens, body.logprobs)
-        prompts = body.prompts()
-        return await self._respond(request, body, prompts, params, chat=False)
+        params = self._params(body)
+        return await self._respond(request, body, body.prompts(), params, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._admit(request, body)
         try:
-            logprobs = body.chat_logprobs()
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "the model has no chat template; use /v1/completions", "messages")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self._params(body, max_tokens, logprobs)
-        try:  # off the event loop: a long conversation takes a while to render and tokenize
-            ids = await asyncio.to_thread(self._chat_ids, messages, body.add_generation_prompt)
-        except Exception as e:  # a template may raise on messages it does not accept
-            raise APIError(400, f"the messages could not be rendered with the chat template "
-                                f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
+        self._need_chat_template()
+        params = self._params(body)
+        ids = await self._render_chat(messages, body.add_generation_prompt, False)
         return await self._respond(request, body, [{"prompt_token_ids": ids}], params, chat=True)
 
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _need_chat_template(self) -> None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "the model has no chat template; use /v1/completions", "messages")
+
+    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool,
+                           add_special_tokens: bool) -> list[int]:
+        """Token ids of the conversation through the chat template, off the event loop (a long conversation takes a
+        while); a template that raises on these messages is a 400."""
+        try:
+            return await asyncio.to_thread(self._chat_ids, messages, add_generation_prompt, add_special_tokens)
+        except Exception as e:
+            raise APIError(400, f"the messages could not be rendered with the chat template "
+                                f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool, add_special_tokens: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_auth(self, request: Request) -> None:
         if self._auth is None:
@@ -195,33 +261,54 @@ class Server:
         if not hmac.compare_digest(sent, self._auth):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
-    def _admit(self, request: Request, body: CompletionRequest | ChatCompletionRequest) -> None:
-        """Auth, model, draining, then text: raises APIError (401, 404, 503, 400)."""
+    def _check_request(self, request: Request, body) -> None:
+        """Auth, model, unknown fields, then text: raises APIError (401, 404, 400)."""
         self._check_auth(request)
-        rid = request.headers.get("x-request-id")
-        if rid is not None and not valid_request_id(rid):
-            raise APIError(400, "X-Request-Id must be 1-128 visible ASCII characters", code="invalid_request_id")
-        if body.model is not None and body.model != self.model_name:
+        self._check_body(body)
+
+    def _check_body(self, body) -> None:
+        if body.model is not None and body.model not in self.model_names:
             raise APIError(404, f"the model {body.model[:100]!r} does not exist; this server serves "
-                                f"{self.model_name!r}", "model", "model_not_found")
-        if self.draining:
-            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+                                f"{', '.join(map(repr, self.model_names))[:300]}", "model", "model_not_found")
+        unknown = body.unknown_fields()
+        if unknown and not self.lenient_request_fields:
+            raise APIError(400, f"Unrecognized request argument supplied: {unknown[0][:100]}", unknown[0][:100],
+                           "unrecognized_argument")
+        if unknown:
+            log.debug("ignored unknown request fields: %s", ", ".join(u[:100] for u in unknown[:20]))
         bad = find_invalid_text(body.model_dump())
         if bad is not None:
             raise APIError(400, f"{bad}: not valid UTF-8 text (a lone surrogate)", bad, "invalid_text")
 
-    def _params(self, body, max_tokens: int | None, logprobs: int | None):
+    def _admit(self, request: Request, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """Auth, request id, draining, model, fields, text, then what cannot be honoured: raises APIError (401, 400,
+        503, 404)."""
+        self._check_auth(request)
+        rid = request.headers.get("x-request-id")
+        if rid is not None and not valid_request_id(rid):
+            raise APIError(400, "X-Request-Id must be 1-128 visible ASCII characters", code="invalid_request_id")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        self._check_body(body)
+        refused = body.unsupported()
+        if refused is not None:
+            raise APIError(400, str(refused), refused.param, "unsupported_parameter")
+
+    def _params(self, body: CompletionRequest | ChatCompletionRequest):
         try:
-            return body.sampling_params(max_tokens, logprobs)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+            return body.to_sampling_params()
+        except RequestError as e:
+            raise APIError(400, str(e), e.param) from None
 
     async def _respond(self, request: Request, body, prompts: list[Any], params, chat: bool) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         prefix = "chatcmpl" if chat else "cmpl"
+        opts = body.stream_options
         ctx = _Ctx(rid=rid, response_id=f"{prefix}-{rid}", created=int(time.time()), chat=chat, n=params.n,
-                   logprobs=params.logprobs, started=time.monotonic())
-        start = asyncio.create_task(self._start(rid, prompts, params, body.cache_salt, chat))
+                   logprobs=params.logprobs, started=time.monotonic(), echo=getattr(body, "echo", False),
+                   prompt_logprobs=body.prompt_logprobs, include_usage=bool(opts and opts.include_usage),
+                   continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats))
+        start = asyncio.create_task(self._start(rid, prompts, params, body, chat))
         gone = asyncio.create_task(_wait_disconnect(request))
         await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():  # the client left while its requests waited for their turn: they leave the queue
@@ -233,19 +320,17 @@ class Server:
         gens = [_prepend(first, gen) for first, gen in start.result()]
         headers = {"X-Request-Id": rid}
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(ctx, gens, include_usage), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream", headers=headers)
         return await self._complete(request, ctx, gens, headers)
 
-    async def _start(self, rid: str, prompts: list[Any], params, cache_salt: str | None,
+    async def _start(self, rid: str, prompts: list[Any], params, body,
                      chat: bool) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
         """Queue each prompt and wait for its first output, so that validation, admission and engine errors come
         before any header (as APIError). Returns (first output, the rest) per prompt."""
         started = []
         try:
             for i, p in enumerate(prompts):
-                gen = self.engine.generate(f"{rid}:{uuid.uuid4().hex[:8]}:{i}", p, params, cache_salt)
+                gen = self.engine.generate(f"{rid}:{uuid.uuid4().hex[:8]}:{i}", p, params, body.cache_salt)
                 try:
                     first = await anext(gen)
                 except BaseException:
@@ -255,7 +340,7 @@ class Server:
         except BaseException as e:  # also cancelled: every queued request is aborted
             await _close_all([g for _, g in started])
             if isinstance(e, ValueError):
-                raise APIError(400, str(e), "prompt" if not chat else "messages") from None
+                raise APIError(400, str(e), body.param_of(str(e)) or ("messages" if chat else "prompt")) from None
             if isinstance(e, (EngineOverloaded, EngineDead, RequestFailed)):
                 raise _engine_error(e) from None
             raise
@@ -285,42 +370,60 @@ class Server:
             self._log(ctx, list(finals.values()), err.code)
             raise err from None
         outs = [finals[i] for i in sorted(finals)]
-        choices = [self._choice(ctx, i, c) for i, out in enumerate(outs) for c in out.outputs]
+        choices = [self._choice(ctx, i, out, c) for i, out in enumerate(outs) for c in out.outputs]
         self._log(ctx, outs, "ok")
-        return JSONResponse({"id": ctx.response_id, "object": "chat.completion" if ctx.chat else "text_completion",
-                             "created": ctx.created, "model": self.model_name, "choices": choices,
-                             "usage": _usage(outs)}, headers=headers)
+        body = {"id": ctx.response_id, "object": "chat.completion" if ctx.chat else "text_completion",
+                "created": ctx.created, "model": self.model_name, "choices": choices, "usage": _usage(outs)}
+        if ctx.chat and ctx.prompt_logprobs is not None:  # vLLM: one list for the conversation, at the top
+            body["prompt_logprobs"] = self._prompt_logprobs(ctx, outs[0])
+        return JSONResponse(body, headers=headers)
 
-    def _choice(self, ctx: _Ctx, prompt_idx: int, c: CompletionOutput) -> dict:
+    def _choice(self, ctx: _Ctx, prompt_idx: int, out: RequestOutput, c: CompletionOutput) -> dict:
         index = prompt_idx * ctx.n + c.index
         if ctx.chat:
             return {"index": index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, ctx.logprobs) if ctx.logprobs is not None
-                    else None,
+                    "logprobs": {"content": self.logprobs.chat(c.token_ids, c.logprobs or [], ctx.logprobs)}
+                    if ctx.logprobs is not None else None,
                     "finish_reason": c.finish_reason}
-        return {"index": index, "text": c.text, "finish_reason": c.finish_reason,
-                "logprobs": self._completion_logprobs(c.token_ids, c.logprobs, 0) if ctx.logprobs is not None
-                else None}
+        text, lps, offset = c.text, None, 0
+        if ctx.echo:
+            text = self._prompt_text(out) + text
+            if ctx.logprobs is not None:
+                lps, offset = self.logprobs.completion_prompt(out.prompt_token_ids, out.prompt_logprobs)
+        if ctx.logprobs is not None:
+            gen, _ = self.logprobs.completion(c.token_ids, c.logprobs or [], offset)
+            lps = _concat_logprobs(lps, gen)
+        choice = {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": lps}
+        if ctx.prompt_logprobs is not None:  # vLLM: per choice on completions
+            choice["prompt_logprobs"] = self._prompt_logprobs(ctx, out)
+        return choice
 
-    async def _stream(self, ctx: _Ctx, gens: list, include_usage: bool) -> AsyncIterator[str]:
+    def _prompt_text(self, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+
+    def _prompt_logprobs(self, ctx: _Ctx, out: RequestOutput) -> list | None:
+        if out.prompt_logprobs is None:
+            return None
+        return self.logprobs.prompt_logprobs(out.prompt_logprobs, ctx.prompt_logprobs)
+
+    async def _stream(self, ctx: _Ctx, gens: list) -> AsyncIterator[str]:
         outs: dict[int, RequestOutput] = {}
-        sent_role: set[int] = set()
-        done: set[tuple[int, int]] = set()
-        tokens_sent: dict[tuple[int, int], int] = {}
+        states: dict[tuple[int, int], _ChoiceState] = {}
         status = "client_disconnected"
         try:
             async for i, out in _merge(gens):
                 outs[i] = out
                 for c in out.outputs:
-                    if (i, c.index) in done or (not c.new_text and not c.finished):
+                    st = states.setdefault((i, c.index), _ChoiceState())
+                    if st.done or not (c.new_text or c.finished or (ctx.echo and not st.started)):
                         continue
-                    if c.finished:
-                        done.add((i, c.index))
-                    start = tokens_sent.get((i, c.index), 0)
-                    tokens_sent[(i, c.index)] = len(c.token_ids)
-                    yield _sse(self._chunk(ctx, i, c, start, sent_role))
+                    st.done = c.finished
+                    chunk = self._chunk(ctx, i, out, c, st)
+                    if ctx.include_usage:  # every chunk has the key; null until the last, unless continuous
+                        chunk["usage"] = _usage(list(outs.values())) if ctx.continuous_usage else None
+                    yield _sse(chunk)
             status = "ok"
-            if include_usage:
+            if ctx.include_usage:
                 final = [outs[i] for i in sorted(outs)]
                 yield _sse({"id": ctx.response_id, "object": _chunk_object(ctx), "created": ctx.created,
                             "model": self.model_name, "choices": [], "usage": _usage(final)})
@@ -338,52 +441,33 @@ class Server:
             self._log(ctx, list(outs.values()), status)
         yield "data: [DONE]\n\n"
 
-    def _chunk(self, ctx: _Ctx, prompt_idx: int, c: CompletionOutput, start: int, sent_role: set[int]) -> dict:
-        """The chunk for choice c carrying its new text and the logprobs of its tokens from `start` on."""
+    def _chunk(self, ctx: _Ctx, prompt_idx: int, out: RequestOutput, c: CompletionOutput, st: _ChoiceState) -> dict:
+        """The chunk for choice c with its new text and the logprobs of the tokens that text completes (a token's
+        logprobs travel with its text, also when text is held back for a possible stop string)."""
         index = prompt_idx * ctx.n + c.index
-        new_ids = c.token_ids[start:]
-        new_lps = (c.logprobs or [])[start:]
+        end = len(c.token_ids) if c.finished else _emitted_tokens(c)
+        new_ids, new_lps = c.token_ids[st.tokens_sent:end], (c.logprobs or [])[st.tokens_sent:end]
+        st.tokens_sent = max(st.tokens_sent, end)
+        first = not st.started
+        st.started = True
         if ctx.chat:
-            delta: dict[str, Any] = {"content": c.new_text}
-            if index not in sent_role:
-                sent_role.add(index)
-                delta = {"role": "assistant", "content": c.new_text}
+            delta: dict[str, Any] = {"role": "assistant", "content": c.new_text} if first else \
+                {"content": c.new_text}
             choice = {"index": index, "delta": delta, "finish_reason": c.finish_reason,
-                      "logprobs": self._chat_logprobs(new_ids, new_lps, ctx.logprobs) if ctx.logprobs is not None
-                      else None}
+                      "logprobs": {"content": self.logprobs.chat(new_ids, new_lps, ctx.logprobs)}
+                      if ctx.logprobs is not None else None}
         else:
-            choice = {"index": index, "text": c.new_text, "finish_reason": c.finish_reason,
-                      "logprobs": self._completion_logprobs(new_ids, new_lps, 0) if ctx.logprobs is not None
-                      else None}
+            text, lps = c.new_text, None
+            if first and ctx.echo:
+                text = self._prompt_text(out) + text
+                if ctx.logprobs is not None:
+                    lps, st.text_offset = self.logprobs.completion_prompt(out.prompt_token_ids, out.prompt_logprobs)
+            if ctx.logprobs is not None:
+                gen, st.text_offset = self.logprobs.completion(new_ids, new_lps, st.text_offset)
+                lps = _concat_logprobs(lps, gen)
+            choice = {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": lps}
         return {"id": ctx.response_id, "object": _chunk_object(ctx), "created": ctx.created,
                 "model": self.model_name, "choices": [choice]}
-
-    # ---- logprobs ----------------------------------------------------------------------------------------------
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def _completion_logprobs(self, ids: list[int], lps: list[dict[int, float]] | None, offset: int) -> dict:
-        lps = lps or []
-        tokens = [self._token_text(t) for t in ids]
-        offsets, pos = [], offset
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [_finite(lp[t]) for t, lp in zip(ids, lps)],
-                "top_logprobs": [{self._token_text(k): _finite(v) for k, v in lp.items()} for lp in lps],
-                "text_offset": offsets}
-
-    def _chat_logprobs(self, ids: list[int], lps: list[dict[int, float]] | None, top_n: int) -> dict:
-        content = []
-        for t, lp in zip(ids, lps or []):
-            top = sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]
-            content.append({**self._token_entry(t, lp[t]),
-                            "top_logprobs": [self._token_entry(k, v) for k, v in top]})
-        return {"content": content}
-
-    def _token_entry(self, token_id: int, logprob: float) -> dict:
-        text = self._token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
 
     # ---- logs --------------------------------------------------------------------------------------------------
     def _log(self, ctx: _Ctx, outs: list[RequestOutput], status: str) -> None:
@@ -395,6 +479,26 @@ class Server:
             "finish_reasons": [c.finish_reason for o in outs for c in o.outputs],
             "ttft_s": round(min(ttfts), 6) if ttfts else None,
             "total_s": round(time.monotonic() - ctx.started, 6)}))
+
+
+class _ChoiceState:
+    """What a stream has sent of one choice: whether its first chunk went out, the tokens whose logprobs went out,
+    the text offset the next token's logprob starts at, whether it has finished."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.tokens_sent = 0
+        self.text_offset = 0
+        self.done = False
+
+
+def _emitted_tokens(c: CompletionOutput) -> int:
+    """The tokens of c whose text has been handed out (the rest is held back by the detokenizer)."""
+    return len(c.token_ids)
+
+
+def _concat_logprobs(a: dict | None, b: dict) -> dict:
+    return b if a is None else {k: a[k] + b[k] for k in b}
 
 
 class _Ctx:
@@ -410,11 +514,6 @@ def _engine_error(e: Exception) -> APIError:
         return APIError(503, str(e), code="engine_dead", headers={"Retry-After": "5"})
     assert isinstance(e, RequestFailed), e
     return APIError(500, str(e), code="engine_step_failed")
-
-
-def _finite(logprob: float) -> float:
-    """JSON has no -inf: a token the model gives no chance is reported as -9999.0, as OpenAI does."""
-    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def _chunk_object(ctx: _Ctx) -> str:

@@ -1,19 +1,67 @@
-"""OpenAI request schemas (with vLLM's extensions) and their mapping onto SamplingParams."""
+"""OpenAI request schemas (with vLLM's extensions) and their mapping onto SamplingParams.
+
+Strictness: the schemas keep unknown top-level fields (`extra="allow"`) so that the server can refuse them by name
+(`unknown_fields`), or ignore them under `--lenient-request-fields`. Fields OpenAI defines that the server cannot
+honour are declared and refused when set (`unsupported`). Harmless fields are accepted and have no effect: `user`,
+`metadata` and `safety_identifier` (labels for the caller's records), `prompt_cache_key` (a cache-routing hint; the
+prefix cache needs none), `store` when false (nothing is ever stored), `service_tier` "auto" or "default" (there is
+one tier). Every error is a RequestError naming the request field (`param`).
+"""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conveyor.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
+
+_INT64 = 1 << 63
+Int64 = Annotated[int, Field(ge=-_INT64, lt=_INT64)]  # seeds: the signed 64-bit range, as OpenAI and vLLM take
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,19}")
+
+
+class RequestError(ValueError):
+    """A request the server cannot serve as asked; `param` is the request field at fault (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: running usage in every chunk
+
+
+class JSONSchemaFormat(BaseModel):
+    """response_format.json_schema, as OpenAI defines it."""
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's `structured_outputs` object (exactly one kind; options we do not have are refused by name)."""
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -21,12 +69,20 @@ class _Common(BaseModel):
     top_p: float | None = None
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # accepted, no effect (see the module docstring)
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # vLLM's extensions
     top_k: int | None = None
     min_p: float = 0.0
@@ -36,24 +92,135 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     priority: int = 0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
     cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
     use_beam_search: bool = False
     beam_width: int | None = None  # default: n
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError for out-of-range values."""
-        return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            priority=self.priority, use_beam_search=self.use_beam_search,
-            beam_width=self.beam_width if self.beam_width is not None else self.n,
-            length_penalty=self.length_penalty, early_stopping=self.early_stopping)
+    def unknown_fields(self) -> list[str]:
+        """Top-level fields the schema does not define, in the order sent."""
+        return list(self.model_extra or {})
+
+    def unsupported(self) -> RequestError | None:
+        """The first known field set to something this server cannot do, else None."""
+        if self.store:
+            return RequestError("store=true is not supported: this server stores nothing", "store")
+        if self.service_tier not in (None, "auto", "default"):
+            return RequestError(f"service_tier {self.service_tier[:50]!r} is not supported; "
+                                "use 'auto' or 'default'", "service_tier")
+        if self.stream_options is not None and not self.stream:
+            return RequestError("stream_options is only allowed when stream is true", "stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            return RequestError("prompt_logprobs is not available with stream=true", "prompt_logprobs")
+        return None
+
+    def structured_output(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint of the request, from response_format, structured_outputs or a
+        guided_* field; raises RequestError for several at once or an invalid one."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise RequestError("response_format of type json_schema needs json_schema.schema",
+                                   "response_format")
+            given.append(("response_format", {"json": rf.json_schema.json_schema}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+            if so.get("json_object") is False:
+                del so["json_object"]
+            given.append(("structured_outputs", so))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, {kind: getattr(self, name)}))
+        if not given:
+            return None
+        if len(given) > 1:
+            raise RequestError(f"only one structured output constraint may be given; got {given[0][0]} and "
+                               f"{given[1][0]}", given[1][0])
+        param, kwargs = given[0]
+        try:
+            return StructuredOutputsParams(**kwargs)
+        except ValueError as e:
+            raise RequestError(f"{param}: {e}", param) from None
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """logit_bias with its JSON keys ("123") as token ids; raises RequestError for a key that is not one."""
+        if self.logit_bias is None:
+            return None
+        for k in self.logit_bias:
+            if not _TOKEN_ID_KEY.fullmatch(k):
+                raise RequestError(f"logit_bias keys must be token ids (decimal integers), got {k[:50]!r}",
+                                   "logit_bias")
+        return {int(k): v for k, v in self.logit_bias.items()}
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                        best_of: int | None = None) -> SamplingParams:
+        """The request as SamplingParams; raises RequestError naming the field of an invalid value."""
+        structured = self.structured_output()
+        bias = self.token_logit_bias()
+        try:
+            return SamplingParams(
+                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=max_tokens,
+                min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+                priority=self.priority, use_beam_search=self.use_beam_search,
+                beam_width=self.beam_width if self.beam_width is not None else self.n,
+                length_penalty=self.length_penalty, early_stopping=self.early_stopping, best_of=best_of,
+                logit_bias=bias, prompt_logprobs=prompt_logprobs,
+                include_stop_str_in_output=self.include_stop_str_in_output, structured_outputs=structured)
+        except ValueError as e:
+            raise RequestError(str(e), self.param_of(str(e))) from None
+
+    def param_of(self, message: str) -> str | None:
+        """The request field a SamplingParams or engine validation message is about (they start with the
+        SamplingParams field's name, or say which it is), translated to this endpoint's name for it."""
+        field = _message_field(message)
+        if field == "structured_outputs":
+            return self._constraint_param()
+        return self._request_field(field) if field else None
+
+    def _request_field(self, field: str) -> str:
+        return field
+
+    def _constraint_param(self) -> str:
+        names = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar")
+        return next((n for n in names if getattr(self, n) is not None), "structured_outputs")
+
+
+_PARAM_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
+                 "logprobs", "skip_special_tokens", "priority", "use_beam_search", "beam_width", "length_penalty",
+                 "early_stopping", "best_of", "logit_bias", "prompt_logprobs", "include_stop_str_in_output",
+                 "structured_outputs"}
+_MESSAGE_FIELDS = [("at most 16 stop strings", "stop"), ("a stop string", "stop"),
+                   ("beam search does not take", "use_beam_search"),
+                   ("the structured output constraint", "structured_outputs"),
+                   ("structured outputs need", "structured_outputs"), ("grammar", "structured_outputs"),
+                   ("json schema", "structured_outputs"), ("regex", "structured_outputs")]
+
+
+def _message_field(message: str) -> str | None:
+    """The SamplingParams field a validation message names: its first word, or a known phrase."""
+    first = re.match(r"[a-z_]+", message)
+    if first and first.group() in _PARAM_FIELDS:
+        return first.group()
+    low = message.lower()
+    return next((f for phrase, f in _MESSAGE_FIELDS if low.startswith(phrase)), None)
 
 
 def find_invalid_text(obj: Any) -> str | None:
@@ -83,6 +250,8 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
     def prompts(self) -> list[Any]:
         p = self.prompt
@@ -93,6 +262,25 @@ class CompletionRequest(_Common):
         if p and all(isinstance(x, int) for x in p):
             return [{"prompt_token_ids": p}]
         return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
+
+    def unsupported(self) -> RequestError | None:
+        if self.suffix:
+            return RequestError("suffix is not supported: the model has no fill-in-the-middle", "suffix")
+        if self.best_of is not None and self.stream:
+            return RequestError("best_of cannot be used with stream=true", "best_of")
+        return super().unsupported()
+
+    def to_sampling_params(self) -> SamplingParams:
+        """With echo and logprobs, the prompt's logprobs are computed too (the response starts with them)."""
+        prompt_lps = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_lps = max(prompt_lps or 0, self.logprobs)
+        return self.sampling_params(self.max_tokens, self.logprobs, prompt_lps, self.best_of)
+
+    def _request_field(self, field: str) -> str:
+        if field == "prompt_logprobs" and self.prompt_logprobs is None:
+            return "logprobs"  # asked for through echo + logprobs
+        return field
 
 
 class ChatMessage(BaseModel):
@@ -118,10 +306,89 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    # tool calling: declared here, handled in the chat path (conveyor/server/tools.py)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    # OpenAI's, not available here: refused when set
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def chat_logprobs(self) -> int | None:
+        """Top-N logprobs per generated token, None when off; raises RequestError."""
         if not self.logprobs:
             if self.top_logprobs:
-                raise ValueError("top_logprobs needs logprobs=true")
+                raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
             return None
         return self.top_logprobs or 0
+
+    def unsupported(self) -> RequestError | None:
+        for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+            if getattr(self, name) is not None:
+                return RequestError(f"{name} is not supported by this server", name)
+        if self.modalities is not None and self.modalities != ["text"]:
+            return RequestError("only the text modality is supported", "modalities")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return RequestError(f"{name} is not supported yet", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                return RequestError(f"{name} is not supported yet", name)
+        return super().unsupported()
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_new_tokens(), self.chat_logprobs(), self.prompt_logprobs)
+
+    def _request_field(self, field: str) -> str:
+        if field == "logprobs":
+            return "top_logprobs"
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return field
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or messages rendered with the chat template. add_special_tokens defaults to true
+    for a prompt and false for messages (the template writes them)."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+    def unknown_fields(self) -> list[str]:
+        return list(self.model_extra or {})
+
+    def special_tokens(self) -> bool:
+        return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Raises RequestError."""
+        if self.prompt is not None:
+            raise RequestError("give either prompt or messages, not both", "messages")
+        try:
+            return [{"role": m.role, "content": m.text()} for m in self.messages or []]
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from None
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids -> text."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    tokens: list[int]
+
+    def unknown_fields(self) -> list[str]:
+        return list(self.model_extra or {})
