@@ -237,3 +237,23 @@ def test_template_that_reads_tools_gets_them():
     assert text.startswith("TOOLS:[") and json.loads(text[6:text.index("\n")]) == TOOLS
     assert 'CALL get_weather {"city": "Paris", "unit": "c"}' in text  # arguments handed over as an object
     assert "tool: 21 C, sunny" in text and "# Tools" not in text
+
+
+def test_response_shapes_whole_and_streamed():
+    from conveyor.tools import ToolStream, chat_message
+    text = "Checking.\n" + CALL + "\n" + CALL.replace("Paris", "Rome")
+    message, reason = chat_message(auto(), text, "stop")
+    assert reason == "tool_calls" and message["content"] == "Checking."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"] * 2
+    assert chat_message(auto(), "plain", "stop") == ({"role": "assistant", "content": "plain"}, "stop")
+    assert chat_message(auto(), CALL, "length")[1] == "length"
+    stream, deltas = ToolStream(auto()), []
+    for k in range(0, len(text), 7):
+        deltas.append(stream.delta(text[k:k + 7], None))
+    deltas.append(stream.delta("", "stop"))
+    assert [r for _, r in deltas] == [None] * (len(deltas) - 1) + ["tool_calls"]
+    assert "".join(d.get("content", "") for d, _ in deltas) == "Checking."
+    calls = [c for d, _ in deltas for c in d.get("tool_calls", [])]
+    assert [c["index"] for c in calls] == [0, 1] and all(c["type"] == "function" for c in calls)
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
+    assert ToolStream(None).delta("x", None) == ({"content": "x"}, None)

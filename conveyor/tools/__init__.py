@@ -26,8 +26,9 @@ Design:
 - Calls get ids `call_<24 hex>`; the finish reason is "tool_calls" when the model stopped after making calls.
 """
 from conveyor.tools.parser import Delta, ToolCall, finish_reason, make_parser, parse_message
+from conveyor.tools.response import ToolStream, chat_message
 from conveyor.tools.spec import ToolError, ToolRequest, check_tool_messages
 from conveyor.tools.template import render_chat
 
-__all__ = ["Delta", "ToolCall", "ToolError", "ToolRequest", "check_tool_messages", "finish_reason", "make_parser",
-           "parse_message", "render_chat"]
+__all__ = ["Delta", "ToolCall", "ToolError", "ToolRequest", "ToolStream", "chat_message", "check_tool_messages",
+           "finish_reason", "make_parser", "parse_message", "render_chat"]
