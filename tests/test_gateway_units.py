@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from conveyor.gateway.admission import FairQueue, ModelQueue, Rejected, Waiter
 from conveyor.gateway.auth import find_tenant
+from conveyor.gateway.budget import budget
 from conveyor.gateway.body import MAX_DEPTH, BodyError, parse_body
 from conveyor.gateway.config import ConfigError, TenantConfig, parse_config
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
@@ -410,11 +411,14 @@ def test_readme_example_config_is_valid(monkeypatch):
 
 @pytest.mark.parametrize("raw, chat, param", [
     (b'{"model": "m", "messages": 5}', True, "messages"),
-    (b'{"model": "m", "messages": [5]}', True, "messages"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', True, "messages"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}', True, "messages"),
+    (b'{"model": "m", "messages": [5]}', True, "messages.0"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', True,
+     "messages.0.content"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}', True, "messages.0.content"),
+    (b'{"model": "m", "messages": [{"content": "hi"}]}', True, "messages.0.role"),
     (b'{"model": "m", "prompt": "x", "stream_options": "x"}', False, "stream_options"),
-    (b'{"model": "m", "prompt": "x", "stream_options": {"include_usage": "maybe"}}', False, "stream_options"),
+    (b'{"model": "m", "prompt": "x", "stream_options": {"include_usage": "maybe"}}', False,
+     "stream_options.include_usage"),
     (b'{"model": "m", "prompt": {"a": 1}}', False, "prompt"),
     (b'{"model": "m", "prompt": [1, "a"]}', False, "prompt"),
     (b'{"model": "m", "prompt": "x", "max_tokens": "many"}', False, "max_tokens"),
@@ -461,9 +465,46 @@ def test_body_summary():
     c = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, '
                    b'{"type": "image_url", "image_url": {"url": "x"}}]}], "seed": 1, "logprobs": true, '
                    b'"max_completion_tokens": 9, "max_tokens": 3}', True)
-    assert c.texts == ["user:hi\n"] and c.max_tokens == 9 and not c.coalescable  # logprobs: not reassembled
+    assert c.texts == ["user:hi\n"] and c.max_tokens == 9 and c.coalescable  # each client gets the replica's body
     ids = parse_body(b'{"model": "m", "prompt": [[1, 2], [3]], "n": -1}', False)
     assert (ids.token_ids, ids.num_prompts, ids.n, ids.texts) == (3, 2, 1, [])
+
+
+def test_digest_holds_every_field_that_changes_the_response():
+    base = {"model": "m", "prompt": "x", "temperature": 0}
+    d = parse_body(json.dumps(base).encode(), False).digest
+    for extra in ({"logprobs": 0}, {"logprobs": None}, {"echo": False}, {"logit_bias": {"5": 1}}, {"n": 1},
+                  {"response_format": {"type": "json_object"}}, {"structured_outputs": {"regex": "a"}},
+                  {"stream_options": {"continuous_usage_stats": True}}, {"unknown_field": 1}):
+        assert parse_body(json.dumps({**base, **extra}).encode(), False).digest != d, extra
+    for same in ({"user": "u"}, {"priority": 5}, {"model": "alias"}, {"stream_options": {"include_usage": True}}):
+        assert parse_body(json.dumps({**base, **same}).encode(), False).digest == d, same
+
+
+def _budget(body: dict, chat: bool, prompt: int, mml: int = 1024, cap: int | None = None) -> tuple[int, int | None]:
+    b = budget(parse_body(json.dumps({"model": "m", **body}).encode(), chat), prompt, mml, cap)
+    return b.reserve, b.max_tokens
+
+
+def test_budget_reserves_what_the_replica_allows():
+    msgs = {"messages": [{"role": "user", "content": "hi"}]}
+    assert _budget({"prompt": "x"}, False, 10) == (10 + 16, None)  # a completion's default
+    assert _budget({"prompt": "x", "max_tokens": None}, False, 10) == (1024, None)  # null: to the end of the context
+    assert _budget({"prompt": ["a", "b"], "n": 2}, False, 10) == (10 + 16 * 4, None)
+    assert _budget({"prompt": ["a", "b"], "n": 2, "max_tokens": None}, False, 10) == (10 + 2 * (2048 - 10), None)
+    assert _budget({"prompt": "x", "best_of": 3, "max_tokens": 5}, False, 10) == (10 + 15, None)
+    assert _budget({"prompt": "x", "use_beam_search": True, "beam_width": 4, "max_tokens": 5}, False, 10) \
+        == (30, None)
+    assert _budget(msgs, True, 24) == (1024, None)
+    assert _budget({**msgs, "max_completion_tokens": 7, "max_tokens": 100}, True, 24) == (24 + 7, None)
+    assert _budget({**msgs, "max_tokens": 100}, True, 24) == (124, None)
+    assert _budget({**msgs, "max_tokens": 0}, True, 24) == (24, None)  # the replica refuses it
+    assert _budget(msgs, True, 2000) == (2000, None)  # over the context: the replica refuses it
+    # the operator's cap: forwarded when it is below the replica's own limit, never raising it
+    assert _budget(msgs, True, 24, cap=8) == (32, 8)
+    assert _budget({"prompt": "x"}, False, 10, cap=8) == (18, 8)
+    assert _budget({"prompt": "x"}, False, 10, cap=256) == (26, None)
+    assert _budget({"prompt": "x", "max_tokens": 300}, False, 10, cap=8) == (310, None)  # the client's own limit
 
 
 def test_token_count_caps_what_it_tokenizes():

@@ -31,13 +31,14 @@ from starlette.requests import ClientDisconnect
 
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
-from conveyor.gateway.body import BodyError, Parsed, parse_body
+from conveyor.gateway.body import BodyError, Parsed, parse_body, parse_object
+from conveyor.gateway.budget import budget
 from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
                                      replica_url)
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
-from conveyor.gateway.proxy import Call, Flight, Forwarder, assemble, error_body, total_tokens
+from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer
@@ -96,6 +97,9 @@ class Gateway:
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/models/{model_id:path}", self.model_card, methods=["GET"])
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_endpoint, methods=["GET"])
         app.add_api_route("/admin/replicas", self.admin_list, methods=["GET"])
@@ -159,7 +163,7 @@ class Gateway:
                     scrape_interval_s=cfg.scrape_interval_s, affinity_max_load_ratio=cfg.affinity_max_load_ratio)
                 self.queues[m.name] = ModelQueue(m.name, pool, m.max_queue, cfg.shed_batch_queue_ratio,
                                                  cfg.cold_start_timeout_s)
-            pool.max_in_flight = m.max_in_flight_per_replica
+            pool.max_in_flight, pool.upstream_model = m.max_in_flight_per_replica, m.upstream_model
             pool.headers = _upstream_headers(m)
             pool.breaker_failures, pool.breaker_open_s = cfg.breaker_failures, cfg.breaker_open_s  # new replicas
             pool.health_interval_s, pool.scrape_interval_s = cfg.health_interval_s, cfg.scrape_interval_s
@@ -202,8 +206,31 @@ class Gateway:
         names = [n for m in self.cfg.models for n in (m.name, *m.aliases)]
         if self.cfg.auto_route is not None:
             names.append("auto")
-        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "created": 0,
-                                                         "owned_by": "conveyor"} for n in names]})
+        return JSONResponse({"object": "list", "data": [self._card(n) for n in names]})
+
+    async def model_card(self, request: Request, model_id: str) -> Response:
+        """GET /v1/models/{id}: one model (a name, an alias or `auto`), or OpenAI's 404."""
+        ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
+        if find_tenant(request.headers.get("authorization"), self.cfg.tenants) is None:
+            return self._reject(ctx, _Reject(401, "auth", "invalid or missing API key", "invalid_api_key"))
+        if self.cfg.model(model_id) is None and not (model_id == "auto" and self.cfg.auto_route is not None):
+            return self._reject(ctx, _Reject(404, "model_not_found", f"the model {model_id[:100]!r} does not exist",
+                                             "model_not_found", param="model"))
+        return JSONResponse(self._card(model_id))
+
+    def _card(self, name: str) -> dict:
+        """OpenAI's model object with vLLM's max_model_len: the context its replicas reported (for `auto`, the
+        smaller of its two models'), null while none has."""
+        if name == "auto":
+            lens = [self._max_model_len(m) for m in (self.cfg.auto_route.small, self.cfg.auto_route.large)]
+            mml = None if None in lens else min(lens)
+        else:
+            mml = self._max_model_len(name)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "conveyor", "max_model_len": mml}
+
+    def _max_model_len(self, name: str) -> int | None:
+        pool = self.pools.get(self.cfg.model(name).name)
+        return pool.max_model_len() if pool is not None else None
 
     # ---- the proxy path ------------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -212,10 +239,16 @@ class Gateway:
     async def chat_completions(self, request: Request) -> Response:
         return await self.proxy(request, "/v1/chat/completions")
 
+    async def tokenize(self, request: Request) -> Response:
+        return await self.proxy(request, "/tokenize")
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self.proxy(request, "/detokenize")
+
     async def proxy(self, request: Request, path: str) -> Response:
         ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
         try:
-            return await self._proxy(request, path, ctx)
+            return await (self._proxy if path.startswith("/v1/") else self._utility)(request, path, ctx)
         except _Reject as e:
             self._release(ctx, 0)
             return self._reject(ctx, e)
@@ -229,16 +262,8 @@ class Gateway:
     async def _proxy(self, request: Request, path: str, ctx: Ctx) -> Response:
         """Raises _Reject for every refusal; whatever it raises, proxy() frees what ctx holds."""
         cfg = self.cfg
-        rid = request.headers.get("x-request-id")
-        if rid is not None and not valid_request_id(rid):
-            raise _Reject(400, "bad_request", "X-Request-Id must be 1-128 visible ASCII characters",
-                          "invalid_request_id")
-        ctx.rid = rid or ctx.rid
-        ctx.tenant = tenant = find_tenant(request.headers.get("authorization"), cfg.tenants)
-        if tenant is None:
-            raise _Reject(401, "auth", "invalid or missing API key", "invalid_api_key")
-        await self._take_slot(ctx, tenant)  # before any CPU is spent on the body: bounds each tenant's share
-        parsed = await self._parse(request, path)
+        tenant = await self._admit_client(request, ctx)
+        parsed = await self._parse(request, parse_body, path.endswith("/chat/completions"))
         body = parsed.body
         model = await self._route(request, parsed, tenant)
         ctx.model = model.name
@@ -247,12 +272,14 @@ class Gateway:
         # the replica's priority is the tenant's class rank (interactive first), never the client's: no tenant can
         # reorder another's work queued at a replica
         upstream = dict(body, model=model.upstream_model, cache_salt=salt, priority=CLASSES.index(tenant.cls))
-        # identical deterministic requests share one generation, streamed upstream so that streaming and
-        # non-streaming clients can share it (logprobs and echo are left out: they are not reassembled here)
-        if stream or coalescable:
-            upstream.update(stream=True, stream_options={"include_usage": True})  # usage settles the tokens
+        if stream:  # usage settles the tokens; the client's other stream options go as sent
+            so = body.get("stream_options")
+            upstream["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+        # identical deterministic requests share one generation; the key holds every field that can change the
+        # response, stream included, so each client gets the replica's response exactly as it would alone
         request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": stream})
-        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": parsed.digest})
+        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": parsed.digest,
+                              "stream": stream})
         ctx.deadline = self._deadline(request, tenant)
 
         idem = request.headers.get("idempotency-key")
@@ -264,11 +291,11 @@ class Gateway:
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
             return await self._respond(request, ctx, flight, stream, include_usage, path)
 
-        max_tokens = parsed.max_tokens if parsed.max_tokens and parsed.max_tokens > 0 else model.default_max_tokens
-        if parsed.max_tokens is None:  # the reservation is the cap: never a generation up to max_model_len
-            upstream["max_completion_tokens" if parsed.chat else "max_tokens"] = max_tokens
-        await self._reserve(ctx, tenant, await self._count(parsed, model.tokenizer)
-                            + max_tokens * parsed.n * parsed.num_prompts)
+        max_model_len = self.pools[model.name].max_model_len() or model.fallback_max_model_len
+        b = budget(parsed, await self._count(parsed, model.tokenizer), max_model_len, model.default_max_tokens)
+        if b.max_tokens is not None:  # the operator's cap: the replica must not generate past the reservation
+            upstream["max_completion_tokens" if parsed.chat else "max_tokens"] = b.max_tokens
+        await self._reserve(ctx, tenant, b.reserve)
 
         flight = self.coalescing.get(coalesce_key) if coalescable else None
         if flight is not None and not flight.done:
@@ -276,7 +303,7 @@ class Gateway:
             ctx.joined = "coalesced"
         else:
             # a shared flight has no one client's deadline: each client keeps its own (see _respond)
-            flight = self._start(model, tenant, path, upstream, bool(upstream.get("stream")), ctx,
+            flight = self._start(model, tenant, path, upstream, stream, ctx,
                                  None if coalescable else ctx.deadline,
                                  affinity_key(parsed.text, cfg.affinity_prefix_chars, salt))
             if coalescable:
@@ -286,6 +313,35 @@ class Gateway:
         if idem:
             self.idempotency.put(tenant.name, idem, request_hash, flight)
         return await self._respond(request, ctx, flight, stream, include_usage, path)
+
+    async def _utility(self, request: Request, path: str, ctx: Ctx) -> Response:
+        """/tokenize and /detokenize: the body goes as sent (but for the model's upstream name) to a replica of its
+        `model`, through the model's dispatch queue; it counts as a request for the rate limits, with no tokens."""
+        tenant = await self._admit_client(request, ctx)
+        body = await self._parse(request, parse_object)
+        if body["model"] == "auto":
+            raise _Reject(400, "bad_request", "'auto' picks a model per generation; name the model whose "
+                          "tokenizer to use", "invalid_model", param="model")
+        model = self._named_model(body["model"])
+        ctx.model, ctx.deadline = model.name, self._deadline(request, tenant)
+        await self._reserve(ctx, tenant, 0)
+        flight = self._start(model, tenant, path, dict(body, model=model.upstream_model), False, ctx, ctx.deadline,
+                             None)
+        return await self._respond(request, ctx, flight, False, False, path)
+
+    async def _admit_client(self, request: Request, ctx: Ctx) -> TenantConfig:
+        """The request id, the tenant (401) and one of its concurrency slots (429), before any CPU is spent on the
+        body: that bounds each tenant's share."""
+        rid = request.headers.get("x-request-id")
+        if rid is not None and not valid_request_id(rid):
+            raise _Reject(400, "bad_request", "X-Request-Id must be 1-128 visible ASCII characters",
+                          "invalid_request_id")
+        ctx.rid = rid or ctx.rid
+        ctx.tenant = tenant = find_tenant(request.headers.get("authorization"), self.cfg.tenants)
+        if tenant is None:
+            raise _Reject(401, "auth", "invalid or missing API key", "invalid_api_key")
+        await self._take_slot(ctx, tenant)
+        return tenant
 
     async def _take_slot(self, ctx: Ctx, tenant: TenantConfig) -> None:
         if self.concurrent.get(tenant.name, 0) >= tenant.max_concurrent:
@@ -323,7 +379,8 @@ class Gateway:
             if used != ctx.cost:
                 self._spawn(self.limiter.refund(tenant, ctx.cost - used))
 
-    async def _parse(self, request: Request, path: str) -> Parsed:
+    async def _parse(self, request: Request, parse, *args):
+        """parse(raw body, *args) (parse_body or parse_object); a BodyError is a 400 naming its param."""
         cfg = self.cfg
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
@@ -338,7 +395,7 @@ class Gateway:
         except ClientDisconnect:
             raise _Reject(499, "client_gone", "the client went away while sending the body") from None
         try:
-            return await self._cpu(len(raw) > INLINE_BODY_BYTES, parse_body, raw, path.endswith("/chat/completions"))
+            return await self._cpu(len(raw) > INLINE_BODY_BYTES, parse, raw, *args)
         except BodyError as e:
             raise _Reject(400, "bad_request", e.message, e.code, param=e.param) from None
 
@@ -369,12 +426,15 @@ class Gateway:
                 q = self.queues[model]
                 return q.overloaded(cfg.auto_route.degrade_queue_ratio) or not q.pool.usable()
 
-            model, _why = auto_route(cfg, tokens, parsed.max_tokens, request.headers.get("x-conveyor-route"), tenant,
-                                     overloaded)
+            limit = parsed.max_tokens if parsed.max_tokens is not None else parsed.default_max_tokens
+            model, _why = auto_route(cfg, tokens, limit, request.headers.get("x-conveyor-route"), tenant, overloaded)
             return model
-        model = cfg.model(name)
+        return self._named_model(name)
+
+    def _named_model(self, name: str) -> ModelConfig:
+        model = self.cfg.model(name)
         if model is None:
-            raise _Reject(404, "model_not_found", f"the model {name!r} does not exist", "model_not_found",
+            raise _Reject(404, "model_not_found", f"the model {name[:100]!r} does not exist", "model_not_found",
                           param="model")
         return model
 
@@ -462,10 +522,7 @@ class Gateway:
                     leave(final)
             return _Stream(events(), lambda: leave(499), media_type="text/event-stream", headers=headers)
         flight.unsubscribe()
-        content = flight.chunks[0] if status != 200 or not flight.stream else \
-            assemble(flight, path.endswith("/chat/completions"))
-        if flight.stream and flight.cut:
-            status, content = 502, error_body(502, "the replica failed while generating", "upstream_failed")
+        content = flight.chunks[0]
         self._settle(ctx, flight, status)
         return Response(content, status_code=status, media_type="application/json", headers=headers)
 

@@ -4,11 +4,13 @@ reservation is taken, so a malformed body is a 400 here and never an exception l
 Checked: valid JSON (finite numbers only), an object, nesting at most MAX_DEPTH deep, no lone surrogates (text
 that cannot be UTF-8), and the fields the gateway itself interprets — with the same types, and the same lax
 coercions, as `conveyor serve` — so that the gateway and the replica read a request the same way. Every other field
-is passed through untouched for the replica to judge.
+is passed through untouched for the replica to judge. An error's `param` is the field's path as the replica names
+it (`messages.0.content`).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 MAX_DEPTH = 32
+COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the field is left out (OpenAI, vLLM, conveyor serve)
 
 
 class BodyError(Exception):
@@ -55,9 +58,9 @@ class _Fields(_Loose):
     n: int | None = None
     temperature: float | None = None
     seed: int | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
-    echo: bool | None = None
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    beam_width: int | None = None
     cache_salt: str | None = None
 
 
@@ -67,6 +70,7 @@ class _Completion(_Fields):
 
 class _Chat(_Fields):
     messages: list[_Message] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -77,15 +81,17 @@ class Parsed:
     chat: bool
     stream: bool
     include_usage: bool
-    coalescable: bool  # deterministic (temperature 0 or a seed) and nothing the gateway cannot reassemble
-    max_tokens: int | None
-    n: int
+    coalescable: bool  # deterministic: temperature 0 or a seed
+    max_tokens: int | None  # the client's limit (chat: max_completion_tokens, else max_tokens); None: not set
+    default_max_tokens: int | None  # the replica's limit when max_tokens is None; None: up to max_model_len
+    n: int  # sequences generated per prompt: n, or best_of / beam_width when larger
     num_prompts: int
     texts: list[str]  # the prompt strings (chat: "role:content" per message)
     token_ids: int  # prompt tokens given as ids
     messages: list[dict[str, str]] | None  # chat: role and text of each message, for the chat template
+    tools: list[dict[str, Any]] | None  # chat: the tool definitions, rendered by the chat template too
     cache_salt: str | None
-    digest: str  # sha256 of the body without model, stream, stream_options, user, priority: "the same request"
+    digest: str  # sha256 of the body without what never changes a response (see _digest): "the same request"
     counts: dict[str | None, int] = field(default_factory=dict)  # prompt tokens by tokenizer, once counted
 
     @property
@@ -95,7 +101,24 @@ class Parsed:
 
 
 def parse_body(raw: bytes, chat: bool) -> Parsed:
-    """Parse and check a request body (CPU work: callers run it off the event loop). Raises BodyError."""
+    """Parse and check a completion or chat request body (CPU work: callers run it off the event loop). Raises
+    BodyError."""
+    body = parse_object(raw)
+    try:
+        f = (_Chat if chat else _Completion).model_validate(body)
+    except ValidationError as e:
+        err = max(e.errors(), key=lambda x: len(x["loc"]))  # the deepest: the most specific of a union's
+        # a union's members each fail somewhere: the field holding the union is the one at fault
+        loc = list(itertools.takewhile(lambda x: not _is_union_tag(x), err["loc"]))
+        where = ".".join(map(str, loc)) or None
+        msg = "Input should be an object" if err["type"] == "model_type" else err["msg"]
+        raise BodyError(f"{where}: {msg}", where) from None
+    return _summarise(body, f, chat)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A body as JSON text: an object of finite numbers and valid strings, nested at most MAX_DEPTH deep, with a
+    string `model`. Raises BodyError."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
@@ -107,23 +130,18 @@ def parse_body(raw: bytes, chat: bool) -> Parsed:
     _check_tree(body)
     if not isinstance(body.get("model"), str):
         raise BodyError("'model' is required (a string)", "model", "missing_model")
-    try:
-        f = (_Chat if chat else _Completion).model_validate(body)
-    except ValidationError as e:
-        err = max(e.errors(), key=lambda x: len(x["loc"]))  # the deepest: the most specific of a union's
-        loc = [x for x in err["loc"] if not _is_union_tag(x)]
-        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
-        msg = "Input should be an object" if err["type"] == "model_type" else err["msg"]
-        raise BodyError(f"{where}: {msg}", str(loc[0]) if loc else None) from None
-    return _summarise(body, f, chat)
+    return body
 
 
 def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
     texts: list[str] = []
-    token_ids, num_prompts, messages = 0, 1, None
+    token_ids, num_prompts, messages, tools = 0, 1, None, None
     if chat:
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in f.messages or []]
         texts = [f"{m['role']}:{m['content']}\n" for m in messages]
+        if f.tools:
+            tools = f.tools
+            texts.insert(0, "tools:" + json.dumps(tools, separators=(",", ":")) + "\n")
     else:
         p = f.prompt
         if isinstance(p, str):
@@ -134,15 +152,30 @@ def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
             num_prompts = len(p)
             texts = [x for x in p if isinstance(x, str)]
             token_ids = sum(len(x) for x in p if isinstance(x, list))
-    deterministic = f.temperature == 0 or f.seed is not None
-    content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options", "priority")}
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    max_tokens = f.max_completion_tokens if chat and f.max_completion_tokens is not None else f.max_tokens
+    # the replica's own default when the limit is left out: 16 for a completion (OpenAI's and vLLM's), while an
+    # explicit null, and chat either way, mean up to max_model_len
+    default = COMPLETION_MAX_TOKENS if not chat and "max_tokens" not in body else None
+    n = f.n if f.n is not None and f.n > 0 else 1
+    n = max(n, f.best_of or 0, (f.beam_width or 0) if f.use_beam_search else 0)
     return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
                   include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
-                  coalescable=deterministic and not (f.logprobs or f.top_logprobs or f.echo),
-                  max_tokens=f.max_completion_tokens if chat and f.max_completion_tokens is not None else f.max_tokens,
-                  n=f.n if f.n is not None and f.n > 0 else 1, num_prompts=num_prompts, texts=texts,
-                  token_ids=token_ids, messages=messages, cache_salt=f.cache_salt, digest=digest)
+                  coalescable=f.temperature == 0 or f.seed is not None, max_tokens=max_tokens,
+                  default_max_tokens=default, n=n, num_prompts=num_prompts, texts=texts, token_ids=token_ids,
+                  messages=messages, tools=tools, cache_salt=f.cache_salt, digest=_digest(body))
+
+
+def _digest(body: dict) -> str:
+    """What identifies a request's response: every field but the model's name (aliases share), `stream` (callers
+    key on it separately), `stream_options.include_usage` (the gateway asks for usage itself and hides it from
+    clients that did not), `user` (a label) and `priority` (replaced by the tenant's)."""
+    content = {k: v for k, v in body.items() if k not in ("user", "model", "stream", "stream_options", "priority")}
+    so = body.get("stream_options")
+    if isinstance(so, dict) and any(k != "include_usage" for k in so):
+        content["stream_options"] = {k: v for k, v in so.items() if k != "include_usage"}
+    elif so is not None and not isinstance(so, dict):
+        content["stream_options"] = so
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _content_text(content: str | list[_Part] | None) -> str:
@@ -152,28 +185,38 @@ def _content_text(content: str | list[_Part] | None) -> str:
 
 
 def _check_tree(root: Any) -> None:
-    """Depth at most MAX_DEPTH, and every string (keys too) encodable as UTF-8. Iterative: no recursion limit."""
-    stack = [(root, 1)]
+    """Depth at most MAX_DEPTH, and every string (keys too) encodable as UTF-8; a bad string's error names its path
+    (a bad key: the path to the key). Iterative: no recursion limit."""
+    stack: list[tuple[Any, int, str]] = [(root, 1, "")]
     while stack:
-        node, depth = stack.pop()
+        node, depth, path = stack.pop()
         if depth > MAX_DEPTH:
             raise BodyError(f"the body is nested more than {MAX_DEPTH} levels deep")
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for k, v in items:
-            if isinstance(k, str):
-                _check_text(k)
-            if isinstance(v, str):
-                _check_text(v)
-            elif isinstance(v, (dict, list)):
-                stack.append((v, depth + 1))
+            where = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and not _is_text(k):
+                raise _surrogate(path or None)
+            if isinstance(v, str) and not _is_text(v):
+                raise _surrogate(where)
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1, where))
 
 
-def _check_text(s: str) -> None:
-    if not s.isascii():
-        try:
-            s.encode()
-        except UnicodeEncodeError:
-            raise BodyError("the body contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+def _is_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(param: str | None) -> BodyError:
+    where = f"{param}: " if param else ""
+    return BodyError(f"{where}the body contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text", param,
+                     "invalid_text")
 
 
 def _finite_float(s: str) -> float:

@@ -47,7 +47,11 @@ class ModelConfig(_Strict):
     tokenizer: str | None = None  # "demo" | a tokenizer directory | None: estimate chars / 4
     max_in_flight_per_replica: Count = 64  # dispatch concurrency per replica; beyond it requests queue here
     max_queue: Count = 256  # bound of this model's dispatch queue
-    default_max_tokens: Count = 256  # a request that sets no max_tokens reserves this, and is capped at it
+    # a cap for requests that set no max_tokens, forwarded as their limit; None: the replica's own limit applies
+    # and is reserved (16 for a completion, up to max_model_len for chat; see budget.py)
+    default_max_tokens: Count | None = None
+    # reservations use the replicas' max_model_len from their GET /v1/models; this until one has reported it
+    fallback_max_model_len: Count = 4096
     # the environment variable holding the key the replicas require (`conveyor serve` reads CONVEYOR_API_KEY);
     # the key itself never goes in the YAML
     upstream_api_key_env: str | None = None

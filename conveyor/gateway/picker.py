@@ -71,6 +71,7 @@ class Replica:
     served: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_at: float = -1e9
+    max_model_len: int | None = None  # from its GET /v1/models, once it answered
 
     def state(self, now: float) -> str:
         if self.draining:
@@ -114,6 +115,8 @@ class Pool:
         self.affinity: OrderedDict[str, str] = OrderedDict()
         self.on_capacity: Callable[[], None] = lambda: None
         self.headers: dict[str, str] = {}  # the replicas' credentials, for health checks and scrapes
+        self.upstream_model = model  # the name the replicas serve it under
+        self.last_max_model_len: int | None = None  # the latest a replica reported (kept when it goes away)
 
     # ---- membership (config, SIGHUP reload, admin API) -----------------------------------------------------------
     def add(self, url: str, source: str = "config") -> Replica:
@@ -155,6 +158,12 @@ class Pool:
         for r in self.replicas.values():
             counts[r.state(now)] += 1
         return counts
+
+    def max_model_len(self) -> int | None:
+        """The context length of this model's replicas (the largest, should they differ: reservations must cover
+        any of them), or the last one reported when no current replica has; None before any has."""
+        known = [r.max_model_len for r in self.replicas.values() if r.max_model_len is not None]
+        return max(known) if known else self.last_max_model_len
 
     # ---- picking -------------------------------------------------------------------------------------------------
     def acquire(self, affinity: str | None, cost: int, exclude: tuple[Replica, ...] = (),
@@ -228,12 +237,27 @@ class Pool:
         if ok:
             r.started = True
             r.breaker.health_ok(now)
+            if r.max_model_len is None:
+                await self._learn_max_model_len(r)
         elif r.started:
             self.failed(r)
         if r.routable(now):
             if not was_routable:
                 log.info('{"event": "replica_available", "model": "%s", "replica": "%s"}', self.model, r.url)
             self.on_capacity()  # its breaker may have closed (half-open stays "routable"): wake the queue either way
+
+    async def _learn_max_model_len(self, r: Replica) -> None:
+        """The replica's max_model_len from its GET /v1/models (the entry of the name it serves this model under,
+        else the first); left unknown, to be asked again at the next health check, when it does not say."""
+        try:
+            resp = await self.client.get(f"{r.url}/v1/models", timeout=1.0, headers=self.headers)
+            data = resp.json()["data"] if resp.status_code == 200 else []
+            entry = next((m for m in data if m.get("id") == self.upstream_model), data[0] if data else {})
+            n = entry.get("max_model_len")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return
+        if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 1 << 31:
+            r.max_model_len = self.last_max_model_len = n
 
     async def _scrape(self, r: Replica) -> None:
         try:

@@ -39,31 +39,6 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
-def assemble(flight: "Flight", chat: bool) -> str:
-    """The non-streaming response a streamed flight amounts to (for a non-streaming client sharing it)."""
-    head: dict = {}
-    choices: dict[int, dict] = {}
-    for chunk in flight.chunks:
-        data = chunk.strip()[6:]
-        if not data.startswith("{"):
-            continue
-        obj = json.loads(data)
-        head = head or obj
-        for c in obj.get("choices") or []:
-            e = choices.setdefault(c["index"], {"text": "", "finish_reason": None})
-            e["text"] += ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
-            e["finish_reason"] = c.get("finish_reason") or e["finish_reason"]
-    if chat:
-        out = [{"index": i, "message": {"role": "assistant", "content": e["text"]}, "logprobs": None,
-                "finish_reason": e["finish_reason"]} for i, e in sorted(choices.items())]
-    else:
-        out = [{"index": i, "text": e["text"], "finish_reason": e["finish_reason"], "logprobs": None}
-               for i, e in sorted(choices.items())]
-    return json.dumps({"id": head.get("id"), "object": "chat.completion" if chat else "text_completion",
-                       "created": head.get("created"), "model": head.get("model"), "choices": out,
-                       "usage": flight.usage})
-
-
 class Flight:
     def __init__(self, stream: bool) -> None:
         self.stream = stream

@@ -31,8 +31,9 @@ def count_prompt_tokens(p: Parsed, tokenizer, max_chars: int) -> int:
     the text is short enough to template whole). Never raises: a tokenizer failure falls back to chars / 4."""
     try:
         if p.chat and tokenizer is not None and getattr(tokenizer, "chat_template", None) \
-                and sum(len(m["content"]) for m in p.messages or []) <= max_chars:
-            text = tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+                and sum(map(len, p.texts)) <= max_chars:
+            text = tokenizer.apply_chat_template(p.messages, tools=p.tools, tokenize=False,
+                                                 add_generation_prompt=True)
             return len(tokenizer.encode(text, add_special_tokens=False))  # the template has its specials
         return p.token_ids + _count("".join(p.texts), tokenizer, max_chars)
     except Exception:  # noqa: BLE001 - e.g. a template that rejects these roles: the replica will say why
