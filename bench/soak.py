@@ -410,9 +410,9 @@ def after_run(fleet: Fleet) -> dict:
     for name, p in fleet.procs():
         try:
             state[name] = {"health": httpx.get(f"{p.base_url}/health", timeout=10).status_code,
-                           **gauges(p.base_url, names.get(name, ("conveyor_requests_running",
-                                                                 "conveyor_requests_waiting",
-                                                                 "conveyor_kv_cache_usage_ratio")), headers)}
+                           **gauges(p.base_url, names.get(name, ("vllm:num_requests_running",
+                                                                 "vllm:num_requests_waiting",
+                                                                 "vllm:kv_cache_usage_perc")), headers)}
         except httpx.HTTPError as e:
             state[name] = {"health": None, "unreachable": type(e).__name__}
         state[name]["log"] = log_findings(p.log_path, fleet.all_secrets())

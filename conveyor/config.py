@@ -12,6 +12,7 @@ DTYPES = {
 }
 
 QUANTIZATIONS = (None, "none", "int8", "int4")
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -42,7 +43,9 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides the memory budget when set
-    kv_cache_memory: int = 2 << 30  # bytes of KV cache on CPU
+    # bytes of KV cache (vLLM's kv_cache_memory_bytes); None: DEFAULT_CPU_KV_CACHE_BYTES on CPU, and on CUDA what
+    # gpu_memory_utilization leaves
+    kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + activations + KV on CUDA
     # paged: blocks are given as tokens need them. contiguous: a request reserves one run of consecutive blocks
     # for prompt + max_tokens when admitted (the pre-paging layout, kept to measure what paging saves)
@@ -65,7 +68,7 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two in [1, 256], got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
-        if self.kv_cache_memory < 1:
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -15,7 +15,7 @@ from conveyor.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str = "demo", *, dtype: str = "auto", block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory: int = 2 << 30,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 128,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None, load_format: str = "auto",
                  device: str = "auto", seed: int = 0, revision: str | None = None, batching: str = "continuous",

@@ -9,6 +9,8 @@ import time
 
 import httpx
 
+from conveyor.prometheus_text import samples
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -61,11 +63,12 @@ class ServerProcess:
         with open(self.log_path) as f:
             return f.read()
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The first sample called name whose labels include `labels` (KeyError: none)."""
         text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
+        for s in samples(text):
+            if s.name == name and labels.items() <= s.labels.items():
+                return s.value
         raise KeyError(name)
 
     def stop(self, timeout: float = 20.0) -> int:

@@ -21,7 +21,8 @@ from conveyor.autoscale.actuator import GatewayAdmin
 from conveyor.autoscale.controller import Controller
 from conveyor.autoscale.local import LocalActuator
 from conveyor.autoscale.policy import PolicyConfig
-from conveyor.autoscale.signals import SignalScraper
+from conveyor.autoscale.signals import FINISHED, SignalScraper
+from conveyor.prometheus_text import sum_by_name
 from server_process import free_port, wait_healthy
 
 ADMIN_KEY, TENANT_KEY = "admin-secret", "tenant-secret"
@@ -60,7 +61,7 @@ def gateway(tmp_path_factory):
 
 
 class Run:
-    """The controller on a thread, plus a monitor of what each replica served (its conveyor_requests_total)."""
+    """The controller on a thread, plus a monitor of what each replica served (its vllm:request_success_total)."""
 
     def __init__(self, controller: Controller) -> None:
         self.controller, self.stop = controller, threading.Event()
@@ -78,8 +79,7 @@ class Run:
                         text = httpx.get(r.url + "/metrics", timeout=2).text
                     except httpx.HTTPError:
                         continue
-                    n = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                            if line.startswith("conveyor_requests_total{"))
+                    n = sum_by_name(text, [FINISHED]).get(FINISHED, 0.0)
                     self.served[r.url] = max(n, self.served.get(r.url, 0.0))
 
     def ready(self) -> int:

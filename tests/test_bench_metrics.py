@@ -111,16 +111,16 @@ def test_throughput_series_buckets():
 
 # ---- scraping --------------------------------------------------------------------------------------------------
 def test_parse_gauges_sums_labels_and_tolerates_missing():
-    text = ('# HELP conveyor_requests_running r\n# TYPE conveyor_requests_running gauge\n'
-            'conveyor_requests_running{model="a"} 3.0\nconveyor_requests_running{model="b"} 2.0\n'
-            '# TYPE conveyor_slots_used_ratio gauge\nconveyor_slots_used_ratio{model="a"} 0.25\n'
+    text = ('# HELP vllm:num_requests_running r\n# TYPE vllm:num_requests_running gauge\n'
+            'vllm:num_requests_running{model_name="a"} 3.0\nvllm:num_requests_running{model_name="b"} 2.0\n'
+            '# TYPE conveyor_slots_used_ratio gauge\nconveyor_slots_used_ratio{model_name="a"} 0.25\n'
             '# TYPE other_total counter\nother_total 7.0\n')
-    assert parse_gauges(text) == {"conveyor_requests_running": 5.0, "conveyor_slots_used_ratio": 0.25}
+    assert parse_gauges(text) == {"vllm:num_requests_running": 5.0, "conveyor_slots_used_ratio": 0.25}
     series = MetricsSeries()
     series.add(0.5, parse_gauges(text))
     series.add(1.5, {})
     j = series.to_json()
-    assert j["t"] == [0.5, 1.5] and j["conveyor_requests_running"] == [5.0, None]
+    assert j["t"] == [0.5, 1.5] and j["vllm:num_requests_running"] == [5.0, None]
     assert set(GAUGES) <= set(j)
 
 

@@ -50,7 +50,7 @@ def check_completed(res: dict, n: int) -> None:
     assert res["output_throughput"] * res["duration_s"] == pytest.approx(res["total_output_tokens"])
     assert 1 <= res["peak_concurrency"] <= n
     series = res["server_metrics"]
-    assert series["t"] and len(series["conveyor_requests_running"]) == len(series["t"])
+    assert series["t"] and len(series["vllm:num_requests_running"]) == len(series["t"])
     assert all(v is not None for v in series["conveyor_slots_used_ratio"])  # conveyor serve exposes them all
     tput = res["throughput_series"]["output_tokens_per_s"]
     assert sum(tput[:-1]) + tput[-1] * (res["duration_s"] - len(tput[:-1])) == pytest.approx(

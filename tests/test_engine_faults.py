@@ -242,8 +242,8 @@ def test_server_answers_a_failed_request_with_an_error_and_serves_on():
         assert httpx.get(f"{s.base_url}/health").status_code == 200
         ok = httpx.post(url, json={"prompt": "after", "max_tokens": 3, "ignore_eos": True}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
-        assert s.metric("conveyor_kv_cache_usage_ratio") == 0.0
-        assert s.metric('conveyor_requests_total{finish_reason="error",model="demo"}') == 2
+        assert s.metric("vllm:kv_cache_usage_perc") == 0.0
+        assert s.metric("vllm:request_success_total", finished_reason="error") == 2
         assert s.stop() == 0
     finally:
         s.stop()

@@ -21,6 +21,8 @@ import server_process
 import yaml
 from server_process import ServerProcess, free_port, wait_healthy, wait_until
 
+from conveyor.prometheus_text import sum_by_name
+
 KEYS = {name: f"key-{name}" for name in ("a", "b", "limited", "tokcap", "flood", "light", "deg", "late", "batchy",
                                         "solo", "patient")}
 ADMIN_KEY = "admin-secret"
@@ -51,8 +53,7 @@ def start_replica(name: str, port: int | None = None) -> ServerProcess:
 def requests_total(replica: ServerProcess) -> float:
     """Requests the replica has finished, whatever their finish reason."""
     text = httpx.get(f"{replica.base_url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("conveyor_requests_total{"))
+    return sum_by_name(text, ["vllm:request_success_total"]).get("vllm:request_success_total", 0.0)
 
 
 class GatewayProcess:
@@ -546,13 +547,13 @@ def test_idempotency_key_returns_first_result(gateway, replicas):
 
 def test_client_disconnect_aborts_upstream(gateway, replicas):
     small = replicas["small1"]
-    aborted = small.metric('conveyor_requests_total{finish_reason="abort",model="small"}') if \
+    aborted = small.metric("vllm:request_success_total", finished_reason="abort") if \
         "abort" in httpx.get(small.base_url + "/metrics").text else 0.0
     body = {"model": "small", "prompt": "go on", "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body,
                       headers={"authorization": f"Bearer {KEYS['a']}"}, timeout=30) as r:
         next(r.iter_lines())
-    wait_until(lambda: small.metric('conveyor_requests_total{finish_reason="abort",model="small"}') == aborted + 1,
+    wait_until(lambda: small.metric("vllm:request_success_total", finished_reason="abort") == aborted + 1,
                what="the replica to abort")
 
 

@@ -189,5 +189,5 @@ def test_fuzzed_requests_never_5xx_and_leave_nothing_held(stack):
     wait_until(gw.idle, timeout=30, what="the gateway holding nothing")
     assert gw.metric("conveyor_gateway_rejections_total", reason="internal") == 0
     assert "Traceback" not in gw.logs()
-    wait_until(lambda: replica.metric("conveyor_kv_cache_usage_ratio") == 0, what="the replica's KV blocks free")
+    wait_until(lambda: replica.metric("vllm:kv_cache_usage_perc") == 0, what="the replica's KV blocks free")
     assert httpx.get(replica.base_url + "/health", timeout=5).status_code == 200

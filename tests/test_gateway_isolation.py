@@ -39,7 +39,7 @@ def gateway(replica, tmp_path_factory):
 
 
 def _prefix_counters(replica: ServerProcess) -> tuple[float, float]:
-    return (replica.metric("conveyor_prefix_cache_queries_total"), replica.metric("conveyor_prefix_cache_hits_total"))
+    return (replica.metric("vllm:prefix_cache_queries_total"), replica.metric("vllm:prefix_cache_hits_total"))
 
 
 def _hits_of(replica: ServerProcess, send) -> float:
@@ -210,7 +210,7 @@ def _finish_order(gateway: GatewayProcess, replica: ServerProcess, first: str, l
             order.append(tag)
 
     firsts = [_in_thread(lambda: send("first", f"key-{first}", {})) for _ in range(4)]
-    wait_until(lambda: replica.metric("conveyor_requests_waiting") >= 3, what="the replica queueing 3 of them")
+    wait_until(lambda: replica.metric("vllm:num_requests_waiting") >= 3, what="the replica queueing 3 of them")
     last = _in_thread(lambda: send("late", f"key-{late}", late_extra))
     for t, out in (*firsts, last):
         t.join(120)

@@ -187,34 +187,34 @@ def test_disconnected_streams_free_their_blocks(server):
     threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    assert wait_for(lambda: server.metric("conveyor_kv_cache_usage_ratio") > 0, 20)
+    assert wait_for(lambda: server.metric("vllm:kv_cache_usage_perc") > 0, 20)
     for t in threads:
         t.join(120)
     assert sorted(finished) == [1, 3, 5, 7, 9, 11]
-    assert wait_for(lambda: server.metric("conveyor_kv_cache_usage_ratio") == 0.0)
-    assert server.metric("conveyor_requests_running") == 0
-    assert server.metric('conveyor_requests_total{finish_reason="abort",model="demo"}') >= 6
+    assert wait_for(lambda: server.metric("vllm:kv_cache_usage_perc") == 0.0)
+    assert server.metric("vllm:num_requests_running") == 0
+    assert server.metric("vllm:request_success_total", finished_reason="abort") >= 6
 
 
 def test_non_streaming_disconnect_aborts(server):
-    before = server.metric('conveyor_requests_total{finish_reason="abort",model="demo"}')
+    before = server.metric("vllm:request_success_total", finished_reason="abort")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/completions", timeout=0.5,
                    json={"prompt": "slow", "max_tokens": 900, "ignore_eos": True})
-    assert wait_for(lambda: server.metric('conveyor_requests_total{finish_reason="abort",model="demo"}') > before)
-    assert wait_for(lambda: server.metric("conveyor_kv_cache_usage_ratio") == 0.0)
+    assert wait_for(lambda: server.metric("vllm:request_success_total", finished_reason="abort") > before)
+    assert wait_for(lambda: server.metric("vllm:kv_cache_usage_perc") == 0.0)
 
 
 def test_metrics_exposition(server):
     text = httpx.get(f"{server.base_url}/metrics").text
-    for name in ["conveyor_requests_running", "conveyor_requests_waiting", "conveyor_kv_cache_usage_ratio",
-                 "conveyor_slots_used_ratio", "conveyor_prefill_backlog_tokens", "conveyor_prompt_tokens_total",
-                 "conveyor_generation_tokens_total", "conveyor_preemptions_total", "conveyor_requests_total",
-                 "conveyor_time_to_first_token_seconds_bucket", "conveyor_inter_token_latency_seconds_bucket",
-                 "conveyor_e2e_request_latency_seconds_bucket", "conveyor_request_queue_time_seconds_bucket",
-                 "conveyor_batch_size_bucket", "conveyor_time_per_output_token_seconds_bucket"]:
+    for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "conveyor_slots_used_ratio", "conveyor_prefill_backlog_tokens", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:num_preemptions_total", "vllm:request_success_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+                 "conveyor_batch_size_bucket", "vllm:request_time_per_output_token_seconds_bucket"]:
         assert name in text, name
-    assert server.metric("conveyor_generation_tokens_total") > 0
+    assert server.metric("vllm:generation_tokens_total") > 0
 
 
 def test_backpressure_503_then_recovers():
@@ -237,7 +237,7 @@ def test_backpressure_503_then_recovers():
         assert rejected.headers["retry-after"] and rejected.json()["error"]["code"] == "overloaded"
         ok = httpx.post(f"{s.base_url}/v1/completions", json={"prompt": "again", "max_tokens": 3}, timeout=30)
         assert ok.status_code == 200
-        assert s.metric("conveyor_kv_cache_usage_ratio") == 0.0
+        assert s.metric("vllm:kv_cache_usage_perc") == 0.0
     finally:
         s.stop()
 
@@ -281,7 +281,7 @@ def test_request_log_is_json_without_prompt_text(server):
 
 def test_prefix_cache_metrics_and_cache_salt(server):
     def hits() -> float:
-        return server.metric("conveyor_prefix_cache_hits_total")
+        return server.metric("vllm:prefix_cache_hits_total")
 
     body = {"prompt": "A long shared system prompt. " * 6, "max_tokens": 2, "temperature": 0}
     httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30)
@@ -291,7 +291,7 @@ def test_prefix_cache_metrics_and_cache_salt(server):
     before = hits()
     httpx.post(f"{server.base_url}/v1/completions", json={**body, "cache_salt": "other-tenant"}, timeout=30)
     assert hits() == before
-    assert server.metric("conveyor_prefix_cache_queries_total") > 0
+    assert server.metric("vllm:prefix_cache_queries_total") > 0
 
 
 def test_beam_search_over_http(server, client):

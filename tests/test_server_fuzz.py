@@ -169,7 +169,7 @@ def test_server_healthy_after_fuzzing(server):
         "still fine", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert r.json()["choices"][0]["text"] == want.outputs[0].text
     assert httpx.get(f"{server.base_url}/health").status_code == 200
-    assert server.metric("conveyor_kv_cache_usage_ratio") == 0.0
-    assert server.metric("conveyor_requests_running") == 0
-    assert server.metric("conveyor_requests_waiting") == 0
+    assert server.metric("vllm:kv_cache_usage_perc") == 0.0
+    assert server.metric("vllm:num_requests_running") == 0
+    assert server.metric("vllm:num_requests_waiting") == 0
     assert "Traceback" not in server.logs()  # no unexpected exception on the way

@@ -50,7 +50,7 @@ def assert_serving(server: ServerProcess) -> None:
     r = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
                    json={"prompt": "still serving", "max_tokens": 3, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-    assert server.metric("conveyor_kv_cache_usage_ratio") == 0.0
+    assert server.metric("vllm:kv_cache_usage_perc") == 0.0
 
 
 LONG = "a prompt long enough to fill whole blocks of the prefix cache, " * 3
@@ -263,9 +263,9 @@ def test_a_burst_cannot_overrun_max_waiting_requests(held):
             while sum(t.done() for t in tasks) < 48 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             done = [t.result() for t in tasks if t.done()]
-            while held.metric("conveyor_requests_waiting") < 16 and time.monotonic() < deadline:
+            while held.metric("vllm:num_requests_waiting") < 16 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # the last admitted ones may still be on their way into the engine
-            waiting = held.metric("conveyor_requests_waiting")
+            waiting = held.metric("vllm:num_requests_waiting")
             assert sum(t.done() for t in tasks) == 48  # the admitted ones are held, not answered
             for t in tasks:
                 t.cancel()
@@ -277,9 +277,9 @@ def test_a_burst_cannot_overrun_max_waiting_requests(held):
     assert all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] for r in done)
     assert waiting == 16
     deadline = time.monotonic() + 30  # the 16 held ones were cancelled: their clients left, the engine aborts them
-    while held.metric("conveyor_requests_waiting") and time.monotonic() < deadline:
+    while held.metric("vllm:num_requests_waiting") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert held.metric("conveyor_requests_waiting") == 0
+    assert held.metric("vllm:num_requests_waiting") == 0
 
 
 def test_api_key_from_the_environment(held):
@@ -306,5 +306,5 @@ def test_metrics_count_a_beam_search_aborted_before_any_hypothesis():
     out = engine.abort_request("beams")
     assert out.finished and out.outputs == []
     metrics.on_step(engine, [out], None)
-    assert metrics.registry.get_sample_value("conveyor_requests_total",
-                                             {"model": "demo", "finish_reason": "abort"}) == 1
+    assert metrics.registry.get_sample_value("vllm:request_success_total",
+                                             {"model_name": "demo", "engine": "0", "finished_reason": "abort"}) == 1

@@ -9,11 +9,11 @@ import httpx
 from conveyor.autoscale.policy import ReplicaSample
 from conveyor.prometheus_text import samples
 
-GAUGES = {"conveyor_requests_waiting": "waiting", "conveyor_prefill_backlog_tokens": "prefill_backlog_tokens",
-          "conveyor_slots_used_ratio": "slots_used_ratio", "conveyor_kv_cache_usage_ratio": "kv_cache_usage_ratio",
-          "conveyor_requests_running": "running"}
-TTFT = "conveyor_time_to_first_token_seconds"
-FINISHED = "conveyor_requests_total"
+GAUGES = {"vllm:num_requests_waiting": "waiting", "conveyor_prefill_backlog_tokens": "prefill_backlog_tokens",
+          "conveyor_slots_used_ratio": "slots_used_ratio", "vllm:kv_cache_usage_perc": "kv_cache_usage_ratio",
+          "vllm:num_requests_running": "running"}
+TTFT = "vllm:time_to_first_token_seconds"
+FINISHED = "vllm:request_success_total"
 QUEUED = "conveyor_gateway_queued_requests"
 
 
@@ -29,7 +29,7 @@ def parse(text: str, model: str | None = None) -> Scrape:
     summed over models)."""
     out = Scrape()
     for s in samples(text):
-        if model is not None and s.labels.get("model", model) != model:
+        if model is not None and s.labels.get("model_name", model) != model:
             continue
         if s.name in GAUGES:
             out.gauges[GAUGES[s.name]] = out.gauges.get(GAUGES[s.name], 0.0) + s.value

@@ -92,7 +92,7 @@ def plot_throughput(res: dict, path: str) -> None:
     top.bar(np.arange(len(tput["output_tokens_per_s"])) * tput["bucket_s"], tput["output_tokens_per_s"],
             width=tput["bucket_s"], align="edge", alpha=0.7)
     top.set(title="Output throughput (client side)", ylabel="tokens/s")
-    _plot_gauges(bottom, series, {"conveyor_slots_used_ratio": "slots used", "conveyor_kv_cache_usage_ratio":
+    _plot_gauges(bottom, series, {"conveyor_slots_used_ratio": "slots used", "vllm:kv_cache_usage_perc":
                                   "KV cache used"})
     bottom.set(title="Server utilization (/metrics)", xlabel="time since start (s)", ylabel="ratio", ylim=(0, 1.05))
     for ax in (top, bottom):
@@ -105,9 +105,9 @@ def plot_throughput(res: dict, path: str) -> None:
 def plot_queue_depth(res: dict, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    _plot_gauges(ax, res["server_metrics"], {"conveyor_requests_running": "running",
-                                             "conveyor_requests_waiting": "waiting"})
-    ax.set(title="Queue depth (/metrics)", xlabel="time since start (s)", ylabel="sequences")
+    _plot_gauges(ax, res["server_metrics"], {"vllm:num_requests_running": "running",
+                                             "vllm:num_requests_waiting": "waiting"})
+    ax.set(title="Queue depth (/metrics)", xlabel="time since start (s)", ylabel="requests")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

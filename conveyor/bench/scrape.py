@@ -9,8 +9,8 @@ import httpx
 
 from conveyor.prometheus_text import sum_by_name
 
-GAUGES = ("conveyor_requests_running", "conveyor_requests_waiting", "conveyor_slots_used_ratio",
-          "conveyor_kv_cache_usage_ratio")
+GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "conveyor_slots_used_ratio",
+          "vllm:kv_cache_usage_perc")
 
 
 @dataclass

@@ -19,8 +19,8 @@ from conveyor.prometheus_text import sum_by_name
 log = logging.getLogger("conveyor.gateway")
 
 METRICS_MAX_AGE_S = 1.0
-_SCRAPED = {"conveyor_requests_running": "running", "conveyor_requests_waiting": "waiting",
-            "conveyor_kv_cache_usage_ratio": "kv_usage"}
+_SCRAPED = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+            "vllm:kv_cache_usage_perc": "kv_usage"}  # vLLM's names: a vLLM replica is picked from the same series
 
 
 class Breaker:

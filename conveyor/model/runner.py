@@ -7,7 +7,7 @@ import mmap
 
 import torch
 
-from conveyor.config import CacheConfig, SchedulerConfig
+from conveyor.config import DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, SchedulerConfig
 from conveyor.engine.kv_cache_manager import cdiv
 from conveyor.engine.scheduler import ScheduledSeq
 from conveyor.model.attention import (AttentionMetadata, GatherBuffers, PrefillChunk, build_decode_plan,
@@ -58,10 +58,12 @@ class ModelRunner:
     def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        if self.device.type == "cuda":
+        if cache.kv_cache_memory is not None:
+            budget = cache.kv_cache_memory
+        elif self.device.type == "cuda":
             budget = self._cuda_kv_budget(cache, sched)
         else:
-            budget = cache.kv_cache_memory
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
         n = budget // self.bytes_per_block
         # more blocks than max_num_seqs full-length sequences can never be used
         n = min(n, sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size))

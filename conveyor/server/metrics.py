@@ -1,4 +1,9 @@
-"""Prometheus metrics (prefix conveyor_, label: model only), updated from the engine thread after every step."""
+"""Prometheus metrics of `conveyor serve`, updated from the engine thread after every step.
+
+Series that vLLM also exports carry vLLM's names, types, buckets, units and labels (`model_name`, the first served
+name, and `engine="0"`), so that vLLM's Grafana dashboards, KEDA rules written for vLLM and the Gateway API Inference
+Extension's endpoint picker read a Conveyor replica unchanged (vLLM's vllm/v1/metrics/loggers.py is the reference).
+Series only Conveyor has keep the `conveyor_` prefix and the `model_name` label."""
 from __future__ import annotations
 
 import time
@@ -6,98 +11,197 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from conveyor.engine.engine import Engine
+from conveyor.engine.sequence import Sequence
 from conveyor.outputs import RequestOutput
 
 disable_created_metrics()  # no *_created series: they double the exposition for no use here
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+# vLLM's buckets, so that dashboards' `le` thresholds and quantiles line up
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                         20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FINISHED_REASONS = ("stop", "length", "abort", "error")  # vLLM's FinishReason values, created at 0
+
+
+def one_two_five_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value inclusive: vLLM's buckets for token counts (max_value:
+    max_model_len)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
+
+
+def cache_config_info(engine: Engine) -> dict[str, str]:
+    """The labels of `vllm:cache_config_info`, under vLLM's CacheConfig field names (values as Python's str(),
+    as vLLM writes them); the endpoint picker reads block_size and num_gpu_blocks (the device's KV blocks, on CPU
+    too)."""
+    c = engine.config.cache
+    return {"block_size": str(c.block_size), "num_gpu_blocks": str(engine.kv.pool.num_blocks),
+            "num_cpu_blocks": str(engine.runner.num_host_blocks), "enable_prefix_caching": str(c.enable_prefix_caching),
+            "gpu_memory_utilization": str(c.gpu_memory_utilization), "swap_space": str(c.swap_space),
+            "cache_dtype": "auto"}
+
+
+def num_requests(seqs: list[Sequence]) -> int:
+    """Requests among seqs (the n samples or beams of one request are one request, as vLLM counts)."""
+    return len({s.request_id for s in seqs})
 
 
 class ServerMetrics:
-    def __init__(self, model: str, max_num_seqs: int) -> None:
-        self.registry = CollectorRegistry()
-        self.max_num_seqs = max_num_seqs
-        r, lbl = self.registry, ["model"]
+    """`model` is the label value (vLLM: the first served model name). `cache_info` fills vllm:cache_config_info.
+    Engine counters are cumulative; the increments since the last step go to the Prometheus counters."""
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"conveyor_{name}", doc, lbl, registry=r).labels(model)
+    def __init__(self, model: str, max_num_seqs: int, max_model_len: int = 2048,
+                 cache_info: dict[str, str] | None = None) -> None:
+        self.registry = r = CollectorRegistry()
+        self.model, self.max_num_seqs = model, max_num_seqs
+        vllm, own = ("model_name", "engine"), ("model_name",)
+        vals = {"model_name": model, "engine": "0"}
 
-        def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"conveyor_{name}", doc, lbl, buckets=buckets, registry=r).labels(model)
+        def metric(cls, name: str, doc: str, **kw):
+            labels = vllm if name.startswith("vllm:") else own
+            return cls(name, doc, labels, registry=r, **kw).labels(*(vals[k] for k in labels))
 
-        self.running = gauge("requests_running", "Sequences in the running batch")
-        self.waiting = gauge("requests_waiting", "Sequences waiting to be scheduled")
-        self.kv_usage = gauge("kv_cache_usage_ratio", "Share of KV cache blocks in use")
-        self.slots_used = gauge("slots_used_ratio", "Running sequences / max_num_seqs")
-        self.prefill_backlog = gauge("prefill_backlog_tokens", "Prompt tokens waiting to be prefilled")
-        self.prompt_tokens = Counter("conveyor_prompt_tokens", "Prompt tokens of finished requests", lbl,
-                                     registry=r).labels(model)
-        self.generation_tokens = Counter("conveyor_generation_tokens", "Generated tokens", lbl,
-                                         registry=r).labels(model)
-        preempt = Counter("conveyor_preemptions", "Sequences preempted, by mode", ["model", "mode"], registry=r)
-        self.preempt_recompute, self.preempt_swap = preempt.labels(model, "recompute"), preempt.labels(model, "swap")
-        self.swapped_out = Counter("conveyor_kv_blocks_swapped_out", "KV blocks copied to host memory", lbl,
-                                   registry=r).labels(model)
-        self.swapped_in = Counter("conveyor_kv_blocks_swapped_in", "KV blocks copied back from host memory", lbl,
-                                  registry=r).labels(model)
-        self.prefix_queries = Counter("conveyor_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                      lbl, registry=r).labels(model)
-        self.prefix_hits = Counter("conveyor_prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl,
-                                   registry=r).labels(model)
-        self.requests = Counter("conveyor_requests", "Finished requests by finish reason",
-                                ["model", "finish_reason"], registry=r)
-        self.model = model
-        self.ttft = hist("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
-        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens", _ITL_BUCKETS)
-        self.tpot = hist("time_per_output_token_seconds", "Mean time per output token after the first",
-                         _ITL_BUCKETS)
-        self.e2e = hist("e2e_request_latency_seconds", "Arrival to last token", _LATENCY_BUCKETS)
-        self.queue_time = hist("request_queue_time_seconds", "Arrival to first scheduled", _LATENCY_BUCKETS)
-        self.batch_size = hist("batch_size", "Sequences per engine step", _BATCH_BUCKETS)
+        def hist(name: str, doc: str, buckets) -> Histogram:
+            return metric(Histogram, name, doc, buckets=buckets)
+
+        # scheduler state (requests, not sequences)
+        self.running = metric(Gauge, "vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = metric(Gauge, "vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.swapped = metric(Gauge, "vllm:num_requests_swapped", "Number of requests swapped to host memory.")
+        self.kv_usage = metric(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.gpu_kv_usage = metric(Gauge, "vllm:gpu_cache_usage_perc",
+                                   "KV-cache usage. 1 means 100 percent usage. The older name of "
+                                   "vllm:kv_cache_usage_perc (same value).")
+        # counters
+        self.prompt_tokens = metric(Counter, "vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = metric(Counter, "vllm:generation_tokens", "Number of generation tokens processed.")
+        self.preemptions = metric(Counter, "vllm:num_preemptions", "Cumulative number of preemptions.")
+        self.prefix_queries = metric(Counter, "vllm:prefix_cache_queries",
+                                     "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_hits = metric(Counter, "vllm:prefix_cache_hits",
+                                  "Prefix cache hits, in terms of number of cached tokens.")
+        success = Counter("vllm:request_success", "Count of finished requests by finish reason.",
+                          [*vllm, "finished_reason"], registry=r)
+        self.finished = {reason: success.labels(model, "0", reason) for reason in FINISHED_REASONS}
+        # histograms
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                         TTFT_BUCKETS)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                        TOKEN_LATENCY_BUCKETS)
+        self.tpot_legacy = hist("vllm:time_per_output_token_seconds",
+                                "Histogram of inter-token latency in seconds (the older name of "
+                                "vllm:inter_token_latency_seconds, same observations).", TOKEN_LATENCY_BUCKETS)
+        self.tpot = hist("vllm:request_time_per_output_token_seconds",
+                         "Histogram of each request's mean time per output token after the first, in seconds.",
+                         TOKEN_LATENCY_BUCKETS)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                        REQUEST_LATENCY_BUCKETS)
+        self.queue_time = hist("vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.inference_time = hist("vllm:request_inference_time_seconds",
+                                   "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = hist("vllm:request_prefill_time_seconds",
+                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.decode_time = hist("vllm:request_decode_time_seconds",
+                                "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
+        token_buckets = one_two_five_buckets(max_model_len)
+        self.request_prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                          token_buckets)
+        self.request_generation_tokens = hist("vllm:request_generation_tokens",
+                                              "Number of generation tokens processed.", token_buckets)
+        self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                     ITERATION_TOKEN_BUCKETS)
+        # info gauges: vLLM's label sets, value 1 / the time of the last update
+        Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [*(cache_info or {}), "engine"],
+              registry=r).labels(**(cache_info or {}), engine="0").set(1)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests (no adapters here).",
+                               ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                               registry=r).labels("0", "", "")
+        # Conveyor's own
+        self.slots_used = metric(Gauge, "conveyor_slots_used_ratio", "Running sequences / max_num_seqs")
+        self.prefill_backlog = metric(Gauge, "conveyor_prefill_backlog_tokens", "Prompt tokens waiting to be prefilled")
+        self.kv_waste = metric(Gauge, "conveyor_kv_cache_waste_ratio",
+                               "Share of reserved KV slots holding no token, averaged over the steps so far")
+        preempt = Counter("conveyor_preemptions_by_mode", "Sequences preempted, by mode", [*own, "mode"], registry=r)
+        swapped_out = metric(Counter, "conveyor_kv_blocks_swapped_out", "KV blocks copied to host memory")
+        swapped_in = metric(Counter, "conveyor_kv_blocks_swapped_in", "KV blocks copied back from host memory")
+        self.batch_size = hist("conveyor_batch_size", "Sequences per engine step", _BATCH_BUCKETS)
         self._last_token_time: dict[str, float] = {}
-        self._counters = {"num_preemptions_recompute": self.preempt_recompute,
-                          "num_preemptions_swap": self.preempt_swap, "prefix_cache_queries": self.prefix_queries,
-                          "prefix_cache_hits": self.prefix_hits, "blocks_swapped_out": self.swapped_out,
-                          "blocks_swapped_in": self.swapped_in}
+        self._counters = {"num_preemptions": self.preemptions, "prefix_cache_queries": self.prefix_queries,
+                          "prefix_cache_hits": self.prefix_hits, "blocks_swapped_out": swapped_out,
+                          "blocks_swapped_in": swapped_in,
+                          "num_preemptions_recompute": preempt.labels(model, "recompute"),
+                          "num_preemptions_swap": preempt.labels(model, "swap")}
         self._seen = dict.fromkeys(self._counters, 0)
+
+    @classmethod
+    def for_engine(cls, engine: Engine, model: str) -> ServerMetrics:
+        return cls(model, engine.config.scheduler.max_num_seqs, engine.max_model_len, cache_config_info(engine))
 
     def on_step(self, engine: Engine, outs: list[RequestOutput], step_time: float | None) -> None:
         """After an engine step (step_time None: only aborts were applied)."""
         now = time.monotonic()
         stats = self._set_gauges(engine)
         for key, counter in self._counters.items():
-            if stats[key] > self._seen[key]:  # the engine counts; Prometheus counters take the increments
+            if stats[key] > self._seen[key]:
                 counter.inc(stats[key] - self._seen[key])
                 self._seen[key] = stats[key]
         if step_time is not None and engine.last_step_num_seqs:
             self.batch_size.observe(engine.last_step_num_seqs)
-        for out in outs:
-            self._observe(out, now)
+        tokens = sum(self._observe(out, now) for out in outs)
+        if step_time is not None and engine.last_step_num_seqs:
+            self.iteration_tokens.observe(tokens)
 
-    def _observe(self, out: RequestOutput, now: float) -> None:
+    def _observe(self, out: RequestOutput, now: float) -> int:
+        """Record one output; returns its tokens as vLLM's iteration count has them: the generated ones, plus the
+        prompt's when this is the request's first token (its prefill is then done)."""
         new = sum(c.num_new_tokens for c in out.outputs)
+        counted = new
         if new:
             self.generation_tokens.inc(new)
             last = self._last_token_time.get(out.request_id)
             if last is None:
-                self.ttft.observe(out.metrics.get("ttft_s", 0.0))
+                counted += len(out.prompt_token_ids)
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                if "ttft_s" in out.metrics:  # beam search reports no first token
+                    self.ttft.observe(out.metrics["ttft_s"])
             else:
                 self.itl.observe(now - last)
+                self.tpot_legacy.observe(now - last)
             self._last_token_time[out.request_id] = now
         if out.finished:
             self._last_token_time.pop(out.request_id, None)
-            self.prompt_tokens.inc(len(out.prompt_token_ids))
-            m = out.metrics
-            self.e2e.observe(m.get("e2e_s", 0.0))
-            if "queue_s" in m:
-                self.queue_time.observe(m["queue_s"])
-            n_out = max((len(c.token_ids) for c in out.outputs), default=0)  # none: beams aborted or failed early
-            if n_out > 1 and "ttft_s" in m:
-                self.tpot.observe((m["e2e_s"] - m["ttft_s"]) / (n_out - 1))
-            for reason in [c.finish_reason for c in out.outputs] or ["error" if out.error else "abort"]:
-                self.requests.labels(self.model, reason or "abort").inc()
+            self._observe_finished(out)
+        return counted
+
+    def _observe_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        n_out = [len(c.token_ids) for c in out.outputs]  # none: beams aborted or failed early
+        self.finished[finished_reason(out)].inc()
+        self.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        self.request_generation_tokens.observe(sum(n_out))
+        if "queue_s" in m:
+            self.queue_time.observe(m["queue_s"])
+        if "e2e_s" not in m:  # ended outside a step before it was ever seen (a failed batch)
+            return
+        self.e2e.observe(m["e2e_s"])
+        if "queue_s" in m:
+            self.inference_time.observe(m["e2e_s"] - m["queue_s"])
+        if "ttft_s" in m and "queue_s" in m:  # the phases: queue, prefill (to the first token), decode
+            self.prefill_time.observe(m["ttft_s"] - m["queue_s"])
+            self.decode_time.observe(m["e2e_s"] - m["ttft_s"])
+            if max(n_out, default=0) > 1:
+                self.tpot.observe((m["e2e_s"] - m["ttft_s"]) / (max(n_out) - 1))
 
     def refresh_idle(self, engine: Engine) -> None:
         """Gauges are set after each step; an idle engine takes no steps, so refresh them at scrape time."""
@@ -105,10 +209,25 @@ class ServerMetrics:
             self._set_gauges(engine)
 
     def _set_gauges(self, engine: Engine) -> dict:
-        stats = engine.stats()
-        self.running.set(stats["num_running"])
-        self.waiting.set(stats["num_waiting"])
+        stats, sched = engine.stats(), engine.scheduler
+        self.running.set(num_requests(sched.running))
+        self.waiting.set(num_requests(sched.waiting))
+        self.swapped.set(num_requests(sched.swapped))
         self.kv_usage.set(stats["kv_cache_usage"])
+        self.gpu_kv_usage.set(stats["kv_cache_usage"])
         self.slots_used.set(stats["num_running"] / self.max_num_seqs)
         self.prefill_backlog.set(stats["prefill_backlog_tokens"])
+        self.kv_waste.set(stats["kv_waste_ratio"])
+        self.lora_info.set(time.time())  # vLLM's value: when the adapter lists were last updated
         return stats
+
+
+def finished_reason(out: RequestOutput) -> str:
+    """One reason per request (its n samples or beams may differ): error, then abort, then length (a sample was
+    cut off), else stop."""
+    reasons = {c.finish_reason for c in out.outputs}
+    if out.error or "error" in reasons:
+        return "error"
+    if not out.outputs or None in reasons or "abort" in reasons:
+        return "abort"
+    return "length" if "length" in reasons else "stop"
