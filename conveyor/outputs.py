@@ -14,6 +14,11 @@ class CompletionOutput:
     num_new_tokens: int = 0  # tokens added since the previous output of this request
     new_text: str = ""  # text added since the previous output (for streaming)
     cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (raw distribution)
+    # the first num_emitted_tokens of token_ids have their text entirely within the text handed out so far (the
+    # new_text of this and earlier outputs): a stream sends a token's logprobs in the chunk that carries its text.
+    # Text held back (a stop string may be forming, an incomplete UTF-8 character) holds its tokens back too; all
+    # tokens once finished (also those of a stop string cut from the text)
+    num_emitted_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -340,7 +340,7 @@ def test_sampler_greedy_min_tokens_and_logprobs():
     sampler = Sampler(vocab_size=6, eos_token_ids=[5], seed=0, device="cpu")
     logits = torch.tensor([[0.0, 1.0, 2.0, 0.5, 0.1, 9.0]])
     toks, lps = sampler(logits, [_seq(SP(temperature=0.0))])
-    assert toks == [5] and lps == [None]
+    assert toks == [5] and lps == [{5: pytest.approx(logits.log_softmax(-1)[0, 5].item())}]  # cumulative_logprob
     # min_tokens bans eos and the stop tokens until enough tokens are out
     toks, _ = sampler(logits, [_seq(SP(temperature=0.0, min_tokens=2, stop_token_ids=[2]))])
     assert toks == [1]

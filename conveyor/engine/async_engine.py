@@ -2,7 +2,9 @@
 
 The event loop talks to the engine thread through a command queue (add, abort); the engine thread hands each step's
 outputs back with one `call_soon_threadsafe` per step. Requests are validated (and tokenized) before they are queued,
-so a bad request fails at once, before any response header is sent.
+so a bad request fails at once, before any response header is sent. Validation runs in a worker thread and compiles a
+structured output's grammar there; the compiled grammar travels with the queued add, so the engine loop never
+compiles.
 
 Failures: a request that fails inside a step is ended by the engine and its client gets RequestFailed; the loop goes
 on. `max_step_failures` steps in a row in which every request failed (a broken device, not a bad request), or any
@@ -18,10 +20,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from conveyor.engine.engine import Engine, Prompt
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 log = logging.getLogger("conveyor.async_engine")
 
@@ -45,6 +51,7 @@ class _Add:
     text: str | None
     params: SamplingParams
     cache_salt: str | None
+    grammar: CompiledGrammar | None = None  # params.structured_outputs compiled
 
 
 class AsyncEngine:
@@ -108,8 +115,8 @@ class AsyncEngine:
         self._reserved += 1
         queued = False
         try:
-            text, ids = await asyncio.to_thread(self.engine.validate, prompt, params, cache_salt)
-            self._cmds.put(_Add(request_id, ids, text, params, cache_salt))
+            text, ids, grammar = await asyncio.to_thread(self._validate, prompt, params, cache_salt)
+            self._cmds.put(_Add(request_id, ids, text, params, cache_salt, grammar))
             queued = True
         finally:
             self._reserved -= 1
@@ -131,6 +138,12 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def _validate(self, prompt: Prompt, params: SamplingParams, cache_salt: str | None) -> tuple:
+        """Engine.validate (in a worker thread: it compiles a structured output's grammar) and that grammar."""
+        text, ids = self.engine.validate(prompt, params, cache_salt)
+        so = params.structured_outputs
+        return text, ids, self.engine.grammars.compile(so) if so is not None else None
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(request_id)
@@ -187,6 +200,8 @@ class AsyncEngine:
                 if out is not None:
                     aborted.append(out)
                 continue
+            if cmd.grammar is not None:  # in case the cache dropped it meanwhile: add_request must not compile
+                self.engine.grammars.keep(cmd.params.structured_outputs, cmd.grammar)
             try:
                 self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.prompt}, cmd.params,
                                         prompt_text=cmd.text, cache_salt=cmd.cache_salt)

@@ -26,7 +26,8 @@ def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence, 
 
 
 def check_stop(seq: Sequence, new_token: int, eos_token_ids: list[int], max_model_len: int) -> FinishReason | None:
-    """Called after new_token is appended. A stop token ends the sequence and its text is not added."""
+    """Called after new_token is appended. A stop token (eos or stop_token_ids) ends the sequence; its text is
+    added only with include_stop_str_in_output (vLLM's rule; eos usually decodes to nothing)."""
     p = seq.params
     if seq.num_output_tokens > p.min_tokens and (
             (not p.ignore_eos and new_token in eos_token_ids) or new_token in p.stop_token_ids):
@@ -37,7 +38,8 @@ def check_stop(seq: Sequence, new_token: int, eos_token_ids: list[int], max_mode
 
 
 def find_stop_string(seq: Sequence, new_text_len: int) -> bool:
-    """If a stop string now appears in the output, cut the text before it and return True.
+    """If a stop string now appears in the output, cut the text before it (after it with
+    include_stop_str_in_output) and return True. The first occurrence of any stop string decides.
     Only the tail that the new text could have completed is searched. Like stop tokens (check_stop), stop strings
     only end a sequence once it has more than min_tokens output tokens."""
     stops = seq.params.stop_list
@@ -45,8 +47,9 @@ def find_stop_string(seq: Sequence, new_text_len: int) -> bool:
         return False
     text = seq.output_text
     start = max(0, len(text) - new_text_len - max(len(s) for s in stops) + 1)
-    hits = [i for i in (text.find(s, start) for s in stops) if i != -1]
+    hits = [(i, len(s)) for i, s in ((text.find(s, start), s) for s in stops) if i != -1]
     if not hits:
         return False
-    seq.output_text = text[:min(hits)]
+    i, n = min(hits)
+    seq.output_text = text[:i + n] if seq.params.include_stop_str_in_output else text[:i]
     return True

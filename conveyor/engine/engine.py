@@ -15,9 +15,10 @@ from conveyor.config import EngineConfig
 from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
-from conveyor.engine.sampler import Sampler
+from conveyor.engine.sampler import Sampler, check_logit_bias
 from conveyor.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
+from conveyor.engine.structured_output import GrammarCompiler, GrammarState
 from conveyor.model.loader import load_model
 from conveyor.model.runner import ModelRunner
 from conveyor.outputs import CompletionOutput, RequestOutput
@@ -85,6 +86,7 @@ class Engine:
                                  c.watermark, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv, c.preemption_mode)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.last_step_num_seqs = 0
         self.last_step_all_failed = False  # every request the last step ran failed (see step())
@@ -134,6 +136,9 @@ class Engine:
         _salt_key(cache_salt)
         text, ids = self.tokenize(prompt)
         self._resolve_max_tokens(len(ids), params)
+        check_logit_bias(params.logit_bias, self.vocab_size)
+        if params.structured_outputs is not None:  # compiled (and cached for add_request) in the caller's thread
+            self.grammars.compile(params.structured_outputs)
         return text, ids
 
     def _resolve_max_tokens(self, n_prompt: int, params: SamplingParams) -> int:
@@ -184,6 +189,10 @@ class Engine:
                 child.status = SequenceStatus.FORK_PENDING
             seqs[0].forks = seqs[1:]
         req = Request(request_id, text or prompt_text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
+        if params.structured_outputs is not None:
+            compiled = self.grammars.compile(params.structured_outputs)  # a cache hit: validate compiled it
+            for s in seqs:
+                s.grammar = GrammarState(compiled)
         self.requests[request_id] = req
         for s in seqs:
             if s.status == SequenceStatus.WAITING:
@@ -390,6 +399,8 @@ class Engine:
         self.kv_slots_used += min(reserved, sum(s.num_computed_tokens for s in running))
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+        if seq.grammar is not None:
+            seq.grammar.accept(token)  # a token the grammar rejects raises before it is appended: the request fails
         seq.token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
@@ -401,6 +412,9 @@ class Engine:
             seq.output_text += new_text
             if find_stop_string(seq, len(new_text)):
                 reason = FinishReason.STOP
+        if reason is None and seq.grammar is not None and seq.grammar.done:  # nothing but EOS may follow
+            seq.output_text += detokenize_incrementally(self.tokenizer, seq, final=True)
+            reason = FinishReason.STOP
         if reason is not None:
             self.scheduler.finish(seq, reason)
 

@@ -138,9 +138,10 @@ class KVCacheManager:
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence that holds no blocks the cached blocks of its longest cached prefix; returns the tokens
-        they cover (its num_computed_tokens from now on)."""
+        they cover (its num_computed_tokens from now on). A request for prompt logprobs reads nothing: every prompt
+        position must be computed (its blocks are still cached for others)."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
         bs = self.block_size
         self.prefix_cache_queries += seq.num_tokens

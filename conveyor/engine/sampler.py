@@ -1,14 +1,17 @@
 """Turns the last-position logits of a step's sequences into next tokens (and logprobs).
 
-Order of processing per row: min_tokens mask, penalties, then greedy argmax or temperature → top-k → top-p → min-p
-→ a draw. A draw is argmax(p / E) with E ~ Exp(1), which samples from p; a seeded sequence draws E from its own
-generator so its tokens do not depend on the rest of the batch. Logprobs are those of the model's raw distribution.
+Order of processing per row: min_tokens mask, penalties, logit_bias (added to the logits: +100 forces a token,
+-100 bans it), the structured output grammar's mask (conveyor.engine.structured_output; where it allows only tokens
+that min_tokens bans, the grammar wins), then greedy argmax or temperature → top-k → top-p → min-p → a draw. A draw
+is argmax(p / E) with E ~ Exp(1), which samples from p; a seeded sequence draws E from its own generator so its
+tokens do not depend on the rest of the batch. Logprobs are those of the model's raw distribution.
 """
 from __future__ import annotations
 
 import torch
 
 from conveyor.engine.sequence import Sequence
+from conveyor.engine.structured_output import apply_grammar_masks
 
 
 class Sampler:
@@ -41,13 +44,16 @@ class Sampler:
         """Whether _apply_constraints changes this sequence's row."""
         p = s.params
         return (s.num_output_tokens < p.min_tokens or bool(p.presence_penalty or p.frequency_penalty)
-                or p.repetition_penalty != 1.0)
+                or p.repetition_penalty != 1.0 or bool(p.logit_bias) or s.grammar is not None)
 
     def _apply_constraints(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        unbanned: dict[int, tuple[list[int], torch.Tensor]] = {}  # grammar rows' min_tokens bans, undone if needed
         for i, s in enumerate(seqs):
             p = s.params
             if s.num_output_tokens < p.min_tokens:
                 banned = [t for t in self.eos_token_ids + p.stop_token_ids if t < self.vocab_size]
+                if s.grammar is not None:
+                    unbanned[i] = (banned, logits[i, banned].clone())
                 logits[i, banned] = float("-inf")
             if p.presence_penalty or p.frequency_penalty:
                 out = torch.tensor(s.output_token_ids, dtype=torch.long, device=logits.device)
@@ -57,6 +63,16 @@ class Sampler:
                 seen = torch.tensor(sorted(set(s.token_ids)), dtype=torch.long, device=logits.device)
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if rows:
+            apply_grammar_masks(logits, rows, [seqs[i].grammar for i in rows])
+        for i, (banned, vals) in unbanned.items():
+            if bool(torch.isneginf(logits[i]).all()):  # the grammar allows only what min_tokens bans: it wins
+                logits[i, banned] = vals
+                apply_grammar_masks(logits, [i], [seqs[i].grammar])
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -94,6 +110,13 @@ class Sampler:
                     d.setdefault(t, v)
             result.append(d)
         return result
+
+
+def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
+    """Raises ValueError naming the first logit_bias token id outside the model's vocabulary [0, vocab_size)."""
+    bad = sorted(t for t in logit_bias or {} if not 0 <= t < vocab_size)
+    if bad:
+        raise ValueError(f"logit_bias token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

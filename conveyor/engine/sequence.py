@@ -6,10 +6,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from conveyor.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from conveyor.engine.structured_output import GrammarState
 
 _seq_counter = itertools.count()
 
@@ -50,6 +54,7 @@ class Sequence:
     num_cached_blocks: int = 0  # leading blocks of the block table registered in the prefix cache
     forks: list[Sequence] = field(default_factory=list)  # samples to fork from this one when its prefill ends
     num_reserved_slots: int = 0  # running slots held for sequences this one will fork (beam search)
+    grammar: GrammarState | None = None  # structured outputs: the grammar's state after this sequence's output
     # incremental detokenization state
     output_text: str = ""
     prefix_offset: int = 0

@@ -9,7 +9,9 @@ import torch
 
 from conveyor.config import DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, SchedulerConfig
 from conveyor.engine.kv_cache_manager import cdiv
+from conveyor.engine.logprobs import token_logprobs
 from conveyor.engine.scheduler import ScheduledSeq
+from conveyor.engine.sequence import Sequence
 from conveyor.model.attention import (AttentionMetadata, GatherBuffers, PrefillChunk, build_decode_plan,
                                       build_prefill_mask, copy_blocks, kv_cache_shape,
                                       move_blocks)
@@ -47,6 +49,10 @@ class ModelRunner:
         self.host_caches = [torch.zeros(host_shape, dtype=self.dtype, pin_memory=pin) for _ in range(a.num_layers)] \
             if self.num_host_blocks else []
         self.gather_buffers = GatherBuffers()
+        # the last execute's hidden states and, per sequence, (first row, first position, length) of its chunk; kept
+        # only when a scheduled sequence wants prompt logprobs (see prompt_logprobs)
+        self._hidden: torch.Tensor | None = None
+        self._chunks: dict[int, tuple[int, int, int]] = {}
         log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
 
@@ -151,9 +157,32 @@ class ModelRunner:
                 q_start, s.num_tokens, cached, torch.tensor(s.seq.block_table[:nb], dtype=torch.long, device=dev),
                 build_prefill_mask(cached, s.num_tokens, self.sliding_window, dev)))
             q_start += s.num_tokens
+        self._hidden, self._chunks = None, {}
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
+        if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
+            self._hidden, row = hidden, 0
+            for s in decodes + prefills:
+                self._chunks[s.seq.seq_id] = (row, s.seq.num_computed_tokens, s.num_tokens)
+                row += s.num_tokens
         rows = [logit_rows[s.seq.seq_id] for s in scheduled if s.samples]
         if not rows:
             return torch.empty(0, self.arch.vocab_size, device=dev)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float()
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, seq: Sequence, start: int, end: int, top_k: int,
+                        rows_per_block: int = 128) -> list[dict[int, float]]:
+        """Logprobs of seq's tokens start + 1 .. end (each given the tokens before it) from the hidden states of
+        positions start .. end - 1, which the last execute() must have computed (seq's chunk covered them and it
+        wanted prompt logprobs). Returns per token {token: logprob, top_k alternatives...} (raw distribution).
+        The logits are made rows_per_block positions at a time: a whole chunk's [tokens, vocab] would be large."""
+        assert self._hidden is not None and seq.seq_id in self._chunks, "no hidden states for this sequence"
+        row0, pos0, n = self._chunks[seq.seq_id]
+        assert pos0 <= start < end <= pos0 + n and end < seq.num_tokens
+        result: list[dict[int, float]] = []
+        for lo in range(start, end, rows_per_block):
+            hi = min(end, lo + rows_per_block)
+            logits = self.model.compute_logits(self._hidden[row0 + lo - pos0:row0 + hi - pos0])
+            result += token_logprobs(logits, seq.token_ids[lo + 1:hi + 1], [top_k] * (hi - lo))
+        return result

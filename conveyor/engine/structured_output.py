@@ -1,0 +1,215 @@
+"""Structured outputs: a grammar per request, applied as a token mask to each constrained row of a step's logits.
+
+The grammar engine is xgrammar (chosen with bench/grammar_engines.py; numbers in bench/README.md): it takes every
+constraint kind (JSON schema, regex, EBNF/GBNF and Lark grammars, choices as a grammar alternation, any JSON), its
+masks cost about 2 us per token on SmolLM2's 49,152-token vocabulary (llguidance: 44 us median, 0.8 ms p99;
+outlines-core has no context-free grammars and rejected a valid string for `[0-9]{1,3}(\\.[0-9])?`), it applies a
+batch's bitmask in place in one call (a C++ loop on CPU, a Triton kernel on CUDA), and compiling a schema takes
+1-12 ms (cached here). Its compiler releases the GIL.
+
+The token-mask approach (XGrammar, Dong et al. 2024; llguidance): a pushdown automaton over bytes is advanced by
+each sampled token; before sampling, the automaton says which vocabulary tokens may come next, as a bitmask (bit j of
+int32 word j // 32 is token j), and the other tokens' logits become -inf. xgrammar precomputes, per grammar
+position, the tokens whose acceptance does not depend on the parser stack, so a step only checks the few others.
+
+Design:
+- `GrammarCompiler` (one per engine) compiles a StructuredOutputsParams into an xgrammar CompiledGrammar through a
+  bounded LRU cache keyed by `StructuredOutputsParams.key()`. Compilation runs on a small pool of worker threads
+  with a deadline: a constraint that does not compile, or not within the deadline, is a ValueError naming the
+  problem (the server maps it to a 400); a too-slow key is remembered and refused at once afterwards. The server
+  compiles in a worker thread before it queues a request (AsyncEngine), so the engine loop never compiles.
+- `GrammarState` (one per sequence, on `Sequence.grammar`) is the matcher for that sequence's output so far. The
+  engine advances it when it appends a token (never inside the forward, which may run again on part of a batch);
+  it lives with the sequence's tokens, so recompute and swap preemption keep it as it is. Each of n samples has its
+  own state.
+- `apply_grammar_masks` fills one bitmask for all constrained rows of a step (one call) and applies it in place.
+  Tokens the tokenizer does not have (model vocabulary padding) and special tokens other than EOS are never allowed.
+  When the grammar is complete and allows nothing but EOS, the sequence finishes with "stop" at once.
+
+JSON is generated in json.dumps' default layout (", " and ": " separators, no other whitespace), so a weak or random
+model cannot spend its tokens on whitespace; a schema's properties are generated in their schema order, and in
+strict mode (the default, as OpenAI's `strict: true`) no property or item beyond the schema's is generated.
+`json_object` is any JSON object. Grammars with `::=` rules are read as GBNF (xgrammar's EBNF), others as Lark.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import xgrammar as xgr
+
+from conveyor.sampling_params import StructuredOutputsParams
+
+_XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:01:42] /project/cpp/regex_converter.cc:94: "
+
+
+@dataclass
+class GrammarConfig:
+    """cache_size: compiled grammars kept (LRU); compile_timeout_s: longest a compilation may take before the
+    request is refused; compile_threads: worker threads compiling at once (a refused compilation still runs to its
+    end on its worker, so this bounds the CPU that hostile grammars can take)."""
+    cache_size: int = 256
+    compile_timeout_s: float = 10.0
+    compile_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cache_size, int) and self.cache_size >= 1):
+            raise ValueError(f"cache_size must be a positive integer, got {self.cache_size!r}")
+        if not self.compile_timeout_s > 0:
+            raise ValueError(f"compile_timeout_s must be positive, got {self.compile_timeout_s!r}")
+        if not (isinstance(self.compile_threads, int) and self.compile_threads >= 1):
+            raise ValueError(f"compile_threads must be a positive integer, got {self.compile_threads!r}")
+
+
+class GrammarCompiler:
+    """Compiles structured output constraints for one tokenizer and model vocabulary; thread-safe."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int],
+                 config: GrammarConfig | None = None) -> None:
+        """vocab_size: the width of the model's logits (may exceed the tokenizer's vocabulary: padding)."""
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.config = config or GrammarConfig()
+        self._lock = threading.Lock()
+        self._xgr_compiler: xgr.GrammarCompiler | None = None  # built on first use (reads the whole vocabulary)
+        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._too_slow: OrderedDict[str, None] = OrderedDict()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.compile_threads,
+                                                           thread_name_prefix="conveyor-grammar")
+        self.num_compiled = 0  # compilations run (cache misses), for tests and stats
+
+    def compile(self, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        """The compiled grammar of so, from the cache or compiled now (waiting at most compile_timeout_s).
+        Raises ValueError for a constraint that does not compile or takes too long to."""
+        key = so.key()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            if key in self._too_slow:
+                raise ValueError(self._too_slow_message(so))
+            fut = self._pending.get(key)
+            if fut is None:  # concurrent requests with one constraint share one compilation
+                fut = self._pool.submit(self._compile, so)
+                self._pending[key] = fut
+                fut.add_done_callback(lambda f, key=key: self._finished(key, f))
+        try:
+            return fut.result(timeout=self.config.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                self._too_slow[key] = None
+                while len(self._too_slow) > self.config.cache_size:
+                    self._too_slow.popitem(last=False)
+            raise ValueError(self._too_slow_message(so)) from None
+
+    def keep(self, so: StructuredOutputsParams, compiled: xgr.CompiledGrammar) -> None:
+        """Put a grammar compiled earlier (in another thread) back in the cache, so compile() finds it."""
+        with self._lock:
+            self._insert(so.key(), compiled)
+
+    def _too_slow_message(self, so: StructuredOutputsParams) -> str:
+        return (f"structured_outputs.{so.kind} is too complex: it did not compile within "
+                f"{self.config.compile_timeout_s:g} s")
+
+    def _finished(self, key: str, fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+            self.num_compiled += 1
+            if fut.exception() is None:
+                self._insert(key, fut.result())
+
+    def _insert(self, key: str, compiled: xgr.CompiledGrammar) -> None:
+        self._cache[key] = compiled
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.config.cache_size:
+            self._cache.popitem(last=False)
+
+    def _compiler(self) -> xgr.GrammarCompiler:
+        with self._lock:
+            if self._xgr_compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=max(self.vocab_size, len(self.tokenizer)),
+                    stop_token_ids=self.eos_token_ids)
+                self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._xgr_compiler
+
+    def _compile(self, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        c = self._compiler()
+        try:
+            match so.kind:
+                case "json":
+                    if so.json is False:
+                        raise ValueError("the schema false matches nothing")
+                    return c.compile_json_schema(json.dumps(so.json), any_whitespace=False)
+                case "json_object":
+                    return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+                case "regex":
+                    return c.compile_regex(so.regex)
+                case "choice":
+                    return c.compile_grammar(choice_grammar(so.choice))
+                case "grammar":
+                    return c.compile_grammar(so.grammar) if "::=" in so.grammar else c.compile_lark(so.grammar)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
+            msg = _XGR_PREFIX.sub("", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"structured_outputs.{so.kind} is not valid: {msg[:500]}") from None
+        raise AssertionError(f"unknown structured output kind {so.kind}")
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """A GBNF grammar whose language is exactly the given strings (JSON string escapes are GBNF's)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class GrammarState:
+    """One sequence's position in its grammar: the output so far, as the grammar's matcher has accepted it."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.vocab_size = compiled.tokenizer_info.vocab_size  # the model's logits width, or the tokenizer's if wider
+        self.done = False  # the grammar allows nothing more but EOS: the sequence should end
+
+    def accept(self, token: int) -> None:
+        """Advance over a sampled token. Raises ValueError if the grammar does not allow it (the sampler's mask
+        makes that a bug, or a token forced past the grammar's end)."""
+        if not self.matcher.accept_token(token):
+            raise ValueError(f"token {token} is not allowed by the structured output's grammar here")
+        self.done = self.matcher.is_terminated() or (self.matcher.is_completed() and self._only_eos())
+
+    def _only_eos(self) -> bool:
+        mask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        self.matcher.fill_next_token_bitmask(mask)
+        allowed = _unpack(mask[0], self.vocab_size)
+        allowed[self.matcher.stop_token_ids] = False
+        return not bool(allowed.any())
+
+
+def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool tensor [n] of the bits of an int32 bitmask row (bit j % 32 of word j // 32 is token j)."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    return ((words[:, None] >> shifts) & 1).flatten()[:n].bool()
+
+
+@functools.cache
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    return xgr.BatchGrammarMatcher(max_threads="auto")  # half the cores: the fill runs while torch waits
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> None:
+    """Set to -inf, in place, every logit of logits[rows[i]] that states[i]'s grammar does not allow next.
+
+    logits: [batch, vocab] float32 on CPU or CUDA. One bitmask [batch, ceil(vocab / 32)] is filled for the given
+    rows in one call and applied in one call (xgrammar's kernels); the other rows are left as they are."""
+    assert len(rows) == len(states) and rows
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], states[0].vocab_size)
+    _batch_matcher().batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=min(logits.shape[1], states[0].vocab_size), indices=rows)
