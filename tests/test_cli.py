@@ -4,7 +4,19 @@ import json
 import subprocess
 import sys
 
-from conveyor.cli import main
+import httpx
+import openai
+import pytest
+from server_process import ServerProcess
+
+from conveyor.autoscale.signals import GAUGES as SIGNAL_GAUGES
+from conveyor.autoscale.signals import parse as parse_signals
+from conveyor.bench.scrape import GAUGES as BENCH_GAUGES
+from conveyor.bench.scrape import parse_gauges
+from conveyor.cli import build_llm, build_parser, engine_kwargs, main
+from conveyor.gateway.picker import _SCRAPED
+from conveyor.prometheus_text import sum_by_name
+from conveyor.vllm_flags import load_chat_template
 
 
 def test_generate_prints_json_outputs(capsys):
@@ -28,3 +40,94 @@ def test_console_script_chat_mode_runs():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--- prompt: 'Hi' [0]" in out.stdout
+
+
+# ---- vLLM's command line ------------------------------------------------------------------------------------------
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_vllm_flag_names_map_onto_the_engine():
+    a = parse("demo", "--num-gpu-blocks-override", "96", "--kv-cache-memory-bytes", "12345", "-tp", "1",
+              "--pipeline-parallel-size", "1", "--enable-chunked-prefill", "--trust-remote-code", "--revision", "r1",
+              "--served-model-name", "alpha", "beta", "--disable-log-requests", "--disable-log-stats")
+    kw = engine_kwargs(a)
+    assert (kw["model"], kw["num_kv_blocks"], kw["kv_cache_memory"], kw["revision"]) == ("demo", 96, 12345, "r1")
+    assert a.served_model_name == ["alpha", "beta"] and a.log_requests is False
+    assert parse("--kv-cache-memory", "7", "--num-kv-blocks", "3").kv_cache_memory == 7  # Conveyor's names stay
+    assert parse("--enable-log-requests").log_requests and parse().log_requests
+    assert engine_kwargs(parse("x.gguf", "--quantization", "gguf"))["quantization"] is None  # a GGUF's own formats
+    assert engine_kwargs(parse("demo", "-q", "int8"))["quantization"] == "int8"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--enable-lora"], "--enable-lora is not supported by Conveyor: LoRA"),
+    (["--speculative-config", '{"method": "ngram"}'], "--speculative-config is not supported"),
+    (["--kv-transfer-config={}"], "--kv-transfer-config is not supported"),
+    (["-dp", "2"], "-dp is not supported"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 is not supported: Conveyor runs a model on one"),
+    (["-pp", "4"], "-pp 4 is not supported"),
+])
+def test_unsupported_vllm_flags_are_refused_by_name_in_one_line(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "demo", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no-enable-chunked-prefill"], "--no-enable-chunked-prefill is not supported"),
+    (["--quantization", "awq"], "--quantization awq is not supported"),
+    (["--quantization", "gguf"], "--quantization gguf needs a GGUF model"),
+    (["--chat-template", "/no/such/template.jinja"], "no such file"),
+    (["--chat-template", "{% for m in messages %}"], "--chat-template does not parse"),
+])
+def test_flag_values_conveyor_cannot_honour_are_one_error_line(capsys, argv, words):
+    assert main(["generate", "--model", "demo", "--prompt", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_flags_stay_argparse_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "demo", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_chat_template_inline_or_file_and_kv_cache_bytes(tmp_path):
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    assert load_chat_template(template) == template
+    (tmp_path / "t.jinja").write_text(template)
+    assert load_chat_template(str(tmp_path / "t.jinja")) == template
+    llm = build_llm(parse("demo", "--chat-template", str(tmp_path / "t.jinja"), "--kv-cache-memory-bytes",
+                          str(40 * 65536), "--device", "cpu"))
+    assert llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    assert llm.engine.runner.bytes_per_block == 65536 and llm.engine.kv.pool.num_blocks == 40
+
+
+@pytest.fixture(scope="module")
+def vllm_style_server(tmp_path_factory):
+    template = tmp_path_factory.mktemp("tpl") / "chat.jinja"
+    template.write_text("{% for m in messages %}X{{ m['content'] }}{% endfor %}")
+    s = ServerProcess("demo", "--served-model-name", "alpha", "beta", "--chat-template", str(template),
+                      "--disable-log-requests", "-tp", "1", "--num-gpu-blocks-override", "96",
+                      "--enable-chunked-prefill", "--trust-remote-code", default_model=None)
+    yield s
+    s.stop()
+
+
+def test_a_vllm_command_line_serves_and_its_metrics_read_as_vllm(vllm_style_server):
+    s = vllm_style_server
+    client = openai.OpenAI(base_url=f"{s.base_url}/v1", api_key="x", max_retries=0)
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert chat.usage.prompt_tokens == 3  # "Xhi" through --chat-template: one token per byte
+    client.completions.create(model="alpha", prompt="hello", max_tokens=4, stream=True).response.read()
+    text = httpx.get(f"{s.base_url}/metrics").text
+    assert s.metric("vllm:num_requests_running", model_name="alpha", engine="0") == 0  # the first served name
+    assert s.metric("vllm:request_success_total", model_name="alpha", finished_reason="length") == 2
+    assert s.metric("vllm:cache_config_info", num_gpu_blocks="96", block_size="16") == 1
+    assert set(sum_by_name(text, _SCRAPED)) == set(_SCRAPED)  # what the gateway's picker reads
+    assert set(parse_gauges(text)) == set(BENCH_GAUGES)  # what `bench serve` plots
+    scrape = parse_signals(text, "alpha")  # what the autoscaler reads
+    assert set(scrape.gauges) == set(SIGNAL_GAUGES.values()) and scrape.finished == 2 and scrape.ttft_buckets
+    assert '"event": "request"' not in s.logs()  # --disable-log-requests

@@ -4,6 +4,7 @@ step(): Scheduler.schedule() → ModelRunner.execute() → Sampler → stop chec
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import time
@@ -41,6 +42,23 @@ class Request:
     emitted_tokens: list[int] = field(default_factory=list)
     beam: BeamSearchState | None = None  # beam search requests: seqs are the live beams
     aborted: bool = False
+    cumulative_logprobs: list[float] = field(default_factory=list)  # per seq: sum of its sampled tokens' logprobs
+    # per seq: for each output token whose text is known, the length of output_text once that text was added; a
+    # token that adds no text yet (an incomplete UTF-8 character, a skipped special token) waits for the next text
+    text_ends: list[list[int]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # filled chunk by chunk while the prompt computes
+
+    def __post_init__(self) -> None:
+        n = len(self.seqs) if self.beam is None else self.params.n
+        self.emitted_text, self.emitted_tokens = [0] * n, [0] * n
+        self.cumulative_logprobs = [0.0] * n
+        self.text_ends = [[] for _ in range(n)]
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        return self.prompt_logprobs is None or len(self.prompt_logprobs) == len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -53,6 +71,31 @@ class Request:
         assert self.beam is not None and seq.request_id == self.request_id
         self.beam.restart(seq)
         self.seqs = [seq]
+
+
+def _note_text_end(ends: list[int], seq: Sequence) -> None:
+    """After a token of seq was appended: if its text (and that of any earlier tokens still waiting) has been added
+    to output_text, record where it ends. A stop string that cut the text leaves its tokens ending at the cut."""
+    if seq.num_output_tokens > len(ends) and (seq.is_finished or len(seq.output_text) > (ends[-1] if ends else 0)):
+        ends += [len(seq.output_text)] * (seq.num_output_tokens - len(ends))
+
+
+def _dict_prompt(prompt: dict) -> str | list[int]:
+    """The text or token ids of a dict prompt. Raises ValueError for other keys, both or neither."""
+    unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+    if unknown:
+        raise ValueError(f"unknown keys in a dict prompt: {', '.join(unknown)[:200]} (it takes 'prompt' or "
+                         f"'prompt_token_ids')")
+    if len(prompt) != 1:
+        raise ValueError("a dict prompt takes exactly one of 'prompt' and 'prompt_token_ids'")
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError(f"'prompt' must be a string, got {type(prompt['prompt']).__name__}")
+        return prompt["prompt"]
+    ids = prompt["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+    return list(ids)
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -98,13 +141,11 @@ class Engine:
 
     # ---- requests in -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        """Returns (text or None, token ids). Raises ValueError for anything that is not a servable prompt."""
+        """Returns (text or None, token ids). A prompt is a string, a list of token ids, or vLLM's dict prompts
+        {"prompt": text} and {"prompt_token_ids": [...]}. Raises ValueError for anything that is not a servable
+        prompt."""
         if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError("a dict prompt needs 'prompt_token_ids'")
-            prompt = prompt["prompt_token_ids"]
-            if not isinstance(prompt, (list, tuple)):
-                raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}")
+            prompt = _dict_prompt(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
@@ -123,8 +164,8 @@ class Engine:
             if bad:
                 raise ValueError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
             return None, list(prompt)
-        raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, "
-                         f"got {type(prompt).__name__}")
+        raise ValueError(f"a prompt is a string, a list of token ids, {{'prompt': text}} or "
+                         f"{{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
     def validate(self, prompt: Prompt, params: SamplingParams,
                  cache_salt: str | None = None) -> tuple[str | None, list[int]]:
@@ -166,7 +207,7 @@ class Engine:
         text, ids = self.validate(prompt, params, cache_salt)
         cache_salt = _salt_key(cache_salt)
         max_tokens = self._resolve_max_tokens(len(ids), params)
-        width = params.beam_width if params.use_beam_search else params.n
+        width = params.beam_width if params.use_beam_search else params.num_samples
         if width > self.config.scheduler.max_num_seqs:
             raise ValueError(f"{width} samples or beams exceed max_num_seqs={self.config.scheduler.max_num_seqs}")
         if params.use_beam_search:
@@ -178,17 +219,17 @@ class Engine:
             return
         now = time.monotonic()
         seqs = []
-        for i in range(params.n):
+        for i in range(params.num_samples):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(self.config.device).manual_seed(_mix_seed(params.seed, i))
             seqs.append(Sequence(request_id, i, list(ids), len(ids), params, max_tokens, arrival_time=now,
                                  generator=gen, cache_salt=cache_salt))
-        if params.n > 1 and self.kv.layout == "paged":  # samples share the prompt's blocks: prefill it once
+        if len(seqs) > 1 and self.kv.layout == "paged":  # samples share the prompt's blocks: prefill it once
             for child in seqs[1:]:
                 child.status = SequenceStatus.FORK_PENDING
             seqs[0].forks = seqs[1:]
-        req = Request(request_id, text or prompt_text, ids, params, seqs, now, [0] * params.n, [0] * params.n)
+        req = Request(request_id, text or prompt_text, ids, params, seqs, now)
         if params.structured_outputs is not None:
             compiled = self.grammars.compile(params.structured_outputs)  # a cache hit: validate compiled it
             for s in seqs:
@@ -206,8 +247,7 @@ class Engine:
         eos = ([] if params.ignore_eos else list(self.eos_token_ids)) + list(params.stop_token_ids)
         state = BeamSearchState(params.beam_width, len(ids), len(ids) + max_tokens, params.length_penalty,
                                 params.early_stopping, sorted(set(eos)), beams=[seq], scores=[0.0])
-        req = Request(request_id, text, ids, params, [seq], seq.arrival_time, [0] * params.n, [0] * params.n,
-                      beam=state)
+        req = Request(request_id, text, ids, params, [seq], seq.arrival_time, beam=state)
         self.requests[request_id] = req
         self.scheduler.add(seq)
 
@@ -256,13 +296,18 @@ class Engine:
             return []
         self.runner.swap(*self.kv.take_swaps())
         self.runner.copy_blocks(self.kv.take_copies())
-        sampled, forking, failed = self._compute(sched.scheduled)
+        sampled, forking, prompt_lps, failed = self._compute(sched.scheduled)
         beams = [s.seq.request_id for s in sched.scheduled if s.samples and s.seq.request_id not in failed
                  and self.requests[s.seq.request_id].beam is not None]
         for s in sched.scheduled:  # only once the forward has succeeded
             if s.seq.request_id not in failed:
                 s.seq.num_computed_tokens += s.num_tokens
                 self.kv.cache_full_blocks(s.seq)
+        for seq, start, lps in prompt_lps:
+            if seq.request_id not in failed:
+                got = self.requests[seq.request_id].prompt_logprobs
+                assert len(got) == start + 1, "prompt logprobs must arrive in order"
+                got += lps
         for parent, child in forking:
             self.scheduler.fork(parent, child)
             parent.forks = []
@@ -285,10 +330,10 @@ class Engine:
         self.last_step_all_failed = len(failed) == len({s.seq.request_id for s in sched.scheduled})
         return outs + self._fail(failed)
 
-    def _compute(self, batch: list[ScheduledSeq]) -> tuple[list, list, dict[str, Exception]]:
+    def _compute(self, batch: list[ScheduledSeq]) -> tuple[list, list, list, dict[str, Exception]]:
         """Run the forward and sampling for batch. If that raises, run halves of it (whole requests each) to find the
-        requests that fail. Returns (seq, token, logprobs) per sampled sequence, (parent, child) forks, and the
-        failed requests with their errors."""
+        requests that fail. Returns (seq, token, logprobs) per sampled sequence, (parent, child) forks,
+        (seq, first position, logprobs) of prompt logprobs, and the failed requests with their errors."""
         try:
             return *self._forward(batch), {}
         except AssertionError:
@@ -296,17 +341,18 @@ class Engine:
         except Exception as e:
             ids = list(dict.fromkeys(s.seq.request_id for s in batch))
             if len(ids) == 1:
-                return [], [], {ids[0]: e}
+                return [], [], [], {ids[0]: e}
             first = set(ids[:len(ids) // 2])
             a = self._compute([s for s in batch if s.seq.request_id in first])
             b = self._compute([s for s in batch if s.seq.request_id not in first])
-            return a[0] + b[0], a[1] + b[1], {**a[2], **b[2]}
+            return a[0] + b[0], a[1] + b[1], a[2] + b[2], {**a[3], **b[3]}
 
-    def _forward(self, batch: list[ScheduledSeq]) -> tuple[list, list]:
+    def _forward(self, batch: list[ScheduledSeq]) -> tuple[list, list, list]:
         """The model forward and sampling for batch. It changes nothing but KV cache contents and beams' pending
         log-probs, so it can run again on part of the batch."""
         sampling = [s.seq for s in batch if s.samples]
         logits = self.runner.execute(batch)
+        prompt_lps = [x for s in batch if (x := self._prompt_logprobs(s)) is not None]
         beams = [(i, s) for i, s in enumerate(sampling) if self.requests[s.request_id].beam is not None]
         if beams:  # beams are advanced by the beam search, from their log-probabilities
             lps = logits[torch.tensor([i for i, _ in beams], device=logits.device)].log_softmax(-1).cpu()
@@ -323,19 +369,36 @@ class Engine:
         if forking:
             logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs = self.sampler(logits, sampling)
-        return list(zip(sampling, tokens, logprobs)), [(p, c) for _, p, c in forking]
+        return list(zip(sampling, tokens, logprobs)), [(p, c) for _, p, c in forking], prompt_lps
+
+    def _prompt_logprobs(self, s: ScheduledSeq) -> tuple[Sequence, int, list[dict[int, float]]] | None:
+        """The prompt logprobs that s's chunk yields and its request still lacks (a recompute after preemption
+        yields none again): (seq, first prompt position, logprobs of the prompt tokens after it), or None."""
+        req = self.requests[s.seq.request_id]
+        if req.prompt_logprobs_done:
+            return None
+        have = len(req.prompt_logprobs)  # position p gives the logprob of prompt token p + 1
+        start = max(s.seq.num_computed_tokens, have - 1)
+        end = min(s.seq.num_computed_tokens + s.num_tokens, s.seq.num_prompt_tokens - 1)
+        if start >= end:
+            return None
+        return s.seq, start, self.runner.prompt_logprobs(s.seq, start, end, req.params.prompt_logprobs)
 
     def _advance(self, req: Request, tokens: list[tuple[Sequence, int, dict[int, float] | None]],
                  now: float) -> RequestOutput | None:
         """Apply one request's new tokens (stop checks, text) or its beam step; its output, if it has one now."""
         for seq, tok, lp in tokens:
-            self._append_token(seq, tok, lp, now)
+            req.cumulative_logprobs[seq.index] += lp[tok]
+            self._append_token(seq, tok, lp if req.params.logprobs is not None else None, now)
+            _note_text_end(req.text_ends[seq.index], seq)
         if req.beam is not None:
             if not req.beam.ready():
                 return None
             self._beam_step(req, now)
             if not req.finished:
                 return None
+        if req.params.num_samples > req.params.n and not req.finished:
+            return None  # best_of: only the final output, once the best n are known
         return self._make_output(req, now)
 
     def _fail_all(self, failed: dict[str, Exception]) -> list[RequestOutput]:
@@ -407,10 +470,10 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
-        if reason != FinishReason.STOP:
+        if reason != FinishReason.STOP or seq.params.include_stop_str_in_output:
             new_text = detokenize_incrementally(self.tokenizer, seq, final=reason is not None)
             seq.output_text += new_text
-            if find_stop_string(seq, len(new_text)):
+            if reason != FinishReason.STOP and find_stop_string(seq, len(new_text)):
                 reason = FinishReason.STOP
         if reason is None and seq.grammar is not None and seq.grammar.done:  # nothing but EOS may follow
             seq.output_text += detokenize_incrementally(self.tokenizer, seq, final=True)
@@ -422,9 +485,25 @@ class Engine:
         outs = []
         for i, h in enumerate(req.beam.results(req.params.n)):
             text = self.tokenizer.decode(h.token_ids, skip_special_tokens=req.params.skip_special_tokens)
+            n = len(h.token_ids)
             outs.append(CompletionOutput(index=i, text=text, token_ids=h.token_ids,
-                                         finish_reason="stop" if h.hit_eos else "length",
-                                         num_new_tokens=len(h.token_ids), new_text=text))
+                                         finish_reason="stop" if h.hit_eos else "length", num_new_tokens=n,
+                                         new_text=text, num_emitted_tokens=n,
+                                         cumulative_logprob=h.score * n ** req.params.length_penalty))
+        return outs
+
+    def _best_of_output(self, req: Request) -> list[CompletionOutput]:
+        """The n samples with the highest cumulative logprob (ties: the lower sample index), best first."""
+        best = sorted(range(len(req.seqs)), key=lambda i: -req.cumulative_logprobs[i])[:req.params.n]
+        outs = []
+        for rank, i in enumerate(best):
+            seq = req.seqs[i]
+            outs.append(CompletionOutput(
+                index=rank, text=seq.output_text, token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                logprobs=seq.logprobs if req.params.logprobs is not None else None,
+                num_new_tokens=seq.num_output_tokens, new_text=seq.output_text,
+                cumulative_logprob=req.cumulative_logprobs[i], num_emitted_tokens=seq.num_output_tokens))
         return outs
 
     def _make_output(self, req: Request, now: float) -> RequestOutput:
@@ -435,18 +514,12 @@ class Engine:
                 out.metrics["e2e_s"] = now - req.arrival_time
                 del self.requests[req.request_id]
             return out
-        hold = max((len(s) for s in req.params.stop_list), default=1) - 1  # a stop string may still be forming
-        outs = []
-        for i, seq in enumerate(req.seqs):
-            end = len(seq.output_text) if seq.is_finished else max(req.emitted_text[i], len(seq.output_text) - hold)
-            n_tok = seq.num_output_tokens
-            outs.append(CompletionOutput(
-                index=i, text=seq.output_text, token_ids=seq.output_token_ids,
-                finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-                logprobs=seq.logprobs if req.params.logprobs is not None else None,
-                num_new_tokens=n_tok - req.emitted_tokens[i], new_text=seq.output_text[req.emitted_text[i]:end]))
-            req.emitted_text[i], req.emitted_tokens[i] = end, n_tok
-        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=req.finished)
+        if req.params.num_samples > req.params.n:
+            outs = self._best_of_output(req) if req.finished else []
+        else:
+            outs = [self._sample_output(req, i, seq) for i, seq in enumerate(req.seqs)]
+        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=req.finished,
+                            prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs_done else None)
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         if first:
             out.metrics["ttft_s"] = min(first) - req.arrival_time
@@ -456,6 +529,23 @@ class Engine:
         if out.finished:
             out.metrics["e2e_s"] = now - req.arrival_time
             del self.requests[req.request_id]
+        return out
+
+    def _sample_output(self, req: Request, i: int, seq: Sequence) -> CompletionOutput:
+        """Sample i's output; new_text is what it adds since the last output, less the tail a stop string may still
+        be forming (held back until it cannot be one), and num_emitted_tokens counts the tokens within the text
+        handed out so far, so that a stream sends each token's logprobs with its text."""
+        hold = max((len(s) for s in req.params.stop_list), default=1) - 1
+        end = len(seq.output_text) if seq.is_finished else max(req.emitted_text[i], len(seq.output_text) - hold)
+        n_tok = seq.num_output_tokens
+        emitted = n_tok if seq.is_finished else bisect.bisect_right(req.text_ends[i], end)
+        out = CompletionOutput(
+            index=i, text=seq.output_text, token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            logprobs=seq.logprobs if req.params.logprobs is not None else None,
+            num_new_tokens=n_tok - req.emitted_tokens[i], new_text=seq.output_text[req.emitted_text[i]:end],
+            cumulative_logprob=req.cumulative_logprobs[i], num_emitted_tokens=emitted)
+        req.emitted_text[i], req.emitted_tokens[i] = end, n_tok
         return out
 
     def stats(self) -> dict[str, float | int]:

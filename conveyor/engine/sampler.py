@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from conveyor.engine.logprobs import token_logprobs
 from conveyor.engine.sequence import Sequence
 from conveyor.engine.structured_output import apply_grammar_masks
 
@@ -21,7 +22,7 @@ class Sampler:
         self.generator = torch.Generator(device).manual_seed(seed)
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float]]]:
         assert logits.shape[0] == len(seqs)
         logits = logits.float()
         raw = logits
@@ -92,24 +93,10 @@ class Sampler:
             noise[i].exponential_(generator=s.generator or self.generator)
         return (probs / noise).argmax(dim=-1)
 
-    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[dict[int, float] | None]:
-        want = [s.params.logprobs for s in seqs]
-        if all(w is None for w in want):
-            return [None] * len(seqs)
-        lp = raw.log_softmax(dim=-1)
-        k = max(w or 0 for w in want)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-        result: list[dict[int, float] | None] = []
-        for i, w in enumerate(want):
-            if w is None:
-                result.append(None)
-                continue
-            d = {tokens[i]: lp[i, tokens[i]].item()}
-            if w:
-                for t, v in zip(top_i[i, :w].tolist(), top_v[i, :w].tolist()):
-                    d.setdefault(t, v)
-            result.append(d)
-        return result
+    def _logprobs(self, raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[dict[int, float]]:
+        """Every row's {sampled token: raw logprob, then its top-N (params.logprobs) alternatives}: the sampled
+        token's logprob is always there (cumulative_logprob), the top-N only when asked for."""
+        return token_logprobs(raw, tokens, [s.params.logprobs or 0 for s in seqs])
 
 
 def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
