@@ -29,6 +29,7 @@ from conveyor.gateway.picker import Replica
 log = logging.getLogger("conveyor.gateway")
 
 DONE = "data: [DONE]\n\n"
+_NULL_USAGE = ', "usage": null}'
 MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its error is returned
 
 
@@ -44,7 +45,9 @@ class Flight:
         self.stream = stream
         self.status: int | None = None  # known once the response may start: first event, or the whole body
         self.chunks: list[str] = []  # SSE events, or the one response body
-        self.usage_only: set[int] = set()  # the usage chunk, hidden from clients that did not ask for it
+        # the gateway always asks for usage; a client that did not gets each event as the replica would have sent
+        # it then: without `usage`, and without the usage-only chunk (None)
+        self.plain: dict[int, str | None] = {}
         self.usage: dict | None = None
         self.headers: dict[str, str] = {}
         self.done = False
@@ -72,18 +75,30 @@ class Flight:
         if line == "data: [DONE]":
             self.saw_done = True
         elif '"usage"' in line and line.startswith("data: {"):
-            try:
-                obj = json.loads(line[6:])
-            except ValueError:  # not ours to judge: pass it through
-                obj = {}
-            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                self.usage = obj["usage"]
-                if obj.get("choices") == []:
-                    self.usage_only.add(len(self.chunks))
+            self._read_usage(line)
         if self.status is None:
             self.status = 200
         self.chunks.append(line + "\n\n")
         self._notify()
+
+    def _read_usage(self, line: str) -> None:
+        """Keep the event's usage, and the event without it for clients that did not ask for usage."""
+        i = len(self.chunks)
+        if line.endswith(_NULL_USAGE):  # the common case, without parsing: the last top-level key, null
+            self.plain[i] = line[:-len(_NULL_USAGE)] + "}\n\n"
+            return
+        try:
+            obj = json.loads(line[6:])
+        except ValueError:  # not ours to judge: pass it through
+            return
+        if not isinstance(obj, dict) or "usage" not in obj:
+            return
+        if isinstance(obj["usage"], dict):
+            self.usage = obj["usage"]
+        if obj.get("choices") == []:
+            self.plain[i] = None
+        else:
+            self.plain[i] = "data: " + json.dumps({k: v for k, v in obj.items() if k != "usage"}) + "\n\n"
 
     def finish(self, status: int | None = None, body: str | None = None, headers: dict | None = None) -> None:
         if self.status is None:
@@ -116,7 +131,8 @@ class Flight:
             ev = self._changed
             n = len(self.chunks)
             if i < n:
-                out = [self.chunks[j] for j in range(i, n) if include_usage or j not in self.usage_only]
+                out = self.chunks[i:n] if include_usage else \
+                    [c for j in range(i, n) if (c := self.plain.get(j, self.chunks[j])) is not None]
                 i = n
                 if out:
                     yield "".join(out)
