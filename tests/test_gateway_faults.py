@@ -58,7 +58,7 @@ def config(replica: ServerProcess) -> dict:
 SMALL = {"model": "m", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
 BIG = {"model": "m", "prompt": "hello " * 10_000, "max_tokens": 4}  # parsed and counted in the CPU pool
 STREAM = {**SMALL, "stream": True}
-SHARED = {**SMALL, "temperature": 0}  # coalescable: streamed upstream, assembled for a non-streaming client
+SHARED = {**SMALL, "temperature": 0}  # coalescable: identical requests share one upstream response
 
 
 def held(gw: Gateway) -> dict:
@@ -130,6 +130,17 @@ def cut_after_first_line(monkeypatch) -> None:
     monkeypatch.setattr(httpx.Response, "aiter_lines", cut)
 
 
+def cut_body(monkeypatch) -> None:
+    """Upstream non-streamed responses (not the test client's own) break while their body is read."""
+    real = httpx.Response.aread
+
+    async def cut(self):
+        if self.request.url.path.startswith("/v1/") and "x-request-id" in self.request.headers:
+            raise httpx.ReadError("injected: connection lost while reading the body")
+        return await real(self)
+    monkeypatch.setattr(httpx.Response, "aread", cut)
+
+
 # (name, how to inject, the request, what the client gets)
 STAGES = [
     ("auth", lambda gw, mp: mp.setattr(app_module, "find_tenant", boom), SMALL, 500),
@@ -143,10 +154,9 @@ STAGES = [
     ("connect", lambda gw, mp: mp.setattr(gw.client, "send", aboom), SMALL, 500),
     ("connect_refused", lambda gw, mp: mp.setattr(
         gw.client, "send", lambda *a, **k: (_ for _ in ()).throw(httpx.ConnectError("injected"))), SMALL, 502),
-    ("mid_stream_assembled", lambda gw, mp: cut_after_first_line(mp), SHARED, 502),
+    ("mid_body_shared", lambda gw, mp: cut_body(mp), SHARED, 502),
     ("respond", lambda gw, mp: mp.setattr(app_module, "_client_wait", aboom), SMALL, 500),
     ("respond_stream", lambda gw, mp: mp.setattr(app_module, "_client_wait", aboom), STREAM, 500),
-    ("assemble", lambda gw, mp: mp.setattr(app_module, "assemble", boom), SHARED, 500),
 ]
 
 
