@@ -138,11 +138,11 @@ class Server:
 
     async def _on_validation_error(self, request: Request, e: RequestValidationError) -> Response:
         err = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        param = _param_path(list(err.get("loc", ()))[1:], e.body, err.get("type"))
         msg = err.get("msg", "invalid request")
-        return error_response(400, f"{'.'.join(loc) or 'body'}: {msg}", ".".join(loc) or None)
+        return error_response(400, f"{param or 'body'}: {msg}", param)
 
     async def _on_http_error(self, request: Request, e: StarletteHTTPException) -> Response:
         msg = f"route {request.url.path[:200]} not found" if e.status_code == 404 else str(e.detail)
@@ -495,6 +495,24 @@ class _ChoiceState:
 def _emitted_tokens(c: CompletionOutput) -> int:
     """The tokens of c whose text has been handed out (the rest is held back by the detokenizer)."""
     return len(c.token_ids)
+
+
+def _param_path(loc: list, body: Any, err_type: str | None) -> str | None:
+    """The dotted path ("response_format.type") of the sent field a validation error is about: pydantic's loc
+    without the union-member tags it adds ("early_stopping.bool"); a missing field is named too."""
+    path, obj = [], body
+    for item in loc:
+        if isinstance(obj, dict) and isinstance(item, str) and item in obj:
+            obj = obj[item]
+        elif isinstance(obj, list) and isinstance(item, int) and 0 <= item < len(obj):
+            obj = obj[item]
+        elif err_type == "missing" and isinstance(obj, dict):
+            path.append(str(item))
+            break
+        else:
+            break
+        path.append(str(item))
+    return ".".join(path)[:200] or None
 
 
 def _concat_logprobs(a: dict | None, b: dict) -> dict:

@@ -210,8 +210,7 @@ _PARAM_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalt
 _MESSAGE_FIELDS = [("at most 16 stop strings", "stop"), ("a stop string", "stop"),
                    ("beam search does not take", "use_beam_search"),
                    ("the structured output constraint", "structured_outputs"),
-                   ("structured outputs need", "structured_outputs"), ("grammar", "structured_outputs"),
-                   ("json schema", "structured_outputs"), ("regex", "structured_outputs")]
+                   ("structured outputs need", "structured_outputs"), ("the schema", "structured_outputs")]
 
 
 def _message_field(message: str) -> str | None:
