@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import jsonschema
+import openai
 import pytest
+from server_process import ServerProcess
 
 from conveyor.model.demo import demo_tokenizer
 from conveyor.tools import ToolError, ToolRequest, check_tool_messages, make_parser, parse_message, render_chat
@@ -257,3 +260,155 @@ def test_response_shapes_whole_and_streamed():
     assert [c["index"] for c in calls] == [0, 1] and all(c["type"] == "function" for c in calls)
     assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
     assert ToolStream(None).delta("x", None) == ({"content": "x"}, None)
+
+
+# ---- end to end: `conveyor serve --model demo` with the openai SDK -------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--max-num-seqs", "32", "--num-kv-blocks", "1024", "--max-model-len", "2048")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+ASK = [{"role": "user", "content": "What time is it, and the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_time"}}
+# forces the random demo model to write one call block in auto mode, to see the server parse it
+FORCED_CALL = r'Let me see\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"hour": 1[0-9]\}\}\n</tool_call>'
+
+
+def check_calls(calls, names=("get_weather", "get_time")) -> None:
+    assert calls, "no tool calls"
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def stream_choices(client, **kw) -> dict:
+    """The streamed choices, accumulated by the openai SDK's stream helper, by index."""
+    with client.chat.completions.stream(model="demo", messages=ASK, tools=TOOLS, **kw) as stream:
+        return {c.index: c for c in stream.get_final_completion().choices}
+
+
+@pytest.mark.parametrize("parallel, n", [(True, 10), (False, 4)])
+def test_required_calls_always_validate(client, parallel, n):
+    """tool_choice required on the random demo model: every sampled choice is calls whose arguments validate
+    against their function's schema, streamed or not (n samples each)."""
+    kw = dict(tool_choice="required", parallel_tool_calls=parallel, n=n, temperature=1.0, seed=7, max_tokens=400)
+    r = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, **kw)
+    streamed = stream_choices(client, **kw)
+    for c in [*r.choices, *streamed.values()]:
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        check_calls(c.message.tool_calls)
+        assert parallel or len(c.message.tool_calls) == 1
+    assert sorted(streamed) == list(range(n))
+
+
+def test_named_choice_calls_that_function(client):
+    kw = dict(tool_choice=NAMED, n=5, temperature=1.0, seed=3, max_tokens=100)
+    r = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, **kw)
+    for c in [*r.choices, *stream_choices(client, **kw).values()]:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        check_calls(c.message.tool_calls, names=("get_time",))
+
+
+def test_auto_parses_a_call_block_streamed_and_not(client, server):
+    """auto: the output (forced here by a regex) holding a <tool_call> block comes back as a tool call, with the
+    text before it as content; the raw stream's first delta of the call carries index, id, type, name and
+    arguments."""
+    kw = dict(model="demo", messages=ASK, tools=TOOLS, temperature=1.0, max_tokens=120,
+              extra_body={"structured_outputs": {"regex": FORCED_CALL}})
+    r = client.chat.completions.create(**kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me see."
+    check_calls(c.message.tool_calls, names=("get_time",))
+    deltas = [e["choices"][0] for e in sse_events(server, kw) if e.get("choices")]
+    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls", [])]
+    assert len(calls) == 1 and set(calls[0]) == {"index", "id", "type", "function"} and calls[0]["index"] == 0
+    assert calls[0]["function"]["name"] == "get_time" and 10 <= json.loads(calls[0]["function"]["arguments"])["hour"]
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == "Let me see."
+    assert deltas[0]["delta"]["role"] == "assistant" and deltas[-1]["finish_reason"] == "tool_calls"
+    assert all("<" not in (d["delta"].get("content") or "") for d in deltas)
+    # auto on the free random model: content (the demo model does not write call blocks on its own)
+    plain = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
+    assert plain.choices[0].finish_reason in ("stop", "length") and isinstance(plain.choices[0].message.content, str)
+
+
+def test_tool_choice_none_is_plain_content(client):
+    r = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=120,
+                                       extra_body={"structured_outputs": {"regex": FORCED_CALL}})
+    c = r.choices[0]
+    assert c.message.tool_calls is None and c.finish_reason == "stop" and c.message.content.startswith("Let me")
+    assert "<tool_call>" in c.message.content
+
+
+def test_tool_results_accepted_back(client):
+    """A conversation with the assistant's calls and the tool results renders (the demo template has no tools:
+    the fallback text) and is answered."""
+    tok = demo_tokenizer()
+    r = client.chat.completions.create(model="demo", messages=CONVERSATION, tools=TOOLS, max_tokens=4,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    text = render_chat(tok, CONVERSATION, auto())
+    assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+    assert r.choices[0].finish_reason == "length"
+    r = client.chat.completions.create(model="demo", messages=CONVERSATION, max_tokens=2, temperature=0)  # no tools
+    assert r.usage.prompt_tokens == len(tok.encode(render_chat(tok, CONVERSATION, None), add_special_tokens=False))
+
+
+def test_required_and_named_on_the_real_model():
+    """SmolLM2-135M-Instruct (the fallback tools block: its template ignores tools) under `conveyor serve`:
+    required and named choices give calls whose arguments validate, sampled, streamed and not."""
+    from conveyor.model.builtin import DEFAULT_MODEL
+    server = ServerProcess(DEFAULT_MODEL, default_model=None)
+    try:
+        real = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        kw = dict(model=DEFAULT_MODEL, messages=ASK, tools=TOOLS, temperature=0.8, seed=1, max_tokens=100)
+        r = real.chat.completions.create(tool_choice="required", n=3, **kw)
+        with real.chat.completions.stream(tool_choice=NAMED, n=2, **kw) as stream:
+            named = stream.get_final_completion().choices
+    finally:
+        server.stop()
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls"
+        check_calls(c.message.tool_calls)
+    for c in named:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        check_calls(c.message.tool_calls, names=("get_time",))
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "x"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "sometimes"}, "parallel_tool_calls"),
+    ({"messages": [*ASK, {"role": "tool", "content": "4 C"}]}, "messages.1.tool_call_id"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"functions": [TIME["function"]]}, "functions"),
+])
+def test_bad_tool_requests_are_400_naming_the_field(server, extra, param):
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, **extra},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+
+
+def sse_events(server, kw: dict) -> list[dict]:
+    """The parsed events of a raw SSE chat stream of the openai-style kwargs kw."""
+    body = {**{k: v for k, v in kw.items() if k != "extra_body"}, **kw.get("extra_body", {}), "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]

@@ -42,7 +42,8 @@ class HermesParser:
     Text outside blocks is content; text that may be the start of an opening tag is held back until it is
     decided. A block whose JSON is not a call of one of the request's functions stays in the content as written.
     Trailing whitespace of the content is held back too, and dropped where a call follows it or the text ends
-    after calls (so a message of calls alone has null content); how the text is split never changes the result. Without parallel calls, blocks after the first call are dropped."""
+    after calls (so a message of calls alone has null content); how the text is split never changes the result.
+    Without parallel calls, blocks after the first call are dropped."""
 
     def __init__(self, names: set[str], parallel: bool) -> None:
         self._names, self._parallel = names, parallel
