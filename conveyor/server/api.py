@@ -445,7 +445,7 @@ class Server:
         """The chunk for choice c with its new text and the logprobs of the tokens that text completes (a token's
         logprobs travel with its text, also when text is held back for a possible stop string)."""
         index = prompt_idx * ctx.n + c.index
-        end = len(c.token_ids) if c.finished else _emitted_tokens(c)
+        end = c.num_emitted_tokens  # all of them once finished
         new_ids, new_lps = c.token_ids[st.tokens_sent:end], (c.logprobs or [])[st.tokens_sent:end]
         st.tokens_sent = max(st.tokens_sent, end)
         first = not st.started
@@ -490,11 +490,6 @@ class _ChoiceState:
         self.tokens_sent = 0
         self.text_offset = 0
         self.done = False
-
-
-def _emitted_tokens(c: CompletionOutput) -> int:
-    """The tokens of c whose text has been handed out (the rest is held back by the detokenizer)."""
-    return len(c.token_ids)
 
 
 def _param_path(loc: list, body: Any, err_type: str | None) -> str | None:
