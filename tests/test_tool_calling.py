@@ -8,6 +8,8 @@ import random
 
 import httpx
 import jsonschema
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import openai
 import pytest
 from server_process import ServerProcess
@@ -57,6 +59,7 @@ def calls_of(calls) -> list[tuple[str, dict]]:
      '</tool_call>', []),  # not one of the request's functions
     ('<tool_call>{"name": "get_time", "arguments": [1]}</tool_call>', '<tool_call>{"name": "get_time", '
      '"arguments": [1]}</tool_call>', []),
+    ('<tool_call>{"name": {"a": 1}}</tool_call>', '<tool_call>{"name": {"a": 1}}</tool_call>', []),
     ("x <tool_ca", "x <tool_ca", []),  # held back while it may open a block, handed out at the end
     ("<tool_call>[1, 2", "<tool_call>[1, 2", []),
 ])
@@ -122,6 +125,7 @@ def test_constraints_of_required_and_named():
     ("required", False, '{"name": "get_time", "arguments": {"hour": 2}}', [("get_time", {"hour": 2})]),
     ({"type": "function", "function": {"name": "get_time"}}, None, '{"hour": 4}', [("get_time", {"hour": 4})]),
     ("required", None, '[{"name": "get_time", "argum', []),  # cut by max_tokens: content
+    ("required", None, '[{"name": ["get_time"], "arguments": {}}]', []),
     ({"type": "function", "function": {"name": "get_time"}}, None, '{"hour": ', []),
 ])
 def test_parse_constrained(choice, parallel, text, calls):
@@ -154,6 +158,7 @@ def fn(**kw) -> dict:
     ([fn()], "sometimes", None, "tool_choice"),
     ([fn()], {"type": "function", "function": {"name": "g"}}, None, "tool_choice"),
     ([fn()], {"type": "function"}, None, "tool_choice"),
+    ([fn()], {"type": "function", "function": {"name": ["f"]}}, None, "tool_choice"),
     ([fn()], {"function": {"name": "f"}}, None, "tool_choice"),
     ([fn()], None, "yes", "parallel_tool_calls"),
 ])
@@ -191,6 +196,32 @@ def test_bad_tool_messages_name_their_field(messages, param):
     with pytest.raises(ToolError) as e:
         check_tool_messages(messages)
     assert e.value.param == param
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=3), max_leaves=12)
+tool_like = st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]) | json_values},
+                                  optional={"function": st.fixed_dictionaries(
+                                      {}, optional={"name": st.sampled_from(["f", "g"]) | json_values,
+                                                    "parameters": json_values, "description": json_values,
+                                                    "strict": json_values})})
+
+
+@settings(max_examples=200, deadline=None)
+@given(tools=st.none() | st.lists(tool_like | json_values, max_size=3) | json_values,
+       choice=st.sampled_from(["auto", "none", "required", {"type": "function", "function": {"name": "f"}}])
+       | json_values, parallel=st.none() | st.booleans() | json_values, text=st.text(max_size=60))
+def test_any_tools_json_is_a_tool_request_or_a_tool_error(tools, choice, parallel, text):
+    """Whatever JSON arrives in tools / tool_choice / parallel_tool_calls: a ToolRequest or a ToolError with a
+    param, never another exception; and any text parses under any valid request."""
+    try:
+        request = ToolRequest.from_request(tools, choice, parallel)
+    except ToolError as e:
+        assert e.param.split(".")[0] in ("tools", "tool_choice", "parallel_tool_calls")
+        return
+    content, calls = parse_message(request, text + CALL)
+    assert isinstance(content, (str, type(None))) and isinstance(calls, list)
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------------

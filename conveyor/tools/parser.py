@@ -107,7 +107,7 @@ class HermesParser:
             value = json.loads(body)
         except ValueError:
             return None
-        if not isinstance(value, dict) or value.get("name") not in self._names:
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in self._names:
             return None
         arguments = value.get("arguments", {})
         if isinstance(arguments, str):  # some models write the arguments as a JSON string
@@ -147,8 +147,8 @@ class ConstrainedParser:
             return [new_call(self._tools.name, value)] if isinstance(value, dict) else None
         items = value if isinstance(value, list) else [value]
         names = {f.name for f in self._tools.functions}
-        if not items or not all(isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments"), dict)
-                                for c in items):
+        if not items or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] in names
+                                and isinstance(c.get("arguments"), dict) for c in items):
             return None
         return [new_call(c["name"], c["arguments"]) for c in items]
 

@@ -143,7 +143,7 @@ def parse_tool_choice(choice: Any, names: set[str]) -> tuple[Mode, str | None]:
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(choice.get("function"), dict):
         raise ToolError("a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
     name = choice["function"].get("name")
-    if name not in names:
+    if not isinstance(name, str) or name not in names:
         raise ToolError(f"tool_choice names the function {str(name)[:64]!r}, which is not among the tools",
                         "tool_choice")
     return "named", name
