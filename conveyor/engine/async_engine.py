@@ -27,7 +27,7 @@ from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from xgrammar import CompiledGrammar
+    from conveyor.engine.structured_output import Grammar
 
 log = logging.getLogger("conveyor.async_engine")
 
@@ -51,7 +51,7 @@ class _Add:
     text: str | None
     params: SamplingParams
     cache_salt: str | None
-    grammar: CompiledGrammar | None = None  # params.structured_outputs compiled
+    grammar: Grammar | None = None  # params.structured_outputs compiled
 
 
 class AsyncEngine:

@@ -27,7 +27,9 @@ Design:
   When the grammar is complete and allows nothing but EOS, the sequence finishes with "stop" at once.
 
 JSON is generated in json.dumps' default layout (", " and ": " separators, no other whitespace), so a weak or random
-model cannot spend its tokens on whitespace; a schema's properties are generated in their schema order, and in
+model cannot spend its tokens on whitespace, and no token with a raw control character (bytes 0x00-0x1f) is ever
+allowed in it: JSON has none outside string escapes, but xgrammar 0.2.9's rule for a string with a maxLength lets
+them through (json.loads then rejects the output); a schema's properties are generated in their schema order, and in
 strict mode (the default, as OpenAI's `strict: true`) no property or item beyond the schema's is generated.
 `json_object` is any JSON object. Grammars with `::=` rules are read as GBNF (xgrammar's EBNF), others as Lark.
 """
@@ -47,6 +49,14 @@ import xgrammar as xgr
 from conveyor.sampling_params import StructuredOutputsParams
 
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:01:42] /project/cpp/regex_converter.cc:94: "
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled constraint. token_filter: an int32 bitmask row ANDed with every mask the grammar yields (None: no
+    filter), for tokens the grammar engine would allow wrongly."""
+    compiled: xgr.CompiledGrammar
+    token_filter: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,14 +89,15 @@ class GrammarCompiler:
         self.config = config or GrammarConfig()
         self._lock = threading.Lock()
         self._xgr_compiler: xgr.GrammarCompiler | None = None  # built on first use (reads the whole vocabulary)
-        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._no_control_chars: torch.Tensor | None = None  # the JSON kinds' token filter, built with the compiler
+        self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._pending: dict[str, concurrent.futures.Future] = {}
         self._too_slow: OrderedDict[str, None] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.compile_threads,
                                                            thread_name_prefix="conveyor-grammar")
         self.num_compiled = 0  # compilations run (cache misses), for tests and stats
 
-    def compile(self, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    def compile(self, so: StructuredOutputsParams) -> Grammar:
         """The compiled grammar of so, from the cache or compiled now (waiting at most compile_timeout_s).
         Raises ValueError for a constraint that does not compile or takes too long to."""
         key = so.key()
@@ -111,7 +122,7 @@ class GrammarCompiler:
                     self._too_slow.popitem(last=False)
             raise ValueError(self._too_slow_message(so)) from None
 
-    def keep(self, so: StructuredOutputsParams, compiled: xgr.CompiledGrammar) -> None:
+    def keep(self, so: StructuredOutputsParams, compiled: Grammar) -> None:
         """Put a grammar compiled earlier (in another thread) back in the cache, so compile() finds it."""
         with self._lock:
             self._insert(so.key(), compiled)
@@ -127,7 +138,7 @@ class GrammarCompiler:
             if fut.exception() is None:
                 self._insert(key, fut.result())
 
-    def _insert(self, key: str, compiled: xgr.CompiledGrammar) -> None:
+    def _insert(self, key: str, compiled: Grammar) -> None:
         self._cache[key] = compiled
         self._cache.move_to_end(key)
         while len(self._cache) > self.config.cache_size:
@@ -140,9 +151,14 @@ class GrammarCompiler:
                     self.tokenizer, vocab_size=max(self.vocab_size, len(self.tokenizer)),
                     stop_token_ids=self.eos_token_ids)
                 self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+                self._no_control_chars = _token_filter(info, lambda b: not any(c < 0x20 for c in b))
             return self._xgr_compiler
 
-    def _compile(self, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    def _compile(self, so: StructuredOutputsParams) -> Grammar:
+        compiled = self._compile_xgr(so)
+        return Grammar(compiled, self._no_control_chars if so.kind in ("json", "json_object") else None)
+
+    def _compile_xgr(self, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
         c = self._compiler()
         try:
             match so.kind:
@@ -164,6 +180,21 @@ class GrammarCompiler:
         raise AssertionError(f"unknown structured output kind {so.kind}")
 
 
+def _token_filter(info: xgr.TokenizerInfo, keep) -> torch.Tensor:
+    """An int32 bitmask row over info's vocabulary: the tokens whose bytes keep(bytes) accepts, and the stop tokens."""
+    ok = torch.tensor([keep(b) for b in info.decoded_vocab] + [False] * (info.vocab_size - len(info.decoded_vocab)))
+    ok[info.stop_token_ids] = True
+    return _pack(ok)
+
+
+def _pack(bits: torch.Tensor) -> torch.Tensor:
+    """The int32 bitmask row of a bool tensor (bit j % 32 of word j // 32 is bits[j]); the inverse of _unpack."""
+    words = torch.zeros((bits.numel() + 31) // 32 * 32, dtype=torch.int64)
+    words[:bits.numel()] = bits.long()
+    words = (words.view(-1, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 def choice_grammar(choices: list[str]) -> str:
     """A GBNF grammar whose language is exactly the given strings (JSON string escapes are GBNF's)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -172,9 +203,10 @@ def choice_grammar(choices: list[str]) -> str:
 class GrammarState:
     """One sequence's position in its grammar: the output so far, as the grammar's matcher has accepted it."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.vocab_size = compiled.tokenizer_info.vocab_size  # the model's logits width, or the tokenizer's if wider
+    def __init__(self, grammar: Grammar) -> None:
+        self.matcher = xgr.GrammarMatcher(grammar.compiled)
+        self.token_filter = grammar.token_filter
+        self.vocab_size = grammar.compiled.tokenizer_info.vocab_size  # the logits' width, or the tokenizer's if wider
         self.done = False  # the grammar allows nothing more but EOS: the sequence should end
 
     def accept(self, token: int) -> None:
@@ -187,6 +219,8 @@ class GrammarState:
     def _only_eos(self) -> bool:
         mask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self.matcher.fill_next_token_bitmask(mask)
+        if self.token_filter is not None:
+            mask[0] &= self.token_filter
         allowed = _unpack(mask[0], self.vocab_size)
         allowed[self.matcher.stop_token_ids] = False
         return not bool(allowed.any())
@@ -211,5 +245,8 @@ def apply_grammar_masks(logits: torch.Tensor, rows: list[int], states: list[Gram
     assert len(rows) == len(states) and rows
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], states[0].vocab_size)
     _batch_matcher().batch_fill_next_token_bitmask([s.matcher for s in states], bitmask, indices=rows)
+    filtered = [(r, s.token_filter) for r, s in zip(rows, states) if s.token_filter is not None]
+    if filtered:
+        bitmask[[r for r, _ in filtered]] &= torch.stack([f for _, f in filtered])
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=min(logits.shape[1], states[0].vocab_size), indices=rows)
