@@ -74,7 +74,8 @@ class LLM:
         for conv in conversations:
             check_tool_messages(conv)
             try:
-                text = render_chat(tok, conv, tool_request, add_generation_prompt, chat_template)
+                text = render_chat(tok, conv, tool_request, add_generation_prompt=add_generation_prompt,
+                                   chat_template=chat_template)
                 ids = tok.encode(text, add_special_tokens=False)  # the template writes any special tokens
             except Exception as e:  # a template may raise on messages it does not accept
                 raise ValueError(f"the messages could not be rendered with the chat template "
