@@ -450,24 +450,31 @@ class Server:
         st.tokens_sent = max(st.tokens_sent, end)
         first = not st.started
         st.started = True
-        if ctx.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": c.new_text} if first else \
-                {"content": c.new_text}
-            choice = {"index": index, "delta": delta, "finish_reason": c.finish_reason,
-                      "logprobs": {"content": self.logprobs.chat(new_ids, new_lps, ctx.logprobs)}
-                      if ctx.logprobs is not None else None}
-        else:
-            text, lps = c.new_text, None
-            if first and ctx.echo:
-                text = self._prompt_text(out) + text
-                if ctx.logprobs is not None:
-                    lps, st.text_offset = self.logprobs.completion_prompt(out.prompt_token_ids, out.prompt_logprobs)
-            if ctx.logprobs is not None:
-                gen, st.text_offset = self.logprobs.completion(new_ids, new_lps, st.text_offset)
-                lps = _concat_logprobs(lps, gen)
-            choice = {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": lps}
+        choice = self._chat_delta(ctx, index, c, first, new_ids, new_lps) if ctx.chat else \
+            self._text_delta(ctx, index, out, c, st, first, new_ids, new_lps)
         return {"id": ctx.response_id, "object": _chunk_object(ctx), "created": ctx.created,
                 "model": self.model_name, "choices": [choice]}
+
+    def _chat_delta(self, ctx: _Ctx, index: int, c: CompletionOutput, first: bool, new_ids: list[int],
+                    new_lps: list[dict[int, float]]) -> dict:
+        delta: dict[str, Any] = {"role": "assistant", "content": c.new_text} if first else {"content": c.new_text}
+        return {"index": index, "delta": delta, "finish_reason": c.finish_reason,
+                "logprobs": {"content": self.logprobs.chat(new_ids, new_lps, ctx.logprobs)}
+                if ctx.logprobs is not None else None}
+
+    def _text_delta(self, ctx: _Ctx, index: int, out: RequestOutput, c: CompletionOutput, st: _ChoiceState,
+                    first: bool, new_ids: list[int], new_lps: list[dict[int, float]]) -> dict:
+        """A completion chunk's choice: with echo the first one starts with the prompt (and its logprobs); text
+        offsets go on from the previous chunk's."""
+        text, lps = c.new_text, None
+        if first and ctx.echo:
+            text = self._prompt_text(out) + text
+            if ctx.logprobs is not None:
+                lps, st.text_offset = self.logprobs.completion_prompt(out.prompt_token_ids, out.prompt_logprobs)
+        if ctx.logprobs is not None:
+            gen, st.text_offset = self.logprobs.completion(new_ids, new_lps, st.text_offset)
+            lps = _concat_logprobs(lps, gen)
+        return {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": lps}
 
     # ---- logs --------------------------------------------------------------------------------------------------
     def _log(self, ctx: _Ctx, outs: list[RequestOutput], status: str) -> None:
