@@ -61,15 +61,31 @@ COMMON = {
     "min_tokens": weird, "ignore_eos": field(st.booleans()), "stop_token_ids": weird, "priority": weird,
     "skip_special_tokens": field(st.booleans()), "cache_salt": field(texts), "use_beam_search": field(st.booleans()),
     "beam_width": field(small), "length_penalty": weird, "early_stopping": field(st.sampled_from([True, "never"])),
+    "logit_bias": field(st.dictionaries(st.sampled_from(["65", "0", "261", "262", "-1", "x", "1e3", " 7"]),
+                                        st.one_of(st.floats(-150, 150), weird), max_size=3)),
+    "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                              {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                                  "type": "object", "properties": {"a": {"type": "integer"}}}}},
+                                              {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}])),
+    "structured_outputs": field(st.fixed_dictionaries({}, optional={
+        "regex": field(st.sampled_from(["[a-c]{1,3}", "(", "a|b"])), "choice": field(st.lists(texts, max_size=3)),
+        "json": weird, "grammar": field(st.sampled_from(['root ::= "a"+', "root ::= ", "nonsense"])),
+        "json_object": weird})),
+    "guided_regex": field(st.sampled_from(["[0-9]{1,2}", "((", ".*"])), "guided_choice": field(st.lists(texts)),
+    "guided_json": weird, "guided_grammar": weird, "include_stop_str_in_output": field(st.booleans()),
+    "prompt_logprobs": field(st.integers(0, 3)), "store": weird, "service_tier": weird, "metadata": weird,
+    "unknown_field": weird,
 }
 FIELDS = {
     "/v1/completions": {**COMMON, "prompt": field(texts, st.lists(st.integers(-3, 300), max_size=8),
                                                   st.lists(texts, max_size=3),
                                                   st.lists(st.lists(st.integers(0, 261), max_size=4), max_size=3)),
-                        "logprobs": weird, "echo": field(st.booleans())},
+                        "logprobs": weird, "echo": field(st.booleans()), "best_of": field(small),
+                        "suffix": weird},
     "/v1/chat/completions": {**COMMON, "messages": field(st.lists(message, max_size=3)),
                              "max_completion_tokens": weird, "logprobs": field(st.booleans()),
-                             "top_logprobs": weird, "add_generation_prompt": field(st.booleans())},
+                             "top_logprobs": weird, "add_generation_prompt": field(st.booleans()),
+                             "audio": weird, "modalities": weird},
 }
 # in range, including the extremes: these must be served (or rejected as too long), never crash the server
 IN_RANGE = {
@@ -80,7 +96,11 @@ IN_RANGE = {
     "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.1, 3), "min_tokens": st.integers(0, 3),
     "ignore_eos": st.booleans(), "stop_token_ids": st.lists(st.integers(0, 261), max_size=3),
     "priority": st.integers(-10, 10), "cache_salt": st.text(max_size=10),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans(),
+                                             "continuous_usage_stats": st.booleans()}),
+    "logit_bias": st.dictionaries(st.integers(0, 261).map(str), st.floats(-100, 100), max_size=3),
+    "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}]),
+    "include_stop_str_in_output": st.booleans(),
 }
 VALID = {"/v1/completions": {"prompt": st.one_of(st.text(min_size=1, max_size=60),
                                                  st.lists(st.integers(0, 261), min_size=1, max_size=20)),
