@@ -107,8 +107,12 @@ def test_cumulative_logprob_is_the_sum_of_the_sampled_tokens_logprobs(llm):
     assert sum(d[t] for d, t in zip(tail, a.token_ids)) == pytest.approx(a.cumulative_logprob, abs=1e-3)
     # beam search with one beam is greedy: the same score
     greedy = llm.generate("Hello world", SP(temperature=0.0, max_tokens=6, ignore_eos=True))[0].outputs[0]
-    beam = llm.generate("Hello world", SP(use_beam_search=True, beam_width=1, max_tokens=6, ignore_eos=True))
+    beam = llm.generate("Hello world", SP(use_beam_search=True, beam_width=1, max_tokens=6, ignore_eos=True,
+                                          prompt_logprobs=0))
     assert beam[0].outputs[0].token_ids == greedy.token_ids
+    assert len(beam[0].prompt_logprobs) == len(beam[0].prompt_token_ids)
+    assert all(d[t] == pytest.approx(r[t], abs=1e-4) for d, r, t in zip(beam[0].prompt_logprobs[1:],
+                                                                         rerun.prompt_logprobs[1:], full[1:]))
     assert beam[0].outputs[0].cumulative_logprob == pytest.approx(greedy.cumulative_logprob, abs=1e-4)
 
 

@@ -509,7 +509,8 @@ class Engine:
     def _make_output(self, req: Request, now: float) -> RequestOutput:
         if req.beam is not None:
             out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                                self._beam_output(req) if req.finished else [], finished=req.finished)
+                                self._beam_output(req) if req.finished else [], finished=req.finished,
+                                prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs_done else None)
             if out.finished:
                 out.metrics["e2e_s"] = now - req.arrival_time
                 del self.requests[req.request_id]
