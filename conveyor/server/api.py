@@ -24,6 +24,8 @@ from conveyor.server.logprobs import LogprobFormatter
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestError,
                                       TokenizeRequest, find_invalid_text)
+from conveyor.tools import (ToolError, ToolRequest, ToolStream, chat_message, check_tool_messages,
+                            render_chat)
 
 log = logging.getLogger("conveyor.server")
 request_log = logging.getLogger("conveyor.requests")
@@ -228,30 +230,36 @@ class Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._admit(request, body)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.as_dict() for m in body.messages]
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
+        try:
+            tools = body.tool_request()
+            check_tool_messages(messages)
+        except (RequestError, ToolError) as e:
+            raise APIError(400, str(e), e.param) from None
         self._need_chat_template()
         params = self._params(body)
-        ids = await self._render_chat(messages, body.add_generation_prompt, False)
-        return await self._respond(request, body, [{"prompt_token_ids": ids}], params, chat=True)
+        ids = await self._render_chat(messages, body.add_generation_prompt, False, tools)
+        return await self._respond(request, body, [{"prompt_token_ids": ids}], params, chat=True, tools=tools)
 
     def _need_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "the model has no chat template; use /v1/completions", "messages")
 
     async def _render_chat(self, messages: list[dict], add_generation_prompt: bool,
-                           add_special_tokens: bool) -> list[int]:
+                           add_special_tokens: bool, tools: ToolRequest | None = None) -> list[int]:
         """Token ids of the conversation through the chat template, off the event loop (a long conversation takes a
         while); a template that raises on these messages is a 400."""
         try:
-            return await asyncio.to_thread(self._chat_ids, messages, add_generation_prompt, add_special_tokens)
+            return await asyncio.to_thread(self._chat_ids, messages, add_generation_prompt, add_special_tokens, tools)
         except Exception as e:
             raise APIError(400, f"the messages could not be rendered with the chat template "
                                 f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
 
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool, add_special_tokens: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool, add_special_tokens: bool,
+                  tools: ToolRequest | None) -> list[int]:
+        text = render_chat(self.tokenizer, messages, tools, add_generation_prompt)  # tool messages render too
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_auth(self, request: Request) -> None:
@@ -300,14 +308,15 @@ class Server:
         except RequestError as e:
             raise APIError(400, str(e), e.param) from None
 
-    async def _respond(self, request: Request, body, prompts: list[Any], params, chat: bool) -> Response:
+    async def _respond(self, request: Request, body, prompts: list[Any], params, chat: bool,
+                       tools: ToolRequest | None = None) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         prefix = "chatcmpl" if chat else "cmpl"
         opts = body.stream_options
         ctx = _Ctx(rid=rid, response_id=f"{prefix}-{rid}", created=int(time.time()), chat=chat, n=params.n,
                    logprobs=params.logprobs, started=time.monotonic(), echo=getattr(body, "echo", False),
                    prompt_logprobs=body.prompt_logprobs, include_usage=bool(opts and opts.include_usage),
-                   continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats))
+                   continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats), tools=tools)
         start = asyncio.create_task(self._start(rid, prompts, params, body, chat))
         gone = asyncio.create_task(_wait_disconnect(request))
         await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -381,10 +390,11 @@ class Server:
     def _choice(self, ctx: _Ctx, prompt_idx: int, out: RequestOutput, c: CompletionOutput) -> dict:
         index = prompt_idx * ctx.n + c.index
         if ctx.chat:
-            return {"index": index, "message": {"role": "assistant", "content": c.text},
+            message, reason = chat_message(ctx.tools, c.text, c.finish_reason)
+            return {"index": index, "message": message,
                     "logprobs": {"content": self.logprobs.chat(c.token_ids, c.logprobs or [], ctx.logprobs)}
                     if ctx.logprobs is not None else None,
-                    "finish_reason": c.finish_reason}
+                    "finish_reason": reason}
         text, lps, offset = c.text, None, 0
         if ctx.echo:
             text = self._prompt_text(out) + text
@@ -419,6 +429,8 @@ class Server:
                         continue
                     st.done = c.finished
                     chunk = self._chunk(ctx, i, out, c, st)
+                    if chunk is None:  # all of the new text is held back by the tool-call parser
+                        continue
                     if ctx.include_usage:  # every chunk has the key; null until the last, unless continuous
                         chunk["usage"] = _usage(list(outs.values())) if ctx.continuous_usage else None
                     yield _sse(chunk)
@@ -441,7 +453,8 @@ class Server:
             self._log(ctx, list(outs.values()), status)
         yield "data: [DONE]\n\n"
 
-    def _chunk(self, ctx: _Ctx, prompt_idx: int, out: RequestOutput, c: CompletionOutput, st: _ChoiceState) -> dict:
+    def _chunk(self, ctx: _Ctx, prompt_idx: int, out: RequestOutput, c: CompletionOutput,
+               st: _ChoiceState) -> dict | None:
         """The chunk for choice c with its new text and the logprobs of the tokens that text completes (a token's
         logprobs travel with its text, also when text is held back for a possible stop string)."""
         index = prompt_idx * ctx.n + c.index
@@ -450,15 +463,23 @@ class Server:
         st.tokens_sent = max(st.tokens_sent, end)
         first = not st.started
         st.started = True
-        choice = self._chat_delta(ctx, index, c, first, new_ids, new_lps) if ctx.chat else \
+        choice = self._chat_delta(ctx, index, c, st, first, new_ids, new_lps) if ctx.chat else \
             self._text_delta(ctx, index, out, c, st, first, new_ids, new_lps)
+        if choice is None:
+            return None
         return {"id": ctx.response_id, "object": _chunk_object(ctx), "created": ctx.created,
                 "model": self.model_name, "choices": [choice]}
 
-    def _chat_delta(self, ctx: _Ctx, index: int, c: CompletionOutput, first: bool, new_ids: list[int],
-                    new_lps: list[dict[int, float]]) -> dict:
-        delta: dict[str, Any] = {"role": "assistant", "content": c.new_text} if first else {"content": c.new_text}
-        return {"index": index, "delta": delta, "finish_reason": c.finish_reason,
+    def _chat_delta(self, ctx: _Ctx, index: int, c: CompletionOutput, st: _ChoiceState, first: bool,
+                    new_ids: list[int], new_lps: list[dict[int, float]]) -> dict | None:
+        """A chat chunk's choice: content and tool-call deltas (conveyor.tools.ToolStream); None when there is
+        nothing to send (the tool-call parser holds all of the new text back)."""
+        st.tool_stream = st.tool_stream or ToolStream(ctx.tools)
+        fields, reason = st.tool_stream.delta(c.new_text, c.finish_reason)
+        if not (fields or first or reason or ctx.logprobs is not None):
+            return None
+        delta: dict[str, Any] = {"role": "assistant", **fields} if first else fields
+        return {"index": index, "delta": delta, "finish_reason": reason,
                 "logprobs": {"content": self.logprobs.chat(new_ids, new_lps, ctx.logprobs)}
                 if ctx.logprobs is not None else None}
 
@@ -497,6 +518,7 @@ class _ChoiceState:
         self.tokens_sent = 0
         self.text_offset = 0
         self.done = False
+        self.tool_stream: ToolStream | None = None  # chat: turns its text into content and tool-call deltas
 
 
 def _param_path(loc: list, body: Any, err_type: str | None) -> str | None:

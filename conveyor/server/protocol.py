@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
+from conveyor.tools import ToolError, ToolRequest
 
 _INT64 = 1 << 63
 Int64 = Annotated[int, Field(ge=-_INT64, lt=_INT64)]  # seeds: the signed 64-bit range, as OpenAI and vLLM take
@@ -287,6 +288,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -297,6 +301,15 @@ class ChatMessage(BaseModel):
                 raise ValueError("only text content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates and conveyor.tools read it (content as text)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            m["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
 
 
 class ChatCompletionRequest(_Common):
@@ -332,13 +345,33 @@ class ChatCompletionRequest(_Common):
                 return RequestError(f"{name} is not supported by this server", name)
         if self.modalities is not None and self.modalities != ["text"]:
             return RequestError("only the text modality is supported", "modalities")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                return RequestError(f"{name} is not supported yet", name)
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none", "auto"):
-                return RequestError(f"{name} is not supported yet", name)
+        for name in ("functions", "function_call"):  # OpenAI's deprecated form of tools / tool_choice
+            if getattr(self, name) is not None:
+                return RequestError(f"{name} is deprecated and not supported; use tools and tool_choice", name)
         return super().unsupported()
+
+    def tool_request(self) -> ToolRequest | None:
+        """tools, tool_choice and parallel_tool_calls validated (conveyor.tools); raises RequestError."""
+        try:
+            return ToolRequest.from_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ToolError as e:
+            raise RequestError(str(e), e.param) from None
+
+    def structured_output(self) -> StructuredOutputsParams | None:
+        """A required or named tool_choice constrains the output to its calls' JSON, alone."""
+        own = super().structured_output()
+        tools = self.tool_request()
+        if tools is None or not tools.constrained:
+            return own
+        if own is not None:
+            raise RequestError("tool_choice 'required' or a named function cannot be combined with another "
+                               "structured output constraint", "tool_choice")
+        return tools.structured_outputs()
+
+    def _constraint_param(self) -> str:
+        if self.tools and self.tool_choice not in (None, "none", "auto"):
+            return "tools"  # a function's parameters schema the grammar engine refused
+        return super()._constraint_param()
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
