@@ -58,7 +58,7 @@ C, H = "/v1/completions", "/v1/chat/completions"
 BAD = [  # (route, extra fields, the param the 400 must name)
     (C, {"frobnicate": 1}, "frobnicate"), (H, {"echo": True}, "echo"), (C, {"guided_decoding_backend": "x"},
                                                                         "guided_decoding_backend"),
-    (C, {"temperature": -1}, "temperature"), (C, {"top_p": 0}, "top_p"), (C, {"n": 0}, "n"), (C, {"n": 129}, "n"),
+    (C, {"temperature": -1}, "temperature"), (C, {"top_p": 0}, "top_p"), (C, {"n": 0}, "n"), (C, {"n": 129}, "n"), (C, {"n": 33}, "n"),
     (C, {"max_tokens": 0}, "max_tokens"), (C, {"min_tokens": -1}, "min_tokens"),
     (C, {"min_tokens": 5, "max_tokens": 3}, "min_tokens"), (C, {"presence_penalty": 3}, "presence_penalty"),
     (C, {"frequency_penalty": -3}, "frequency_penalty"), (C, {"repetition_penalty": 0}, "repetition_penalty"),
@@ -229,6 +229,8 @@ def test_best_of_and_include_stop_str_in_output(client):
     r = client.completions.create(model="demo", prompt="Best", n=2, best_of=4, max_tokens=5, temperature=1.0,
                                   seed=9, extra_body=FREE)
     assert sorted(c.index for c in r.choices) == [0, 1]
+    chunks = list(client.completions.create(model="demo", prompt="Best", best_of=1, max_tokens=3, stream=True))
+    assert chunks[-1].choices[0].finish_reason is not None  # best_of == n streams (LangChain sends best_of=1)
     base = client.completions.create(model="demo", prompt="Stop here", max_tokens=20, temperature=0,
                                      extra_body=FREE).choices[0].text
     stop = base[5:7]

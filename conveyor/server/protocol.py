@@ -209,18 +209,19 @@ _PARAM_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalt
                  "early_stopping", "best_of", "logit_bias", "prompt_logprobs", "include_stop_str_in_output",
                  "structured_outputs"}
 _MESSAGE_FIELDS = [("at most 16 stop strings", "stop"), ("a stop string", "stop"),
-                   ("beam search does not take", "use_beam_search"),
+                   ("beam search does not take", "use_beam_search"), ("beam search with", "beam_width"),
                    ("the structured output constraint", "structured_outputs"),
-                   ("structured outputs need", "structured_outputs"), ("the schema", "structured_outputs")]
+                   ("structured outputs need", "structured_outputs"), ("the schema", "structured_outputs"),
+                   ("samples or beams exceed", "n")]
 
 
 def _message_field(message: str) -> str | None:
-    """The SamplingParams field a validation message names: its first word, or a known phrase."""
+    """The SamplingParams field a validation message names: its first word, or a phrase it contains."""
     first = re.match(r"[a-z_]+", message)
     if first and first.group() in _PARAM_FIELDS:
         return first.group()
     low = message.lower()
-    return next((f for phrase, f in _MESSAGE_FIELDS if low.startswith(phrase)), None)
+    return next((f for phrase, f in _MESSAGE_FIELDS if phrase in low), None)
 
 
 def find_invalid_text(obj: Any) -> str | None:
@@ -266,8 +267,8 @@ class CompletionRequest(_Common):
     def unsupported(self) -> RequestError | None:
         if self.suffix:
             return RequestError("suffix is not supported: the model has no fill-in-the-middle", "suffix")
-        if self.best_of is not None and self.stream:
-            return RequestError("best_of cannot be used with stream=true", "best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:  # best_of == n is n (LangChain sends 1)
+            return RequestError("best_of > n cannot be used with stream=true", "best_of")
         return super().unsupported()
 
     def to_sampling_params(self) -> SamplingParams:
