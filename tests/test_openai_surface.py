@@ -14,8 +14,12 @@ import jsonschema
 import openai
 import pytest
 from server_process import ServerProcess
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
+from conveyor.model import builtin, gguf_loader
 from conveyor.model.demo import demo_tokenizer
+from conveyor.server.logprobs import LogprobFormatter
 
 TOK = demo_tokenizer()
 CHAT = [{"role": "user", "content": "Hello"}]
@@ -265,6 +269,23 @@ def test_chat_logprob_bytes_are_the_tokens_own_bytes(client):
             assert len(e.bytes) == 1 or special
             assert e.bytes[0] >= 0x80 or bytes(e.bytes).decode() == e.token
         assert all(e.token == "\ufffd" for e in content)  # what the bytes used to be made of
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies():
+    ckpt = gguf_loader.open_gguf(builtin.resolve_builtin(builtin.DEFAULT_MODEL))
+    smol = gguf_loader.load_gguf_tokenizer(ckpt, builtin.cache_dir())  # byte-level BPE (GPT-2's alphabet)
+    text = "naïve → 日本語 🙂 ok"
+    ids = smol.encode(text, add_special_tokens=False)
+    f = LogprobFormatter(smol)
+    assert any(smol.decode([i]).endswith("\ufffd") for i in ids)  # some tokens are parts of a character
+    assert b"".join(f.token_bytes(i) for i in ids) == text.encode()
+    assert f.token_bytes(smol.convert_tokens_to_ids("<|im_start|>")) == b"<|im_start|>"
+    # SentencePiece style: <0xNN> byte-fallback tokens, U+2581 for a space
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "\u2581hi": 257, "é": 258}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    f = LogprobFormatter(PreTrainedTokenizerFast(tokenizer_object=sp))
+    assert [f.token_bytes(i) for i in (1 + 0xE2, 257, 258)] == [b"\xe2", b" hi", "é".encode()]
 
 
 def test_streamed_logprobs_travel_with_their_text(client, server):
