@@ -22,7 +22,8 @@ VLLM_TYPES = {
     "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
     "vllm:request_inference_time_seconds": "histogram", "vllm:request_prefill_time_seconds": "histogram",
     "vllm:request_decode_time_seconds": "histogram", "vllm:request_prompt_tokens": "histogram",
-    "vllm:request_generation_tokens": "histogram", "vllm:iteration_tokens_total": "histogram",
+    "vllm:request_generation_tokens": "histogram", "vllm:request_max_num_generation_tokens": "histogram",
+    "vllm:iteration_tokens_total": "histogram",
     "vllm:cache_config_info": "gauge", "vllm:lora_requests_info": "gauge",
 }
 
@@ -107,6 +108,7 @@ def test_token_counters_and_histograms_follow_vllm(engine):
     assert value(m, "vllm:iteration_tokens_total_sum") == 8 + 16  # the same tokens, step by step
     assert value(m, "vllm:request_prompt_tokens_sum") == 8 and value(m, "vllm:request_prompt_tokens_count") == 2
     assert value(m, "vllm:request_generation_tokens_sum") == 16
+    assert value(m, "vllm:request_max_num_generation_tokens_sum") == 6 + 4  # the longest sample of each
     assert value(m, "vllm:time_to_first_token_seconds_count") == 2
     assert value(m, "vllm:inter_token_latency_seconds_count") == value(m, "vllm:time_per_output_token_seconds_count")
     for name in ("e2e_request_latency", "request_queue_time", "request_prefill_time", "request_decode_time",

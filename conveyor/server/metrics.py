@@ -119,6 +119,9 @@ class ServerMetrics:
                                           token_buckets)
         self.request_generation_tokens = hist("vllm:request_generation_tokens",
                                               "Number of generation tokens processed.", token_buckets)
+        self.request_max_generation_tokens = hist("vllm:request_max_num_generation_tokens",
+                                                  "Histogram of the most tokens one sample of a request generated.",
+                                                  token_buckets)
         self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                      ITERATION_TOKEN_BUCKETS)
         # info gauges: vLLM's label sets, value 1 / the time of the last update
@@ -190,6 +193,8 @@ class ServerMetrics:
         self.finished[finished_reason(out)].inc()
         self.request_prompt_tokens.observe(len(out.prompt_token_ids))
         self.request_generation_tokens.observe(sum(n_out))
+        if n_out:
+            self.request_max_generation_tokens.observe(max(n_out))
         if "queue_s" in m:
             self.queue_time.observe(m["queue_s"])
         if "e2e_s" not in m:  # ended outside a step before it was ever seen (a failed batch)
