@@ -7,6 +7,7 @@ Series only Conveyor has keep the `conveyor_` prefix and the `model_name` label.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -51,9 +52,10 @@ def cache_config_info(engine: Engine) -> dict[str, str]:
             "cache_dtype": "auto"}
 
 
-def num_requests(seqs: list[Sequence]) -> int:
-    """Requests among seqs (the n samples or beams of one request are one request, as vLLM counts)."""
-    return len({s.request_id for s in seqs})
+def num_requests(seqs: Iterable[Sequence]) -> int:
+    """Requests among seqs (the n samples or beams of one request are one request, as vLLM counts). The copy is
+    taken in one step: a scrape may read the scheduler's queues while the engine thread changes them."""
+    return len({s.request_id for s in list(seqs)})
 
 
 class ServerMetrics:
