@@ -92,6 +92,13 @@ BAD = [  # (route, extra fields, the param the 400 must name)
     (H, {"reasoning_effort": "high"}, "reasoning_effort"), (H, {"web_search_options": {}}, "web_search_options"),
     (H, {"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
     (H, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"), (H, {"logit_bias": {"-1": 5}}, "logit_bias"),
+    (C, {"logit_bias": {"65": "up"}}, "logit_bias.65"), (C, {"skip_special_tokens": "x"}, "skip_special_tokens"),
+    (C, {"ignore_eos": "maybe"}, "ignore_eos"), (C, {"cache_salt": 5}, "cache_salt"), (C, {"echo": "x"}, "echo"),
+    (C, {"stream": "x"}, "stream"), (C, {"stream": True, "stream_options": {"include_usage": "x"}},
+                                    "stream_options.include_usage"),
+    (C, {"model": 5}, "model"), (C, {"user": 5}, "user"), (C, {"metadata": {"a": 1}}, "metadata.a"),
+    (H, {"add_generation_prompt": "x"}, "add_generation_prompt"), (H, {"logprobs": 3}, "logprobs"),
+    (H, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"), (C, {"prompt": None}, "prompt"),
 ]
 
 
