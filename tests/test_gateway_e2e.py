@@ -497,16 +497,18 @@ def test_coalescing_identical_requests_share_one_generation(gateway, replicas):
         time.sleep(0.1)
         f2 = ex.submit(lambda: text(client.completions.create(**kw)))
         assert f1.result() == f2.result() and len(f1.result()) > 0
-    # a streaming and a non-streaming chat client share one generation too
+    # chat with logprobs too: each client gets the replica's whole response, logprobs included
     msgs = [{"role": "user", "content": "coalesce chat"}]
-    kw = dict(model="big", messages=msgs, max_tokens=200, temperature=0, **ignore_eos())
+    kw = dict(model="big", messages=msgs, max_tokens=200, temperature=0, logprobs=True, top_logprobs=2,
+              **ignore_eos())
     with ThreadPoolExecutor(2) as ex:
-        f1 = ex.submit(lambda: "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            **kw, stream=True) if c.choices))
+        f1 = ex.submit(client.chat.completions.create, **kw)
         time.sleep(0.1)
         f2 = ex.submit(client.chat.completions.create, **kw)
         whole = f2.result()
-        assert whole.choices[0].message.content == f1.result() and whole.usage.completion_tokens == 200
+        assert whole.choices[0].message.content == f1.result().choices[0].message.content
+        assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens == 200
+        assert whole.choices[0].logprobs == f1.result().choices[0].logprobs
     time.sleep(0.2)
     assert big_total(replicas) == before + 3  # three pairs, one generation each
     assert gateway.metric("conveyor_gateway_coalesced_total") == joined + 3
