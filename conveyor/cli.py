@@ -12,7 +12,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them (conveyor/vllm_flags.py: vLLM's flags Conveyor refuses by name). The
     model is also accepted positionally (`conveyor serve MODEL`)."""
     from conveyor.model.builtin import DEFAULT_MODEL
-    from conveyor.vllm_flags import OneDevice, add_unsupported
+    from conveyor.vllm_flags import OneDevice, add_unsupported, human_int
 
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model")
     p.add_argument("--model", default=None,
@@ -38,12 +38,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_kv_blocks", type=int, default=None,
                    help="KV cache blocks, on CPU too (default: from the memory budget)")
-    p.add_argument("--kv-cache-memory-bytes", "--kv-cache-memory", dest="kv_cache_memory", type=int, default=None,
-                   help="bytes of KV cache (default: 2 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)")
+    p.add_argument("--kv-cache-memory-bytes", "--kv-cache-memory", dest="kv_cache_memory", type=human_int,
+                   default=None,
+                   help="bytes of KV cache, such as 8G (default: 2 GiB on CPU; on CUDA what --gpu-memory-utilization "
+                        "leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=human_int, default=None, help="tokens (32k: 32000; 32K: 32768)")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="long prompts are always prefilled in chunks; only the default is accepted")
     p.add_argument("--batching", default="continuous", choices=["continuous", "static", "dynamic", "none"],
@@ -273,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--lenient-request-fields", action="store_true",
                    help="ignore unknown request fields (logged at debug) instead of answering 400")
-    s.add_argument("--enable-log-requests", dest="log_requests", action="store_true", default=True,
-                   help="a JSON log line per request (the default)")
+    s.add_argument("--enable-log-requests", dest="log_requests", action=argparse.BooleanOptionalAction,
+                   default=True, help="a JSON log line per request (the default)")
     s.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
                    help="no log line per request")
     s.add_argument("--disable-log-stats", action="store_true",

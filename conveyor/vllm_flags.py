@@ -3,6 +3,7 @@ the well-known ones it cannot, refused by name with one line saying why (unknown
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import jinja2
@@ -64,6 +65,18 @@ def add_unsupported(p: argparse.ArgumentParser) -> None:
     for flag in UNSUPPORTED:
         extra = ["-dp"] if flag == "--data-parallel-size" else []
         p.add_argument(flag, *extra, action=Unsupported, help=argparse.SUPPRESS)
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_int(text: str) -> int:
+    """An argparse type for sizes written as vLLM accepts them: 4096, 32k (x 1000), 25.6k, 8G (x 2**30). Lowercase
+    suffixes are decimal, uppercase binary (whole numbers only)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT]?)", text.strip())
+    if not m or ("." in m[1] and not m[2].islower()):
+        raise argparse.ArgumentTypeError(f"not an integer (such as 4096, 32k or 8G): {text!r}")
+    return int(float(m[1]) * _SUFFIXES[m[2]]) if m[2] else int(m[1])
 
 
 def resolve_quantization(value: str | None, model: str, load_format: str) -> str | None:

@@ -56,6 +56,11 @@ def test_vllm_flag_names_map_onto_the_engine():
     assert a.served_model_name == ["alpha", "beta"] and a.log_requests is False
     assert parse("--kv-cache-memory", "7", "--num-kv-blocks", "3").kv_cache_memory == 7  # Conveyor's names stay
     assert parse("--enable-log-requests").log_requests and parse().log_requests
+    assert not parse("--no-enable-log-requests").log_requests
+    sizes = parse("--max-model-len", "32k", "--kv-cache-memory-bytes", "8G")
+    assert (sizes.max_model_len, sizes.kv_cache_memory) == (32000, 8 << 30)  # vLLM's human-readable integers
+    assert parse("--max-model-len", "25.6k").max_model_len == 25600
+    assert parse("--max-model-len", "2K").max_model_len == 2048
     assert engine_kwargs(parse("x.gguf", "--quantization", "gguf"))["quantization"] is None  # a GGUF's own formats
     assert engine_kwargs(parse("demo", "-q", "int8"))["quantization"] == "int8"
 
@@ -88,10 +93,14 @@ def test_flag_values_conveyor_cannot_honour_are_one_error_line(capsys, argv, wor
     assert words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_unknown_flags_stay_argparse_errors(capsys):
+def test_unknown_flags_and_bad_sizes_stay_argparse_errors(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--model", "demo", "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    for size in ("1.5G", "12x", "-3"):
+        with pytest.raises(SystemExit):
+            parse("--max-model-len", size)
+        assert "not an integer" in capsys.readouterr().err
 
 
 def test_chat_template_inline_or_file_and_kv_cache_bytes(tmp_path):
