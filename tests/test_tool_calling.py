@@ -426,6 +426,8 @@ def test_required_and_named_on_the_real_model():
      "messages.0.tool_calls.0.function.arguments"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"functions": [TIME["function"]]}, "functions"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"}, "tools"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(server, extra, param):
     r = httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, **extra},
