@@ -34,6 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, short, type=int, default=1, action=OneDevice, help="only 1: a model runs on one device")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="accepted for vLLM command lines; Conveyor always runs eagerly (no CUDA graphs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_kv_blocks", type=int, default=None,
