@@ -49,8 +49,9 @@ def parse(*argv: str):
 
 def test_vllm_flag_names_map_onto_the_engine():
     a = parse("demo", "--num-gpu-blocks-override", "96", "--kv-cache-memory-bytes", "12345", "-tp", "1",
-              "--pipeline-parallel-size", "1", "--enable-chunked-prefill", "--trust-remote-code", "--enforce-eager", "--revision", "r1",
-              "--served-model-name", "alpha", "beta", "--disable-log-requests", "--disable-log-stats")
+              "--pipeline-parallel-size", "1", "--enable-chunked-prefill", "--trust-remote-code", "--enforce-eager",
+              "--revision", "r1", "--served-model-name", "alpha", "beta", "--disable-log-requests",
+              "--disable-log-stats")
     kw = engine_kwargs(a)
     assert (kw["model"], kw["num_kv_blocks"], kw["kv_cache_memory"], kw["revision"]) == ("demo", 96, 12345, "r1")
     assert a.served_model_name == ["alpha", "beta"] and a.log_requests is False
