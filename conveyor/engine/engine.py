@@ -38,15 +38,17 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
-    emitted_text: list[int] = field(default_factory=list)  # per seq: chars already handed out
-    emitted_tokens: list[int] = field(default_factory=list)
     beam: BeamSearchState | None = None  # beam search requests: seqs are the live beams
     aborted: bool = False
-    cumulative_logprobs: list[float] = field(default_factory=list)  # per seq: sum of its sampled tokens' logprobs
-    # per seq: for each output token whose text is known, the length of output_text once that text was added; a
+    # per sample (set in __post_init__): chars and tokens already handed out, the sum of its sampled tokens' logprobs
+    emitted_text: list[int] = field(init=False)
+    emitted_tokens: list[int] = field(init=False)
+    cumulative_logprobs: list[float] = field(init=False)
+    # per sample: for each output token whose text is known, the length of output_text once that text was added; a
     # token that adds no text yet (an incomplete UTF-8 character, a skipped special token) waits for the next text
-    text_ends: list[list[int]] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # filled chunk by chunk while the prompt computes
+    text_ends: list[list[int]] = field(init=False)
+    # [None, {token: logprob, ...}, ...]: filled chunk by chunk while the prompt computes (None: not asked for)
+    prompt_logprobs: list[dict[int, float] | None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         n = len(self.seqs) if self.beam is None else self.params.n
