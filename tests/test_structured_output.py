@@ -194,6 +194,24 @@ def test_mask_covers_vocabulary_padding_and_keeps_other_rows():
         GrammarState(gc.compile(SO(choice=["hi"]))).accept(ord("x"))
 
 
+def test_mask_equals_xgrammars_own_apply():
+    gc = GrammarCompiler(demo.demo_tokenizer(), 262, [257, 261])
+    grammar = gc.compile(SO(regex=r"[a-f]+(-[0-9]{2})?"))
+    states = [GrammarState(grammar) for _ in range(3)]
+    for text, s in zip(["", "ab", "abc-1"], states):
+        for ch in text:
+            s.accept(ord(ch))
+    logits = torch.randn(5, 262)
+    expected = logits.clone()
+    apply_grammar_masks(logits, [0, 2, 4], states)
+    bitmask = xgr.allocate_token_bitmask(5, 262)
+    for row, s in zip([0, 2, 4], states):
+        s.matcher.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(expected, bitmask, indices=[0, 2, 4])
+    assert torch.equal(logits, expected)
+    assert torch.isfinite(logits[4]).nonzero().flatten().tolist() == list(range(ord("0"), ord("9") + 1))
+
+
 def test_streaming_through_async_engine_compiles_off_the_engine_thread(llm):
     compiled_on: list[str] = []
     grammars = llm.engine.grammars
