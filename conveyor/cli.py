@@ -12,7 +12,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them (conveyor/vllm_flags.py: vLLM's flags Conveyor refuses by name). The
     model is also accepted positionally (`conveyor serve MODEL`)."""
     from conveyor.model.builtin import DEFAULT_MODEL
-    from conveyor.vllm_flags import OneDevice, add_unsupported, human_int
+    from conveyor.vllm_flags import add_vllm_only, human_int
 
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model")
     p.add_argument("--model", default=None,
@@ -30,8 +30,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
-        p.add_argument(flag, short, type=int, default=1, action=OneDevice, help="only 1: a model runs on one device")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
     p.add_argument("--enforce-eager", action="store_true",
@@ -61,7 +59,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap-space", type=float, default=0.0, help="GiB of host memory for swapped-out KV blocks")
     p.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="most tokens one prompt may prefill per step (0: no cap)")
-    add_unsupported(p)
+    add_vllm_only(p)
 
 
 def resolve_model_arg(a: argparse.Namespace) -> str:

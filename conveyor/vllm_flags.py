@@ -10,7 +10,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # flag -> why Conveyor refuses it; each takes an optional value so that `--flag VALUE` and `--flag=VALUE` both reach
-# the refusal instead of argparse's "unrecognized arguments"
+# the refusal instead of argparse's "unrecognized arguments". HARMLESS: the value that asks for what Conveyor does.
 UNSUPPORTED: dict[str, str] = {
     "--enable-lora": "LoRA adapters are not supported",
     "--lora-modules": "LoRA adapters are not supported",
@@ -19,7 +19,6 @@ UNSUPPORTED: dict[str, str] = {
     "--speculative-config": "speculative decoding is not supported",
     "--kv-transfer-config": "KV transfer between instances (disaggregated prefill) is not supported",
     "--kv-events-config": "KV cache events are not published",
-    "--data-parallel-size": "one engine per process: run replicas behind `conveyor gateway` instead",
     "--enable-expert-parallel": "no mixture-of-experts models are supported",
     "--distributed-executor-backend": "one device per process: there is no distributed executor",
     "--cpu-offload-gb": "weights are not offloaded (use --swap-space for KV blocks)",
@@ -33,6 +32,7 @@ UNSUPPORTED: dict[str, str] = {
     "--num-scheduler-steps": "one scheduling decision per step",
     "--enable-sleep-mode": "sleep mode is not supported",
 }
+HARMLESS = {"--kv-cache-dtype": "auto", "--cpu-offload-gb": "0", "--num-scheduler-steps": "1"}
 
 
 def refuse(parser: argparse.ArgumentParser, message: str) -> None:
@@ -48,7 +48,8 @@ class Unsupported(argparse.Action):
         self.flag = option_strings[0]
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        refuse(parser, f"{option_string} is not supported by Conveyor: {UNSUPPORTED[self.flag]}")
+        if values is None or values != HARMLESS.get(self.flag):
+            refuse(parser, f"{option_string} is not supported by Conveyor: {UNSUPPORTED[self.flag]}")
 
 
 class OneDevice(argparse.Action):
@@ -61,10 +62,13 @@ class OneDevice(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_unsupported(p: argparse.ArgumentParser) -> None:
+def add_vllm_only(p: argparse.ArgumentParser) -> None:
+    """vLLM's parallelism sizes (1 only) and the vLLM flags Conveyor refuses."""
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                        ("--data-parallel-size", "-dp")):
+        p.add_argument(flag, short, type=int, default=1, action=OneDevice, help="only 1: a model runs on one device")
     for flag in UNSUPPORTED:
-        extra = ["-dp"] if flag == "--data-parallel-size" else []
-        p.add_argument(flag, *extra, action=Unsupported, help=argparse.SUPPRESS)
+        p.add_argument(flag, action=Unsupported, help=argparse.SUPPRESS)
 
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

@@ -51,7 +51,7 @@ def test_vllm_flag_names_map_onto_the_engine():
     a = parse("demo", "--num-gpu-blocks-override", "96", "--kv-cache-memory-bytes", "12345", "-tp", "1",
               "--pipeline-parallel-size", "1", "--enable-chunked-prefill", "--trust-remote-code", "--enforce-eager",
               "--revision", "r1", "--served-model-name", "alpha", "beta", "--disable-log-requests",
-              "--disable-log-stats")
+              "--disable-log-stats", "--kv-cache-dtype", "auto", "--cpu-offload-gb=0", "-dp", "1")
     kw = engine_kwargs(a)
     assert (kw["model"], kw["num_kv_blocks"], kw["kv_cache_memory"], kw["revision"]) == ("demo", 96, 12345, "r1")
     assert a.served_model_name == ["alpha", "beta"] and a.log_requests is False
@@ -70,7 +70,8 @@ def test_vllm_flag_names_map_onto_the_engine():
     (["--enable-lora"], "--enable-lora is not supported by Conveyor: LoRA"),
     (["--speculative-config", '{"method": "ngram"}'], "--speculative-config is not supported"),
     (["--kv-transfer-config={}"], "--kv-transfer-config is not supported"),
-    (["-dp", "2"], "-dp is not supported"),
+    (["-dp", "2"], "-dp 2 is not supported"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype is not supported by Conveyor: the KV cache is kept in"),
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 is not supported: Conveyor runs a model on one"),
     (["-pp", "4"], "-pp 4 is not supported"),
 ])
