@@ -47,42 +47,50 @@ class HermesParser:
 
     def __init__(self, names: set[str], parallel: bool) -> None:
         self._names, self._parallel = names, parallel
-        self._buf = ""  # text not yet handed out
+        self._held: list[str] = []  # text not yet handed out, in pieces: joined only when it may be decided
+        self._tail = ""  # its last characters, where a closing tag may have begun
         self._in_call = False
-        self._space = ""  # whitespace-only content held back
+        self._space = ""  # trailing whitespace of the content, held back
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> Delta:
-        self._buf += text
         out = Delta()
+        if self._in_call and CLOSE not in self._tail + text:  # a long block arriving token by token: no rescans
+            self._held.append(text)
+            self._tail = (self._tail + text)[-len(CLOSE):]
+            return out
+        buf = "".join(self._held) + text
         while True:
             if self._in_call:
-                end = self._buf.find(CLOSE)
+                end = buf.find(CLOSE)
                 if end < 0:
-                    return out
-                self._close(self._buf[:end], out, closed=True)
-                self._buf, self._in_call = self._buf[end + len(CLOSE):], False
+                    break
+                self._close(buf[:end], out, closed=True)
+                buf, self._in_call = buf[end + len(CLOSE):], False
                 continue
-            start = self._buf.find(OPEN)
+            start = buf.find(OPEN)
             if start < 0:
-                cut = len(self._buf) - _open_prefix_len(self._buf)
-                self._content(self._buf[:cut], out)
-                self._buf = self._buf[cut:]
-                return out
-            self._content(self._buf[:start], out)
-            self._buf, self._in_call = self._buf[start + len(OPEN):], True
+                cut = len(buf) - _open_prefix_len(buf)
+                self._content(buf[:cut], out)
+                buf = buf[cut:]
+                break
+            self._content(buf[:start], out)
+            buf, self._in_call = buf[start + len(OPEN):], True
+        self._held, self._tail = [buf], buf[-len(CLOSE):]
+        return out
 
     def finish(self) -> Delta:
         """The rest once the text is complete: an unclosed last block still counts if its JSON is a call (models
         often end on the stop token instead of the closing tag)."""
         out = Delta()
+        rest = "".join(self._held)
         if self._in_call:
-            self._close(self._buf, out, closed=False)
+            self._close(rest, out, closed=False)
         else:
-            self._content(self._buf, out)
+            self._content(rest, out)
         if not self.calls:
             out.content += self._space
-        self._buf, self._space, self._in_call = "", "", False
+        self._held, self._tail, self._space, self._in_call = [], "", "", False
         return out
 
     def _content(self, text: str, out: Delta) -> None:
