@@ -64,16 +64,20 @@ class Grammar:
 
 @dataclass
 class GrammarConfig:
-    """cache_size: compiled grammars kept (LRU); compile_timeout_s: longest a compilation may take before the
-    request is refused; compile_threads: worker threads compiling at once (a refused compilation still runs to its
-    end on its worker, so this bounds the CPU that hostile grammars can take)."""
+    """cache_size: compiled grammars kept (LRU), holding at most cache_bytes (the newest is always kept);
+    compile_timeout_s: longest a compilation may take before the request is refused; compile_threads: worker threads
+    compiling at once (a refused compilation still runs to its end on its worker, so this bounds the CPU that hostile
+    grammars can take)."""
     cache_size: int = 256
+    cache_bytes: int = 256 << 20
     compile_timeout_s: float = 10.0
     compile_threads: int = 2
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.cache_size, int) and self.cache_size >= 1):
-            raise ValueError(f"cache_size must be a positive integer, got {self.cache_size!r}")
+        for name in ("cache_size", "cache_bytes"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not self.compile_timeout_s > 0:
             raise ValueError(f"compile_timeout_s must be positive, got {self.compile_timeout_s!r}")
         if not (isinstance(self.compile_threads, int) and self.compile_threads >= 1):
@@ -90,10 +94,11 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.config = config or GrammarConfig()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a done future's callback runs at once, in the thread that holds it
         self._xgr_compiler: xgr.GrammarCompiler | None = None  # built on first use (reads the whole vocabulary)
         self._no_control_chars: torch.Tensor | None = None  # the JSON kinds' token filter, built with the compiler
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._cache_bytes = 0
         self._pending: dict[str, concurrent.futures.Future] = {}
         self._too_slow: OrderedDict[str, None] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.compile_threads,
@@ -142,10 +147,14 @@ class GrammarCompiler:
                 self._insert(key, fut.result())
 
     def _insert(self, key: str, compiled: Grammar) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= old.compiled.memory_size_bytes
         self._cache[key] = compiled
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.config.cache_size:
-            self._cache.popitem(last=False)
+        self._cache_bytes += compiled.compiled.memory_size_bytes
+        while len(self._cache) > 1 and (len(self._cache) > self.config.cache_size
+                                        or self._cache_bytes > self.config.cache_bytes):
+            self._cache_bytes -= self._cache.popitem(last=False)[1].compiled.memory_size_bytes
 
     def _compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
