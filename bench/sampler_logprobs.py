@@ -2,7 +2,8 @@
 gather over the step's [rows, vocab] logits) even when no logprobs were asked for. Runs a batch of greedy requests
 without logprobs and reports the share of the engine's step time spent in Sampler._logprobs.
 
-    .venv/bin/python bench/sampler_logprobs.py [--model smollm2-135m-instruct] [--batch 32] [--max-tokens 32] [--dtype float32]
+    .venv/bin/python bench/sampler_logprobs.py [--model smollm2-135m-instruct] [--batch 32] [--max-tokens 32] \
+        [--quantization none --dtype float32]
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="none: dequantize a GGUF's low-bit weights to --dtype")
     args = ap.parse_args()
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization)
     eng = llm.engine
     spent: list[float] = []
     inner = eng.sampler._logprobs
