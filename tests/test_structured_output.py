@@ -170,6 +170,11 @@ def test_compilation_is_cached_and_bounded():
     gc.compile(c)
     gc.compile(a)
     assert gc.num_compiled == n + 1
+    tiny = GrammarCompiler(tok, 262, [257, 261], GrammarConfig(cache_bytes=1))  # only the newest is kept
+    first = tiny.compile(a)
+    assert tiny.compile(a) is first
+    tiny.compile(b)
+    assert tiny.compile(a) is not first
     slow = GrammarCompiler(tok, 262, [257, 261], GrammarConfig(compile_timeout_s=0.005))
     slow._compiler()  # the vocabulary is read before the clock starts
     hard = SO(regex="(.{1,300}){1,300}")  # tens of ms or more on any vocabulary
