@@ -1,11 +1,13 @@
 """Structured outputs: a grammar per request, applied as a token mask to each constrained row of a step's logits.
 
-The grammar engine is xgrammar (chosen with bench/grammar_engines.py; numbers in bench/README.md): it takes every
+The grammar engine is xgrammar (chosen with bench/grammar_engines.py, on this project's 2-core VM): it takes every
 constraint kind (JSON schema, regex, EBNF/GBNF and Lark grammars, choices as a grammar alternation, any JSON), its
 masks cost about 2 us per token on SmolLM2's 49,152-token vocabulary (llguidance: 44 us median, 0.8 ms p99;
 outlines-core has no context-free grammars and rejected a valid string for `[0-9]{1,3}(\\.[0-9])?`), it fills the
-bitmasks of a whole batch in one call, and compiling a schema takes 1-12 ms (cached here). Its compiler releases
-the GIL.
+bitmasks of a whole batch in one call, and compiling a schema takes 1-12 ms (cached here; llguidance compiles
+lazily in ~1-2 ms, outlines-core takes 57-237 ms). Its compiler releases the GIL. A mask's cost depends on the
+grammar, not only on the vocabulary: a large bounded repetition such as `([A-Za-z]{1,12}[ ,.]){1000}` takes ~30 ms
+per mask on SmolLM2's vocabulary (the compile deadline below does not bound that; max_tokens does).
 
 The token-mask approach (XGrammar, Dong et al. 2024; llguidance): a pushdown automaton over bytes is advanced by
 each sampled token; before sampling, the automaton says which vocabulary tokens may come next, as a bitmask (bit j of
@@ -26,7 +28,11 @@ Design:
   through a byte lookup table, to those rows in place (one op on the logits' device; rows without a grammar are
   not touched, and a step without one does no mask work at all).
   Tokens the tokenizer does not have (model vocabulary padding) and special tokens other than EOS are never allowed.
-  When the grammar is complete and allows nothing but EOS, the sequence finishes with "stop" at once.
+  When the grammar is complete and allows nothing but EOS, the sequence finishes with "stop" at once (without
+  sampling the EOS); where it may go on or end (`[0-9]+`), EOS is one of the allowed tokens.
+- The sampler applies the mask after min_tokens, penalties and logit_bias; a logit_bias cannot force a token the
+  grammar bans, and where the grammar allows only tokens that min_tokens bans (EOS, stop_token_ids), the grammar
+  wins. Logprobs stay those of the raw distribution.
 
 JSON is generated in json.dumps' default layout (", " and ": " separators, no other whitespace), so a weak or random
 model cannot spend its tokens on whitespace, and no token with a raw control character (bytes 0x00-0x1f) is ever
