@@ -45,8 +45,8 @@ def main() -> None:
     decode = steps[1:]  # the first step is the batch's prefill
     lp = spent[1:len(steps)]
     print(f"model {eng.model_name}, vocab {eng.vocab_size}, batch {args.batch}, {len(decode)} decode steps")
-    print(f"median decode step {statistics.median(decode) * 1e3:.1f} ms, median logprobs {statistics.median(lp) * 1e3:.2f} "
-          f"ms, share of decode time {sum(lp) / sum(decode) * 100:.1f} %")
+    print(f"median decode step {statistics.median(decode) * 1e3:.1f} ms, median logprobs "
+          f"{statistics.median(lp) * 1e3:.2f} ms, share of decode time {sum(lp) / sum(decode) * 100:.1f} %")
 
 
 if __name__ == "__main__":
