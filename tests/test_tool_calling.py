@@ -28,7 +28,15 @@ TIME = {"type": "function", "function": {
                                                                                  "maximum": 23}},
                                        "required": ["hour"], "additionalProperties": False}}}
 TOOLS = [WEATHER, TIME]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+# as pydantic writes nested models: "$defs" and "$ref"s from the schema's root (kept valid inside the constraint)
+ROUTE = {"type": "function", "function": {"name": "plan_route", "parameters": {
+    "type": "object", "$defs": {"Stop": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]},
+                                                                          "days": {"type": "integer", "minimum": 1,
+                                                                                   "maximum": 9}},
+                                         "required": ["city", "days"], "additionalProperties": False}},
+    "properties": {"stops": {"type": "array", "items": {"$ref": "#/$defs/Stop"}, "minItems": 1, "maxItems": 3}},
+    "required": ["stops"], "additionalProperties": False}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in [*TOOLS, ROUTE]}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
 # a template that reads `tools` (as Qwen2.5's and Hermes' do), for the non-fallback path
 TOOLS_TEMPLATE = ("{% if tools %}TOOLS:{{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}: "
@@ -117,6 +125,12 @@ def test_constraints_of_required_and_named():
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     assert ToolRequest.from_request(TOOLS, "auto", None).structured_outputs() is None
+    with_refs = ToolRequest.from_request([*TOOLS, ROUTE], "required", None).structured_outputs().json
+    stops = {"stops": [{"city": "Oslo", "days": 2}]}
+    jsonschema.validate([{"name": "plan_route", "arguments": stops}, ok_call], with_refs)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "plan_route", "arguments": {"stops": [{"city": "Paris", "days": 2}]}}], with_refs)
+    assert "$defs" not in required  # inlined when the functions have no "$ref"s
 
 
 @pytest.mark.parametrize("choice, parallel, text, calls", [
@@ -337,6 +351,15 @@ def test_required_calls_always_validate(client, parallel, n):
         check_calls(c.message.tool_calls)
         assert parallel or len(c.message.tool_calls) == 1
     assert sorted(streamed) == list(range(n))
+
+
+def test_required_with_refs_in_a_schema(client):
+    """A function schema with "$defs"/"$ref" (pydantic's nested models) constrains its calls too."""
+    r = client.chat.completions.create(model="demo", messages=ASK, tools=[ROUTE], tool_choice="required",
+                                       parallel_tool_calls=False, n=4, temperature=1.0, seed=5, max_tokens=200)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls"
+        check_calls(c.message.tool_calls, names=("plan_route",))
 
 
 def test_named_choice_calls_that_function(client):

@@ -79,14 +79,38 @@ class ToolRequest:
             return StructuredOutputsParams(json=self.function(self.name).parameters)
         if self.mode != "required":
             return None
-        calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+        defs = {f.name: _rebased(f.parameters, f"#/$defs/{f.name}") for f in self.functions
+                if _has_local_ref(f.parameters)}
+        calls = [{"type": "object",
+                  "properties": {"name": {"const": f.name},
+                                 "arguments": {"$ref": f"#/$defs/{f.name}"} if f.name in defs else f.parameters},
                   "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        schema = {"type": "array", "items": one, "minItems": 1} if self.parallel else one
+        schema = {"type": "array", "items": one, "minItems": 1} if self.parallel else dict(one)
+        if defs:  # a function's own "$ref"s (to its "$defs", or "#") now resolve under "#/$defs/<name>"
+            schema["$defs"] = defs
         return StructuredOutputsParams(json=schema)
 
     def function(self, name: str) -> Function:
         return next(f for f in self.functions if f.name == name)
+
+
+def _has_local_ref(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return any(k == "$ref" and isinstance(v, str) and v.startswith("#") or _has_local_ref(v)
+                   for k, v in schema.items())
+    return isinstance(schema, list) and any(_has_local_ref(v) for v in schema)
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """schema with each local "$ref" ("#", "#/$defs/X", any "#/pointer") made to point into `base`, where the
+    schema is placed in a larger document."""
+    if isinstance(schema, dict):
+        return {k: base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, base)
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    return schema
 
 
 def parse_tools(tools: Any) -> tuple[Function, ...]:
