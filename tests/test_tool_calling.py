@@ -188,6 +188,8 @@ def test_good_tools():
     r = ToolRequest.from_request([fn(), fn(name="g", parameters={"type": "object"})], None, None)
     assert r.mode == "auto" and r.parallel and [f.name for f in r.functions] == ["f", "g"]
     assert r.functions[0].parameters == {"type": "object", "properties": {}}  # no parameters: no arguments
+    open_type = ToolRequest.from_request([fn(parameters={"properties": {"a": {"type": "integer"}}})], None, None)
+    assert open_type.functions[0].parameters == {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert len(ToolRequest.from_request([fn(name=f"f{i}") for i in range(128)], None, None).functions) == 128
 
 

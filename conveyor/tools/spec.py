@@ -150,6 +150,8 @@ def _parse_tool(tool: Any, param: str) -> Function:
         parameters = _EMPTY_PARAMETERS
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
         raise ToolError("a function's parameters must be a JSON schema of an object", f"{param}.function.parameters")
+    if "type" not in parameters:  # arguments are always an object, also under a schema that leaves the type open
+        parameters = {"type": "object", **parameters}
     if fn.get("strict") not in (None, True, False):
         raise ToolError("strict must be true or false", f"{param}.function.strict")
     return Function(name, description, parameters)
