@@ -37,8 +37,9 @@ def replica():
 def gw(replica, tmp_path_factory):
     path = tmp_path_factory.mktemp("surface") / "gateway.yaml"
     path.write_text(yaml.safe_dump({
-        "models": [{"name": "m", "aliases": ["m-alias"], "replicas": [replica.base_url], "tokenizer": "demo"}],
-        "tenants": [_tenant("a"), _tenant("small", tokens_per_minute=SMALL_QUOTA)],
+        "models": [{"name": "m", "aliases": ["m-alias"], "replicas": [replica.base_url], "tokenizer": "demo"},
+                   {"name": "other", "upstream_model": "m", "replicas": [replica.base_url], "tokenizer": "demo"}],
+        "tenants": [_tenant("a"), _tenant("small", tokens_per_minute=SMALL_QUOTA, models=["m-alias"])],
         "health_interval_s": 0.2}))
     g = GatewayProcess(str(path))
     # reservations use the replica's max_model_len once the gateway has read it from the replica's GET /v1/models
@@ -244,12 +245,29 @@ def test_models_by_id(gw):
         card = _client(gw).models.retrieve(name)
         assert card.id == name and card.model_extra["max_model_len"] == MAX_MODEL_LEN
     listed = _get(gw, "/v1/models").json()["data"]
-    assert {(m["id"], m["max_model_len"]) for m in listed} == {("m", MAX_MODEL_LEN), ("m-alias", MAX_MODEL_LEN)}
+    assert {(m["id"], m["max_model_len"]) for m in listed} == {(n, MAX_MODEL_LEN) for n in ("m", "m-alias", "other")}
     with pytest.raises(openai.NotFoundError) as e:
         _client(gw).models.retrieve("nope")
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
     assert _get(gw, "/v1/models/m", key=None).status_code == 401
     assert _get(gw, "/v1/models/m", key="wrong").json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_tenant_sees_and_uses_only_its_models(gw):
+    """Tenant `small` may use m (named by its alias in the config): every other model is, to it, one that does not
+    exist, on every endpoint."""
+    small = _client(gw, "small")
+    assert sorted(m.id for m in small.models.list()) == ["m", "m-alias"]
+    assert small.models.retrieve("m").model_extra["max_model_len"] == MAX_MODEL_LEN
+    for call in (lambda: small.models.retrieve("other"),
+                 lambda: small.completions.create(model="other", prompt="x", max_tokens=1),
+                 lambda: small.chat.completions.create(model="other", messages=CHAT, max_tokens=1)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    r = _get(gw, "/tokenize", key=KEYS["small"], method="POST", json={"model": "other", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert _client(gw).models.retrieve("other").id == "other"  # tenant a may use every model
 
 
 @pytest.mark.parametrize("path,body", [

@@ -355,6 +355,7 @@ def test_find_tenant_by_key_hash():
     ({"redis_url": "http://x"}, "redis_url"),
     ({"cold_start_timeout_s": -1}, "cold_start_timeout_s"),
     ({"bogus": 1}, "bogus"),
+    ({"tenants": [{"name": "a", "api_key_sha256": H, "models": ["nope"]}]}, "tenants[0].models"),
     ({"shed_batch_queue_ratio": "x"}, "shed_batch_queue_ratio"),  # a wrong type is not "missing"
     ({"ratelimit_on_redis_error": "maybe"}, "ratelimit_on_redis_error"),
 ])
@@ -372,6 +373,18 @@ def test_config_defaults():
     assert t.cls == "interactive" and t.burst == 30 and t.api_key_sha256 == H
     assert cfg.models[0].replicas == ["http://h:1"] and cfg.models[0].upstream_model == "m"
     assert cfg.cold_start_timeout_s == 60
+
+
+def test_tenants_may_use_only_their_models():
+    cfg = parse_config({"models": [{"name": "s", "aliases": ["s2"]}, {"name": "l"}, {"name": "x"}],
+                        "auto_route": {"small": "s", "large": "l"},
+                        "tenants": [{"name": "all", "api_key_sha256": H},
+                                    {"name": "two", "api_key_sha256": "b" * 64, "models": ["s2", "l"]},
+                                    {"name": "one", "api_key_sha256": "c" * 64, "models": ["s"]}]})
+    every, two, one = cfg.tenants
+    assert all(cfg.may_use(every, n) for n in ("s", "s2", "l", "x", "auto")) and not cfg.may_use(every, "nope")
+    assert [n for n in ("s", "s2", "l", "x", "auto") if cfg.may_use(two, n)] == ["s", "s2", "l", "auto"]
+    assert [n for n in ("s", "s2", "l", "x", "auto") if cfg.may_use(one, n)] == ["s", "s2"]  # auto needs both
 
 
 def test_replica_urls_are_checked_and_normalized():

@@ -200,22 +200,23 @@ class Gateway:
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
-        if find_tenant(request.headers.get("authorization"), self.cfg.tenants) is None:
+        """The models this tenant may use, aliases and `auto` included."""
+        tenant = find_tenant(request.headers.get("authorization"), self.cfg.tenants)
+        if tenant is None:
             return self._reject(Ctx(rid=uuid.uuid4().hex, started=time.monotonic()),
                                 _Reject(401, "auth", "invalid or missing API key", "invalid_api_key"))
-        names = [n for m in self.cfg.models for n in (m.name, *m.aliases)]
-        if self.cfg.auto_route is not None:
-            names.append("auto")
-        return JSONResponse({"object": "list", "data": [self._card(n) for n in names]})
+        names = [n for m in self.cfg.models for n in (m.name, *m.aliases)] + ["auto"]
+        return JSONResponse({"object": "list", "data": [self._card(n) for n in names
+                                                        if self.cfg.may_use(tenant, n)]})
 
     async def model_card(self, request: Request, model_id: str) -> Response:
         """GET /v1/models/{id}: one model (a name, an alias or `auto`), or OpenAI's 404."""
         ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
-        if find_tenant(request.headers.get("authorization"), self.cfg.tenants) is None:
+        tenant = find_tenant(request.headers.get("authorization"), self.cfg.tenants)
+        if tenant is None:
             return self._reject(ctx, _Reject(401, "auth", "invalid or missing API key", "invalid_api_key"))
-        if self.cfg.model(model_id) is None and not (model_id == "auto" and self.cfg.auto_route is not None):
-            return self._reject(ctx, _Reject(404, "model_not_found", f"the model {model_id[:100]!r} does not exist",
-                                             "model_not_found", param="model"))
+        if not self.cfg.may_use(tenant, model_id):
+            return self._reject(ctx, _no_model(model_id))
         return JSONResponse(self._card(model_id))
 
     def _card(self, name: str) -> dict:
@@ -322,7 +323,7 @@ class Gateway:
         if body["model"] == "auto":
             raise _Reject(400, "bad_request", "'auto' picks a model per generation; name the model whose "
                           "tokenizer to use", "invalid_model", param="model")
-        model = self._named_model(body["model"])
+        model = self._named_model(body["model"], tenant)
         ctx.model, ctx.deadline = model.name, self._deadline(request, tenant)
         await self._reserve(ctx, tenant, 0)
         flight = self._start(model, tenant, path, dict(body, model=model.upstream_model), False, ctx, ctx.deadline,
@@ -420,6 +421,8 @@ class Gateway:
     async def _route(self, request: Request, parsed: Parsed, tenant: TenantConfig) -> ModelConfig:
         cfg, name = self.cfg, parsed.model
         if name == "auto" and cfg.auto_route is not None:
+            if not cfg.may_use(tenant, name):
+                raise _no_model(name)
             tokens = await self._count(parsed, cfg.model(cfg.auto_route.small).tokenizer)
 
             def overloaded(model: str) -> bool:
@@ -429,14 +432,13 @@ class Gateway:
             limit = parsed.max_tokens if parsed.max_tokens is not None else parsed.default_max_tokens
             model, _why = auto_route(cfg, tokens, limit, request.headers.get("x-conveyor-route"), tenant, overloaded)
             return model
-        return self._named_model(name)
+        return self._named_model(name, tenant)
 
-    def _named_model(self, name: str) -> ModelConfig:
-        model = self.cfg.model(name)
-        if model is None:
-            raise _Reject(404, "model_not_found", f"the model {name[:100]!r} does not exist", "model_not_found",
-                          param="model")
-        return model
+    def _named_model(self, name: str, tenant: TenantConfig) -> ModelConfig:
+        """The model called `name`; 404 when there is none, or this tenant may not use it (the same answer)."""
+        if not self.cfg.may_use(tenant, name):
+            raise _no_model(name)
+        return self.cfg.model(name)
 
     def _deadline(self, request: Request, tenant: TenantConfig) -> float | None:
         raw = request.headers.get("x-request-timeout")
@@ -658,6 +660,11 @@ class _Reject(Exception):
         super().__init__(message)
         self.status, self.reason, self.message, self.code = status, reason, message, code or reason
         self.headers, self.param = headers or {}, param
+
+
+def _no_model(name: str) -> _Reject:
+    return _Reject(404, "model_not_found", f"the model {name[:100]!r} does not exist", "model_not_found",
+                   param="model")
 
 
 def _upstream_headers(model: ModelConfig) -> dict[str, str]:

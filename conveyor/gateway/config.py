@@ -100,6 +100,8 @@ class TenantConfig(_Strict):
     weight: Positive = 1.0  # share within its class
     default_timeout_s: Positive | None = None  # deadline when the request has no X-Request-Timeout
     allow_degrade: bool = False  # `model: auto` may fall back to the small model under overload
+    # the models (names or aliases) this tenant may use; None: all. Any other is, to it, a model that does not exist
+    models: list[Annotated[str, Field(min_length=1)]] | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> TenantConfig:
@@ -161,6 +163,10 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"tenants[{i}].api_key_sha256: the same key hash as another tenant")
             seen_t.add(t.name)
             seen_k.add(t.api_key_sha256)
+        for i, t in enumerate(self.tenants):
+            for n in t.models or []:
+                if n not in names:
+                    raise ValueError(f"tenants[{i}].models: {n!r} is not a model name or alias")
         if self.auto_route is not None:
             model_names = {m.name for m in self.models}
             for side in ("small", "large"):
@@ -176,6 +182,16 @@ class GatewayConfig(_Strict):
             if m.name == name or name in m.aliases:
                 return m
         return None
+
+    def may_use(self, tenant: TenantConfig, name: str) -> bool:
+        """Whether `tenant` may use the model called `name` (a name or an alias; `auto` when it may use both of
+        auto_route's models). False for a name that is no model."""
+        if name == "auto" and self.auto_route is not None:
+            return self.may_use(tenant, self.auto_route.small) and self.may_use(tenant, self.auto_route.large)
+        model = self.model(name)
+        if model is None:
+            return False
+        return tenant.models is None or any(self.model(n) is model for n in tenant.models)
 
 
 def _where(loc: tuple) -> str:

@@ -241,6 +241,7 @@ class Pool:
                 await self._learn_max_model_len(r)
         elif r.started:
             self.failed(r)
+            r.max_model_len = None  # it may be restarting, perhaps with another context: ask again once it is back
         if r.routable(now):
             if not was_routable:
                 log.info('{"event": "replica_available", "model": "%s", "replica": "%s"}', self.model, r.url)
