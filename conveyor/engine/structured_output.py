@@ -2,10 +2,10 @@
 
 The grammar engine is xgrammar (chosen with bench/grammar_engines.py, on this project's 2-core VM): it takes every
 constraint kind (JSON schema, regex, EBNF/GBNF and Lark grammars, choices as a grammar alternation, any JSON), its
-masks cost about 2 us per token on SmolLM2's 49,152-token vocabulary (llguidance: 44 us median, 0.8 ms p99;
+masks cost 1-2 us per token on SmolLM2's 49,152-token vocabulary (llguidance: 17-44 us median, 0.5-0.8 ms p99;
 outlines-core has no context-free grammars and rejected a valid string for `[0-9]{1,3}(\\.[0-9])?`), it fills the
 bitmasks of a whole batch in one call, and compiling a schema takes 1-12 ms (cached here; llguidance compiles
-lazily in ~1-2 ms, outlines-core takes 57-237 ms). Its compiler releases the GIL. A mask's cost depends on the
+lazily in ~1-2 ms, outlines-core takes 26-237 ms). Its compiler releases the GIL. A mask's cost depends on the
 grammar, not only on the vocabulary: a large bounded repetition such as `([A-Za-z]{1,12}[ ,.]){1000}` takes ~30 ms
 per mask on SmolLM2's vocabulary (the compile deadline below does not bound that; max_tokens does).
 
