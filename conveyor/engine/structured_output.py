@@ -174,7 +174,10 @@ class GrammarCompiler:
 
     def _compile(self, so: StructuredOutputsParams) -> Grammar:
         compiled = self._compile_xgr(so)
-        return Grammar(compiled, self._no_control_chars if so.kind in ("json", "json_object") else None)
+        grammar = Grammar(compiled, self._no_control_chars if so.kind in ("json", "json_object") else None)
+        if not GrammarState(grammar).allowed().any():  # e.g. a character class of no character
+            raise ValueError(f"structured_outputs.{so.kind} matches no output: no token can start it")
+        return grammar
 
     def _compile_xgr(self, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
         c = self._compiler()
@@ -234,12 +237,16 @@ class GrammarState:
             raise ValueError(f"token {token} is not allowed by the structured output's grammar here")
         self.done = self.matcher.is_terminated() or (self.matcher.is_completed() and self._only_eos())
 
-    def _only_eos(self) -> bool:
+    def allowed(self) -> torch.Tensor:
+        """Bool [vocab_size]: the tokens the grammar allows next (EOS among them where it may end)."""
         mask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self.matcher.fill_next_token_bitmask(mask)
         if self.token_filter is not None:
             mask[0] &= self.token_filter
-        allowed = _unpack(mask[0], self.vocab_size)
+        return _unpack(mask[0], self.vocab_size)
+
+    def _only_eos(self) -> bool:
+        allowed = self.allowed()
         allowed[self.matcher.stop_token_ids] = False
         return not bool(allowed.any())
 
