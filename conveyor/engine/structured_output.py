@@ -195,7 +195,7 @@ class GrammarCompiler:
                     return c.compile_grammar(choice_grammar(so.choice))
                 case "grammar":
                     return c.compile_grammar(so.grammar) if "::=" in so.grammar else c.compile_lark(so.grammar)
-        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
+        except Exception as e:  # xgrammar's parse and conversion errors, or what a constraint makes it raise
             msg = _XGR_PREFIX.sub("", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"structured_outputs.{so.kind} is not valid: {msg[:500]}") from None
         raise AssertionError(f"unknown structured output kind {so.kind}")
