@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import yaml
@@ -27,7 +28,7 @@ def _tenant(name: str, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def replica():
-    r = ServerProcess("--max-num-seqs", "8", "--num-kv-blocks", "256", "--max-model-len", str(MAX_MODEL_LEN),
+    r = ServerProcess("--max-num-seqs", "32", "--num-kv-blocks", "256", "--max-model-len", str(MAX_MODEL_LEN),
                       "--served-model-name", "m")
     yield r
     r.stop()
@@ -178,6 +179,63 @@ def test_streams_carry_usage_exactly_as_the_replica_sends_it(gw, replica, stream
     chunks = list(_client(gw).chat.completions.create(model="m", messages=CHAT, max_tokens=5, stream=True,
                                                       stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 5 and all(c.usage is None for c in chunks[:-1])
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}, "b": {"type": "boolean"}},
+          "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "string", "maxLength": 4}}, "required": ["x"]}}}]
+
+
+def test_structured_outputs_and_tool_calls_through_the_gateway(gw):
+    """50 sampled json_schema completions (25 chat, 25 streamed completions) validate against their schema; sampled
+    `required` tool calls, streamed and not, parse and validate against the function's parameters."""
+    client = _client(gw)
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": SCHEMA}}
+    chat = client.chat.completions.create(model="m", messages=CHAT, n=25, temperature=1.0, max_tokens=100,
+                                          response_format=fmt)
+    texts = {c.index: c.message.content for c in chat.choices if c.finish_reason == "stop"}
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(model="m", prompt="json", n=25, temperature=1.0, max_tokens=100,
+                                           stream=True, extra_body={"response_format": fmt}):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            assert c.finish_reason in (None, "stop")
+    assert len(texts) == len(streamed) == 25
+    for text in [*texts.values(), *streamed.values()]:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    params = TOOLS[0]["function"]["parameters"]
+    # one call each (parallel calls could run past any max_tokens on random weights)
+    calls = client.chat.completions.create(model="m", messages=CHAT, tools=TOOLS, tool_choice="required", n=10,
+                                           temperature=1.0, max_tokens=80, parallel_tool_calls=False)
+    for c in calls.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls[0].function.name == "f"
+        jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), params)
+    args = ""
+    for chunk in client.chat.completions.create(model="m", messages=CHAT, tools=TOOLS, tool_choice="required",
+                                                temperature=1.0, max_tokens=80, stream=True,
+                                                parallel_tool_calls=False):
+        for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            args += d.function.arguments or ""
+    jsonschema.validate(json.loads(args), params)
+
+
+def test_logit_bias_through_the_gateway(gw):
+    """+100 forces its token, -100 bans it (token ids from the gateway's /tokenize)."""
+    client = _client(gw)
+
+    def ids(text: str) -> list[int]:
+        r = _get(gw, "/tokenize", method="POST", json={"model": "m", "prompt": text, "add_special_tokens": False})
+        return r.json()["tokens"]
+    (forced,) = ids("A")
+    text = client.completions.create(model="m", prompt="bias", max_tokens=6, temperature=1.0,
+                                     logit_bias={str(forced): 100}).choices[0].text
+    assert ids(text) == [forced] * 6
+    greedy = client.completions.create(model="m", prompt="bias", max_tokens=6, temperature=0).choices[0].text
+    banned = set(ids(greedy))
+    text = client.completions.create(model="m", prompt="bias", max_tokens=6, temperature=0,
+                                     logit_bias={str(t): -100 for t in banned}).choices[0].text
+    assert text and not banned & set(ids(text))
 
 
 # ---- refusals pass through; the gateway's own name the field -----------------------------------------------------
