@@ -434,7 +434,7 @@ def _leave_early(gw: Gateway, body: dict, key: str) -> None:
 def test_an_idempotent_retry_after_the_client_left_half_way_runs_again(gw, stream, temperature):
     """The first client leaves half-way (its flight is cancelled, the response incomplete): the retry with the same
     key must run again and get the whole response, not a replay of the cut one; the complete one is then kept.
-    (temperature 0, not streaming: coalescable, so streamed upstream and cut after some events.)"""
+    (temperature 0, not streaming: coalescable, so the flight is shared and outlives a client while others read.)"""
     key = f"cut-{stream}-{temperature}-{time.time()}"
     body = {"model": "big", "prompt": "idem cut", "max_tokens": 200, "ignore_eos": True, "stream": stream,
             "temperature": temperature, **({"stream_options": {"include_usage": True}} if stream else {})}

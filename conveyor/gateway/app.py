@@ -429,7 +429,7 @@ class Gateway:
                 q = self.queues[model]
                 return q.overloaded(cfg.auto_route.degrade_queue_ratio) or not q.pool.usable()
 
-            limit = parsed.max_tokens if parsed.max_tokens is not None else parsed.default_max_tokens
+            limit = parsed.max_tokens if parsed.max_tokens is not None else parsed.replica_max_tokens
             model, _why = auto_route(cfg, tokens, limit, request.headers.get("x-conveyor-route"), tenant, overloaded)
             return model
         return self._named_model(name, tenant)

@@ -83,7 +83,7 @@ class Parsed:
     include_usage: bool
     coalescable: bool  # deterministic: temperature 0 or a seed
     max_tokens: int | None  # the client's limit (chat: max_completion_tokens, else max_tokens); None: not set
-    default_max_tokens: int | None  # the replica's limit when max_tokens is None; None: up to max_model_len
+    replica_max_tokens: int | None  # the replica's own limit when max_tokens is None; None: up to max_model_len
     n: int  # sequences generated per prompt: n, or best_of / beam_width when larger
     num_prompts: int
     texts: list[str]  # the prompt strings (chat: "role:content" per message)
@@ -161,7 +161,7 @@ def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
     return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
                   include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
                   coalescable=f.temperature == 0 or f.seed is not None, max_tokens=max_tokens,
-                  default_max_tokens=default, n=n, num_prompts=num_prompts, texts=texts, token_ids=token_ids,
+                  replica_max_tokens=default, n=n, num_prompts=num_prompts, texts=texts, token_ids=token_ids,
                   messages=messages, tools=tools, cache_salt=f.cache_salt, digest=_digest(body))
 
 

@@ -27,9 +27,9 @@ def budget(p: Parsed, prompt_tokens: int, max_model_len: int, cap: int | None) -
         return Budget(prompt_tokens + max(p.max_tokens, 0) * sequences, None)
     # every prompt may run to the end of the context; the shortest room is at most that of the whole text
     room = max(max_model_len - prompt_tokens, 1)
-    limit = p.default_max_tokens if p.default_max_tokens is not None else room
+    limit = p.replica_max_tokens if p.replica_max_tokens is not None else room
     if cap is not None and cap < limit:
         return Budget(prompt_tokens + cap * sequences, cap)
-    if p.default_max_tokens is not None:
+    if p.replica_max_tokens is not None:
         return Budget(prompt_tokens + limit * sequences, None)
     return Budget(prompt_tokens + p.n * max(p.num_prompts * max_model_len - prompt_tokens, 0), None)
