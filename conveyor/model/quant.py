@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # GGUF tensor types kept low-bit by from_gguf
+_INT8_K_ALIGN = 32  # see QuantizedLinear._int8
 ROW_BLOCK = 64  # int4 rows are padded to a multiple of this: a whole number of every packed layout's row tiles
 _DEQUANT_ROWS = 4096  # rows dequantized at a time (dequantize(), the CUDA int8 fallback)
 
@@ -100,7 +101,7 @@ class QuantizedLinear(nn.Module):
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
         self.group_size = group_size  # int4 only
         self.splits = splits  # int4 codes per weight along K (2 for GGUF Q8_0, whose halves are summed)
-        self.register_buffer("qweight", qweight)  # int8 [N, K8] or the int4 kernel's packed [N64, K_pad]
+        self.register_buffer("qweight", qweight)  # int8 [N, K_pad] or the int4 kernel's packed [N64, K_pad]
         self.register_buffer("scales", scales)  # int8: [N]; int4: [K_pad / group, N64, 2] (scale, zero)
         self.register_buffer("bias", None if bias is None else bias.to(scales.dtype))
         self.k_pad = qweight.shape[1] if kind == "int8" else scales.shape[0] * group_size
@@ -151,8 +152,9 @@ class QuantizedLinear(nn.Module):
         n, k = w.shape
         scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(dtype).tiny).to(dtype)
         q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-        # K to a multiple of 8: with another K, torch 2.13's CPU kernel returns wrong values or crashes for > 1 row
-        q = F.pad(q, (0, _ceil_to(k, 8) - k))
+        # K to a multiple of _INT8_K_ALIGN: torch 2.13's CPU kernel returns wrong values or crashes for > 1 row when
+        # K is not a multiple of 8 (AVX2), and crashes for bfloat16 when K is not a multiple of 16 (AVX-512 bf16)
+        q = F.pad(q, (0, _ceil_to(k, _INT8_K_ALIGN) - k))
         return cls("int8", k, n, q.contiguous(), scale, bias)
 
     @classmethod
