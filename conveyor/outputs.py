@@ -35,4 +35,7 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     # per prompt token: {token: logprob, top-N...}; None for the first token (nothing precedes it)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # tokens generated so far over all the request's sequences: with best_of, also the candidates not returned
+    # (usage.completion_tokens bills them all, as OpenAI does; vllm:generation_tokens counts them)
+    num_generated_tokens: int = 0
     error: str | None = None  # the engine failed this request inside a step and ended it (finish reason "error")

@@ -513,6 +513,7 @@ class Engine:
             out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                                 self._beam_output(req) if req.finished else [], finished=req.finished,
                                 prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs_done else None)
+            out.num_generated_tokens = sum(len(c.token_ids) for c in out.outputs)  # the returned beams
             if out.finished:
                 out.metrics["e2e_s"] = now - req.arrival_time
                 del self.requests[req.request_id]
@@ -522,7 +523,8 @@ class Engine:
         else:
             outs = [self._sample_output(req, i, seq) for i, seq in enumerate(req.seqs)]
         out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=req.finished,
-                            prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs_done else None)
+                            prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs_done else None,
+                            num_generated_tokens=sum(s.num_output_tokens for s in req.seqs))
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         if first:
             out.metrics["ttft_s"] = min(first) - req.arrival_time

@@ -22,8 +22,9 @@ from conveyor.http_limits import valid_request_id
 from conveyor.outputs import CompletionOutput, RequestOutput
 from conveyor.server.logprobs import LogprobFormatter
 from conveyor.server.metrics import ServerMetrics
+from conveyor.sampling_params import StructuredOutputsParams
 from conveyor.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestError,
-                                      TokenizeRequest, find_invalid_text)
+                                      TokenizeRequest, chat_dicts, find_invalid_text)
 from conveyor.tools import (ToolError, ToolRequest, ToolStream, chat_message, check_tool_messages,
                             render_chat)
 
@@ -187,15 +188,17 @@ class Server:
         "token_strs" with return_token_strs)."""
         self._check_request(request, body)
         try:
+            tools = body.tool_request()
             if body.messages is not None:
                 messages = body.chat_messages()
+                check_tool_messages(messages)
                 self._need_chat_template()
-                ids = await self._render_chat(messages, body.add_generation_prompt, body.special_tokens())
+                ids = await self._render_chat(messages, body, body.special_tokens(), tools)
             elif body.prompt is not None:
                 ids = await asyncio.to_thread(self._encode, body.prompt, body.special_tokens())
             else:
                 raise RequestError("give a prompt or messages", "prompt")
-        except RequestError as e:
+        except (RequestError, ToolError) as e:
             raise APIError(400, str(e), e.param) from None
         out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.engine.max_model_len, "tokens": ids}
         if body.return_token_strs:
@@ -230,36 +233,49 @@ class Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._admit(request, body)
         try:
-            messages = [m.as_dict() for m in body.messages]
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-        try:
+            messages = chat_dicts(body.messages)
+            body.check_chat_options()
             tools = body.tool_request()
             check_tool_messages(messages)
         except (RequestError, ToolError) as e:
             raise APIError(400, str(e), e.param) from None
         self._need_chat_template()
+        await self._check_tool_schemas(tools)
         params = self._params(body)
-        ids = await self._render_chat(messages, body.add_generation_prompt, False, tools)
+        ids = await self._render_chat(messages, body, False, tools)
         return await self._respond(request, body, [{"prompt_token_ids": ids}], params, chat=True, tools=tools)
 
     def _need_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "the model has no chat template; use /v1/completions", "messages")
 
-    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool,
+    async def _check_tool_schemas(self, tools: ToolRequest | None) -> None:
+        """Each function's parameters compiled by the grammar engine (cached, so a schema costs once), also under
+        tool_choice "auto", which does not constrain: a schema it refuses is a 400 naming the function's
+        parameters, not a failure later (or never). Off the event loop."""
+        if tools is None or tools.mode == "none":
+            return
+        for i, f in enumerate(tools.functions):
+            try:
+                await asyncio.to_thread(self.engine.engine.grammars.compile, StructuredOutputsParams(json=f.parameters))
+            except ValueError as e:
+                raise APIError(400, f"tools.{i}.function.parameters: {e}", f"tools.{i}.function.parameters") from None
+
+    async def _render_chat(self, messages: list[dict], opts: ChatCompletionRequest | TokenizeRequest,
                            add_special_tokens: bool, tools: ToolRequest | None = None) -> list[int]:
-        """Token ids of the conversation through the chat template, off the event loop (a long conversation takes a
-        while); a template that raises on these messages is a 400."""
+        """Token ids of the conversation through the chat template with the request's chat options, off the event
+        loop (a long conversation takes a while); a template that raises on these messages is a 400."""
         try:
-            return await asyncio.to_thread(self._chat_ids, messages, add_generation_prompt, add_special_tokens, tools)
+            return await asyncio.to_thread(self._chat_ids, messages, opts, add_special_tokens, tools)
         except Exception as e:
             raise APIError(400, f"the messages could not be rendered with the chat template "
                                 f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
 
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool, add_special_tokens: bool,
+    def _chat_ids(self, messages: list[dict], opts: ChatCompletionRequest | TokenizeRequest, add_special_tokens: bool,
                   tools: ToolRequest | None) -> list[int]:
-        text = render_chat(self.tokenizer, messages, tools, add_generation_prompt)  # tool messages render too
+        text = render_chat(self.tokenizer, messages, tools, opts.add_generation_prompt,  # tool messages render too
+                           continue_final_message=opts.continue_final_message,
+                           template_kwargs=opts.chat_template_kwargs)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_auth(self, request: Request) -> None:
@@ -503,7 +519,7 @@ class Server:
         request_log.info(json.dumps({
             "event": "request", "request_id": ctx.rid, "status": status,
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
-            "output_tokens": sum(len(c.token_ids) for o in outs for c in o.outputs),
+            "output_tokens": sum(o.num_generated_tokens for o in outs),
             "finish_reasons": [c.finish_reason for o in outs for c in o.outputs],
             "ttft_s": round(min(ttfts), 6) if ttfts else None,
             "total_s": round(time.monotonic() - ctx.started, 6)}))
@@ -567,8 +583,10 @@ def _sse(obj: dict) -> str:
 
 
 def _usage(outs: list[RequestOutput]) -> dict:
+    """OpenAI's usage; completion_tokens counts every generated token, best_of's candidates not returned too (as
+    OpenAI bills them)."""
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    completion = sum(o.num_generated_tokens for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

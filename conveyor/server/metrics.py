@@ -142,6 +142,7 @@ class ServerMetrics:
         swapped_in = metric(Counter, "conveyor_kv_blocks_swapped_in", "KV blocks copied back from host memory")
         self.batch_size = hist("conveyor_batch_size", "Sequences per engine step", _BATCH_BUCKETS)
         self._last_token_time: dict[str, float] = {}
+        self._generated: dict[str, int] = {}  # num_generated_tokens counted so far, per running request
         self._counters = {"num_preemptions": self.preemptions, "prefix_cache_queries": self.prefix_queries,
                           "prefix_cache_hits": self.prefix_hits, "blocks_swapped_out": swapped_out,
                           "blocks_swapped_in": swapped_in,
@@ -169,11 +170,14 @@ class ServerMetrics:
 
     def _observe(self, out: RequestOutput, now: float) -> int:
         """Record one output; returns its tokens as vLLM's iteration count has them: the generated ones, plus the
-        prompt's when this is the request's first token (its prefill is then done)."""
+        prompt's when this is the request's first token (its prefill is then done). vllm:generation_tokens counts
+        every generated token, best_of's candidates not returned too (num_generated_tokens)."""
         new = sum(c.num_new_tokens for c in out.outputs)
+        seen = self._generated.get(out.request_id, 0)
+        self._generated[out.request_id] = max(seen, out.num_generated_tokens)
+        self.generation_tokens.inc(max(0, out.num_generated_tokens - seen))
         counted = new
         if new:
-            self.generation_tokens.inc(new)
             last = self._last_token_time.get(out.request_id)
             if last is None:
                 counted += len(out.prompt_token_ids)
@@ -186,6 +190,7 @@ class ServerMetrics:
             self._last_token_time[out.request_id] = now
         if out.finished:
             self._last_token_time.pop(out.request_id, None)
+            self._generated.pop(out.request_id, None)
             self._observe_finished(out)
         return counted
 
@@ -194,7 +199,7 @@ class ServerMetrics:
         n_out = [len(c.token_ids) for c in out.outputs]  # none: beams aborted or failed early
         self.finished[finished_reason(out)].inc()
         self.request_prompt_tokens.observe(len(out.prompt_token_ids))
-        self.request_generation_tokens.observe(sum(n_out))
+        self.request_generation_tokens.observe(max(out.num_generated_tokens, sum(n_out)))
         if n_out:
             self.request_max_generation_tokens.observe(max(n_out))
         if "queue_s" in m:

@@ -1,7 +1,9 @@
 """OpenAI request schemas (with vLLM's extensions) and their mapping onto SamplingParams.
 
-Strictness: the schemas keep unknown top-level fields (`extra="allow"`) so that the server can refuse them by name
-(`unknown_fields`), or ignore them under `--lenient-request-fields`. Fields OpenAI defines that the server cannot
+Strictness: every schema, nested ones too, keeps unknown fields (`extra="allow"`) so that the server can refuse them
+by their full path (`unknown_fields`: "response_format.json_schema.bogus", "tools.0.function.bogus"), or ignore them
+under `--lenient-request-fields`. Types are strict, as OpenAI's are: an integer field refuses "5" and true, a boolean
+refuses "yes", a float field takes an integer. Fields OpenAI defines that the server cannot
 honour are declared and refused when set (`unsupported`). Harmless fields are accepted and have no effect: `user`,
 `metadata` and `safety_identifier` (labels for the caller's records), `prompt_cache_key` (a cache-routing hint; the
 prefix cache needs none), `store` when false (nothing is ever stored), `service_tier` "auto" or "default" (there is
@@ -15,7 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
-from conveyor.tools import ToolError, ToolRequest
+from conveyor.tools import ToolError, ToolRequest, check_chat_options
+from conveyor.tools.spec import unknown_tool_fields
 
 _INT64 = 1 << 63
 Int64 = Annotated[int, Field(ge=-_INT64, lt=_INT64)]  # seeds: the signed 64-bit range, as OpenAI and vLLM take
@@ -30,29 +33,52 @@ class RequestError(ValueError):
         self.param = param
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """A request schema: strict types, unknown fields kept to be named by `unknown_fields`."""
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Paths of the fields sent in `model` and the models nested in it that their schemas do not define, in the
+    order sent ("messages.0.foo")."""
+    found = [prefix + k for k in model.model_extra or {}]
+    for name, info in type(model).model_fields.items():
+        value, key = getattr(model, name), f"{prefix}{info.alias or name}"
+        if isinstance(value, BaseModel):
+            found += unknown_fields(value, key + ".")
+        elif isinstance(value, list):
+            found += [u for i, v in enumerate(value) if isinstance(v, BaseModel)
+                      for u in unknown_fields(v, f"{key}.{i}.")]
+    return found
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: running usage in every chunk
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(_Strict):
     """response_format.json_schema, as OpenAI defines it."""
-    model_config = ConfigDict(populate_by_name=True)
 
-    name: str
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: str | None = None
     json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
+    def check(self) -> None:
+        """Raises RequestError for a json_schema given with another type (it would be dropped silently)."""
+        if self.json_schema is not None and self.type != "json_schema":
+            raise RequestError(f"response_format of type {self.type} takes no json_schema; use type json_schema",
+                               "response_format.json_schema")
 
-class StructuredOutputsRequest(BaseModel):
+
+class StructuredOutputsRequest(_Strict):
     """vLLM's `structured_outputs` object (exactly one kind; options we do not have are refused by name)."""
-    model_config = ConfigDict(extra="forbid")
 
     json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
     regex: str | None = None
@@ -61,8 +87,7 @@ class StructuredOutputsRequest(BaseModel):
     json_object: bool | None = None
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Common(_Strict):
 
     model: str | None = None
     max_tokens: int | None = None
@@ -107,8 +132,8 @@ class _Common(BaseModel):
     guided_grammar: str | None = None
 
     def unknown_fields(self) -> list[str]:
-        """Top-level fields the schema does not define, in the order sent."""
-        return list(self.model_extra or {})
+        """Fields the schemas do not define, with their paths, top-level ones first."""
+        return unknown_fields(self)
 
     def unsupported(self) -> RequestError | None:
         """The first known field set to something this server cannot do, else None."""
@@ -128,6 +153,8 @@ class _Common(BaseModel):
         guided_* field; raises RequestError for several at once or an invalid one."""
         given: list[tuple[str, dict[str, Any]]] = []
         rf = self.response_format
+        if rf is not None:
+            rf.check()
         if rf is not None and rf.type == "json_object":
             given.append(("response_format", {"json_object": True}))
         elif rf is not None and rf.type == "json_schema":
@@ -137,6 +164,7 @@ class _Common(BaseModel):
             given.append(("response_format", {"json": rf.json_schema.json_schema}))
         if self.structured_outputs is not None:
             so = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+            so = {k: v for k, v in so.items() if k not in (self.structured_outputs.model_extra or {})}
             if so.get("json_object") is False:
                 del so["json_object"]
             given.append(("structured_outputs", so))
@@ -284,11 +312,20 @@ class CompletionRequest(_Common):
         return field
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(_Strict):
+    """One part of a message's content; OpenAI's other part kinds are declared so that they are refused as
+    unsupported, not as unknown fields."""
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
 
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # which call a tool message answers
     name: str | None = None
@@ -298,9 +335,9 @@ class ChatMessage(BaseModel):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.type != "text" or part.text is None:
                 raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
+            parts.append(part.text)
         return "".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -313,12 +350,39 @@ class ChatMessage(BaseModel):
         return m
 
 
-class ChatCompletionRequest(_Common):
+def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as dicts (ChatMessage.as_dict); raises RequestError naming the message at fault: content is
+    required except on an assistant message, and must be text."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.content is None and m.role != "assistant":
+            raise RequestError(f"a message with role {m.role!r} needs content", f"messages.{i}.content")
+        try:
+            out.append(m.as_dict())
+        except ValueError as e:
+            raise RequestError(str(e), f"messages.{i}.content") from None
+    return out
+
+
+class _ChatOptions(_Strict):
+    """vLLM's chat rendering options, shared by chat completions and /tokenize."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_chat_options(self) -> None:
+        """Raises RequestError (conveyor.tools.check_chat_options)."""
+        try:
+            check_chat_options(self.chat_template_kwargs, self.add_generation_prompt, self.continue_final_message)
+        except ToolError as e:
+            raise RequestError(str(e), e.param) from None
+
+
+class ChatCompletionRequest(_ChatOptions, _Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
     # tool calling: declared here, handled in the chat path (conveyor/server/tools.py)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -331,6 +395,9 @@ class ChatCompletionRequest(_Common):
     prediction: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
+
+    def unknown_fields(self) -> list[str]:
+        return super().unknown_fields() + unknown_tool_fields(self.tools)
 
     def chat_logprobs(self) -> int | None:
         """Top-N logprobs per generated token, None when off; raises RequestError."""
@@ -371,7 +438,7 @@ class ChatCompletionRequest(_Common):
 
     def _constraint_param(self) -> str:
         if self.tools and self.tool_choice not in (None, "none", "auto"):
-            return "tools"  # a function's parameters schema the grammar engine refused
+            return "tools"  # a function's parameters schema the grammar engine refused (the server names which)
         return super()._constraint_param()
 
     def max_new_tokens(self) -> int | None:
@@ -388,40 +455,45 @@ class ChatCompletionRequest(_Common):
         return field
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a prompt, or messages rendered with the chat template. add_special_tokens defaults to true
-    for a prompt and false for messages (the template writes them)."""
-    model_config = ConfigDict(extra="allow")
+class TokenizeRequest(_ChatOptions):
+    """vLLM's /tokenize: a prompt, or messages (with tools) rendered with the chat template. add_special_tokens
+    defaults to true for a prompt and false for messages (the template writes them)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
 
     def unknown_fields(self) -> list[str]:
-        return list(self.model_extra or {})
+        return unknown_fields(self) + unknown_tool_fields(self.tools)
 
     def special_tokens(self) -> bool:
         return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         """Raises RequestError."""
         if self.prompt is not None:
             raise RequestError("give either prompt or messages, not both", "messages")
+        self.check_chat_options()
+        return chat_dicts(self.messages or [])
+
+    def tool_request(self) -> ToolRequest | None:
+        """The tools to render with the messages; raises RequestError."""
+        if self.tools is not None and self.messages is None:
+            raise RequestError("tools are rendered with messages; give messages", "tools")
         try:
-            return [{"role": m.role, "content": m.text()} for m in self.messages or []]
-        except ValueError as e:
-            raise RequestError(str(e), "messages") from None
+            return ToolRequest.from_request(self.tools, None, None)
+        except ToolError as e:
+            raise RequestError(str(e), e.param) from None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     """vLLM's /detokenize: token ids -> text."""
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     tokens: list[int]
 
     def unknown_fields(self) -> list[str]:
-        return list(self.model_extra or {})
+        return unknown_fields(self)

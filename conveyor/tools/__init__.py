@@ -28,7 +28,8 @@ Design:
 from conveyor.tools.parser import Delta, ToolCall, finish_reason, make_parser, parse_message
 from conveyor.tools.response import ToolStream, chat_message
 from conveyor.tools.spec import ToolError, ToolRequest, check_tool_messages
-from conveyor.tools.template import render_chat
+from conveyor.tools.template import check_chat_options, render_chat
 
-__all__ = ["Delta", "ToolCall", "ToolError", "ToolRequest", "ToolStream", "chat_message", "check_tool_messages",
+__all__ = ["Delta", "ToolCall", "ToolError", "ToolRequest", "ToolStream", "chat_message", "check_chat_options",
+           "check_tool_messages",
            "finish_reason", "make_parser", "parse_message", "render_chat"]

@@ -113,6 +113,24 @@ def _rebased(schema: Any, base: str) -> Any:
     return schema
 
 
+_TOOL_KEYS = ("type", "function")
+_FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+
+
+def unknown_tool_fields(tools: Any) -> list[str]:
+    """Paths ("tools.0.function.bogus") of the keys in `tools` and their function objects that OpenAI's tool
+    schema does not define; what is not an object is parse_tools' to refuse."""
+    found: list[str] = []
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        if not isinstance(tool, dict):
+            continue
+        found += [f"tools.{i}.{k}" for k in tool if k not in _TOOL_KEYS]
+        fn = tool.get("function")
+        if isinstance(fn, dict):
+            found += [f"tools.{i}.function.{k}" for k in fn if k not in _FUNCTION_KEYS]
+    return found
+
+
 def parse_tools(tools: Any) -> tuple[Function, ...]:
     """Validate OpenAI `tools` (a list of {"type": "function", "function": {name, description?, parameters?,
     strict?}}). Raises ToolError for a non-list, more than MAX_TOOLS, another type, a missing or invalid or
@@ -169,6 +187,8 @@ def parse_tool_choice(choice: Any, names: set[str]) -> tuple[Mode, str | None]:
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(choice.get("function"), dict):
         raise ToolError("a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
     name = choice["function"].get("name")
+    if name is None:
+        raise ToolError("a named tool_choice needs function.name", "tool_choice.function.name")
     if not isinstance(name, str) or name not in names:
         raise ToolError(f"tool_choice names the function {str(name)[:64]!r}, which is not among the tools",
                         "tool_choice")

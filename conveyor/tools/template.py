@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from conveyor.tools.parser import CLOSE, OPEN
-from conveyor.tools.spec import ToolRequest, arguments_object
+from conveyor.tools.spec import ToolError, ToolRequest, arguments_object
 
 _PROBE_MESSAGES = [{"role": "user", "content": "ping"}]
 _PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool_f3a9", "description": "probe",
@@ -29,21 +29,52 @@ block per call:
 The results come back inside <tool_response></tool_response> tags.{rule}"""
 
 
+# apply_chat_template's own arguments and the names the template's variables have: chat_template_kwargs cannot
+# set these (each has its own request field, or is the renderer's)
+_RESERVED_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
+                              "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
+                              "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+                              "tokenizer_kwargs", "sanitize_control_tokens"})
+
+
+def check_chat_options(template_kwargs: Any, add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """vLLM's chat_template_kwargs and continue_final_message, validated: the kwargs are an object of JSON values
+    whose keys are not the renderer's own arguments; continue_final_message (the last message is left open, the
+    reply continues it) excludes add_generation_prompt. Raises ToolError naming the field."""
+    if continue_final_message and add_generation_prompt:
+        raise ToolError("continue_final_message and add_generation_prompt cannot both be true; set "
+                        "add_generation_prompt to false", "continue_final_message")
+    if template_kwargs is None:
+        return
+    if not isinstance(template_kwargs, dict) or not all(isinstance(k, str) for k in template_kwargs):
+        raise ToolError("chat_template_kwargs must be an object", "chat_template_kwargs")
+    for key, value in template_kwargs.items():
+        if key in _RESERVED_KWARGS:
+            raise ToolError(f"chat_template_kwargs cannot set {key!r}; it has its own request field",
+                            f"chat_template_kwargs.{key}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ToolError("chat_template_kwargs values must be JSON values", f"chat_template_kwargs.{key}") from None
+
+
 def render_chat(tokenizer, messages: list[dict[str, Any]], tools: ToolRequest | None = None,
-                add_generation_prompt: bool = True, chat_template: str | None = None) -> str:
+                add_generation_prompt: bool = True, chat_template: str | None = None,
+                continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
     """The prompt text of OpenAI chat messages (role, content, tool_calls, tool_call_id) with the request's tools.
 
     Templates that read `tools` (Qwen2.5, Hermes, Llama 3.1 ...) get the tools and the messages as they are, the
     calls' arguments as objects. Others (SmolLM2's ChatML, the demo's) get the fallback: see fallback_messages.
+    continue_final_message and template_kwargs (variables for the template) as check_chat_options validates them.
     Raises whatever the template raises on messages it does not accept."""
     template = chat_template or tokenizer.chat_template
     shown = tools.rendered_tools() if tools is not None else None
+    opts = {**(template_kwargs or {}), "tokenize": False, "chat_template": template,
+            "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
     if template_reads_tools(tokenizer, template):
         messages = [_with_argument_objects(m) for m in messages]
-        return tokenizer.apply_chat_template(messages, tools=shown, tokenize=False, chat_template=template,
-                                             add_generation_prompt=add_generation_prompt)
-    return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False, chat_template=template,
-                                         add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=shown, **opts)
+    return tokenizer.apply_chat_template(fallback_messages(messages, tools), **opts)
 
 
 def template_reads_tools(tokenizer, template: str) -> bool:
