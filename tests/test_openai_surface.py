@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from conveyor.model import builtin, gguf_loader
 from conveyor.model.demo import demo_tokenizer
 from conveyor.server.logprobs import LogprobFormatter
+from conveyor.tools import ToolRequest, render_chat
 
 TOK = demo_tokenizer()
 CHAT = [{"role": "user", "content": "Hello"}]
@@ -59,6 +60,7 @@ def sse(r: httpx.Response) -> list[dict]:
 
 # ---- strictness ---------------------------------------------------------------------------------------------------
 C, H = "/v1/completions", "/v1/chat/completions"
+JS = {"name": "x", "schema": {"type": "object"}}
 BAD = [  # (route, extra fields, the param the 400 must name)
     (C, {"frobnicate": 1}, "frobnicate"), (H, {"echo": True}, "echo"), (C, {"guided_decoding_backend": "x"},
                                                                         "guided_decoding_backend"),
@@ -99,6 +101,41 @@ BAD = [  # (route, extra fields, the param the 400 must name)
     (C, {"model": 5}, "model"), (C, {"user": 5}, "user"), (C, {"metadata": {"a": 1}}, "metadata.a"),
     (H, {"add_generation_prompt": "x"}, "add_generation_prompt"), (H, {"logprobs": 3}, "logprobs"),
     (H, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"), (C, {"prompt": None}, "prompt"),
+    # nested unknown or contradictory fields, by their full path
+    (C, {"response_format": {"type": "json_object", "extra": 1}}, "response_format.extra"),
+    (C, {"response_format": {"type": "json_schema", "json_schema": {**JS, "bogus": 1}}},
+     "response_format.json_schema.bogus"),
+    (C, {"response_format": {"type": "json_schema", "json_schema": {**JS, "strict": "yes"}}},
+     "response_format.json_schema.strict"),
+    (C, {"response_format": {"type": "json_schema", "json_schema": {**JS, "name": "a b c!"}}},
+     "response_format.json_schema.name"),
+    (C, {"response_format": {"type": "text", "json_schema": JS}}, "response_format.json_schema"),
+    (H, {"response_format": {"type": "json_object", "json_schema": JS}}, "response_format.json_schema"),
+    (C, {"stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),
+    (H, {"tools": [{"type": "function", "function": {"name": "f", "bogus": 1}}]}, "tools.0.function.bogus"),
+    (H, {"tools": [{"type": "function", "function": {"name": "f"}, "bogus": 1}]}, "tools.0.bogus"),
+    (H, {"messages": [{"role": "user", "content": "x", "foo": 1}]}, "messages.0.foo"),
+    (H, {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "foo": 1}]}]},
+     "messages.0.content.0.foo"),
+    (H, {"messages": [{"role": "user"}]}, "messages.0.content"),
+    (H, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    # strict types, as OpenAI's
+    (C, {"logit_bias": {"65": "5"}}, "logit_bias.65"), (C, {"logit_bias": {"65": True}}, "logit_bias.65"),
+    (H, {"logprobs": "yes"}, "logprobs"), (C, {"seed": "5"}, "seed"), (C, {"seed": True}, "seed"),
+    (C, {"max_tokens": "5"}, "max_tokens"), (C, {"max_tokens": True}, "max_tokens"), (C, {"n": "2"}, "n"),
+    (C, {"n": True}, "n"), (C, {"temperature": "1"}, "temperature"),
+    # chat options and tools
+    (H, {"continue_final_message": True}, "continue_final_message"),
+    (H, {"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt"),
+    (H, {"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+    (H, {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                    "function": {}}},
+     "tool_choice.function.name"),
+    (H, {"tools": [{"type": "function", "function": {"name": "f"}},
+                   {"type": "function", "function": {"name": "g", "parameters": {
+                       "type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}}}]},
+     "tools.1.function.parameters"),
 ]
 
 
@@ -138,6 +175,13 @@ def test_lenient_flag_ignores_unknown_fields_only(lenient):
     assert r.status_code == 200, r.text
     r = post(lenient, C, {"prompt": "x", "max_tokens": 2, "suffix": "y"}, headers=auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+    nested = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "foo": 1}], "foo": 1}],
+              "max_tokens": 2, "response_format": {"type": "json_object", "extra": 1},
+              "tools": [{"type": "function", "function": {"name": "f", "bogus": 1}, "bogus": 1}]}
+    r = post(lenient, H, nested, headers=auth)
+    assert r.status_code == 200, r.text
+    r = post(lenient, C, {"prompt": "x", "max_tokens": "2"}, headers=auth)  # types stay strict
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     # the new endpoints take the API key like the others
     for method, path, body in [("GET", "/v1/models/demo", None), ("POST", "/tokenize", {"prompt": "x"}),
                                ("POST", "/detokenize", {"tokens": [104]})]:
@@ -213,11 +257,70 @@ def test_prompt_logprobs(client, server):
     assert len(plp) == 5 and plp[0] is None
     for tok, entry in zip(TOK.encode("Hello")[1:], plp[1:]):
         assert str(tok) in entry and len(entry) in (2, 3)
-        ranks = sorted(v["rank"] for v in entry.values() if v["rank"] is not None)
-        assert ranks == [1, 2] and all(v["logprob"] <= 0 for v in entry.values())
+        ranks = sorted(v["rank"] for v in entry.values())
+        assert ranks[:2] == [1, 2] and all(v["logprob"] <= 0 for v in entry.values())
+        assert len(ranks) == 2 or ranks[2] > 2  # the prompt token outside the top 2: its true rank
     r = post(server, H, {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 0})
     body = r.json()
     assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
+
+
+def test_prompt_logprobs_exactly_n_with_true_ranks(server):
+    """prompt_logprobs N gives the top N (ranks 1..N) and the prompt token with its vocabulary rank, also when
+    echo + logprobs had the engine compute more alternatives."""
+    r = post(server, C, {"prompt": "hi there", "max_tokens": 1, "echo": True, "prompt_logprobs": 1, "logprobs": 3})
+    ids = TOK.encode("hi there")
+    choice = r.json()["choices"][0]
+    assert len(choice["logprobs"]["top_logprobs"][1]) >= 3  # the echoed prompt's own logprobs keep their 3
+    for tok, entry in zip(ids[1:], choice["prompt_logprobs"][1:]):
+        top = [v for k, v in entry.items() if v["rank"] == 1]
+        assert len(entry) in (1, 2) and str(tok) in entry and len(top) >= 1
+        mine = entry[str(tok)]
+        assert isinstance(mine["rank"], int) and mine["rank"] >= 1
+        assert (mine["rank"] == 1) == (mine["logprob"] >= top[0]["logprob"])
+    full = post(server, C, {"prompt": "hi there", "max_tokens": 1, "prompt_logprobs": 20}).json()
+    for tok, small, big in zip(ids[1:], choice["prompt_logprobs"][1:], full["choices"][0]["prompt_logprobs"][1:]):
+        assert small[str(tok)]["rank"] == big[str(tok)]["rank"]  # the rank does not depend on N
+        if big[str(tok)]["rank"] <= 20:
+            assert sorted(big, key=lambda k: big[k]["rank"]).index(str(tok)) + 1 == big[str(tok)]["rank"]
+
+
+def test_best_of_usage_counts_every_candidate(server):
+    body = {"prompt": "x", "max_tokens": 5, "n": 2, "best_of": 6, "ignore_eos": True}
+    before = _generation_tokens(server)
+    r = post(server, C, body).json()
+    assert len(r["choices"]) == 2 and r["usage"]["completion_tokens"] == 30
+    assert _generation_tokens(server) - before == 30
+
+
+def _generation_tokens(server) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
+def test_chat_options_and_tokenize_with_tools(server):
+    """continue_final_message leaves the last message open; chat_template_kwargs reach the template; /tokenize
+    renders messages with tools and the same options as chat completions."""
+    conv = [*CHAT, {"role": "assistant", "content": "Hel"}]
+    opts = {"continue_final_message": True, "add_generation_prompt": False}
+    r = post(server, "/tokenize", {"messages": conv, **opts, "return_token_strs": True}).json()
+    assert TOK.decode(r["tokens"]).endswith("<|start_header|>assistant<|end_header|>\n\nHel")
+    r = post(server, H, {"messages": conv, **opts, "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}})
+    count = post(server, "/tokenize", {"messages": conv, **opts}).json()["count"]
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == count
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with_tools = post(server, "/tokenize", {"messages": CHAT, "tools": tools}).json()
+    assert "get_weather" in TOK.decode(with_tools["tokens"])
+    rendered = render_chat(TOK, CHAT, ToolRequest.from_request(tools, None, None))  # what chat completions use
+    assert with_tools["tokens"] == TOK.encode(rendered, add_special_tokens=False)
+    for body, param in [({"prompt": "x", "tools": tools}, "tools"), ({"messages": CHAT, "tools": [{"x": 1}]},
+                                                                      "tools.0.x"),
+                        ({"messages": CHAT, "continue_final_message": True}, "continue_final_message"),
+                        ({"messages": CHAT, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
+                        ({"messages": [{"role": "user"}]}, "messages.0.content")]:
+        r = post(server, "/tokenize", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
 def test_echo_with_logprobs_streamed_and_not(client):

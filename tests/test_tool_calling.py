@@ -470,3 +470,21 @@ def sse_events(server, kw: dict) -> list[dict]:
         lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(x) for x in lines[:-1]]
+
+
+def test_chat_template_kwargs_reach_the_template_and_are_checked():
+    from conveyor.tools import ToolError, check_chat_options, render_chat
+    from conveyor.model.demo import demo_tokenizer
+    tok = demo_tokenizer()
+    template = "{% for m in messages %}{{ greeting }} {{ m['content'] }}{% endfor %}"
+    text = render_chat(tok, [{"role": "user", "content": "x"}], chat_template=template,
+                       add_generation_prompt=False, template_kwargs={"greeting": "hey"})
+    assert text == "hey x"
+    for kwargs, gen, cont, param in [({"tokenize": True}, True, False, "chat_template_kwargs.tokenize"),
+                                     ({"a": float("nan")}, True, False, "chat_template_kwargs.a"),
+                                     ({1: 2}, True, False, "chat_template_kwargs"),
+                                     (None, True, True, "continue_final_message")]:
+        with pytest.raises(ToolError) as e:
+            check_chat_options(kwargs, gen, cont)
+        assert e.value.param == param
+    check_chat_options({"enable_thinking": False, "x": [1, {"y": None}]}, False, True)

@@ -11,18 +11,31 @@ from __future__ import annotations
 import torch
 
 
+class Logprobs(dict[int, float]):
+    """{token: logprob} of one position (the chosen token first, then its top-k alternatives) with `rank`, the
+    chosen token's rank in the whole vocabulary: 1 + the number of tokens with a strictly greater logprob (vLLM's
+    rank), so ties share the best rank."""
+    __slots__ = ("rank",)
+
+    def __init__(self, items: dict[int, float], rank: int) -> None:
+        super().__init__(items)
+        self.rank = rank
+
+
 @torch.no_grad()
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top_k: list[int]) -> list[dict[int, float]]:
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top_k: list[int]) -> list[Logprobs]:
     """logits [rows, vocab] (any float dtype; computed in float32), tokens one id per row, top_k one count per row.
     Returns per row {token: logprob, then up to top_k[i] most likely tokens: logprob} (the chosen token first; it
-    appears once even when it is among the top-k), in nats."""
+    appears once even when it is among the top-k), in nats, with the chosen token's vocabulary rank (one
+    comparison per vocabulary entry)."""
     assert logits.dim() == 2 and logits.shape[0] == len(tokens) == len(top_k)
     if not tokens:
         return []
     lp = logits.float().log_softmax(dim=-1)
     ids = torch.tensor(tokens, dtype=torch.long, device=lp.device)
-    chosen = lp.gather(1, ids[:, None]).squeeze(1).tolist()
-    result = [{t: v} for t, v in zip(tokens, chosen)]
+    chosen_t = lp.gather(1, ids[:, None])
+    ranks = ((lp > chosen_t).sum(dim=1) + 1).tolist()
+    result = [Logprobs({t: v}, r) for t, v, r in zip(tokens, chosen_t.squeeze(1).tolist(), ranks)]
     k = max(top_k)
     if k:
         top_v, top_i = lp.topk(min(k, lp.shape[1]), dim=-1)

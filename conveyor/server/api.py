@@ -430,7 +430,7 @@ class Server:
     def _prompt_logprobs(self, ctx: _Ctx, out: RequestOutput) -> list | None:
         if out.prompt_logprobs is None:
             return None
-        return self.logprobs.prompt_logprobs(out.prompt_logprobs, ctx.prompt_logprobs)
+        return self.logprobs.prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs, ctx.prompt_logprobs)
 
     async def _stream(self, ctx: _Ctx, gens: list) -> AsyncIterator[str]:
         outs: dict[int, RequestOutput] = {}

@@ -107,19 +107,24 @@ class LogprobFormatter:
         return {"token": self.text(token_id), "logprob": finite(logprob),
                 "bytes": list(self.token_bytes(token_id))}
 
-    def prompt_logprobs(self, plps: list[dict[int, float] | None], top_n: int) -> list[dict | None]:
-        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
-        decoded_token}}. The engine gives the top_n and the prompt token: ranks 1..top_n are those; a prompt token
-        outside them has rank null (its rank is not computed)."""
+    def prompt_logprobs(self, ids: list[int], plps: list[dict[int, float] | None], top_n: int) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (ids) None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding exactly the top_n most likely tokens (ranks 1..top_n) and the prompt token with its
+        vocabulary rank (the engine's Logprobs.rank; the engine may have computed more alternatives than top_n,
+        when echo asked for more)."""
         out: list[dict | None] = []
-        for lp in plps:
+        for t, lp in zip(ids, plps, strict=True):
             if lp is None:
                 out.append(None)
                 continue
-            ranked = sorted(lp.items(), key=lambda kv: -kv[1])
-            out.append({str(k): {"logprob": finite(v), "rank": r + 1 if r < top_n else None,
-                                 "decoded_token": self.text(k)} for r, (k, v) in enumerate(ranked)})
+            top = sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]
+            entry = {str(k): self._ranked(v, r + 1, k) for r, (k, v) in enumerate(top)}
+            entry.setdefault(str(t), self._ranked(lp[t], getattr(lp, "rank", None), t))
+            out.append(entry)
         return out
+
+    def _ranked(self, logprob: float, rank: int | None, token_id: int) -> dict:
+        return {"logprob": finite(logprob), "rank": rank, "decoded_token": self.text(token_id)}
 
 
 def _decoder_type(tokenizer) -> str | None:
