@@ -56,15 +56,20 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of OpenAI-style messages) or to a list of them, rendered with
         the model's chat template (or `chat_template`), as vLLM's LLM.chat. Messages are {"role", "content"} with
         content a string or a list of {"type": "text", "text"} parts (plus tool_calls / tool_call_id for tool
         use); `tools` (OpenAI function tools) are shown to the model through the template, or through a system
         prompt block when the template ignores them (conveyor.tools.render_chat). The output is not parsed for
-        tool calls. Raises ValueError for malformed messages or tools, or a template that fails on them."""
-        from conveyor.tools import ToolRequest, check_tool_messages, render_chat  # tool calling's module
+        tool calls. continue_final_message leaves the last message open for the reply to continue (needs
+        add_generation_prompt=False); chat_template_kwargs are extra variables for the template (JSON values, not
+        the renderer's own arguments). Raises ValueError for malformed messages, tools or options, or a template
+        that fails on them."""
+        from conveyor.tools import ToolRequest, check_chat_options, check_tool_messages, render_chat
 
+        check_chat_options(chat_template_kwargs, add_generation_prompt, continue_final_message)
         conversations = _conversations(messages)
         tool_request = ToolRequest.from_request(tools, None, None)
         tok = self.engine.tokenizer
@@ -75,7 +80,8 @@ class LLM:
             check_tool_messages(conv)
             try:
                 text = render_chat(tok, conv, tool_request, add_generation_prompt=add_generation_prompt,
-                                   chat_template=chat_template)
+                                   chat_template=chat_template, continue_final_message=continue_final_message,
+                                   template_kwargs=chat_template_kwargs)
                 ids = tok.encode(text, add_special_tokens=False)  # the template writes any special tokens
             except Exception as e:  # a template may raise on messages it does not accept
                 raise ValueError(f"the messages could not be rendered with the chat template "

@@ -238,6 +238,16 @@ def test_chat_renders_with_the_template_and_matches_generate(llm):
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
     [with_tools] = llm.chat([{"role": "user", "content": "Weather?"}], params, tools=tools)
     assert "get_weather" in with_tools.prompt  # the demo template ignores tools: shown in a system block
+    [cont] = llm.chat([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "The ans"}], params,
+                      add_generation_prompt=False, continue_final_message=True)
+    assert cont.prompt.endswith("<|start_header|>assistant<|end_header|>\n\nThe ans")
+    [kw] = llm.chat([{"role": "user", "content": "Q"}], params,
+                    chat_template="{{ greeting }} {{ messages[0]['content'] }}", chat_template_kwargs={"greeting": "Hey"})
+    assert kw.prompt == "Hey Q"
+    for bad in [dict(continue_final_message=True), dict(chat_template_kwargs={"tokenize": True}),
+                dict(chat_template_kwargs={"x": object()})]:
+        with pytest.raises(ValueError):
+            llm.chat([{"role": "user", "content": "Q"}], params, **bad)
     assert_clean(llm)
 
 

@@ -452,7 +452,8 @@ def test_required_and_named_on_the_real_model():
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"functions": [TIME["function"]]}, "functions"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"}, "tools.0.function.parameters"),
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], "tool_choice": "required"},
+     "tools.0.function.parameters"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(server, extra, param):
     r = httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, **extra},
