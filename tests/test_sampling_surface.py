@@ -292,3 +292,13 @@ def test_real_model_chat_with_prompt_logprobs():
     assert all(d[t] <= 0 and max(d.values()) >= d[t] and len(d) <= 2 for t, d in zip(ids[1:], lps[1:]))
     assert all(d[t] > -0.05 for t, d in zip(ids[-3:], lps[-3:]))  # "ass", "istant", "\n"
     assert_clean(llm)
+
+
+def test_logprob_ranks_count_strictly_greater_entries():
+    import torch
+
+    from conveyor.engine.logprobs import token_logprobs
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, -1.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
+    rows = token_logprobs(logits, [2, 3], [1, 0])
+    assert [r.rank for r in rows] == [3, 2]  # ties share the best rank: row 1 has only token 0 above its tie
+    assert list(rows[0]) == [2, 1] and list(rows[1]) == [3]  # the chosen token first, then the top 1
