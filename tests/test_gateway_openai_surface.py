@@ -245,6 +245,15 @@ def test_logit_bias_through_the_gateway(gw):
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {"prompt": "x", "seed": 1 << 63}, "seed"),
     ("/v1/completions", {"prompt": "x", "temperature": 0, "max_tokens": -1}, "max_tokens"),
+    # what sizes the reservation, checked by the gateway as the replica would: a 400, never a 429 (issue 13's tester)
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**21}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2**63}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 10**30}, "n"),
+    ("/v1/completions", {"prompt": "x", "best_of": 10**30}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "beam_width": 10**30}, "beam_width"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 10**30}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, "prompt"),  # prompt + max_tokens > context
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": MAX_MODEL_LEN + 1}, "messages"),
     # the gateway's own checks: the same param as the replica would name
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, "messages.0.role"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
@@ -295,6 +304,34 @@ def test_the_reservation_is_what_the_replica_allows(gw):
             next(r.iter_lines())  # its reservation is made; no need to wait for ~1000 tokens
         wait_until(lambda: '"reserved_tokens"' in json.dumps(_access_or_none(gw, r.headers["x-request-id"])))
         assert _access(gw, r.headers["x-request-id"])["reserved_tokens"] == MAX_MODEL_LEN
+
+
+def test_a_small_quota_gets_400s_for_hopeless_requests_and_one_unretried_429(gw):
+    """Tenant `small` (120 tokens a minute): a request the replica would refuse is its 400, even when its
+    reservation is over the quota; a valid request over the quota is a 429 request_too_large that says not to
+    retry (x-should-retry: false, no Retry-After), so the openai SDK, which retries 429s, sends it once."""
+    small = _client(gw, "small")
+    for kw, param in (({"max_tokens": 5000}, "prompt"), ({"n": 10**30, "max_tokens": 1}, "n"),
+                      ({"max_tokens": 10**21}, "max_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            small.completions.create(model="m", prompt="x", extra_body=kw)
+        assert e.value.body["param"] == param, e.value.body
+    before = _metric(gw, "conveyor_gateway_rejections_total")
+    retrying = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=KEYS["small"], max_retries=2, timeout=60)
+    with pytest.raises(openai.RateLimitError) as e:
+        retrying.completions.create(model="m", prompt="x", max_tokens=500)
+    assert e.value.body["code"] == "request_too_large" and "per minute" in e.value.body["message"]
+    headers = e.value.response.headers
+    assert headers["x-should-retry"] == "false" and "retry-after" not in headers
+    assert _metric(gw, "conveyor_gateway_rejections_total") == before + 1  # sent once
+
+
+def test_wrong_methods_are_invalid_request_errors_as_on_the_replica(gw, replica):
+    through = _get(gw, "/v1/completions")
+    direct = httpx.get(replica.base_url + "/v1/completions", timeout=10)
+    assert through.status_code == direct.status_code == 405
+    assert through.json()["error"]["type"] == direct.json()["error"]["type"] == "invalid_request_error"
+    assert through.json()["error"]["code"] == direct.json()["error"]["code"] == "method_not_allowed"
 
 
 # ---- endpoints ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conveyor.gateway.admission import FairQueue, ModelQueue, Rejected, Waiter
 from conveyor.gateway.auth import find_tenant
-from conveyor.gateway.budget import budget
+from conveyor.gateway.budget import budget, check_fits
 from conveyor.gateway.body import MAX_DEPTH, BodyError, parse_body
 from conveyor.gateway.config import ConfigError, TenantConfig, parse_config
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
@@ -20,9 +20,10 @@ from conveyor.gateway.picker import Breaker, Pool, Replica, affinity_key
 from conveyor.gateway.proxy import Flight
 from conveyor.gateway.ratelimit import MemoryLimiter, _duration
 from conveyor.gateway.router import auto_route
-from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer
+from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, prompt_floor
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body
 from conveyor.prometheus_text import sum_by_name
+from conveyor.sampling_params import SamplingParams
 
 H = hashlib.sha256(b"key-a").hexdigest()
 
@@ -479,8 +480,8 @@ def test_body_summary():
                    b'{"type": "image_url", "image_url": {"url": "x"}}]}], "seed": 1, "logprobs": true, '
                    b'"max_completion_tokens": 9, "max_tokens": 3}', True)
     assert c.texts == ["user:hi\n"] and c.max_tokens == 9 and c.coalescable  # each client gets the replica's body
-    ids = parse_body(b'{"model": "m", "prompt": [[1, 2], [3]], "n": -1}', False)
-    assert (ids.token_ids, ids.num_prompts, ids.n, ids.texts) == (3, 2, 1, [])
+    ids = parse_body(b'{"model": "m", "prompt": [[1, 2], [3]], "n": 3}', False)
+    assert (ids.token_ids, ids.id_lengths, ids.num_prompts, ids.n, ids.texts) == (3, [2, 1], 2, 3, [])
 
 
 def test_digest_holds_every_field_that_changes_the_response():
@@ -511,13 +512,81 @@ def test_budget_reserves_what_the_replica_allows():
     assert _budget(msgs, True, 24) == (1024, None)
     assert _budget({**msgs, "max_completion_tokens": 7, "max_tokens": 100}, True, 24) == (24 + 7, None)
     assert _budget({**msgs, "max_tokens": 100}, True, 24) == (124, None)
-    assert _budget({**msgs, "max_tokens": 0}, True, 24) == (24, None)  # the replica refuses it
     assert _budget(msgs, True, 2000) == (2000, None)  # over the context: the replica refuses it
     # the operator's cap: forwarded when it is below the replica's own limit, never raising it
     assert _budget(msgs, True, 24, cap=8) == (32, 8)
     assert _budget({"prompt": "x"}, False, 10, cap=8) == (18, 8)
     assert _budget({"prompt": "x"}, False, 10, cap=256) == (26, None)
     assert _budget({"prompt": "x", "max_tokens": 300}, False, 10, cap=8) == (310, None)  # the client's own limit
+
+
+_CHAT = {"messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("body, chat, param", [
+    ({"max_tokens": 10**21}, False, "max_tokens"), ({"max_tokens": 2**63}, False, "max_tokens"),
+    ({"max_tokens": 0}, False, "max_tokens"), ({"max_tokens": -5}, False, "max_tokens"),
+    ({"n": 10**30}, False, "n"), ({"n": 129}, False, "n"), ({"n": 0}, False, "n"),
+    ({"best_of": 10**30}, False, "best_of"), ({"best_of": 2, "n": 3}, False, "best_of"),
+    ({"beam_width": 10**30, "use_beam_search": True}, False, "beam_width"),
+    ({"beam_width": 65, "use_beam_search": True}, False, "beam_width"),
+    ({"n": 3, "beam_width": 2, "use_beam_search": True}, False, "n"),
+    ({"best_of": 3, "use_beam_search": True}, False, "use_beam_search"),
+    ({"max_completion_tokens": 10**30}, True, "max_completion_tokens"),
+    ({"max_tokens": 10**30}, True, "max_tokens"), ({"n": 10**30}, True, "n"),
+])
+def test_sizes_the_replica_refuses_are_400s_before_any_reservation(body, chat, param):
+    """What sizes the reservation is held to the replica's own bounds, with its message and param: a hopeless
+    request is a 400 here, not a 429 for a reservation over the tenant's quota (which clients retry)."""
+    with pytest.raises(BodyError) as e:
+        parse_body(json.dumps({"model": "m", **(_CHAT if chat else {"prompt": "x"}), **body}).encode(), chat)
+    assert e.value.param == param, e.value.message
+    sp = {**{k: k for k in body}, "max_completion_tokens": "max_tokens"}
+    with pytest.raises(ValueError) as direct:  # the replica's check: the same message
+        kw = {sp[k]: v for k, v in body.items()}
+        SamplingParams(**{**kw, "beam_width": kw.get("beam_width", kw.get("n", 1))})
+    assert e.value.message == str(direct.value)
+
+
+def test_chat_best_of_is_left_to_the_replica():
+    """Chat has no best_of (the replica refuses it as unknown, or ignores it when lenient): it sizes nothing."""
+    p = parse_body(json.dumps({"model": "m", **_CHAT, "best_of": 10**30, "max_tokens": 5}).encode(), True)
+    assert p.n == 1 and p.max_tokens == 5
+
+
+@pytest.mark.parametrize("body, chat, mml, cap, fits", [
+    ({"prompt": "x" * 1009}, False, 1024, None, False),  # the default 16 does not fit
+    ({"prompt": "x" * 1008}, False, 1024, None, True),
+    ({"prompt": "x" * 1009}, False, 1024, 15, True),  # the operator's cap is what the replica gets
+    ({"prompt": "x" * 1024, "max_tokens": None}, False, 1024, None, False),  # no room for one token
+    ({"prompt": "x" * 1023, "max_tokens": None}, False, 1024, None, True),
+    ({"prompt": "x", "max_tokens": 5000}, False, 4096, None, False),
+    ({"prompt": [[1, 2, 3], [4] * 10], "max_tokens": 1021}, False, 1024, None, True),  # per prompt: the shortest
+    ({"prompt": [[1, 2, 3], [4] * 10], "max_tokens": 1022}, False, 1024, None, False),
+    ({"prompt": ["ab", "abcd"], "max_tokens": 1022}, False, 1024, None, True),
+    ({"prompt": ["ab", "abcd"], "max_tokens": 1023}, False, 1024, None, False),
+    ({"max_completion_tokens": 5000}, True, 4096, None, False),
+    ({"max_tokens": 4096}, True, 4096, None, True),  # the template's tokens are the replica's to count
+])
+def test_check_fits_refuses_only_what_cannot_fit(body, chat, mml, cap, fits):
+    p = parse_body(json.dumps({"model": "m", **(_CHAT if chat else {}), **body}).encode(), chat)
+    floor = prompt_floor(p, load_tokenizer("demo"), 10**6)  # demo: one token per byte, no BOS
+    if fits:
+        check_fits(p, floor, mml, cap)
+        return
+    with pytest.raises(BodyError) as e:
+        check_fits(p, floor, mml, cap)
+    assert e.value.param == ("messages" if chat else "prompt") and f"length of {mml} tokens" in e.value.message
+
+
+def test_prompt_floor_is_a_lower_bound_or_zero():
+    text = parse_body(json.dumps({"model": "m", "prompt": "hello"}).encode(), False)
+    tok = load_tokenizer("demo")
+    assert prompt_floor(text, tok, 100) == 5
+    assert prompt_floor(text, tok, 4) == 0  # longer than what may be tokenized: unknown
+    assert prompt_floor(text, None, 100) == 0  # no tokenizer: unknown (chars / 4 is an estimate, not a bound)
+    ids = parse_body(json.dumps({"model": "m", "prompt": [1, 2, 3]}).encode(), False)
+    assert prompt_floor(ids, None, 100) == 3
 
 
 def test_token_count_caps_what_it_tokenizes():

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
 from conveyor.gateway.body import BodyError, Parsed, parse_body, parse_object
-from conveyor.gateway.budget import budget
+from conveyor.gateway.budget import budget, check_fits, least_limit
 from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
                                      replica_url)
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
@@ -41,7 +41,7 @@ from conveyor.gateway.picker import Pool, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
-from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer
+from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, prompt_floor
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body, valid_request_id
 
 log = logging.getLogger("conveyor.gateway")
@@ -292,8 +292,11 @@ class Gateway:
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
             return await self._respond(request, ctx, flight, stream, include_usage, path)
 
-        max_model_len = self.pools[model.name].max_model_len() or model.fallback_max_model_len
-        b = budget(parsed, await self._count(parsed, model.tokenizer), max_model_len, model.default_max_tokens)
+        known = self.pools[model.name].max_model_len()
+        prompt_tokens = await self._count(parsed, model.tokenizer)
+        if known is not None:
+            await self._check_fits(parsed, model, prompt_tokens, known)
+        b = budget(parsed, prompt_tokens, known or model.fallback_max_model_len, model.default_max_tokens)
         if b.max_tokens is not None:  # the operator's cap: the replica must not generate past the reservation
             upstream["max_completion_tokens" if parsed.chat else "max_tokens"] = b.max_tokens
         await self._reserve(ctx, tenant, b.reserve)
@@ -360,7 +363,7 @@ class Gateway:
             raise _Reject(503, "ratelimit_unavailable", "the rate-limit store is unavailable; retry shortly",
                           "ratelimit_unavailable", decision.headers())
         if not decision.allowed:
-            raise self._rate_limited(decision)
+            raise self._rate_limited(decision, cost)
         ctx.cost, ctx.reserved = cost, True
         self.metrics.reserved_tokens.labels(tenant.cls).inc(cost)
 
@@ -418,6 +421,21 @@ class Gateway:
                 big, count_prompt_tokens, parsed, load_tokenizer(tokenizer), self.cfg.tokenize_max_chars)
         return parsed.counts[tokenizer]
 
+    async def _check_fits(self, parsed: Parsed, model: ModelConfig, prompt_tokens: int, max_model_len: int) -> None:
+        """A 400 (the replica's) when the prompt and its limit surely exceed the replica's context. The prompt's
+        floor is counted only when the estimate says it may not fit: the estimate is at least the floor (but for
+        merges across the joined prompts of a batch)."""
+        cap = model.default_max_tokens
+        try:
+            check_fits(parsed, 0, max_model_len, cap)
+            if least_limit(parsed, cap) + prompt_tokens > max_model_len:
+                big = sum(map(len, parsed.texts)) > INLINE_TEXT_CHARS
+                floor = await self._cpu(big, prompt_floor, parsed, load_tokenizer(model.tokenizer),
+                                        self.cfg.tokenize_max_chars)
+                check_fits(parsed, floor, max_model_len, cap)
+        except BodyError as e:
+            raise _Reject(400, "bad_request", e.message, e.code, param=e.param) from None
+
     async def _route(self, request: Request, parsed: Parsed, tenant: TenantConfig) -> ModelConfig:
         cfg, name = self.cfg, parsed.model
         if name == "auto" and cfg.auto_route is not None:
@@ -470,10 +488,11 @@ class Gateway:
         flight.task = asyncio.create_task(self.forwarder.run(flight, call))
         return flight
 
-    def _rate_limited(self, d: Decision) -> _Reject:
-        if d.reason == "too_large":
-            return _Reject(429, "rate_limit_tokens", f"the request needs more tokens than the limit of "
-                           f"{d.limit_tokens} per minute", "request_too_large", d.headers())
+    def _rate_limited(self, d: Decision, cost: int) -> _Reject:
+        if d.reason == "too_large":  # waiting never helps: no Retry-After, and the openai SDKs' "do not retry"
+            return _Reject(429, "rate_limit_tokens", f"the request needs {cost} tokens, more than "
+                           f"the limit of {d.limit_tokens} per minute: it can never be served; ask for fewer "
+                           f"tokens (max_tokens, n)", "request_too_large", {**d.headers(), "x-should-retry": "false"})
         what = "requests" if d.reason == "requests" else "tokens"
         return _Reject(429, f"rate_limit_{what}", f"Rate limit reached for {what} per minute; retry in "
                        f"{d.retry_after_s:.1f}s", "rate_limit_exceeded", d.headers())

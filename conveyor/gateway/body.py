@@ -3,9 +3,11 @@ reservation is taken, so a malformed body is a 400 here and never an exception l
 
 Checked: valid JSON (finite numbers only), an object, nesting at most MAX_DEPTH deep, no lone surrogates (text
 that cannot be UTF-8), and the fields the gateway itself interprets — with the same types, and the same lax
-coercions, as `conveyor serve` — so that the gateway and the replica read a request the same way. Every other field
-is passed through untouched for the replica to judge. An error's `param` is the field's path as the replica names
-it (`messages.0.content`).
+coercions, as `conveyor serve` — so that the gateway and the replica read a request the same way. The fields that
+size the token reservation (max_tokens, n, best_of, beam_width) are checked against the replica's own bounds
+(SamplingParams's), so that a request the replica will refuse is a 400 naming the field, never a 429 for a
+reservation it could never need. Every other field is passed through untouched for the replica to judge. An
+error's `param` is the field's path as the replica names it (`messages.0.content`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from conveyor.sampling_params import SamplingParams
 
 MAX_DEPTH = 32
 COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the field is left out (OpenAI, vLLM, conveyor serve)
@@ -87,12 +91,17 @@ class Parsed:
     n: int  # sequences generated per prompt: n, or best_of / beam_width when larger
     num_prompts: int
     texts: list[str]  # the prompt strings (chat: "role:content" per message)
-    token_ids: int  # prompt tokens given as ids
+    id_lengths: list[int]  # the length of each prompt given as token ids
     messages: list[dict[str, str]] | None  # chat: role and text of each message, for the chat template
     tools: list[dict[str, Any]] | None  # chat: the tool definitions, rendered by the chat template too
     cache_salt: str | None
     digest: str  # sha256 of the body without what never changes a response (see _digest): "the same request"
     counts: dict[str | None, int] = field(default_factory=dict)  # prompt tokens by tokenizer, once counted
+
+    @property
+    def token_ids(self) -> int:
+        """Prompt tokens given as ids."""
+        return sum(self.id_lengths)
 
     @property
     def text(self) -> str:
@@ -113,7 +122,33 @@ def parse_body(raw: bytes, chat: bool) -> Parsed:
         where = ".".join(map(str, loc)) or None
         msg = "Input should be an object" if err["type"] == "model_type" else err["msg"]
         raise BodyError(f"{where}: {msg}", where) from None
+    _check_sizes(f, chat)
     return _summarise(body, f, chat)
+
+
+def _check_sizes(f: _Fields, chat: bool) -> None:
+    """What sizes the reservation, within the bounds the replica enforces (SamplingParams validates them there
+    too, so the message is the replica's). Chat has no best_of: the replica refuses or ignores it, so it is not
+    read. Raises BodyError naming the field as the replica does."""
+    max_tokens = f.max_completion_tokens if chat and f.max_completion_tokens is not None else f.max_tokens
+    n = 1 if f.n is None else f.n
+    try:
+        SamplingParams(n=n, max_tokens=max_tokens, best_of=None if chat else f.best_of,
+                       use_beam_search=bool(f.use_beam_search),
+                       beam_width=n if f.beam_width is None else f.beam_width)
+    except ValueError as e:
+        raise BodyError(str(e), _size_param(str(e), chat and f.max_completion_tokens is not None)) from None
+
+
+def _size_param(message: str, completion_tokens: bool) -> str | None:
+    """The request field a SamplingParams message about these fields names (its first word, as the replica reads
+    it); chat's max_completion_tokens when the client sent that."""
+    word = message.split(" ", 1)[0]
+    if word == "max_tokens" and completion_tokens:
+        return "max_completion_tokens"
+    if word in ("n", "max_tokens", "best_of", "beam_width"):
+        return word
+    return "use_beam_search" if message.startswith("beam search") else None
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -135,7 +170,8 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 
 def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
     texts: list[str] = []
-    token_ids, num_prompts, messages, tools = 0, 1, None, None
+    id_lengths: list[int] = []
+    num_prompts, messages, tools = 1, None, None
     if chat:
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in f.messages or []]
         texts = [f"{m['role']}:{m['content']}\n" for m in messages]
@@ -147,21 +183,21 @@ def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
         if isinstance(p, str):
             texts = [p]
         elif p and all(isinstance(x, int) for x in p):
-            token_ids = len(p)
+            id_lengths = [len(p)]
         elif p:
             num_prompts = len(p)
             texts = [x for x in p if isinstance(x, str)]
-            token_ids = sum(len(x) for x in p if isinstance(x, list))
+            id_lengths = [len(x) for x in p if isinstance(x, list)]
     max_tokens = f.max_completion_tokens if chat and f.max_completion_tokens is not None else f.max_tokens
     # the replica's own default when the limit is left out: 16 for a completion (OpenAI's and vLLM's), while an
     # explicit null, and chat either way, mean up to max_model_len
     default = COMPLETION_MAX_TOKENS if not chat and "max_tokens" not in body else None
-    n = f.n if f.n is not None and f.n > 0 else 1
-    n = max(n, f.best_of or 0, (f.beam_width or 0) if f.use_beam_search else 0)
+    n = f.n if f.n is not None else 1
+    n = max(n, 0 if chat else f.best_of or 0, (f.beam_width or 0) if f.use_beam_search else 0)
     return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
                   include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
                   coalescable=f.temperature == 0 or f.seed is not None, max_tokens=max_tokens,
-                  replica_max_tokens=default, n=n, num_prompts=num_prompts, texts=texts, token_ids=token_ids,
+                  replica_max_tokens=default, n=n, num_prompts=num_prompts, texts=texts, id_lengths=id_lengths,
                   messages=messages, tools=tools, cache_salt=f.cache_salt, digest=_digest(body))
 
 

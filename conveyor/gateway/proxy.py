@@ -35,8 +35,9 @@ MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> str:
     kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
-            429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}.get(status, "api_error")
+            404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+            422: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error",
+            503: "service_unavailable"}.get(status, "api_error")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 

@@ -48,3 +48,21 @@ def _count(text: str, tokenizer, max_chars: int) -> int:
     if len(text) > len(head):  # extrapolate the rest at the ratio measured on the head
         n += math.ceil((len(text) - len(head)) * n / len(head))
     return n
+
+
+def prompt_floor(p: Parsed, tokenizer, max_chars: int) -> int:
+    """Tokens the replica will count at least in the request's shortest prompt: a prompt of ids exactly; a text
+    prompt through the model's tokenizer without special tokens (the replica's count adds them, never removes) when
+    one is configured and the text is at most `max_chars`; else 0, as for chat, whose template the replica may
+    render differently. Never raises: a tokenizer failure counts 0."""
+    if p.chat:
+        return 0
+    counts = list(p.id_lengths)
+    for text in p.texts:
+        if tokenizer is None or len(text) > max_chars:
+            return 0
+        try:
+            counts.append(len(tokenizer.encode(text, add_special_tokens=False)))
+        except Exception:  # noqa: BLE001 - no lower bound known
+            return 0
+    return min(counts, default=0)
