@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -17,8 +18,9 @@ import torch
 import xgrammar as xgr
 
 from conveyor import LLM, SamplingParams
-from conveyor.engine.async_engine import AsyncEngine
-from conveyor.engine.structured_output import GrammarCompiler, GrammarConfig, GrammarState, apply_grammar_masks
+from conveyor.engine.async_engine import AsyncEngine, EngineOverloaded
+from conveyor.engine.structured_output import (CompileBusy, GrammarCompiler, GrammarConfig, GrammarState,
+                                               apply_grammar_masks)
 from conveyor.model import demo
 from conveyor.model.builtin import DEFAULT_MODEL
 from conveyor.sampling_params import StructuredOutputsParams as SO
@@ -179,9 +181,8 @@ def test_compilation_is_cached_and_bounded():
     slow = GrammarCompiler(tok, 262, [257, 261], GrammarConfig(compile_timeout_s=0.005))
     slow._compiler()  # the vocabulary is read before the clock starts
     hard = SO(regex="(.{1,300}){1,300}")  # tens of ms or more on any vocabulary
-    for _ in range(2):  # the second refusal is immediate: the key is remembered as too slow
-        with pytest.raises(ValueError, match="too complex"):
-            slow.compile(hard)
+    with pytest.raises(ValueError, match="too complex"):
+        slow.compile(hard)
 
 
 def test_mask_covers_vocabulary_padding_and_keeps_other_rows():
@@ -233,8 +234,9 @@ def test_streaming_through_async_engine_compiles_off_the_engine_thread(llm):
         engine = AsyncEngine(llm.engine)
         engine.start()
         submitters: list[str] = []
-        real_submit = grammars._pool.submit
-        grammars._pool.submit = lambda *a: (submitters.append(threading.current_thread().name), real_submit(*a))[1]
+        pool = grammars._small.pool
+        real_submit = pool.submit
+        pool.submit = lambda *a: (submitters.append(threading.current_thread().name), real_submit(*a))[1]
         try:
             deltas, final = [], None
             async for out in engine.generate("s1", "stream:", sampled(SO(json=schema), stop=["\n"])):
@@ -243,7 +245,7 @@ def test_streaming_through_async_engine_compiles_off_the_engine_thread(llm):
             assert submitters and "conveyor-engine" not in submitters
             return "".join(deltas), final
         finally:
-            grammars._pool.submit = real_submit
+            pool.submit = real_submit
             engine.shutdown()
 
     grammars._compile = spy
@@ -273,3 +275,195 @@ def test_real_model_json_schema_50_sampled_completions_validate(real_llm):
     outs = real_llm.generate(prompt, sampled(SO(json=schema), n=50, max_tokens=48))
     assert_valid_json(outs, schema)
     assert len(set(texts(outs))) > 5
+
+
+# ---- compile pool: deadlines from the start, overload, cancellation, no starvation (issue 13, tester's item 1) ---
+
+def slow_grammar(tag: int, rules: int = 2000) -> SO:
+    """A large GBNF grammar (~50 kB) that takes about a second or more to compile on the demo vocabulary."""
+    return SO(grammar="\n".join(f'r{i} ::= r{i + 1} "a" | "b{tag}"' for i in range(rules)) + f'\nr{rules} ::= "c"'
+              + "\nroot ::= r0")
+
+
+def quietly(fn, *args) -> None:
+    """fn(*args) in a helper thread, whose ValueError (a too-slow compile) the test does not need."""
+    try:
+        fn(*args)
+    except ValueError:
+        pass
+
+
+def wait_until(cond) -> None:
+    while not cond():
+        time.sleep(0.002)
+
+
+def compiler(**kw) -> GrammarCompiler:
+    gc = GrammarCompiler(demo.demo_tokenizer(), 262, [257, 261], GrammarConfig(**kw))
+    gc._compiler()  # the vocabulary is read before any clock starts
+    return gc
+
+
+def test_small_constraints_are_not_starved_and_a_full_queue_is_busy_not_bad():
+    gc = compiler(compile_threads=1, compile_queue_size=1)
+    results: dict[int, object] = {}
+
+    def run(tag: int) -> None:
+        try:
+            results[tag] = gc.compile(slow_grammar(tag))
+        except Exception as e:  # noqa: BLE001 - recorded for the asserts below
+            results[tag] = e
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in (1, 2)]
+    for tag, t in zip((1, 2), threads):
+        t.start()
+        wait_until(lambda: slow_grammar(tag).key() in gc._pending)
+    with pytest.raises(CompileBusy, match="busy"):  # one compiling, one queued: the lane is full
+        gc.compile(slow_grammar(3))
+    small = gc.compile(SO(regex="[0-9]+x"))  # its own lane: done while the slow ones are still compiling
+    assert small is not None and len(gc._pending) == 2
+    for t in threads:
+        t.join()
+    assert all(not isinstance(r, Exception) for r in results.values()), results
+    assert gc._small.queued == gc._large.queued == 0
+
+
+def test_deadline_counts_from_the_start_and_a_late_compile_is_cached_not_refused_for_good():
+    gc = compiler(compile_timeout_s=0.05, compile_threads=1)
+    hard = slow_grammar(4)
+    with pytest.raises(ValueError, match="too complex"):
+        gc.compile(hard)
+    job = gc._pending[hard.key()]
+    with pytest.raises(ValueError, match="too complex"):  # refused at once while its compilation still runs
+        gc.compile(hard)
+    job.future.result()  # it runs to its end
+    n = gc.num_compiled
+    assert gc.compile(hard) is job.future.result() and gc.num_compiled == n  # served from the cache
+    # a queued compilation's wait is not its compile time: behind a slow one, a quick one is not "too complex"
+    gc = compiler(compile_timeout_s=0.5, compile_threads=1, small_constraint_chars=1)  # one lane for all
+    first = threading.Thread(target=quietly, args=(gc.compile, slow_grammar(5)))
+    first.start()
+    wait_until(lambda: len(gc._pending) == 1)
+    assert gc.compile(SO(regex="[0-9]+x")) is not None
+    first.join()
+
+
+def test_a_queued_compile_is_busy_after_its_wait_and_dropped_when_nobody_waits():
+    gc = compiler(compile_threads=1, small_constraint_chars=1, compile_queue_timeout_s=0.05)
+    blocker = threading.Thread(target=quietly, args=(gc.compile, slow_grammar(6)))
+    blocker.start()
+    wait_until(lambda: gc._pending and next(iter(gc._pending.values())).started.done())
+    with pytest.raises(CompileBusy):
+        gc.compile(SO(regex="[a-z]+"))
+    assert SO(regex="[a-z]+").key() not in gc._pending and gc._large.queued == 0  # cancelled before it started
+
+    async def leave_early() -> None:
+        task = asyncio.ensure_future(gc.compile_async(SO(regex="[b-z]+")))
+        await asyncio.sleep(0.01)
+        assert SO(regex="[b-z]+").key() in gc._pending
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave_early())
+    assert SO(regex="[b-z]+").key() not in gc._pending and gc._large.queued == 0
+    n = gc.num_compiled
+    blocker.join()
+    assert gc.num_compiled == n + 1  # only the blocker ran
+
+
+def test_a_busy_compiler_is_engine_overloaded(llm):
+    real = llm.engine.grammars
+    llm.engine.grammars = compiler(compile_threads=1, compile_queue_size=1, compile_queue_timeout_s=60)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm.engine)
+        engine.start()
+        try:
+            async def consume(rid: str, so: SO) -> None:
+                async for _ in engine.generate(rid, "x", SamplingParams(max_tokens=2, structured_outputs=so)):
+                    pass
+            slow = [asyncio.ensure_future(consume(f"s{i}", slow_grammar(10 + i))) for i in range(2)]
+            while len(llm.engine.grammars._pending) < 2:
+                await asyncio.sleep(0.01)
+            with pytest.raises(EngineOverloaded, match="busy"):
+                await consume("third", slow_grammar(12))
+            await consume("small", SO(regex="[0-9]+x"))
+            await asyncio.gather(*slow)
+        finally:
+            engine.shutdown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.engine.grammars = real
+    assert not llm.engine.has_unfinished_requests()
+
+
+# ---- JSON-schema keywords that xgrammar would ignore are refused (issue 13, tester's item 2) ----------------------
+
+REFUSED = [
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "allOf", "#"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 1}}}}, "not", "#/properties/a"),
+    ({"$ref": "http://example.com/s.json"}, "$ref", "#"),
+    ({"$defs": {"i": {"$anchor": "i", "type": "integer"}}, "$ref": "#i"}, "$ref", "#"),
+    ({"type": "integer", "if": {"minimum": 5}, "then": {"maximum": 6}}, "if", "#"),
+    ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired", "#"),
+    ({"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}, "dependentSchemas", "#"),
+    ({"type": "object", "dependencies": {"a": ["b"]}}, "dependencies", "#"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}}, "contains", "#"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems", "#"),
+    ({"type": "array", "items": [{"type": "integer"}], "additionalItems": False}, "additionalItems", "#"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf", "#"),
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf", "#"),
+    ({"type": "integer", "multipleOf": 3, "maximum": 9}, "multipleOf", "#"),
+    ({"type": "string", "pattern": "a+", "maxLength": 2}, "maxLength", "#"),
+    ({"type": "string", "format": "email", "minLength": 5}, "minLength", "#"),
+    ({"type": "integer", "maximum": 5, "anyOf": [{"minimum": 3}, {"minimum": 4}]}, "maximum", "#"),
+    ({"$defs": {"i": {"type": "integer"}}, "$ref": "#/$defs/i", "maximum": 3}, "maximum", "#"),
+    ({"type": "string", "enum": ["a", 1]}, "type", "#"),
+    ({"enum": ["a", "abc"], "minLength": 2}, "minLength", "#"),
+    ({"type": "array", "items": {"maximum": 3}}, "maximum", "#/items"),
+    ({"required": ["a"]}, "required", "#"),
+    ({"$defs": {"n": {"$id": "urn:n", "type": "integer"}}}, "$id", "#/$defs/n"),
+    ({"$dynamicAnchor": "n", "type": "object", "properties": {"c": {"$dynamicRef": "#n"}}}, "$dynamicAnchor", "#"),
+    ({"type": "object", "properties": {"a/b": {"type": "string", "if": True}}}, "if", "#/properties/a~1b"),
+]
+ACCEPTED = [
+    {"allOf": [{"type": "integer", "minimum": 1}], "title": "one member", "description": "d", "default": 1},
+    {"anyOf": [{"$ref": "#/$defs/i"}, {"type": "null"}], "$defs": {"i": {"type": "integer", "maximum": 3}}},
+    {"oneOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]},
+    {"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+               {"type": "object", "properties": {"k": {"const": "b"}, "v": {"type": "integer"}}, "required": ["k"]}]},
+    {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "urn:root", "$comment": "c",
+     "type": "object", "properties": {"d": {"type": "string", "format": "date", "examples": ["2020-01-01"]},
+                                      "n": {"type": ["integer", "null"], "multipleOf": 3, "deprecated": True},
+                                      "t": {"type": "array", "prefixItems": [{"type": "boolean"}], "items": False,
+                                            "uniqueItems": False}},
+     "required": ["d", "n", "t"], "additionalProperties": False},
+    {"type": "string", "pattern": "^[a-c]{1,4}$", "readOnly": True},
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "exclusiveMaximum": 5}, "minItems": 1,
+     "maxItems": 3},
+    {"type": "string", "enum": ["x", "yy"]},
+]
+
+
+@pytest.mark.parametrize("schema,keyword,path", REFUSED, ids=[f"{k}@{p}" for _, k, p in REFUSED])
+def test_unenforced_json_schema_keywords_are_refused_with_their_path(schema, keyword, path):
+    gc = GrammarCompiler(demo.demo_tokenizer(), 262, [257, 261])
+    with pytest.raises(ValueError, match=f"structured_outputs.json: the keyword {re.escape(repr(keyword))} at "
+                                         f"{re.escape(path)} is not supported"):
+        gc.compile(SO(json=schema))
+    assert gc.num_compiled == 0  # refused before anything compiled
+
+
+def test_enforced_json_schema_keywords_are_accepted_and_generated_output_is_valid(llm):
+    for schema in ACCEPTED:
+        params = sampled(SO(json=schema), n=4, max_tokens=60)
+        for o in llm.generate("json:", params):
+            for c in o.outputs:
+                if c.finish_reason == "stop":
+                    jsonschema.validate(json.loads(c.text), schema)
+    with pytest.raises(ValueError, match="the keyword 'allOf' at #"):
+        llm.generate("x", sampled(SO(json=REFUSED[0][0])))
+    assert not llm.engine.has_unfinished_requests()

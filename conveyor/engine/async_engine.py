@@ -2,8 +2,9 @@
 
 The event loop talks to the engine thread through a command queue (add, abort); the engine thread hands each step's
 outputs back with one `call_soon_threadsafe` per step. Requests are validated (and tokenized) before they are queued,
-so a bad request fails at once, before any response header is sent. Validation runs in a worker thread and compiles a
-structured output's grammar there; the compiled grammar travels with the queued add, so the engine loop never
+so a bad request fails at once, before any response header is sent. A structured output's grammar is compiled first,
+on the grammar compiler's workers (awaited without holding a thread; a busy compiler is EngineOverloaded), then
+validation runs in a worker thread; the compiled grammar travels with the queued add, so the engine loop never
 compiles.
 
 Failures: a request that fails inside a step is ended by the engine and its client gets RequestFailed; the loop goes
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from conveyor.engine.engine import Engine, Prompt
+from conveyor.engine.structured_output import CompileBusy
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 
@@ -33,7 +35,7 @@ log = logging.getLogger("conveyor.async_engine")
 
 
 class EngineOverloaded(Exception):
-    """The waiting queue is full: try again later (HTTP 503)."""
+    """The waiting queue is full, or the grammar compiler is busy: try again later (HTTP 503)."""
 
 
 class EngineDead(Exception):
@@ -115,7 +117,8 @@ class AsyncEngine:
         self._reserved += 1
         queued = False
         try:
-            text, ids, grammar = await asyncio.to_thread(self._validate, prompt, params, cache_salt)
+            grammar = await self._compile(params)
+            text, ids = await asyncio.to_thread(self.engine.validate, prompt, params, cache_salt)
             self._cmds.put(_Add(request_id, ids, text, params, cache_salt, grammar))
             queued = True
         finally:
@@ -139,11 +142,17 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _validate(self, prompt: Prompt, params: SamplingParams, cache_salt: str | None) -> tuple:
-        """Engine.validate (in a worker thread: it compiles a structured output's grammar) and that grammar."""
-        text, ids = self.engine.validate(prompt, params, cache_salt)
-        so = params.structured_outputs
-        return text, ids, self.engine.grammars.compile(so) if so is not None else None
+    async def _compile(self, params: SamplingParams) -> Grammar | None:
+        """The structured output's grammar, compiled on the grammar workers without holding a thread while it waits
+        (a client that leaves stops waiting at once, and a compilation nobody waits for is dropped before it starts),
+        so that validate (in a worker thread) finds it cached. A busy compiler is EngineOverloaded (retryable)."""
+        if not isinstance(params, SamplingParams) or params.structured_outputs is None:
+            return None  # validate says what is wrong with params
+        params.validate()
+        try:
+            return await self.engine.grammars.compile_async(params.structured_outputs)
+        except CompileBusy as e:
+            raise EngineOverloaded(str(e)) from None
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(request_id)

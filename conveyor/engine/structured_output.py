@@ -43,18 +43,21 @@ strict mode (the default, as OpenAI's `strict: true`) no property or item beyond
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import functools
 import json
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import xgrammar as xgr
 
+from conveyor.engine.json_schema_support import check_json_schema
 from conveyor.sampling_params import StructuredOutputsParams
 
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[06:01:42] /project/cpp/regex_converter.cc:94: "
@@ -68,30 +71,68 @@ class Grammar:
     token_filter: torch.Tensor | None = None
 
 
+class CompileBusy(Exception):
+    """Every grammar worker of the constraint's lane is busy and its queue is full, or the constraint waited in that
+    queue past compile_queue_timeout_s: nothing is wrong with the request, try again later (HTTP 503)."""
+
+
 @dataclass
 class GrammarConfig:
     """cache_size: compiled grammars kept (LRU), holding at most cache_bytes (the newest is always kept);
-    compile_timeout_s: longest a compilation may take before the request is refused; compile_threads: worker threads
-    compiling at once (a refused compilation still runs to its end on its worker, so this bounds the CPU that hostile
-    grammars can take)."""
+    compile_timeout_s: longest a compilation may run (from when a worker starts it, not counting its wait in the
+    queue) before the request is refused as too complex; compile_threads: worker threads compiling large constraints
+    at once (a refused compilation still runs to its end on its worker, so this bounds the CPU that hostile grammars
+    can take); small_compile_threads: a separate lane for constraints of at most small_constraint_chars characters
+    (most JSON schemas, regexes and choices), so that they are not starved behind slow large grammars;
+    compile_queue_size: compilations a lane holds waiting for a worker before it refuses more with CompileBusy;
+    compile_queue_timeout_s: longest a request waits for its compilation to start before CompileBusy."""
     cache_size: int = 256
     cache_bytes: int = 256 << 20
     compile_timeout_s: float = 10.0
     compile_threads: int = 2
+    small_compile_threads: int = 1
+    small_constraint_chars: int = 4096
+    compile_queue_size: int = 8
+    compile_queue_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("cache_size", "cache_bytes"):
+        for name in ("cache_size", "cache_bytes", "compile_threads", "small_compile_threads",
+                     "small_constraint_chars", "compile_queue_size"):
             v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not self.compile_timeout_s > 0:
-            raise ValueError(f"compile_timeout_s must be positive, got {self.compile_timeout_s!r}")
-        if not (isinstance(self.compile_threads, int) and self.compile_threads >= 1):
-            raise ValueError(f"compile_threads must be a positive integer, got {self.compile_threads!r}")
+        for name in ("compile_timeout_s", "compile_queue_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{name} must be positive, got {v!r}")
+
+
+@dataclass
+class _Lane:
+    """A pool of compile workers and the number of its compilations not started yet."""
+    pool: concurrent.futures.ThreadPoolExecutor
+    queued: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    """One compilation, shared by every request for its key. started: set to the monotonic start time when a
+    worker picks it up; future: the executor's (the Grammar, or the ValueError); waiters: requests waiting on it."""
+    key: str
+    lane: _Lane
+    started: concurrent.futures.Future
+    future: concurrent.futures.Future | None = None
+    waiters: int = 0
 
 
 class GrammarCompiler:
-    """Compiles structured output constraints for one tokenizer and model vocabulary; thread-safe."""
+    """Compiles structured output constraints for one tokenizer and model vocabulary; thread-safe.
+
+    A compilation is shared by all requests for its key, runs on its lane's pool (small or large constraints), and is
+    cancelled if every request waiting on it has left before it started. A request is refused as too complex only
+    when its key's compilation has run for compile_timeout_s; the compilation still runs to its end and, if it
+    succeeds, its grammar is cached and served like any other (a key is never refused for good). A full lane queue,
+    or a wait for a worker past compile_queue_timeout_s, is CompileBusy (retryable), never blamed on the request."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int],
                  config: GrammarConfig | None = None) -> None:
@@ -105,52 +146,141 @@ class GrammarCompiler:
         self._no_control_chars: torch.Tensor | None = None  # the JSON kinds' token filter, built with the compiler
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._cache_bytes = 0
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._too_slow: OrderedDict[str, None] = OrderedDict()
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.compile_threads,
-                                                           thread_name_prefix="conveyor-grammar")
+        self._pending: dict[str, _Job] = {}
+        self._too_slow: set[str] = set()  # pending keys whose compilation has run past the deadline
+        self._errors: OrderedDict[str, str] = OrderedDict()  # keys that did not compile: their error (LRU)
+        self._large = _Lane(self._executor(self.config.compile_threads))
+        self._small = _Lane(self._executor(self.config.small_compile_threads))
         self.num_compiled = 0  # compilations run (cache misses), for tests and stats
 
+    @staticmethod
+    def _executor(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="conveyor-grammar")
+
     def compile(self, so: StructuredOutputsParams) -> Grammar:
-        """The compiled grammar of so, from the cache or compiled now (waiting at most compile_timeout_s).
-        Raises ValueError for a constraint that does not compile or takes too long to."""
-        key = so.key()
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-            if key in self._too_slow:
-                raise ValueError(self._too_slow_message(so))
-            fut = self._pending.get(key)
-            if fut is None:  # concurrent requests with one constraint share one compilation
-                fut = self._pool.submit(self._compile, so)
-                self._pending[key] = fut
-                fut.add_done_callback(lambda f, key=key: self._finished(key, f))
+        """The compiled grammar of so, from the cache or compiled now (blocking). Raises ValueError for a constraint
+        that does not compile or whose compilation has run past compile_timeout_s, CompileBusy when no worker could
+        start it in time."""
+        job = self._acquire(so)
+        if isinstance(job, Grammar):
+            return job
         try:
-            return fut.result(timeout=self.config.compile_timeout_s)
-        except concurrent.futures.TimeoutError:
-            with self._lock:
-                self._too_slow[key] = None
-                while len(self._too_slow) > self.config.cache_size:
-                    self._too_slow.popitem(last=False)
-            raise ValueError(self._too_slow_message(so)) from None
+            try:
+                start = job.started.result(timeout=self.config.compile_queue_timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise self._busy(so) from None
+            try:
+                return job.future.result(timeout=self._remaining(start))
+            except concurrent.futures.TimeoutError:
+                raise self._timed_out(so, job) from None
+        finally:
+            self._release(job)
+
+    async def compile_async(self, so: StructuredOutputsParams) -> Grammar:
+        """compile() for an asyncio caller, without holding a thread while it waits: a cancelled caller stops
+        waiting at once, and a compilation that nobody waits for any more and has not started is cancelled."""
+        job = self._acquire(so)
+        if isinstance(job, Grammar):
+            return job
+        try:
+            try:
+                start = await _wait_future(job.started, self.config.compile_queue_timeout_s)
+            except TimeoutError:
+                raise self._busy(so) from None
+            try:
+                return await _wait_future(job.future, self._remaining(start))
+            except TimeoutError:
+                raise self._timed_out(so, job) from None
+        finally:
+            self._release(job)
 
     def keep(self, so: StructuredOutputsParams, compiled: Grammar) -> None:
         """Put a grammar compiled earlier (in another thread) back in the cache, so compile() finds it."""
         with self._lock:
             self._insert(so.key(), compiled)
 
+    def _lane(self, so: StructuredOutputsParams) -> _Lane:
+        return self._small if len(so.key()) <= self.config.small_constraint_chars else self._large
+
+    def _acquire(self, so: StructuredOutputsParams) -> Grammar | _Job:
+        """The cached grammar of so, or its compilation (started or queued now) with one more waiter. Raises
+        ValueError for a key known not to compile or running past its deadline, CompileBusy for a full queue."""
+        if so.kind == "json":
+            check_json_schema(so.json)
+        key = so.key()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            if key in self._errors:
+                self._errors.move_to_end(key)
+                raise ValueError(self._errors[key])
+            if key in self._too_slow:
+                raise ValueError(self._too_slow_message(so))
+            job = self._pending.get(key)
+            if job is None:
+                lane = self._lane(so)
+                if lane.queued >= self.config.compile_queue_size:
+                    raise self._busy(so)
+                job = _Job(key, lane, concurrent.futures.Future())
+                lane.queued += 1
+                job.future = lane.pool.submit(self._run, job, so)
+                self._pending[key] = job
+                job.future.add_done_callback(lambda f, job=job: self._finished(job))
+            job.waiters += 1
+            return job
+
+    def _release(self, job: _Job) -> None:
+        """A waiter has left; the last one cancels a compilation that has not started."""
+        with self._lock:
+            job.waiters -= 1
+            if job.waiters == 0 and not job.started.done():
+                job.future.cancel()  # fails (harmlessly) if a worker has just taken it
+
+    def _run(self, job: _Job, so: StructuredOutputsParams) -> Grammar:
+        with self._lock:
+            job.lane.queued -= 1
+            job.started.set_result(time.monotonic())
+        return self._compile(so)
+
+    def _remaining(self, start: float) -> float:
+        return max(0.0, start + self.config.compile_timeout_s - time.monotonic())
+
+    def _busy(self, so: StructuredOutputsParams) -> CompileBusy:
+        return CompileBusy(f"the structured_outputs.{so.kind} compiler is busy: every worker is taken and "
+                           f"{self.config.compile_queue_size} compilations are queued or the queue is slower than "
+                           f"{self.config.compile_queue_timeout_s:g} s; try again later")
+
+    def _timed_out(self, so: StructuredOutputsParams, job: _Job) -> ValueError:
+        """The error for a waiter whose key's compilation ran past the deadline; the key is refused at once until
+        that compilation ends (then its grammar, or its error, is what the key gets)."""
+        with self._lock:
+            if self._pending.get(job.key) is job:
+                self._too_slow.add(job.key)
+        return ValueError(self._too_slow_message(so))
+
     def _too_slow_message(self, so: StructuredOutputsParams) -> str:
         return (f"structured_outputs.{so.kind} is too complex: it did not compile within "
                 f"{self.config.compile_timeout_s:g} s")
 
-    def _finished(self, key: str, fut: concurrent.futures.Future) -> None:
+    def _finished(self, job: _Job) -> None:
+        fut = job.future
         with self._lock:
-            self._pending.pop(key, None)
+            if self._pending.get(job.key) is job:
+                del self._pending[job.key]
+            self._too_slow.discard(job.key)
+            if fut.cancelled():
+                job.lane.queued -= 1
+                return
             self.num_compiled += 1
-            if fut.exception() is None:
-                self._insert(key, fut.result())
+            error = fut.exception()
+            if error is None:
+                self._insert(job.key, fut.result())
+            elif isinstance(error, ValueError):
+                self._errors[job.key] = str(error)
+                while len(self._errors) > self.config.cache_size:
+                    self._errors.popitem(last=False)
 
     def _insert(self, key: str, compiled: Grammar) -> None:
         old = self._cache.pop(key, None)
@@ -199,6 +329,14 @@ class GrammarCompiler:
             msg = _XGR_PREFIX.sub("", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"structured_outputs.{so.kind} is not valid: {msg[:500]}") from None
         raise AssertionError(f"unknown structured output kind {so.kind}")
+
+
+async def _wait_future(fut: concurrent.futures.Future, timeout: float):
+    """fut's result, awaited at most timeout seconds (TimeoutError); cancelling the awaiting task or timing out
+    leaves fut itself alone (its owner decides whether to cancel it)."""
+    waited = asyncio.wrap_future(fut)
+    waited.add_done_callback(lambda f: f.cancelled() or f.exception())  # an error nobody awaits any more is not logged
+    return await asyncio.wait_for(asyncio.shield(waited), timeout)
 
 
 def _token_filter(info: xgr.TokenizerInfo, keep) -> torch.Tensor:
