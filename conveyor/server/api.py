@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
+from conveyor.engine.structured_output import CompileBusy
 from conveyor.http_limits import valid_request_id
 from conveyor.outputs import CompletionOutput, RequestOutput
 from conveyor.server.logprobs import LogprobFormatter
@@ -257,7 +258,9 @@ class Server:
             return
         for i, f in enumerate(tools.functions):
             try:
-                await asyncio.to_thread(self.engine.engine.grammars.compile, StructuredOutputsParams(json=f.parameters))
+                await self.engine.engine.grammars.compile_async(StructuredOutputsParams(json=f.parameters))
+            except CompileBusy as e:
+                raise _engine_error(EngineOverloaded(str(e))) from None
             except ValueError as e:
                 raise APIError(400, f"tools.{i}.function.parameters: {e}", f"tools.{i}.function.parameters") from None
 
