@@ -12,7 +12,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them (conveyor/vllm_flags.py: vLLM's flags Conveyor refuses by name). The
     model is also accepted positionally (`conveyor serve MODEL`)."""
     from conveyor.model.builtin import DEFAULT_MODEL
-    from conveyor.vllm_flags import add_vllm_only, human_int
+    from conveyor.vllm_flags import Bounded, add_vllm_only, human_int
 
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model")
     p.add_argument("--model", default=None,
@@ -34,30 +34,35 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
     p.add_argument("--enforce-eager", action="store_true",
                    help="accepted for vLLM command lines; Conveyor always runs eagerly (no CUDA graphs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, action=Bounded, lo=-(1 << 63), hi=(1 << 64) - 1)
+    p.add_argument("--block-size", type=int, default=16, action=Bounded, lo=1, hi=256,
+                   help="tokens per KV block: a power of two up to 256")
     p.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_kv_blocks", type=int, default=None,
+                   action=Bounded, lo=1,
                    help="KV cache blocks, on CPU too (default: from the memory budget)")
     p.add_argument("--kv-cache-memory-bytes", "--kv-cache-memory", dest="kv_cache_memory", type=human_int,
-                   default=None,
+                   default=None, action=Bounded, lo=1,
                    help="bytes of KV cache, such as 8G (default: 2 GiB on CPU; on CUDA what --gpu-memory-utilization "
                         "leaves)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=human_int, default=None, help="tokens (32k: 32000; 32K: 32768)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, action=Bounded, lo=0, hi=1, above=True)
+    p.add_argument("--max-num-seqs", type=int, default=128, action=Bounded, lo=1)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, action=Bounded, lo=1)
+    p.add_argument("--max-model-len", type=human_int, default=None, action=Bounded, lo=1,
+                   help="tokens (32k: 32000; 32K: 32768)")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="long prompts are always prefilled in chunks; only the default is accepted")
     p.add_argument("--batching", default="continuous", choices=["continuous", "static", "dynamic", "none"],
                    help="admission policy; the non-continuous ones are baselines for `bench compare`")
     p.add_argument("--kv-layout", default="paged", choices=["paged", "contiguous"])
-    p.add_argument("--batch-window-s", type=float, default=0.05, help="dynamic batching's window")
-    p.add_argument("--batch-timeout-s", type=float, default=2.0, help="static batching's flush timeout")
+    p.add_argument("--batch-window-s", type=float, default=0.05, action=Bounded, lo=0, help="dynamic batching's window")
+    p.add_argument("--batch-timeout-s", type=float, default=2.0, action=Bounded, lo=0,
+                   help="static batching's flush timeout")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    p.add_argument("--swap-space", type=float, default=0.0, help="GiB of host memory for swapped-out KV blocks")
-    p.add_argument("--long-prefill-token-threshold", type=int, default=0,
+    p.add_argument("--swap-space", type=float, default=0.0, action=Bounded, lo=0,
+                   help="GiB of host memory for swapped-out KV blocks")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=0, action=Bounded, lo=0,
                    help="most tokens one prompt may prefill per step (0: no cap)")
     add_vllm_only(p)
 
@@ -73,10 +78,11 @@ def resolve_model_arg(a: argparse.Namespace) -> str:
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     """LLM(...) arguments from the engine flags. Raises ValueError for a vLLM flag value Conveyor cannot honour."""
-    from conveyor.vllm_flags import check_chunked_prefill, resolve_quantization
+    from conveyor.vllm_flags import check_chunked_prefill, check_tokenizer, resolve_quantization
 
     model = resolve_model_arg(a)
     check_chunked_prefill(a.enable_chunked_prefill)
+    check_tokenizer(a.tokenizer, model)
     return dict(model=model, revision=a.revision, tokenizer=a.tokenizer,
                 quantization=resolve_quantization(a.quantization, model, a.load_format), dtype=a.dtype,
                 load_format=a.load_format, device=a.device, seed=a.seed,
@@ -86,7 +92,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 batching=a.batching, kv_layout=a.kv_layout, batch_window_s=a.batch_window_s,
                 batch_timeout_s=a.batch_timeout_s, enable_prefix_caching=a.enable_prefix_caching,
                 scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
-                preemption_mode=a.preemption_mode, swap_space=a.swap_space)
+                preemption_mode=a.preemption_mode, swap_space=a.swap_space, max_logprobs=a.max_logprobs)
 
 
 def build_llm(a: argparse.Namespace):
@@ -240,6 +246,8 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from conveyor.vllm_flags import Bounded
+
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM serving stack")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate completions offline")
@@ -260,17 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, action=Bounded, lo=0, hi=65535)
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model names clients may send (default: --model); responses and metrics carry the first")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set CONVEYOR_API_KEY, which `ps` does not show)")
-    s.add_argument("--max-waiting-requests", type=int, default=512,
+    s.add_argument("--max-waiting-requests", type=int, default=512, action=Bounded, lo=1,
                    help="bound of the waiting queue; beyond it requests get 503 with Retry-After")
-    s.add_argument("--max-body-bytes", type=int, default=4 << 20)
-    s.add_argument("--request-read-timeout", type=float, default=30.0,
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, action=Bounded, lo=1)
+    s.add_argument("--request-read-timeout", type=float, default=30.0, action=Bounded, lo=0, above=True,
                    help="seconds a client has to send a request's head, and then its body (else 408 and close)")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, action=Bounded, lo=0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     s.add_argument("--log-level", default="info")
     s.add_argument("--lenient-request-fields", action="store_true",
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="the gateway: tenants, rate limits, fair admission, routing, failover")
     gw.add_argument("--config", required=True, help="gateway YAML (reloaded on SIGHUP)")
     gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument("--port", type=int, default=8080, action=Bounded, lo=0, hi=65535)
     gw.add_argument("--log-level", default="info")
     gw.set_defaults(func=cmd_gateway)
     add_bench_parser(sub)

@@ -27,8 +27,11 @@ class ModelConfig:
     # weight-only quantization: None keeps a GGUF's own formats (Q8_0/Q4_0/Q4_1 stay low-bit) and loads other
     # checkpoints at dtype; int8 (per output channel) and int4 (group-wise) quantize at load; none dequantizes a GGUF
     quantization: str | None = None
+    max_logprobs: int = 20  # vLLM's --max-logprobs: most logprobs / prompt_logprobs a request may ask for
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_logprobs <= 20:  # the sampler's own limit (SamplingParams)
+            raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {[q for q in QUANTIZATIONS if q]}, got {self.quantization!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

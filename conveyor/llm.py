@@ -23,10 +23,12 @@ class LLM:
                  kv_layout: str = "paged", batch_window_s: float = 0.05, batch_timeout_s: float = 2.0,
                  enable_prefix_caching: bool = True, watermark: float = 0.01, scheduling_policy: str = "fcfs",
                  long_prefill_token_threshold: int = 0, preemption_mode: str = "recompute",
-                 swap_space: float = 0.0, tokenizer: str | None = None, quantization: str | None = None) -> None:
+                 swap_space: float = 0.0, tokenizer: str | None = None, quantization: str | None = None,
+                 max_logprobs: int = 20) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len,
-                              seed=seed, revision=revision, tokenizer=tokenizer, quantization=quantization),
+                              seed=seed, revision=revision, tokenizer=tokenizer, quantization=quantization,
+                              max_logprobs=max_logprobs),
             cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization, kv_layout=kv_layout,
                               enable_prefix_caching=enable_prefix_caching, watermark=watermark,

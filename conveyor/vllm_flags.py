@@ -1,8 +1,11 @@
 """vLLM's command-line flags on `conveyor serve` / `generate`: the ones Conveyor can honour under vLLM's names, and
-the well-known ones it cannot, refused by name with one line saying why (unknown flags stay argparse errors)."""
+the well-known ones it cannot, refused by name with one line saying why (unknown flags stay argparse errors).
+Numeric flags are checked against their ranges while parsing (`Bounded`), before any model loads."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 from pathlib import Path
 
@@ -62,11 +65,86 @@ class OneDevice(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class Bounded(argparse.Action):
+    """A number within [lo, hi] (`above`: strictly greater than lo), finite; else one line naming the flag, exit 2.
+    Use with type=int, float or human_int: a value that is not a number stays argparse's error."""
+
+    def __init__(self, option_strings, dest, lo: float | None = None, hi: float | None = None, above: bool = False,
+                 **kw) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.lo, self.hi, self.above = lo, hi, above
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        lo_ok = self.lo is None or (values > self.lo if self.above else values >= self.lo)
+        if not (math.isfinite(values) and lo_ok and (self.hi is None or values <= self.hi)):
+            refuse(parser, f"{option_string} {values}: must be {self._range()}")
+        setattr(namespace, self.dest, values)
+
+    def _range(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.above else '>='} {self.lo}"
+        return f"in {'(' if self.above else '['}{self.lo}, {self.hi}]"
+
+
+class Choice(argparse.Action):
+    """A vLLM flag whose values Conveyor honours only in part: `ok` values are kept, others refused by name with
+    `why` (what Conveyor does instead)."""
+
+    def __init__(self, option_strings, dest, ok: tuple[str, ...] = (), why: str = "", **kw) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.ok, self.why = ok, why
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values not in self.ok:
+            refuse(parser, f"{option_string} {values} is not supported: {self.why}")
+        setattr(namespace, self.dest, values)
+
+
+class StructuredOutputsConfig(argparse.Action):
+    """vLLM's --structured-outputs-config, JSON: only {"backend": "auto" | "xgrammar"} is what Conveyor does."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            cfg = json.loads(values)
+        except ValueError:
+            refuse(parser, f"{option_string} must be a JSON object, such as '{{\"backend\": \"xgrammar\"}}'")
+        if not isinstance(cfg, dict):
+            refuse(parser, f"{option_string} must be a JSON object, such as '{{\"backend\": \"xgrammar\"}}'")
+        for key, value in cfg.items():
+            if key != "backend":
+                refuse(parser, f"{option_string}: {key} is not supported (only backend: xgrammar)")
+            if value not in STRUCTURED_BACKENDS:
+                refuse(parser, f"{option_string}: backend {value} is not supported: {_XGRAMMAR_ONLY}")
+        setattr(namespace, self.dest, cfg)
+
+
+STRUCTURED_BACKENDS = ("auto", "xgrammar")
+_XGRAMMAR_ONLY = "Conveyor's structured outputs are compiled by xgrammar (auto or xgrammar)"
+MAX_LOGPROBS = 20  # the sampler's limit on logprobs and prompt_logprobs (SamplingParams)
+
+
 def add_vllm_only(p: argparse.ArgumentParser) -> None:
-    """vLLM's parallelism sizes (1 only) and the vLLM flags Conveyor refuses."""
+    """vLLM's parallelism sizes (1 only), its flags for what Conveyor always does (accepted with the values that
+    ask for that, refused by name otherwise), and the vLLM flags Conveyor refuses."""
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
                         ("--data-parallel-size", "-dp")):
         p.add_argument(flag, short, type=int, default=1, action=OneDevice, help="only 1: a model runs on one device")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines: tool_choice auto is always on (Hermes-style parsing)")
+    p.add_argument("--tool-call-parser", action=Choice, ok=("hermes",), default="hermes",
+                   why="Conveyor parses Hermes-style <tool_call> blocks (hermes) only",
+                   help="only hermes: tool calls are parsed from <tool_call>{...}</tool_call> blocks")
+    for flag in ("--guided-decoding-backend", "--structured-outputs-config.backend"):
+        p.add_argument(flag, action=Choice, ok=STRUCTURED_BACKENDS, default="auto", why=_XGRAMMAR_ONLY,
+                       help="auto or xgrammar: structured outputs are compiled by xgrammar")
+    p.add_argument("--structured-outputs-config", action=StructuredOutputsConfig, default=None,
+                   help='JSON; only {"backend": "xgrammar"} (or "auto")')
+    p.add_argument("--max-logprobs", type=int, action=Bounded, lo=0, hi=MAX_LOGPROBS, default=MAX_LOGPROBS,
+                   help=f"most logprobs and prompt_logprobs a request may ask for (at most {MAX_LOGPROBS})")
+    p.add_argument("--generation-config", action=Choice, ok=("vllm",), default="vllm",
+                   why="a request's unset sampling fields take vLLM's defaults; a checkpoint's generation_config.json "
+                       "is read only for its EOS ids (--generation-config vllm)",
+                   help="only vllm: unset sampling fields take vLLM's defaults, not generation_config.json's")
     for flag in UNSUPPORTED:
         p.add_argument(flag, action=Unsupported, help=argparse.SUPPRESS)
 
@@ -105,6 +183,18 @@ def check_chunked_prefill(enabled: bool) -> None:
     if not enabled:
         raise ValueError("--no-enable-chunked-prefill is not supported: Conveyor always chunks prefills; to give a "
                          "prompt one step, raise --max-num-batched-tokens to --max-model-len")
+
+
+def check_tokenizer(tokenizer: str | None, model: str) -> None:
+    """vLLM's --tokenizer: a directory or a hub id. Refused with the demo model (its byte tokenizer is part of its
+    random weights, so another could not be honoured), and when it is written as a path (/, ./, ../, ~) that does
+    not exist, before any model loads. Raises ValueError."""
+    if tokenizer is None:
+        return
+    if model == "demo":
+        raise ValueError("--tokenizer cannot be used with --model demo: the demo model has its own byte tokenizer")
+    if tokenizer.startswith(("/", "./", "../", "~")) and not Path(tokenizer).expanduser().is_dir():
+        raise ValueError(f"--tokenizer {tokenizer!r}: no such directory")
 
 
 def load_chat_template(value: str) -> str:

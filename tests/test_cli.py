@@ -13,6 +13,7 @@ from conveyor.autoscale.signals import GAUGES as SIGNAL_GAUGES
 from conveyor.autoscale.signals import parse as parse_signals
 from conveyor.bench.scrape import GAUGES as BENCH_GAUGES
 from conveyor.bench.scrape import parse_gauges
+from conveyor import SamplingParams
 from conveyor.cli import build_llm, build_parser, engine_kwargs, main
 from conveyor.gateway.picker import _SCRAPED
 from conveyor.prometheus_text import sum_by_name
@@ -93,6 +94,72 @@ def test_flag_values_conveyor_cannot_honour_are_one_error_line(capsys, argv, wor
     assert main(["generate", "--model", "demo", "--prompt", "x", *argv]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "99999"], "--port 99999: must be in [0, 65535]"),
+    (["--port", "-1"], "--port -1: must be in [0, 65535]"),
+    (["--block-size", "-1"], "--block-size -1: must be in [1, 256]"),
+    (["--num-gpu-blocks-override", "0"], "--num-gpu-blocks-override 0: must be >= 1"),
+    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization 0.0: must be in (0, 1]"),
+    (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization nan"),
+    (["--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
+    (["--max-model-len", "0"], "--max-model-len 0: must be >= 1"),
+    (["--swap-space", "-1"], "--swap-space -1.0: must be >= 0"),
+    (["--max-waiting-requests", "-1"], "--max-waiting-requests -1: must be >= 1"),
+    (["--max-body-bytes", "0"], "--max-body-bytes 0: must be >= 1"),
+    (["--request-read-timeout", "0"], "--request-read-timeout 0.0: must be > 0"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout -1.0: must be >= 0"),
+    (["--seed", str(1 << 64)], "--seed 18446744073709551616: must be in"),
+    # vLLM's flags for what Conveyor always does: other values are refused by name
+    (["--tool-call-parser", "mistral"], "--tool-call-parser mistral is not supported: Conveyor parses Hermes-style"),
+    (["--guided-decoding-backend", "outlines"], "--guided-decoding-backend outlines is not supported"),
+    (["--structured-outputs-config", '{"backend": "guidance"}'], "backend guidance is not supported"),
+    (["--structured-outputs-config", '{"disable_fallback": true}'], "disable_fallback is not supported"),
+    (["--structured-outputs-config", "xgrammar"], "--structured-outputs-config must be a JSON object"),
+    (["--max-logprobs", "21"], "--max-logprobs 21: must be in [0, 20]"),
+    (["--generation-config", "auto"], "--generation-config auto is not supported"),
+])
+def test_out_of_range_and_unhonourable_values_are_refused_while_parsing(capsys, argv, words):
+    """One line, exit 2, before any model loads (--port 99999 used to load the model and die in bind())."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--model", "demo", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gateway_port_is_checked_too(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["gateway", "--config", "g.yaml", "--port", "70000"])
+    assert "--port 70000: must be in [0, 65535]" in capsys.readouterr().err
+
+
+def test_vllm_flags_for_what_conveyor_does_are_accepted():
+    a = parse("demo", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--guided-decoding-backend",
+              "xgrammar", "--structured-outputs-config", '{"backend": "auto"}', "--max-logprobs", "5",
+              "--generation-config", "vllm", "--port", "65535", "--gpu-memory-utilization", "1")
+    assert (a.enable_auto_tool_choice, a.tool_call_parser, a.port) == (True, "hermes", 65535)
+    assert engine_kwargs(a)["max_logprobs"] == 5
+    assert parse().max_logprobs == 20
+
+
+def test_max_logprobs_is_enforced():
+    llm = build_llm(parse("demo", "--max-logprobs", "2", "--num-kv-blocks", "32", "--device", "cpu"))
+    assert len(llm.generate("hi", SamplingParams(max_tokens=2, logprobs=2))[0].outputs[0].logprobs) == 2
+    for kw in ({"logprobs": 3}, {"prompt_logprobs": 3}):
+        with pytest.raises(ValueError, match=r"must be in \[0, 2\] \(max_logprobs"):
+            llm.generate("hi", SamplingParams(max_tokens=2, **kw))
+
+
+def test_tokenizer_flag_is_honoured_or_refused(capsys):
+    """The demo model has its own tokenizer (--tokenizer was silently ignored); a path that is not there is refused
+    before the model loads."""
+    assert main(["generate", "--model", "demo", "--prompt", "x", "--tokenizer", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer cannot be used with --model demo" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ValueError, match="no such directory"):
+        engine_kwargs(parse("some.gguf", "--tokenizer", "/nonexistent"))
+    assert engine_kwargs(parse("some.gguf", "--tokenizer", "org/name"))["tokenizer"] == "org/name"  # a hub id
 
 
 def test_unknown_flags_and_bad_sizes_stay_argparse_errors(capsys):

@@ -176,6 +176,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()  # again: fields may have been changed since the params were made
+        self._check_max_logprobs(params)
         _salt_key(cache_salt)
         text, ids = self.tokenize(prompt)
         self._resolve_max_tokens(len(ids), params)
@@ -183,6 +184,14 @@ class Engine:
         if params.structured_outputs is not None:  # compiled (and cached for add_request) in the caller's thread
             self.grammars.compile(params.structured_outputs)
         return text, ids
+
+    def _check_max_logprobs(self, params: SamplingParams) -> None:
+        """The operator's --max-logprobs (ModelConfig.max_logprobs), below the sampler's own 20."""
+        limit = self.config.model.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > limit:
+                raise ValueError(f"{name} must be in [0, {limit}] (max_logprobs, --max-logprobs), got {v}")
 
     def _resolve_max_tokens(self, n_prompt: int, params: SamplingParams) -> int:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
