@@ -285,7 +285,7 @@ def test_rate_limit_429_with_headers(gateway):
 def test_token_limit_reserves_then_settles_by_usage(gateway):
     client = gateway.client("tokcap")  # 1000 tokens per minute
     with pytest.raises(openai.RateLimitError) as e:
-        client.completions.create(model="big", prompt="hello", max_tokens=2000)
+        client.completions.create(model="big", prompt="hello", max_tokens=1010)  # fits the context, not the quota
     assert e.value.response.json()["error"]["code"] == "request_too_large"
     # reserves 5 + 900 tokens; every byte is a stop token, so it generates one and the rest is given back
     stop_all = {"stop_token_ids": list(range(256))}

@@ -585,6 +585,7 @@ def test_prompt_floor_is_a_lower_bound_or_zero():
     assert prompt_floor(text, tok, 100) == 5
     assert prompt_floor(text, tok, 4) == 0  # longer than what may be tokenized: unknown
     assert prompt_floor(text, None, 100) == 0  # no tokenizer: unknown (chars / 4 is an estimate, not a bound)
+    assert prompt_floor(text, tok, 100, counted=count_prompt_tokens(text, tok, 100)) == 5  # not counted twice
     ids = parse_body(json.dumps({"model": "m", "prompt": [1, 2, 3]}).encode(), False)
     assert prompt_floor(ids, None, 100) == 3
 

@@ -431,7 +431,7 @@ class Gateway:
             if least_limit(parsed, cap) + prompt_tokens > max_model_len:
                 big = sum(map(len, parsed.texts)) > INLINE_TEXT_CHARS
                 floor = await self._cpu(big, prompt_floor, parsed, load_tokenizer(model.tokenizer),
-                                        self.cfg.tokenize_max_chars)
+                                        self.cfg.tokenize_max_chars, prompt_tokens)
                 check_fits(parsed, floor, max_model_len, cap)
         except BodyError as e:
             raise _Reject(400, "bad_request", e.message, e.code, param=e.param) from None

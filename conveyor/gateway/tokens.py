@@ -50,13 +50,18 @@ def _count(text: str, tokenizer, max_chars: int) -> int:
     return n
 
 
-def prompt_floor(p: Parsed, tokenizer, max_chars: int) -> int:
+def prompt_floor(p: Parsed, tokenizer, max_chars: int, counted: int | None = None) -> int:
     """Tokens the replica will count at least in the request's shortest prompt: a prompt of ids exactly; a text
     prompt through the model's tokenizer without special tokens (the replica's count adds them, never removes) when
     one is configured and the text is at most `max_chars`; else 0, as for chat, whose template the replica may
-    render differently. Never raises: a tokenizer failure counts 0."""
+    render differently. `counted`: count_prompt_tokens's result with this tokenizer, which is that count already
+    for a single text prompt (not tokenized twice; had the tokenizer failed there, the replica's fails too). Never
+    raises: a tokenizer failure counts 0."""
     if p.chat:
         return 0
+    if counted is not None and len(p.texts) == 1 and not p.id_lengths and tokenizer is not None \
+            and len(p.texts[0]) <= max_chars:
+        return counted
     counts = list(p.id_lengths)
     for text in p.texts:
         if tokenizer is None or len(text) > max_chars:
