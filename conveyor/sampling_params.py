@@ -62,9 +62,14 @@ class StructuredOutputsParams:
                     or not all(isinstance(c, str) and c for c in self.choice)):
                 raise ValueError(f"structured_outputs.choice must be 1 to {_MAX_CHOICES} non-empty strings")
             self.choice = list(self.choice)
-        if len(self.key()) > _MAX_CONSTRAINT_CHARS:
+        try:
+            key = self.key()
+        except (RecursionError, TypeError, ValueError) as e:  # nested too deeply, or not JSON (offline callers)
+            raise ValueError(f"structured_outputs.{self.kind} is not valid: {type(e).__name__}: {str(e)[:100]}") \
+                from None
+        if len(key) > _MAX_CONSTRAINT_CHARS:
             raise ValueError(f"the structured output constraint is over {_MAX_CONSTRAINT_CHARS} characters")
-        ensure_utf8(self.key(), "the structured output constraint")
+        ensure_utf8(key, "the structured output constraint")
 
     @property
     def kind(self) -> str:

@@ -294,7 +294,9 @@ def quietly(fn, *args) -> None:
 
 
 def wait_until(cond) -> None:
+    deadline = time.monotonic() + 120  # a hang fails instead
     while not cond():
+        assert time.monotonic() < deadline
         time.sleep(0.002)
 
 
@@ -315,9 +317,9 @@ def test_small_constraints_are_not_starved_and_a_full_queue_is_busy_not_bad():
             results[tag] = e
 
     threads = [threading.Thread(target=run, args=(tag,)) for tag in (1, 2)]
-    for tag, t in zip((1, 2), threads):
+    for i, t in enumerate(threads):  # one compiling, then one queued
         t.start()
-        wait_until(lambda: slow_grammar(tag).key() in gc._pending)
+        wait_until(lambda: len(gc._pending) == i + 1 and gc._large.queued == i)
     with pytest.raises(CompileBusy, match="busy"):  # one compiling, one queued: the lane is full
         gc.compile(slow_grammar(3))
     small = gc.compile(SO(regex="[0-9]+x"))  # its own lane: done while the slow ones are still compiling
@@ -383,9 +385,12 @@ def test_a_busy_compiler_is_engine_overloaded(llm):
             async def consume(rid: str, so: SO) -> None:
                 async for _ in engine.generate(rid, "x", SamplingParams(max_tokens=2, structured_outputs=so)):
                     pass
-            slow = [asyncio.ensure_future(consume(f"s{i}", slow_grammar(10 + i))) for i in range(2)]
-            while len(llm.engine.grammars._pending) < 2:
-                await asyncio.sleep(0.01)
+            gc = llm.engine.grammars
+            slow = []
+            for i in range(2):  # one compiling, then one queued
+                slow.append(asyncio.ensure_future(consume(f"s{i}", slow_grammar(10 + i))))
+                while not (len(gc._pending) == i + 1 and gc._large.queued == i):
+                    await asyncio.sleep(0.01)
             with pytest.raises(EngineOverloaded, match="busy"):
                 await consume("third", slow_grammar(12))
             await consume("small", SO(regex="[0-9]+x"))
@@ -466,4 +471,9 @@ def test_enforced_json_schema_keywords_are_accepted_and_generated_output_is_vali
                     jsonschema.validate(json.loads(c.text), schema)
     with pytest.raises(ValueError, match="the keyword 'allOf' at #"):
         llm.generate("x", sampled(SO(json=REFUSED[0][0])))
+    deep: dict = {"type": "integer"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ValueError, match="structured_outputs.json is not valid: RecursionError"):
+        SO(json=deep)
     assert not llm.engine.has_unfinished_requests()

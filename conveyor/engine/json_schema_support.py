@@ -47,8 +47,12 @@ JSON_TYPES = {"null": type(None), "boolean": bool, "object": dict, "array": list
 
 def check_json_schema(schema: Any) -> None:
     """Raise ValueError ("structured_outputs.json: the keyword 'K' at #/path is not supported...") for the first
-    keyword in schema that the grammar engine would not enforce; return None for a schema it enforces fully."""
-    _check(schema, schema, "#")
+    keyword in schema that the grammar engine would not enforce; return None for a schema it enforces fully.
+    Malformed parts it cannot judge (a "type" of objects, a "required" that is no list) are left to the compiler."""
+    try:
+        _check(schema, schema, "#")
+    except RecursionError:
+        raise ValueError("structured_outputs.json is not valid: the schema is nested too deeply") from None
 
 
 def _refuse(keyword: str, path: str, why: str = "") -> ValueError:
@@ -139,7 +143,9 @@ def _types(schema: Any) -> set[str] | None:
         return None
     if "type" in schema:
         t = schema["type"]
-        names = set(t) if isinstance(t, list) else {t}
+        names = {n for n in t if isinstance(n, str)} if isinstance(t, list) else {t} if isinstance(t, str) else set()
+        if not names:
+            return None
     elif "const" in schema or isinstance(schema.get("enum"), list):
         values = [schema["const"]] if "const" in schema else schema["enum"]
         names = {_type_of(v) for v in values}
@@ -152,7 +158,10 @@ def _discriminated(members: list[Any]) -> bool:
     """Whether all members are objects with one required property whose const values differ between members."""
     if not all(isinstance(m, dict) and isinstance(m.get("properties"), dict) for m in members):
         return False
-    common = set.intersection(*(set(m.get("required", [])) for m in members)) if members else set()
+    required = [m.get("required") for m in members]
+    if not members or not all(isinstance(r, list) and all(isinstance(n, str) for n in r) for r in required):
+        return False
+    common = set.intersection(*(set(r) for r in required))
     for name in common:
         props = [m["properties"].get(name) for m in members]
         consts = [p.get("const") if isinstance(p, dict) and "const" in p else None for p in props]
