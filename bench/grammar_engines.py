@@ -11,7 +11,7 @@ SmolLM2's tokenizer comes from the built-in model's cache (fetched once by conve
 outlines-core are not dependencies: `.venv/bin/pip install llguidance outlines-core` first. setup_ms includes
 importing the engine's package (and, for llguidance, its Hugging Face tokenizer bridge) the first time.
 
-Recorded (2026-12-07, 2-core AVX2 VM, load ~3 from other jobs; xgrammar 0.2.9, llguidance 1.9.1, outlines-core
+Recorded (2026-12-07, 2-core VM (AMD EPYC with AVX-512 bf16), load ~3 from other jobs; xgrammar 0.2.9, llguidance 1.9.1, outlines-core
 0.2.14; compile times in ms, mask times in us per token):
 
     tokenizer  engine         json:person  json:order  json:nested  regex  mask median  mask p99  EBNF  any JSON

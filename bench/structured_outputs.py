@@ -16,7 +16,8 @@ grammars): the parts the mask adds to, measured directly.
     .venv/bin/python bench/structured_outputs.py                       # demo
     .venv/bin/python bench/structured_outputs.py --model smollm2-135m-instruct --requests 64 --max-tokens 32
 
-Recorded (2026-12-07, the project's 2-core AVX2 VM shared with other jobs, --threads 1; on/off medians):
+Recorded (2026-12-07, the project's 2-core VM (AMD EPYC, AVX-512 bf16) shared with other jobs, --threads 1;
+ on/off medians):
     demo, 5 pairs of 128 x 64 tokens:     tok/s 2833 off, 2766 on: 0.976; tok/CPU-s 0.993; the mask's own CPU
                                           +0.37 ms per step = 3.3 % of an 11.3 ms step (others used 6-102 %)
     SmolLM2, 3 pairs of 64 x 32 tokens:   tok/s 110.2 off, 106.2 on: 0.963; tok/CPU-s 0.979; the mask's own CPU
