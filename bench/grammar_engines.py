@@ -11,8 +11,8 @@ SmolLM2's tokenizer comes from the built-in model's cache (fetched once by conve
 outlines-core are not dependencies: `.venv/bin/pip install llguidance outlines-core` first. setup_ms includes
 importing the engine's package (and, for llguidance, its Hugging Face tokenizer bridge) the first time.
 
-Recorded (2026-12-07, 2-core VM (AMD EPYC with AVX-512 bf16), load ~3 from other jobs; xgrammar 0.2.9, llguidance 1.9.1, outlines-core
-0.2.14; compile times in ms, mask times in us per token):
+Recorded (2026-12-07, 2-core VM (AMD EPYC with AVX-512 bf16), load ~3 from other jobs; xgrammar 0.2.9,
+llguidance 1.9.1, outlines-core 0.2.14; compile times in ms, mask times in us per token):
 
     tokenizer  engine         json:person  json:order  json:nested  regex  mask median  mask p99  EBNF  any JSON
     demo       xgrammar           0.5         0.8          0.4       0.1       0.9         6.6     yes    yes
