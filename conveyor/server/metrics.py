@@ -77,59 +77,69 @@ class ServerMetrics:
             return metric(Histogram, name, doc, buckets=buckets)
 
         # scheduler state (requests, not sequences)
-        self.running = metric(Gauge, "vllm:num_requests_running", "Number of requests in model execution batches.")
-        self.waiting = metric(Gauge, "vllm:num_requests_waiting", "Number of requests waiting to be processed.")
-        self.swapped = metric(Gauge, "vllm:num_requests_swapped", "Number of requests swapped to host memory.")
-        self.kv_usage = metric(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.running = metric(Gauge, "vllm:num_requests_running",
+                              "Requests with at least one sequence in the running batch.")
+        self.waiting = metric(Gauge, "vllm:num_requests_waiting",
+                              "Requests queued for their first (or next, after preemption) step.")
+        self.swapped = metric(Gauge, "vllm:num_requests_swapped",
+                              "Requests whose KV blocks are swapped out to host memory.")
+        self.kv_usage = metric(Gauge, "vllm:kv_cache_usage_perc", "Share of the KV cache blocks in use, from 0 to 1.")
         self.gpu_kv_usage = metric(Gauge, "vllm:gpu_cache_usage_perc",
-                                   "KV-cache usage. 1 means 100 percent usage. The older name of "
+                                   "Share of the KV cache blocks in use, from 0 to 1: the older name of "
                                    "vllm:kv_cache_usage_perc (same value).")
         # counters
-        self.prompt_tokens = metric(Counter, "vllm:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = metric(Counter, "vllm:generation_tokens", "Number of generation tokens processed.")
-        self.preemptions = metric(Counter, "vllm:num_preemptions", "Cumulative number of preemptions.")
+        self.prompt_tokens = metric(Counter, "vllm:prompt_tokens",
+                                    "Prompt tokens of requests whose prefill has finished.")
+        self.generation_tokens = metric(Counter, "vllm:generation_tokens",
+                                        "Tokens generated, over every sequence of every request.")
+        self.preemptions = metric(Counter, "vllm:num_preemptions",
+                                  "Sequences preempted (recompute or swap) since start.")
         self.prefix_queries = metric(Counter, "vllm:prefix_cache_queries",
-                                     "Prefix cache queries, in terms of number of queried tokens.")
+                                     "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = metric(Counter, "vllm:prefix_cache_hits",
-                                  "Prefix cache hits, in terms of number of cached tokens.")
-        success = Counter("vllm:request_success", "Count of finished requests by finish reason.",
+                                  "Prompt tokens found in the prefix cache.")
+        success = Counter("vllm:request_success", "Requests finished, by the reason they ended.",
                           [*vllm, "finished_reason"], registry=r)
         self.finished = {reason: success.labels(model, "0", reason) for reason in FINISHED_REASONS}
         # histograms
-        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+        self.ttft = hist("vllm:time_to_first_token_seconds",
+                         "Seconds from a request's arrival to its first output token.",
                          TTFT_BUCKETS)
-        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+        self.itl = hist("vllm:inter_token_latency_seconds", "Seconds between consecutive output tokens of a sequence.",
                         TOKEN_LATENCY_BUCKETS)
         self.tpot_legacy = hist("vllm:time_per_output_token_seconds",
-                                "Histogram of inter-token latency in seconds (the older name of "
+                                "Seconds between consecutive output tokens of a sequence (the older name of "
                                 "vllm:inter_token_latency_seconds, same observations).", TOKEN_LATENCY_BUCKETS)
         self.tpot = hist("vllm:request_time_per_output_token_seconds",
-                         "Histogram of each request's mean time per output token after the first, in seconds.",
+                         "Each request's mean seconds per output token after its first.",
                          TOKEN_LATENCY_BUCKETS)
-        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Seconds from a request's arrival to its end.",
                         REQUEST_LATENCY_BUCKETS)
         self.queue_time = hist("vllm:request_queue_time_seconds",
-                               "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+                               "Seconds a request waited before it was first scheduled.", REQUEST_LATENCY_BUCKETS)
         self.inference_time = hist("vllm:request_inference_time_seconds",
-                                   "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
+                                   "Seconds from a request's first scheduling to its end.", REQUEST_LATENCY_BUCKETS)
         self.prefill_time = hist("vllm:request_prefill_time_seconds",
-                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
+                                 "Seconds from a request's first scheduling to its first token.",
+                                 REQUEST_LATENCY_BUCKETS)
         self.decode_time = hist("vllm:request_decode_time_seconds",
-                                "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
+                                "Seconds from a request's first token to its end.", REQUEST_LATENCY_BUCKETS)
         token_buckets = one_two_five_buckets(max_model_len)
-        self.request_prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+        self.request_prompt_tokens = hist("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
                                           token_buckets)
         self.request_generation_tokens = hist("vllm:request_generation_tokens",
-                                              "Number of generation tokens processed.", token_buckets)
+                                              "Generated tokens per finished request (every sample).", token_buckets)
         self.request_max_generation_tokens = hist("vllm:request_max_num_generation_tokens",
-                                                  "Histogram of the most tokens one sample of a request generated.",
+                                                  "The most tokens one sample of a finished request generated.",
                                                   token_buckets)
-        self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+        self.iteration_tokens = hist("vllm:iteration_tokens_total",
+                                     "Tokens per engine step: generated plus finished prompts.",
                                      ITERATION_TOKEN_BUCKETS)
         # info gauges: vLLM's label sets, value 1 / the time of the last update
-        Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [*(cache_info or {}), "engine"],
+        Gauge("vllm:cache_config_info",
+              "The KV cache configuration, as labels (value 1).", [*(cache_info or {}), "engine"],
               registry=r).labels(**(cache_info or {}), engine="0").set(1)
-        self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests (no adapters here).",
+        self.lora_info = Gauge("vllm:lora_requests_info", "LoRA adapters in use (none: Conveyor serves no adapters).",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
                                registry=r).labels("0", "", "")
         # Conveyor's own
