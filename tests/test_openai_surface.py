@@ -168,6 +168,31 @@ def test_harmless_fields_and_the_seed_range_are_accepted(client):
     assert r.usage.completion_tokens == 2
 
 
+def test_nulls_whole_floats_and_the_sdks_own_message_dump_are_accepted(server, client):
+    """What OpenAI and vLLM accept and clients send: null for a defaulted field, 4.0 for an integer, and the previous
+    reply's message.model_dump() (refusal, audio, function_call, annotations all null) in the next turn."""
+    nulls = {"n": None, "presence_penalty": None, "frequency_penalty": None, "stream": None, "seed": 5.0, **FREE}
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3.0, "echo": None, "best_of": None, **nulls})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    r = post(server, "/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 2.0, "logprobs": None,
+                                              "top_logprobs": None, **nulls})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    for bad, param in ((2.5, "max_tokens"), ("3", "max_tokens"), (True, "max_tokens")):
+        r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    reply = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=2).choices[0].message
+    dumped = reply.model_dump()
+    assert {"refusal", "audio", "function_call", "annotations"} <= set(dumped)
+    r = post(server, "/v1/chat/completions", {"messages": [*CHAT, dumped, {"role": "user", "content": "more"}],
+                                              "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    refusal = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]}
+    r = post(server, "/v1/chat/completions", {"messages": [*CHAT, refusal], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = post(server, "/v1/chat/completions", {"messages": [*CHAT, {**dumped, "audio": {"id": "a1"}}], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.audio", r.text
+
+
 def test_lenient_flag_ignores_unknown_fields_only(lenient):
     auth = {"Authorization": "Bearer sekret"}
     r = post(lenient, C, {"prompt": "x", "max_tokens": 2, "frobnicate": [1], "guided_decoding_backend": "x"},

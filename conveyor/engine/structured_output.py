@@ -92,7 +92,7 @@ class GrammarConfig:
     compile_threads: int = 2
     small_compile_threads: int = 1
     small_constraint_chars: int = 4096
-    compile_queue_size: int = 8
+    compile_queue_size: int = 128  # a bound on memory (each holds a constraint of <= 256 KiB); the wait is the limit
     compile_queue_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:

@@ -18,8 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from conveyor.openai_fields import as_openai_reads
 from conveyor.sampling_params import SamplingParams
 
 MAX_DEPTH = 32
@@ -36,6 +37,11 @@ class BodyError(Exception):
 
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_openai_reads(cls, data: Any) -> Any:  # as the replica reads it: null is the default, 4.0 is 4
+        return as_openai_reads(cls.model_fields, data)
 
 
 class _Part(_Loose):

@@ -3,7 +3,8 @@
 Strictness: every schema, nested ones too, keeps unknown fields (`extra="allow"`) so that the server can refuse them
 by their full path (`unknown_fields`: "response_format.json_schema.bogus", "tools.0.function.bogus"), or ignore them
 under `--lenient-request-fields`. Types are strict, as OpenAI's are: an integer field refuses "5" and true, a boolean
-refuses "yes", a float field takes an integer. Fields OpenAI defines that the server cannot
+refuses "yes", a float field takes an integer; as OpenAI and vLLM do, an integer field takes a whole float (4.0) and
+`null` for a field that is not nullable here means its default (clients send `"n": null`). Fields OpenAI defines that the server cannot
 honour are declared and refused when set (`unsupported`). Harmless fields are accepted and have no effect: `user`,
 `metadata` and `safety_identifier` (labels for the caller's records), `prompt_cache_key` (a cache-routing hint; the
 prefix cache needs none), `store` when false (nothing is ever stored), `service_tier` "auto" or "default" (there is
@@ -14,8 +15,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conveyor.openai_fields import as_openai_reads
 from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
 from conveyor.tools import ToolError, ToolRequest, check_chat_options
 from conveyor.tools.spec import unknown_tool_fields
@@ -36,6 +38,11 @@ class RequestError(ValueError):
 class _Strict(BaseModel):
     """A request schema: strict types, unknown fields kept to be named by `unknown_fields`."""
     model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_openai_reads(cls, data: Any) -> Any:
+        return as_openai_reads(cls.model_fields, data)
 
 
 def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
@@ -329,20 +336,36 @@ class ChatMessage(_Strict):
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # which call a tool message answers
     name: str | None = None
+    # what the openai SDK's message.model_dump() carries back into the next turn: accepted when empty
+    refusal: str | None = None
+    audio: Any = None
+    function_call: Any = None
+    annotations: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field of this message the server cannot honour, else None."""
+        for name in ("audio", "function_call"):
+            if getattr(self, name) is not None:
+                return name
+        return None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type == "refusal" and self.role == "assistant" and isinstance(part.refusal, str):
+                parts.append(part.refusal)  # an earlier refusal is what the assistant said
+            elif part.type != "text" or part.text is None:
                 raise ValueError("only text content parts are supported")
-            parts.append(part.text)
+            else:
+                parts.append(part.text)
         return "".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
         """The message as chat templates and conveyor.tools read it (content as text)."""
-        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        text = self.text() or (self.refusal if self.content is None and self.refusal else "")
+        m: dict[str, Any] = {"role": self.role, "content": text}
         if self.tool_calls is not None:
             m["tool_calls"] = self.tool_calls
         if self.tool_call_id is not None:
@@ -357,6 +380,9 @@ def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if m.content is None and m.role != "assistant":
             raise RequestError(f"a message with role {m.role!r} needs content", f"messages.{i}.content")
+        bad = m.unsupported()
+        if bad is not None:
+            raise RequestError(f"messages.{i}.{bad} is not supported by this server", f"messages.{i}.{bad}")
         try:
             out.append(m.as_dict())
         except ValueError as e:
