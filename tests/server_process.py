@@ -58,6 +58,11 @@ class ServerProcess:
             self.stop()
             raise
 
+    def openai_client(self):
+        """An openai SDK client of this server (no retries: a test sees each answer as it is)."""
+        import openai
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
+
     def logs(self) -> str:
         self._log.flush()
         with open(self.log_path) as f:

@@ -37,7 +37,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")

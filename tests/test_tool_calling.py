@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import openai
 import pytest
 from server_process import ServerProcess
 
@@ -319,7 +318,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return server.openai_client()
 
 
 ASK = [{"role": "user", "content": "What time is it, and the weather in Paris?"}]
@@ -421,7 +420,7 @@ def test_required_and_named_on_the_real_model():
     from conveyor.model.builtin import DEFAULT_MODEL
     server = ServerProcess(DEFAULT_MODEL, default_model=None)
     try:
-        real = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        real = server.openai_client()
         kw = dict(model=DEFAULT_MODEL, messages=ASK, tools=TOOLS, temperature=0.8, seed=1, max_tokens=100)
         r = real.chat.completions.create(tool_choice="required", n=3, **kw)
         with real.chat.completions.stream(tool_choice=NAMED, n=2, **kw) as stream:
