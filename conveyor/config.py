@@ -109,14 +109,80 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
 
 
+SPEC_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                    "disable_by_batch_size", "quantization")
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's --speculative-config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": a,
+    "prompt_lookup_min": b} proposes from the sequence's own prompt and output; {"model": path_or_name,
+    "num_speculative_tokens": k} from a smaller draft model sharing the target's tokenizer (method "draft_model").
+    Proposals are adaptive (see conveyor.engine.spec_decode): none once disable_by_batch_size sequences run."""
+    num_speculative_tokens: int
+    method: str | None = None  # ngram | draft_model; None: draft_model when a model is given, else an error
+    model: str | None = None  # the draft model: a built-in name, a Hugging Face directory or a GGUF file
+    prompt_lookup_max: int | None = None  # longest n-gram matched (ngram); None: prompt_lookup_min or 4
+    prompt_lookup_min: int | None = None  # shortest n-gram matched (ngram); None: prompt_lookup_max or 2
+    disable_by_batch_size: int | None = None  # no proposals once this many sequences run; None: by device
+    quantization: str | None = None  # the draft model's weight-only quantization (as ModelConfig.quantization)
+
+    def __post_init__(self) -> None:
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        if self.method is None:
+            if self.model is None:
+                raise ValueError("speculative_config needs a method (\"ngram\") or a draft \"model\"")
+            self.method = "draft_model"
+        if self.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config method must be ngram or draft_model, got {self.method!r}")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ValueError("speculative_config method draft_model needs a draft \"model\"")
+        if self.method == "ngram":
+            if self.model is not None:
+                raise ValueError("speculative_config method ngram takes no draft \"model\"")
+            self.prompt_lookup_max = self.prompt_lookup_max or self.prompt_lookup_min or 4
+            self.prompt_lookup_min = self.prompt_lookup_min or min(2, self.prompt_lookup_max)
+            for name in ("prompt_lookup_min", "prompt_lookup_max"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64:
+                    raise ValueError(f"speculative_config {name} must be an integer in [1, 64], got {v!r}")
+            if self.prompt_lookup_min > self.prompt_lookup_max:
+                raise ValueError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) exceeds "
+                                 f"prompt_lookup_max ({self.prompt_lookup_max})")
+        b = self.disable_by_batch_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ValueError(f"speculative_config disable_by_batch_size must be a positive integer, got {b!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"speculative_config quantization must be one of "
+                             f"{[q for q in QUANTIZATIONS if q]}, got {self.quantization!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpeculativeConfig:
+        """vLLM's JSON shape. Raises ValueError naming an unknown key or a bad value."""
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(map(str, set(d) - set(SPEC_CONFIG_KEYS)))
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys: {', '.join(unknown)[:200]} (known: "
+                             f"{', '.join(SPEC_CONFIG_KEYS)})")
+        if "num_speculative_tokens" not in d:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return cls(**d)
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"  # auto | cpu | cuda
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative, dict):
+            self.speculative = SpeculativeConfig.from_dict(self.speculative)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.split(":")[0] not in ("cpu", "cuda"):
