@@ -142,12 +142,12 @@ class SpeculativeConfig:
         if self.method == "ngram":
             if self.model is not None:
                 raise ValueError("speculative_config method ngram takes no draft \"model\"")
+            for name in ("prompt_lookup_min", "prompt_lookup_max"):  # before the defaults: 0 is not "unset"
+                v = getattr(self, name)
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64):
+                    raise ValueError(f"speculative_config {name} must be an integer in [1, 64], got {v!r}")
             self.prompt_lookup_max = self.prompt_lookup_max or self.prompt_lookup_min or 4
             self.prompt_lookup_min = self.prompt_lookup_min or min(2, self.prompt_lookup_max)
-            for name in ("prompt_lookup_min", "prompt_lookup_max"):
-                v = getattr(self, name)
-                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64:
-                    raise ValueError(f"speculative_config {name} must be an integer in [1, 64], got {v!r}")
             if self.prompt_lookup_min > self.prompt_lookup_max:
                 raise ValueError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) exceeds "
                                  f"prompt_lookup_max ({self.prompt_lookup_max})")
