@@ -181,8 +181,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.speculative, dict):
-            self.speculative = SpeculativeConfig.from_dict(self.speculative)
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            self.speculative = SpeculativeConfig.from_dict(self.speculative)  # a dict; anything else: ValueError
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.split(":")[0] not in ("cpu", "cuda"):
