@@ -92,7 +92,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 batching=a.batching, kv_layout=a.kv_layout, batch_window_s=a.batch_window_s,
                 batch_timeout_s=a.batch_timeout_s, enable_prefix_caching=a.enable_prefix_caching,
                 scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
-                preemption_mode=a.preemption_mode, swap_space=a.swap_space, max_logprobs=a.max_logprobs)
+                preemption_mode=a.preemption_mode, swap_space=a.swap_space, max_logprobs=a.max_logprobs,
+                speculative_config=a.speculative_config)
 
 
 def build_llm(a: argparse.Namespace):

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from conveyor.engine.engine import Engine, Prompt
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams, ensure_utf8
@@ -24,7 +24,9 @@ class LLM:
                  enable_prefix_caching: bool = True, watermark: float = 0.01, scheduling_policy: str = "fcfs",
                  long_prefill_token_threshold: int = 0, preemption_mode: str = "recompute",
                  swap_space: float = 0.0, tokenizer: str | None = None, quantization: str | None = None,
-                 max_logprobs: int = 20) -> None:
+                 max_logprobs: int = 20, speculative_config: dict | SpeculativeConfig | None = None) -> None:
+        """vLLM's LLM arguments (README: "Offline"). speculative_config: vLLM's --speculative-config as a dict
+        or a SpeculativeConfig. Raises ValueError for a bad value of any of them."""
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len,
                               seed=seed, revision=revision, tokenizer=tokenizer, quantization=quantization,
@@ -37,7 +39,7 @@ class LLM:
                                       batching=batching, batch_window_s=batch_window_s,
                                       batch_timeout_s=batch_timeout_s, scheduling_policy=scheduling_policy,
                                       long_prefill_token_threshold=long_prefill_token_threshold),
-            device=device,
+            device=device, speculative=speculative_config,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

@@ -19,7 +19,6 @@ UNSUPPORTED: dict[str, str] = {
     "--lora-modules": "LoRA adapters are not supported",
     "--max-loras": "LoRA adapters are not supported",
     "--max-lora-rank": "LoRA adapters are not supported",
-    "--speculative-config": "speculative decoding is not supported",
     "--kv-transfer-config": "KV transfer between instances (disaggregated prefill) is not supported",
     "--kv-events-config": "KV cache events are not published",
     "--enable-expert-parallel": "no mixture-of-experts models are supported",
@@ -118,6 +117,24 @@ class StructuredOutputsConfig(argparse.Action):
         setattr(namespace, self.dest, cfg)
 
 
+class SpeculativeConfigFlag(argparse.Action):
+    """vLLM's --speculative-config, a JSON object (conveyor.config.SpeculativeConfig's keys), parsed and validated
+    while parsing: bad JSON, an unknown key or a bad value is one line naming the flag, exit 2."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from conveyor.config import SpeculativeConfig
+
+        try:
+            cfg = json.loads(values)
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep for the parser
+            refuse(parser, f"{option_string} is not valid JSON ({e}); for example "
+                           f"'{{\"method\": \"ngram\", \"num_speculative_tokens\": 3}}'")
+        try:
+            setattr(namespace, self.dest, SpeculativeConfig.from_dict(cfg))
+        except ValueError as e:  # a key may hold a line break: the message stays one line
+            refuse(parser, f"{option_string}: {' '.join(str(e).splitlines())}")
+
+
 STRUCTURED_BACKENDS = ("auto", "xgrammar")
 _XGRAMMAR_ONLY = "Conveyor's structured outputs are compiled by xgrammar (auto or xgrammar)"
 MAX_LOGPROBS = 20  # the sampler's limit on logprobs and prompt_logprobs (SamplingParams)
@@ -139,6 +156,9 @@ def add_vllm_only(p: argparse.ArgumentParser) -> None:
                        help="auto or xgrammar: structured outputs are compiled by xgrammar")
     p.add_argument("--structured-outputs-config", action=StructuredOutputsConfig, default=None,
                    help='JSON; only {"backend": "xgrammar"} (or "auto")')
+    p.add_argument("--speculative-config", action=SpeculativeConfigFlag, default=None,
+                   help='JSON: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": A, '
+                        '"prompt_lookup_min": B} or {"model": DRAFT, "num_speculative_tokens": K}')
     p.add_argument("--max-logprobs", type=int, action=Bounded, lo=0, hi=MAX_LOGPROBS, default=MAX_LOGPROBS,
                    help=f"most logprobs and prompt_logprobs a request may ask for (at most {MAX_LOGPROBS})")
     p.add_argument("--generation-config", action=Choice, ok=("vllm",), default="vllm",

@@ -69,7 +69,6 @@ def test_vllm_flag_names_map_onto_the_engine():
 
 @pytest.mark.parametrize("argv, words", [
     (["--enable-lora"], "--enable-lora is not supported by Conveyor: LoRA"),
-    (["--speculative-config", '{"method": "ngram"}'], "--speculative-config is not supported"),
     (["--kv-transfer-config={}"], "--kv-transfer-config is not supported"),
     (["-dp", "2"], "-dp 2 is not supported"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype is not supported by Conveyor: the KV cache is kept in"),
