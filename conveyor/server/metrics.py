@@ -27,6 +27,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FINISHED_REASONS = ("stop", "length", "abort", "error")  # vLLM's FinishReason values, created at 0
+SPEC_PER_POS = "spec_decode_num_accepted_tokens_per_pos"  # Engine.stats(): a list, one count per position
 
 
 def one_two_five_buckets(max_value: int) -> tuple[int, ...]:
@@ -60,10 +61,11 @@ def num_requests(seqs: Iterable[Sequence]) -> int:
 
 class ServerMetrics:
     """`model` is the label value (vLLM: the first served model name). `cache_info` fills vllm:cache_config_info.
+    `num_speculative_tokens` (None: no speculative decoding) adds vLLM's vllm:spec_decode_* counters.
     Engine counters are cumulative; the increments since the last step go to the Prometheus counters."""
 
     def __init__(self, model: str, max_num_seqs: int, max_model_len: int = 2048,
-                 cache_info: dict[str, str] | None = None) -> None:
+                 cache_info: dict[str, str] | None = None, num_speculative_tokens: int | None = None) -> None:
         self.registry = r = CollectorRegistry()
         self.model, self.max_num_seqs = model, max_num_seqs
         vllm, own = ("model_name", "engine"), ("model_name",)
@@ -158,25 +160,58 @@ class ServerMetrics:
                           "blocks_swapped_in": swapped_in,
                           "num_preemptions_recompute": preempt.labels(model, "recompute"),
                           "num_preemptions_swap": preempt.labels(model, "swap")}
-        self._seen = dict.fromkeys(self._counters, 0)
+        self._seen: dict[str | tuple[str, int], int] = dict.fromkeys(self._counters, 0)
+        self._spec_counters: dict[str, Counter] = {}
+        self._spec_per_pos: list[Counter] = []
+        if num_speculative_tokens:
+            self._add_spec_decode(num_speculative_tokens)
+
+    def _add_spec_decode(self, k: int) -> None:
+        """vLLM's speculative decoding counters; per position 0..k-1 with the label `position`."""
+        labels, vals = ("model_name", "engine"), (self.model, "0")
+        for key, doc in (("spec_decode_num_drafts", "Sequence-steps in which at least one proposed token was "
+                                                    "verified by the target model."),
+                         ("spec_decode_num_draft_tokens", "Proposed tokens verified by the target model."),
+                         ("spec_decode_num_accepted_tokens", "Proposed tokens the target model accepted.")):
+            self._spec_counters[key] = Counter(f"vllm:{key}", doc, labels, registry=self.registry).labels(*vals)
+        per_pos = Counter(f"vllm:{SPEC_PER_POS}", "Proposed tokens accepted, by their position in the proposal "
+                                                  "(0 is the first proposed token).",
+                          [*labels, "position"], registry=self.registry)
+        self._spec_per_pos = [per_pos.labels(*vals, str(i)) for i in range(k)]
 
     @classmethod
     def for_engine(cls, engine: Engine, model: str) -> ServerMetrics:
-        return cls(model, engine.config.scheduler.max_num_seqs, engine.max_model_len, cache_config_info(engine))
+        spec = engine.config.speculative
+        return cls(model, engine.config.scheduler.max_num_seqs, engine.max_model_len, cache_config_info(engine),
+                   spec.num_speculative_tokens if spec else None)
 
     def on_step(self, engine: Engine, outs: list[RequestOutput], step_time: float | None) -> None:
         """After an engine step (step_time None: only aborts were applied)."""
         now = time.monotonic()
         stats = self._set_gauges(engine)
         for key, counter in self._counters.items():
-            if stats[key] > self._seen[key]:
-                counter.inc(stats[key] - self._seen[key])
-                self._seen[key] = stats[key]
+            self._advance(key, counter, stats[key])
+        self._advance_spec_decode(stats)
         if step_time is not None and engine.last_step_num_seqs:
             self.batch_size.observe(engine.last_step_num_seqs)
         tokens = sum(self._observe(out, now) for out in outs)
         if step_time is not None and engine.last_step_num_seqs:
             self.iteration_tokens.observe(tokens)
+
+    def _advance(self, key: str | tuple[str, int], counter: Counter, total: int) -> None:
+        """Add to counter what the engine's cumulative count `total` (under key) grew by since the last step."""
+        seen = self._seen.get(key, 0)
+        if total > seen:
+            counter.inc(total - seen)
+            self._seen[key] = total
+
+    def _advance_spec_decode(self, stats: dict) -> None:
+        """The vllm:spec_decode_* counters, from Engine.stats() (the keys are there once the engine speculates)."""
+        for key, counter in self._spec_counters.items():
+            if key in stats:
+                self._advance(key, counter, stats[key])
+        for i, (counter, total) in enumerate(zip(self._spec_per_pos, stats.get(SPEC_PER_POS, ()))):
+            self._advance((SPEC_PER_POS, i), counter, total)
 
     def _observe(self, out: RequestOutput, now: float) -> int:
         """Record one output; returns its tokens as vLLM's iteration count has them: the generated ones, plus the
