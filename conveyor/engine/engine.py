@@ -16,9 +16,11 @@ from conveyor.config import EngineConfig
 from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
-from conveyor.engine.sampler import Sampler, check_logit_bias
+from conveyor.engine.draft_model import DraftModel, kv_bytes_per_block, load_draft
+from conveyor.engine.sampler import SampleRow, Sampler, check_logit_bias
 from conveyor.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
+from conveyor.engine.spec_decode import Speculator
 from conveyor.engine.structured_output import GrammarCompiler, GrammarState
 from conveyor.model.loader import load_model
 from conveyor.model.runner import ModelRunner
@@ -125,13 +127,20 @@ class Engine:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.arch.vocab_size
         self.model_name = loaded.name
-        self.runner = ModelRunner(loaded, config.cache, config.scheduler, config.device)
-        c = config.cache
+        c, spec = config.cache, config.speculative
+        if spec is not None and c.kv_layout != "paged":
+            raise ValueError("speculative decoding needs the paged KV cache layout (kv_layout='paged')")
+        draft = None if spec is None or spec.method != "draft_model" else \
+            load_draft(spec, config, loaded.arch.vocab_size)
+        self.runner = ModelRunner(loaded, c, config.scheduler, config.device,
+                                  extra_bytes_per_block=kv_bytes_per_block(draft, c.block_size) if draft else 0)
         self.kv = KVCacheManager(self.runner.num_blocks, c.block_size, c.kv_layout, c.enable_prefix_caching,
                                  c.watermark, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv, c.preemption_mode)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.model.seed, config.device)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.spec = None if spec is None else Speculator(spec, config.device, draft and DraftModel(
+            draft, config, self.runner.num_blocks, self.runner.num_host_blocks, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self.last_step_num_seqs = 0
         self.last_step_all_failed = False  # every request the last step ran failed (see step())
@@ -231,11 +240,10 @@ class Engine:
         now = time.monotonic()
         seqs = []
         for i in range(params.num_samples):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(self.config.device).manual_seed(_mix_seed(params.seed, i))
+            seed = None if params.seed is None else _mix_seed(params.seed, i)
+            gen = None if seed is None else torch.Generator(self.config.device)
             seqs.append(Sequence(request_id, i, list(ids), len(ids), params, max_tokens, arrival_time=now,
-                                 generator=gen, cache_salt=cache_salt))
+                                 generator=gen, seed=seed, cache_salt=cache_salt))
         if len(seqs) > 1 and self.kv.layout == "paged":  # samples share the prompt's blocks: prefill it once
             for child in seqs[1:]:
                 child.status = SequenceStatus.FORK_PENDING
@@ -285,7 +293,8 @@ class Engine:
         the scheduler: every request). An AssertionError (a broken invariant) propagates: the state is suspect."""
         self.last_step_all_failed = False
         try:
-            sched = self.scheduler.schedule()
+            lookahead = self.spec.lookahead(self.scheduler.running) if self.spec else None
+            sched = self.scheduler.schedule(lookahead)
             for seq in sched.restarted:
                 self.requests[seq.request_id].restart_beams(seq)
         except AssertionError:
@@ -305,8 +314,12 @@ class Engine:
         self.last_step_num_seqs = len(sched.scheduled)
         if not sched.scheduled:
             return []
-        self.runner.swap(*self.kv.take_swaps())
-        self.runner.copy_blocks(self.kv.take_copies())
+        swaps, copies = self.kv.take_swaps(), self.kv.take_copies()
+        for runner in [self.runner] + ([self.spec.draft.runner] if self.spec and self.spec.draft else []):
+            runner.swap(*swaps)
+            runner.copy_blocks(copies)
+        if self.spec is not None:
+            self._propose(sched.scheduled)
         sampled, forking, prompt_lps, failed = self._compute(sched.scheduled)
         beams = [s.seq.request_id for s in sched.scheduled if s.samples and s.seq.request_id not in failed
                  and self.requests[s.seq.request_id].beam is not None]
@@ -324,9 +337,9 @@ class Engine:
             parent.forks = []
         self._account_kv()
         now = time.monotonic()
-        tokens: dict[str, list[tuple[Sequence, int, dict[int, float] | None]]] = {}
-        for seq, tok, lp in sampled:
-            tokens.setdefault(seq.request_id, []).append((seq, tok, lp))
+        tokens: dict[str, list[tuple[Sequence, list[int], list[dict[int, float]]]]] = {}
+        for seq, toks, lps in sampled:
+            tokens.setdefault(seq.request_id, []).append((seq, toks, lps))
         outs = []
         for rid in dict.fromkeys([*tokens, *beams]):
             try:
@@ -338,8 +351,38 @@ class Engine:
                 continue
             if out is not None:
                 outs.append(out)
+        if self.spec is not None:
+            self._after_verify(sched.scheduled, sampled, failed)
         self.last_step_all_failed = len(failed) == len({s.seq.request_id for s in sched.scheduled})
         return outs + self._fail(failed)
+
+    def _propose(self, scheduled: list[ScheduledSeq]) -> None:
+        """Speculative proposals for this step's decodes. A proposer that fails costs the step its proposals,
+        never a request."""
+        try:
+            self.spec.propose(scheduled, self.sampler)
+        except AssertionError:
+            raise
+        except Exception:
+            log.exception("speculative proposals failed; this step runs without them")
+            for s in scheduled:
+                s.spec_token_ids, s.draft_probs = [], None
+                s.seq.num_draft_computed = 0
+
+    def _after_verify(self, scheduled: list[ScheduledSeq], sampled: list, failed: dict[str, Exception]) -> None:
+        """Count verifications; give back the slots of rejected proposals; register the blocks accepted proposals
+        filled. Accepted proposals' K/V count as computed once appended (_advance); the draft's K/V stays valid up
+        to the target's."""
+        emitted = {seq.seq_id: toks for seq, toks, _ in sampled}
+        for s in scheduled:
+            seq = s.seq
+            if seq.request_id in failed or seq.seq_id not in emitted:
+                continue
+            self.spec.record(seq, len(s.spec_token_ids), emitted[seq.seq_id])
+            if s.num_spec_slots and seq.status == SequenceStatus.RUNNING:
+                self.kv.trim(seq)
+                self.kv.cache_full_blocks(seq)
+                seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
 
     def _compute(self, batch: list[ScheduledSeq]) -> tuple[list, list, list, dict[str, Exception]]:
         """Run the forward and sampling for batch. If that raises, run halves of it (whole requests each) to find the
@@ -360,27 +403,43 @@ class Engine:
 
     def _forward(self, batch: list[ScheduledSeq]) -> tuple[list, list, list]:
         """The model forward and sampling for batch. It changes nothing but KV cache contents and beams' pending
-        log-probs, so it can run again on part of the batch."""
-        sampling = [s.seq for s in batch if s.samples]
+        log-probs, so it can run again on part of the batch. Returns (seq, tokens, their logprobs) per sampling
+        sequence (one token, or a verifying sequence's accepted proposals and the token after them), forks and
+        prompt logprobs (see _compute)."""
         logits = self.runner.execute(batch)
         prompt_lps = [x for s in batch if (x := self._prompt_logprobs(s)) is not None]
-        beams = [(i, s) for i, s in enumerate(sampling) if self.requests[s.request_id].beam is not None]
+        first_row, r = {}, 0  # rows of logits: 1 per sampling entry, 1 + k for one verifying k proposals
+        for s in batch:
+            if s.samples:
+                first_row[s.seq.seq_id], r = r, r + 1 + len(s.spec_token_ids)
+        assert r == logits.shape[0]
+        beams = [s.seq for s in batch if s.samples and self.requests[s.seq.request_id].beam is not None]
         if beams:  # beams are advanced by the beam search, from their log-probabilities
-            lps = logits[torch.tensor([i for i, _ in beams], device=logits.device)].log_softmax(-1).cpu()
-            for (_, seq), lp in zip(beams, lps):
+            idx = torch.tensor([first_row[b.seq_id] for b in beams], device=logits.device)
+            for seq, lp in zip(beams, logits[idx].log_softmax(-1).cpu()):
                 self.requests[seq.request_id].beam.pending[seq.seq_id] = lp
-            keep = [i for i, s in enumerate(sampling) if self.requests[s.request_id].beam is None]
-            logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
-            sampling = [sampling[i] for i in keep]
+        entries = [s for s in batch if s.samples and self.requests[s.seq.request_id].beam is None]
         # samples waiting on a parent whose prefill just ended draw their first token from the parent's logits
-        rows = list(range(len(sampling)))
-        forking = [(i, p, c) for i, p in enumerate(sampling) for c in p.forks]
-        sampling += [c for _, _, c in forking]
-        rows += [i for i, _, _ in forking]
-        if forking:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        tokens, logprobs = self.sampler(logits, sampling)
-        return list(zip(sampling, tokens, logprobs)), [(p, c) for _, p, c in forking], prompt_lps
+        forks = [(s.seq, c) for s in entries for c in s.seq.forks]
+        entries += [ScheduledSeq(c, 1) for _, c in forks]
+        src = [first_row[s.seq.seq_id] + j for s in entries[:len(entries) - len(forks)]
+               for j in range(1 + len(s.spec_token_ids))] + [first_row[p.seq_id] for p, _ in forks]
+        if src != list(range(r)):
+            logits = logits[torch.tensor(src, dtype=torch.long, device=logits.device)]
+        # one row per sampled position: a verifying sequence's row j follows its first j proposals
+        rows = [SampleRow(s.seq, tuple(s.spec_token_ids[:j])) for s in entries
+                for j in range(1 + len(s.spec_token_ids))]
+        rejection = [s for s in entries if s.spec_token_ids and self.spec.uses_rejection(s.seq)]
+        drawn, probs = self.sampler.sample(logits, rows, want_probs=bool(rejection))
+        sampled, r = [], 0
+        for s in entries:
+            n = 1 + len(s.spec_token_ids)
+            toks = drawn[r:r + 1] if n == 1 else \
+                self.spec.verify(s, drawn[r:r + n], probs[r:r + n] if probs is not None else None,
+                                 self.sampler.generator)
+            sampled.append((s.seq, toks, self.sampler.logprobs(logits[r:r + len(toks)], rows[r:r + len(toks)], toks)))
+            r += n
+        return sampled, forks, prompt_lps
 
     def _prompt_logprobs(self, s: ScheduledSeq) -> tuple[Sequence, int, list[dict[int, float]]] | None:
         """The prompt logprobs that s's chunk yields and its request still lacks (a recompute after preemption
@@ -395,13 +454,20 @@ class Engine:
             return None
         return s.seq, start, self.runner.prompt_logprobs(s.seq, start, end, req.params.prompt_logprobs)
 
-    def _advance(self, req: Request, tokens: list[tuple[Sequence, int, dict[int, float] | None]],
+    def _advance(self, req: Request, tokens: list[tuple[Sequence, list[int], list[dict[int, float]]]],
                  now: float) -> RequestOutput | None:
-        """Apply one request's new tokens (stop checks, text) or its beam step; its output, if it has one now."""
-        for seq, tok, lp in tokens:
-            req.cumulative_logprobs[seq.index] += lp[tok]
-            self._append_token(seq, tok, lp if req.params.logprobs is not None else None, now)
-            _note_text_end(req.text_ends[seq.index], seq)
+        """Apply one request's new tokens (stop checks, text) or its beam step; its output, if it has one now.
+        A verifying sequence's tokens are its accepted proposals, whose K/V the step computed, and then one more:
+        they are appended in order until one ends the sequence, exactly where it would end without speculation."""
+        for seq, toks, lps in tokens:
+            for i, (tok, lp) in enumerate(zip(toks, lps)):
+                req.cumulative_logprobs[seq.index] += lp[tok]
+                self._append_token(seq, tok, lp if req.params.logprobs is not None else None, now)
+                _note_text_end(req.text_ends[seq.index], seq)
+                if seq.is_finished:
+                    break
+                if i < len(toks) - 1:
+                    seq.num_computed_tokens += 1
         if req.beam is not None:
             if not req.beam.ready():
                 return None
@@ -562,9 +628,10 @@ class Engine:
         req.emitted_text[i], req.emitted_tokens[i] = end, n_tok
         return out
 
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, float | int | list[int]]:
         pool = self.kv.pool
-        return {
+        spec = self.spec.stats.as_dict() if self.spec is not None else {}
+        return spec | {
             "kv_blocks_total": pool.num_blocks,
             "kv_blocks_in_use": pool.num_in_use,
             "kv_blocks_peak": pool.peak_in_use,

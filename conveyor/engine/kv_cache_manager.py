@@ -96,6 +96,7 @@ class KVCacheManager:
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
         child.num_cached_blocks = parent.num_cached_blocks
+        child.num_draft_computed = parent.num_draft_computed
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
@@ -200,7 +201,22 @@ class KVCacheManager:
         self.pending_swap_out, self.pending_swap_in = [], []
         return outs, ins
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past seq's last token: slots of speculative proposals that were rejected (or never
+        proposed). They hold no computed token, so no other sequence and no prefix-cache entry has them."""
+        if self.layout != "paged":
+            return
+        keep = cdiv(seq.num_tokens, self.block_size)
+        extra = seq.block_table[keep:]
+        if not extra:
+            return
+        assert all(self.pool.ref_counts[b] == 1 and self.pool.block_hash[b] is None for b in extra), \
+            "a block past the last token is shared or cached"
+        del seq.block_table[keep:]
+        self.pool.free(list(reversed(extra)))
+
     def free(self, seq: Sequence) -> None:
+        seq.num_draft_computed = 0
         if seq.status == SequenceStatus.SWAPPED:
             self.host_pool.free(seq.block_table)
             seq.block_table = []

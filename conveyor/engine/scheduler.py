@@ -15,6 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from conveyor.config import SchedulerConfig
 from conveyor.engine.kv_cache_manager import KVCacheManager
 from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -23,7 +25,13 @@ from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # tokens to compute this step
+    num_tokens: int  # tokens of the sequence to compute this step
+    # speculative decoding: KV slots allocated for proposals after the sequence's last token, and the proposals
+    # this step verifies (at most num_spec_slots; filled after scheduling), with the draft model's distributions
+    # they were drawn from when verification needs them ([len(spec_token_ids), vocab])
+    num_spec_slots: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     @property
     def samples(self) -> bool:
@@ -39,7 +47,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+        return sum(s.num_tokens + s.num_spec_slots for s in self.scheduled)
 
 
 class Scheduler:
@@ -94,7 +102,9 @@ class Scheduler:
         cap = self.config.long_prefill_token_threshold or n
         return max(0, min(n, budget - reserved, cap))
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, lookahead: dict[int, int] | None = None) -> SchedulerOutput:
+        """lookahead: seq_id -> speculative proposals a decoding sequence would verify this step. They get KV slots
+        only from the budget and blocks left over: never at the expense of another sequence's token or block."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self.rank)
@@ -106,12 +116,13 @@ class Scheduler:
             n = self._chunk(seq, budget, decodes_after[k]) if seq.status == SequenceStatus.RUNNING else 0
             if n == 0:
                 continue
+            spec = self._spec_slots(seq, n, budget - decodes_after[k], lookahead)
             while seq.status == SequenceStatus.RUNNING and not self.kv.allocate_slots(seq, n):
                 budget += self._preempt(self.running[-1], out)  # the lowest ranked, maybe seq itself
             if seq.status != SequenceStatus.RUNNING:
                 continue
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            out.scheduled.append(ScheduledSeq(seq, n, num_spec_slots=spec))
+            budget -= n + spec
         if not out.preempted:  # admitting right after preempting would only thrash
             budget = self._swap_in(out, budget)
             if not self.swapped:  # new work waits until every swapped-out sequence is back
@@ -119,10 +130,23 @@ class Scheduler:
         assert self._writes_unshared(out), "a step would write into a block another sequence shares"
         return out
 
+    def _spec_slots(self, seq: Sequence, n: int, budget: int, lookahead: dict[int, int] | None) -> int:
+        """Allocate slots for seq's n tokens and up to lookahead[seq] proposals if the budget allows and the pool
+        keeps a block free for every decode still to be scheduled; returns the proposals' slots (0: none given,
+        nothing allocated)."""
+        want = min((lookahead or {}).get(seq.seq_id, 0), budget - n)
+        if want <= 0 or seq.num_uncomputed_tokens != 1:
+            return 0
+        need = self.kv.blocks_needed(seq, n + want) + 1  # + 1: a copy-on-write of a shared tail block
+        if self.kv.pool.num_free - need < len(self.running) or not self.kv.allocate_slots(seq, n + want):
+            return 0
+        return want
+
     def _writes_unshared(self, out: SchedulerOutput) -> bool:
         bs, refs = self.kv.block_size, self.kv.pool.ref_counts
         for s in out.scheduled:
-            first, last = s.seq.num_computed_tokens // bs, (s.seq.num_computed_tokens + s.num_tokens - 1) // bs
+            first = s.seq.num_computed_tokens // bs
+            last = (s.seq.num_computed_tokens + s.num_tokens + s.num_spec_slots - 1) // bs
             if any(refs[b] != 1 for b in s.seq.block_table[first:last + 1]):
                 return False
         return True

@@ -13,6 +13,7 @@ import torch
 from conveyor.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from conveyor.engine.spec_decode import SpecState
     from conveyor.engine.structured_output import GrammarState
 
 _seq_counter = itertools.count()
@@ -46,7 +47,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded sequences: reseeded per position (Sampler.row_generator)
+    seed: int | None = None  # this sample's own seed (from SamplingParams.seed and its index)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
     cache_salt: str | None = None  # keeps this request's cached prefix blocks apart from other tenants'
@@ -55,6 +57,11 @@ class Sequence:
     forks: list[Sequence] = field(default_factory=list)  # samples to fork from this one when its prefill ends
     num_reserved_slots: int = 0  # running slots held for sequences this one will fork (beam search)
     grammar: GrammarState | None = None  # structured outputs: the grammar's state after this sequence's output
+    # speculative decoding: the state of its proposer, the proposals for the next step (not yet in token_ids), and
+    # how many leading tokens have their K/V in the draft model's cache (blocks shared with the target's)
+    spec: SpecState | None = None
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_computed: int = 0
     # incremental detokenization state
     output_text: str = ""
     prefix_offset: int = 0

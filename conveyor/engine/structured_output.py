@@ -375,6 +375,16 @@ class GrammarState:
             raise ValueError(f"token {token} is not allowed by the structured output's grammar here")
         self.done = self.matcher.is_terminated() or (self.matcher.is_completed() and self._only_eos())
 
+    def valid_prefix(self, drafts: list[int]) -> int:
+        """How many leading proposals (speculative decoding) the grammar allows in a row; the matcher is left as it
+        was. A proposal after one that ends the grammar is not allowed."""
+        n = 0
+        while n < len(drafts) and not self.matcher.is_terminated() and self.matcher.accept_token(drafts[n]):
+            n += 1
+        if n:
+            self.matcher.rollback(n)
+        return n
+
     def allowed(self) -> torch.Tensor:
         """Bool [vocab_size]: the tokens the grammar allows next (EOS among them where it may end)."""
         mask = xgr.allocate_token_bitmask(1, self.vocab_size)
@@ -407,8 +417,10 @@ def _byte_bias(device: torch.device) -> torch.Tensor:
     return torch.where(bits.bool(), 0.0, float("-inf")).to(device)
 
 
-def apply_grammar_masks(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> None:
-    """Set to -inf, in place, every logit of logits[rows[i]] that states[i]'s grammar does not allow next.
+def apply_grammar_masks(logits: torch.Tensor, rows: list[int], states: list[GrammarState],
+                        drafts: list[tuple[int, ...]] | None = None) -> None:
+    """Set to -inf, in place, every logit of logits[rows[i]] that states[i]'s grammar does not allow next, after
+    drafts[i] (speculative proposals the row's position follows; the grammar must allow them, see valid_prefix).
 
     logits: [batch, vocab] float32 on CPU or CUDA. A bitmask [len(rows), ceil(vocab / 32)] int32 is filled for all
     rows in one call (xgrammar, on CPU), turned into an additive mask of 0 / -inf by a byte lookup table (one
@@ -416,7 +428,16 @@ def apply_grammar_masks(logits: torch.Tensor, rows: list[int], states: list[Gram
     twice as fast as xgrammar's CPU kernel on SmolLM2's vocabulary, and device-agnostic."""
     assert len(rows) == len(states) and rows and sys.byteorder == "little"
     bitmask = xgr.allocate_token_bitmask(len(rows), states[0].vocab_size)
-    _batch_matcher().batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
+    plain = [i for i in range(len(rows)) if not drafts or not drafts[i]]
+    if plain:
+        _batch_matcher().batch_fill_next_token_bitmask([states[i].matcher for i in plain], bitmask, plain)
+    for i in range(len(rows)):
+        if drafts and drafts[i]:  # the matcher advanced over the proposals, then put back
+            m = states[i].matcher
+            for t in drafts[i]:
+                assert m.accept_token(t), "a proposal the grammar rejects reached the sampler"
+            m.fill_next_token_bitmask(bitmask, i)
+            m.rollback(len(drafts[i]))
     filtered = [i for i, s in enumerate(states) if s.token_filter is not None]
     if filtered:
         bitmask[filtered] &= torch.stack([states[i].token_filter for i in filtered])

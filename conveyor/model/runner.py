@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,31 @@ from conveyor.model.loader import LoadedModel
 log = logging.getLogger("conveyor.runner")
 
 
+@dataclass
+class Chunk:
+    """Tokens of one sequence that a forward computes: token_ids at positions start, start + 1, ..., their K/V
+    written at the slots of seq's block table; logits wanted for the last num_logits of them."""
+    seq: Sequence
+    start: int
+    token_ids: list[int]
+    num_logits: int
+
+    def __post_init__(self) -> None:
+        assert self.token_ids and 0 <= self.num_logits <= len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        """Attended as decode rows, one query each: a decode, or a decode followed by speculative proposals."""
+        return len(self.token_ids) == 1 or self.num_logits == len(self.token_ids)
+
+
+def chunk_of(s: ScheduledSeq) -> Chunk:
+    """The target model's chunk for a scheduled sequence: its next tokens, then this step's proposals."""
+    seq, start = s.seq, s.seq.num_computed_tokens
+    ids = seq.token_ids[start:start + s.num_tokens] + s.spec_token_ids
+    return Chunk(seq, start, ids, (1 + len(s.spec_token_ids)) if s.samples else 0)
+
+
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On CPU it is backed by an anonymous mmap: the kernel hands out zero pages on first touch,
     so a large KV budget costs no time at start and memory only as blocks are used (torch.zeros writes it all)."""
@@ -31,19 +57,25 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, cache: CacheConfig, sched: SchedulerConfig, device: str) -> None:
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, sched: SchedulerConfig, device: str,
+                 num_blocks: int | None = None, extra_bytes_per_block: int = 0,
+                 num_host_blocks: int | None = None) -> None:
+        """num_blocks, num_host_blocks: exactly this many device and host (swap) KV blocks (a draft model's caches
+        mirror the target's); else from the budgets, which also hold extra_bytes_per_block per block (the draft's
+        share when this is the target)."""
         self.model = loaded.model
         self.arch = loaded.arch
         self.dtype = loaded.dtype
         self.device = torch.device(device)
         self.block_size = cache.block_size
         self.sliding_window = loaded.arch.sliding_window
-        self.num_blocks = self._num_blocks(cache, sched)
+        self.num_blocks = num_blocks or self._num_blocks(cache, sched, extra_bytes_per_block)
         a = self.arch
         shape = kv_cache_shape(self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
         # host memory for swapped-out blocks (swap preemption)
-        self.num_host_blocks = int(cache.swap_space * 2**30) // self.bytes_per_block
+        self.num_host_blocks = num_host_blocks if num_host_blocks is not None else \
+            int(cache.swap_space * 2**30) // (self.bytes_per_block + extra_bytes_per_block)
         host_shape = kv_cache_shape(self.num_host_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         pin = self.device.type == "cuda"
         self.host_caches = [torch.zeros(host_shape, dtype=self.dtype, pin_memory=pin) for _ in range(a.num_layers)] \
@@ -61,7 +93,7 @@ class ModelRunner:
         a = self.arch
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
 
-    def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
+    def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig, extra_bytes_per_block: int) -> int:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         if cache.kv_cache_memory is not None:
@@ -70,7 +102,7 @@ class ModelRunner:
             budget = self._cuda_kv_budget(cache, sched)
         else:
             budget = DEFAULT_CPU_KV_CACHE_BYTES
-        n = budget // self.bytes_per_block
+        n = budget // (self.bytes_per_block + extra_bytes_per_block)
         # more blocks than max_num_seqs full-length sequences can never be used
         n = min(n, sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size))
         if n < 1:
@@ -121,51 +153,55 @@ class ModelRunner:
             for dev, host in zip(self.kv_caches, self.host_caches):
                 move_blocks(dev, host, src, dst) if to_host else move_blocks(host, dev, src, dst)
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step. Returns float32 logits [num_sampling, vocab] for the entries whose chunk reaches the end
-        of their sequence, in the order they appear in `scheduled`."""
-        decodes = [s for s in scheduled if s.num_tokens == 1]
-        prefills = [s for s in scheduled if s.num_tokens > 1]
+        """Run one step. Returns float32 logits [rows, vocab]: for each entry of `scheduled` whose chunk reaches the
+        end of its sequence, in order, one row, or 1 + k rows when it verifies k speculative proposals."""
+        return self.forward([chunk_of(s) for s in scheduled])
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """One forward over chunks (at most one per sequence). Returns float32 logits [sum of num_logits, vocab],
+        chunk by chunk in order."""
+        decodes = [c for c in chunks if c.is_decode]
+        prefills = [c for c in chunks if not c.is_decode]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logit_rows: dict[int, int] = {}  # seq_id -> row in the flattened batch
+        logit_rows: dict[int, list[int]] = {}  # seq_id -> its rows in the flattened batch
         bs = self.block_size
-        for s in decodes + prefills:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            if s.samples:
-                logit_rows[seq.seq_id] = len(ids) + s.num_tokens - 1
-            ids.extend(seq.token_ids[start:start + s.num_tokens])
-            table = seq.block_table
-            for pos in range(start, start + s.num_tokens):
+        for c in decodes + prefills:
+            table = c.seq.block_table
+            logit_rows[c.seq.seq_id] = list(range(len(ids) + len(c.token_ids) - c.num_logits, len(ids) + len(c.token_ids)))
+            ids.extend(c.token_ids)
+            for pos in range(c.start, c.start + len(c.token_ids)):
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  buffers=self.gather_buffers)
-        if decodes:
-            meta.num_decodes = len(decodes)
-            meta.decode = build_decode_plan([s.seq.block_table for s in decodes],
-                                            [s.seq.num_computed_tokens + 1 for s in decodes], bs, self.num_blocks,
-                                            self.arch.num_kv_heads, self.sliding_window, dev)
-        q_start = len(decodes)
-        for s in prefills:
-            cached = s.seq.num_computed_tokens
-            nb = cdiv(cached + s.num_tokens, bs)
+        if decodes:  # a decode with proposals is one decode row per token, each seeing the keys up to its own
+            tables = [c.seq.block_table for c in decodes for _ in c.token_ids]
+            lens = [c.start + j + 1 for c in decodes for j in range(len(c.token_ids))]
+            meta.num_decodes = len(lens)
+            meta.decode = build_decode_plan(tables, lens, bs, self.num_blocks, self.arch.num_kv_heads,
+                                            self.sliding_window, dev)
+        q_start = meta.num_decodes
+        for c in prefills:
+            n = len(c.token_ids)
+            nb = cdiv(c.start + n, bs)
             meta.prefills.append(PrefillChunk(
-                q_start, s.num_tokens, cached, torch.tensor(s.seq.block_table[:nb], dtype=torch.long, device=dev),
-                build_prefill_mask(cached, s.num_tokens, self.sliding_window, dev)))
-            q_start += s.num_tokens
+                q_start, n, c.start, torch.tensor(c.seq.block_table[:nb], dtype=torch.long, device=dev),
+                build_prefill_mask(c.start, n, self.sliding_window, dev)))
+            q_start += n
         self._hidden, self._chunks = None, {}
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
-        if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
+        if any(c.seq.params.prompt_logprobs is not None for c in chunks):
             self._hidden, row = hidden, 0
-            for s in decodes + prefills:
-                self._chunks[s.seq.seq_id] = (row, s.seq.num_computed_tokens, s.num_tokens)
-                row += s.num_tokens
-        rows = [logit_rows[s.seq.seq_id] for s in scheduled if s.samples]
+            for c in decodes + prefills:
+                self._chunks[c.seq.seq_id] = (row, c.start, len(c.token_ids))
+                row += len(c.token_ids)
+        rows = [r for c in chunks for r in logit_rows[c.seq.seq_id]]
         if not rows:
             return torch.empty(0, self.arch.vocab_size, device=dev)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float()
