@@ -365,7 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantization", default=None)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     p.add_argument("--concurrency", type=int_list, default=[1, 4, 32])
-    p.add_argument("--num-requests", type=int_list, default=[5, 12, 48], help="per concurrency, in order")
+    p.add_argument("--num-requests", type=int_list, default=[4, 8, 32], help="per concurrency, in order")
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
