@@ -132,11 +132,11 @@ def test_a_failing_scheduler_fails_every_request_and_the_engine_recovers(llm):
     eng = llm.engine
     schedule, calls = eng.scheduler.schedule, []
 
-    def fail_once():
+    def fail_once(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected scheduler fault")
-        return schedule()
+        return schedule(*args)
 
     eng.scheduler.schedule = fail_once
     for rid, (p, sp) in GOOD.items():

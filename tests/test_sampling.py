@@ -333,7 +333,8 @@ def test_top_k_top_p_rows_are_independent_and_order_free():
 
 
 def _seq(params: SP, token_ids=(1, 2, 3), num_prompt=3, generator=None) -> Sequence:
-    return Sequence("u", 0, list(token_ids), num_prompt, params, params.max_tokens or 16, generator=generator)
+    return Sequence("u", 0, list(token_ids), num_prompt, params, params.max_tokens or 16, generator=generator,
+                    seed=params.seed if generator is not None else None)
 
 
 def test_sampler_greedy_min_tokens_and_logprobs():
@@ -381,9 +382,14 @@ def test_sampler_seeded_rows_do_not_depend_on_the_batch():
     seqs = [_seq(SP(temperature=0.7)), seeded(), _seq(SP(temperature=1.0, top_k=5))]
     batched = sampler(logits, seqs)[0]
     assert batched[1] == alone[0]
-    # a seeded sequence's draws follow its own generator: the same seed gives the same sequence of tokens
+    # a seeded sequence's draw depends on its seed and the token's position: the same seed gives the same tokens
     a, b = seeded(), seeded()
-    run_a = [sampler(logits[1:2], [a])[0][0] for _ in range(10)]
-    run_b = [sampler(logits, [_seq(SP(temperature=1.0)), b, _seq(SP(temperature=1.0))])[0][1] for _ in range(10)]
+    run_a, run_b = [], []
+    for _ in range(10):
+        run_a.append(sampler(logits[1:2], [a])[0][0])
+        a.token_ids.append(run_a[-1])
+        run_b.append(sampler(logits, [_seq(SP(temperature=1.0)), b, _seq(SP(temperature=1.0))])[0][1])
+        b.token_ids.append(run_b[-1])
     assert run_a == run_b
     assert len(set(run_a)) > 1
+    assert sampler(logits[1:2], [a])[0] == sampler(logits[1:2], [a])[0]  # the same position: the same draw

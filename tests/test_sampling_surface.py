@@ -181,7 +181,7 @@ def _feed(llm: LLM, rid: str, params: SP, tokens: list[int]) -> list:
     req = eng.requests[rid]
     outs = []
     for t in tokens:
-        outs.append(eng._advance(req, [(req.seqs[0], t, {t: -1.0})], time.monotonic()))
+        outs.append(eng._advance(req, [(req.seqs[0], [t], [{t: -1.0}])], time.monotonic()))
         if outs[-1].finished:
             break
     return outs
