@@ -20,10 +20,14 @@ from conveyor.model.runner import Chunk, ModelRunner
 
 
 def load_draft(spec: SpeculativeConfig, config: EngineConfig, vocab_size: int) -> LoadedModel:
-    """Load the draft checkpoint with the target's dtype. Raises ValueError when its vocabulary differs."""
+    """Load the draft checkpoint with the target's dtype. Raises ValueError when it cannot be loaded or its
+    vocabulary differs."""
     m = config.model
-    loaded = load_model(ModelConfig(model=spec.model, dtype=m.dtype, seed=m.seed, quantization=spec.quantization),
-                        config.device)
+    try:
+        loaded = load_model(ModelConfig(model=spec.model, dtype=m.dtype, seed=m.seed, quantization=spec.quantization),
+                            config.device)
+    except ValueError as e:
+        raise ValueError(f"speculative_config draft model: {e}") from None
     if loaded.arch.vocab_size != vocab_size:
         raise ValueError(f"the draft model's vocabulary ({loaded.arch.vocab_size} tokens) differs from the target's "
                          f"({vocab_size}): a draft model must share the target's tokenizer")
