@@ -33,7 +33,7 @@ DEMO_PROMPTS = ["Hello world, this is", "abc abc abc abc", "The quick brown fox 
 
 
 def seeded(seed: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=1.0, seed=seed, **kw)
+    return SamplingParams(**{"temperature": 1.0, "seed": seed, **kw})
 
 
 def greedy(**kw) -> SamplingParams:
@@ -115,20 +115,22 @@ class Pair:
     """The same engine settings with and without speculation; run() checks that both give the same outputs, end
     clean, and that the speculative one verified proposals (and rejected some, for the other-seed draft)."""
 
-    def __init__(self, model: str, method: str, spec: dict, **kw) -> None:
-        self.method = method
-        self.base = LLM(model, device="cpu", **kw)
-        self.spec = LLM(model, device="cpu", speculative_config=spec, **kw)
+    def __init__(self, method: str, base: LLM, spec: LLM) -> None:
+        self.method, self.base, self.spec = method, base, spec
 
     def counts(self) -> tuple[int, int]:
         stats = self.spec.stats()
         return stats[SPEC_KEYS[0]], stats[SPEC_KEYS[1]]
 
-    def run(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    def run(self, prompts: list, params: SamplingParams | list[SamplingParams],
+            chat: bool = False) -> list[RequestOutput]:
+        return self.against((self.base.chat if chat else self.base.generate)(prompts, params), prompts, params, chat)
+
+    def against(self, base: list[RequestOutput], prompts: list, params: SamplingParams | list[SamplingParams],
+                chat: bool = False) -> list[RequestOutput]:
+        """Check the speculative engine's outputs against base, the base engine's for the same requests."""
         drafted, accepted = self.counts()
-        base = self.base.generate(prompts, params)
-        outs = self.spec.generate(prompts, params)
-        assert_same(base, outs)
+        assert_same(base, (self.spec.chat if chat else self.spec.generate)(prompts, params))
         self.check(drafted, accepted)
         return base
 
@@ -146,7 +148,8 @@ class Pair:
 @pytest.fixture
 def pair(spec_config):
     def make(method: str, model: str = "demo", k: int = K, **kw) -> Pair:
-        return Pair(model, method, spec_config(method, model, k), **kw)
+        return Pair(method, LLM(model, device="cpu", **kw),
+                    LLM(model, device="cpu", speculative_config=spec_config(method, model, k), **kw))
 
     return make
 
@@ -161,3 +164,33 @@ def test_parity_checkpoints_under_queueing_and_preemption(pair, target, kind):
         p.run(CKPT_PROMPTS, greedy(max_tokens=20, ignore_eos=True))
         p.run(CKPT_PROMPTS, [seeded(i, max_tokens=20, ignore_eos=True) for i in range(len(CKPT_PROMPTS))])
         assert p.spec.stats()["num_preemptions"] > 0
+
+
+TEXT = ("The library opens at nine in the morning and closes at six in the evening. Members may borrow up to five "
+        "books at a time for three weeks. Late returns cost ten cents per day.")
+GROUNDED = [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{TEXT}"}]
+
+
+@pytest.fixture(scope="module")
+def real(spec_config):
+    """method or None -> one LLM of the built-in real model per method, for the module."""
+    llms: dict[str | None, LLM] = {}
+
+    def get(method: str | None) -> LLM:
+        if method not in llms:
+            spec = None if method is None else spec_config(method, DEFAULT_MODEL, 4)
+            llms[method] = LLM(DEFAULT_MODEL, speculative_config=spec)
+        return llms[method]
+
+    return get
+
+
+def test_real_model_grounded_prompt(real):
+    """The built-in SmolLM2 (Q4_1, bfloat16) asked to repeat a text: n-gram proposals come from the prompt."""
+    params = [greedy(max_tokens=20), seeded(1, temperature=0.8, max_tokens=12)]
+    base = real(None).chat([GROUNDED] * 2, params)
+    assert "closes at six" in base[0].outputs[0].text
+    for method in ("ngram", "draft"):
+        p = Pair(method, real(None), real(method))
+        p.against(base, [GROUNDED] * 2, params, chat=True)
+        assert p.spec.stats()["spec_decode_num_accepted_tokens"] > 0
