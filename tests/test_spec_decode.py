@@ -194,3 +194,228 @@ def test_real_model_grounded_prompt(real):
         p = Pair(method, real(None), real(method))
         p.against(base, [GROUNDED] * 2, params, chat=True)
         assert p.spec.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
+# ---- 2. scheduling ------------------------------------------------------------------------------------------------
+def mixed(n: int, max_tokens: int = 24, **kw) -> list[SamplingParams]:
+    """Greedy and seeded requests in turn, with lengths that end at different points of a proposal run."""
+    return [greedy(max_tokens=max_tokens + i % 4, **kw) if i % 2 == 0 else
+            seeded(i, max_tokens=max_tokens + i % 4, **kw) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("method", METHODS)
+def test_queueing_and_preemption(pair, method, mode):
+    """12 requests for 4 slots and 32 blocks of 4: they queue, and running ones are preempted by mode."""
+    kw = {"swap_space": 0.01} if mode == "swap" else {}
+    p = pair(method, max_num_seqs=4, block_size=4, num_kv_blocks=32, max_num_batched_tokens=64,
+             preemption_mode=mode, **kw)
+    p.run(DEMO_PROMPTS * 2, mixed(12, ignore_eos=True))
+    assert p.spec.stats()[f"num_preemptions_{mode}"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prefix_caching(pair, method):
+    """Requests sharing a long prefix, then requests whose prompt is an earlier prompt plus its output: they reuse
+    blocks that the verification of accepted proposals filled (wrong hashes there would change the outputs)."""
+    p = pair(method, block_size=4, num_kv_blocks=256)
+    prefix = "The quick brown fox jumps over the lazy dog. " * 2
+    prompts = [prefix + s for s in ("One", "Two", "Three", "Four")]
+    first = p.run(prompts[:2], greedy(max_tokens=30, ignore_eos=True))
+    hits = p.spec.stats()["prefix_cache_hits"]
+    p.run(prompts[2:], mixed(2, ignore_eos=True))
+    assert p.spec.stats()["prefix_cache_hits"] > hits
+    hits = p.spec.stats()["prefix_cache_hits"]
+    grown = [o.prompt_token_ids + o.outputs[0].token_ids for o in first]
+    p.run(grown, mixed(2, ignore_eos=True))
+    assert p.spec.stats()["prefix_cache_hits"] - hits >= sum(len(g) // 4 - 1 for g in grown) * 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_n_and_best_of(pair, method):
+    p = pair(method, block_size=4, num_kv_blocks=256)
+    outs = p.run(DEMO_PROMPTS[:3], [seeded(7, n=3, max_tokens=20), seeded(8, n=2, best_of=4, max_tokens=20),
+                                    seeded(9, n=2, max_tokens=20, temperature=2.0)])
+    assert [len(o.outputs) for o in outs] == [3, 2, 2]
+
+
+def drive(llm: LLM, arrivals: dict[int, list[tuple[str, object, SamplingParams]]],
+          aborts: dict[int, list[str]] | None = None) -> tuple[dict[str, RequestOutput], list]:
+    """Step the engine, adding requests and aborting others at the given step numbers. Returns the final outputs
+    by request id and every step's scheduled sequences (as they were after the step)."""
+    engine, aborts = llm.engine, aborts or {}
+    done: dict[str, RequestOutput] = {}
+    steps: list = []
+    schedule = engine.scheduler.schedule
+
+    def recording(lookahead=None):
+        out = schedule(lookahead)
+        steps.append(out.scheduled)
+        return out
+
+    engine.scheduler.schedule = recording
+    step = 0
+    while engine.has_unfinished_requests() or step <= max(arrivals):
+        for rid, prompt, params in arrivals.get(step, []):
+            engine.add_request(rid, prompt, params)
+        for rid in aborts.get(step, []):
+            assert rid in engine.requests, f"{rid} already finished: abort it earlier"
+            done[rid] = engine.abort_request(rid)
+        done |= {o.request_id: o for o in engine.step() if o.finished}
+        step += 1
+    engine.scheduler.schedule = schedule
+    return done, steps
+
+
+def drive_both(p: Pair, arrivals: dict, aborts: dict | None = None) -> list:
+    """drive() both engines; the same outputs for every request not aborted; returns the speculative steps."""
+    drafted, accepted = p.counts()
+    base, _ = drive(p.base, arrivals, aborts)
+    spec, steps = drive(p.spec, arrivals, aborts)
+    aborted = {rid for rids in (aborts or {}).values() for rid in rids}
+    assert base.keys() == spec.keys()
+    for rid in aborted:
+        assert spec[rid].finished and all(c.finish_reason == "abort" for c in spec[rid].outputs)
+    kept = sorted(base.keys() - aborted)
+    assert_same([base[r] for r in kept], [spec[r] for r in kept])
+    p.check(drafted, accepted)
+    return steps
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunked_prefill_of_arrivals_and_priorities(pair, method):
+    """Long prompts arrive while others decode: their prefill is chunked (long_prefill_token_threshold) into
+    steps that also verify proposals; under the priority policy the later, more urgent ones go first."""
+    p = pair(method, max_num_seqs=4, block_size=4, num_kv_blocks=48, max_num_batched_tokens=24,
+             long_prefill_token_threshold=8, scheduling_policy="priority")
+    long = "The quick brown fox jumps over the lazy dog, again and again. "
+    arrivals = {0: [(f"low{i}", DEMO_PROMPTS[i], p_) for i, p_ in enumerate(mixed(3, priority=5))],
+                3: [(f"high{i}", long + DEMO_PROMPTS[i], p_) for i, p_ in enumerate(mixed(3, 16, priority=0))],
+                6: [(f"mid{i}", long * 2, p_) for i, p_ in enumerate(mixed(2, 12, priority=2))]}
+    steps = drive_both(p, arrivals)
+    assert any(any(s.spec_token_ids for s in step) and any(s.num_tokens > 1 for s in step) for step in steps)
+
+
+# ---- 2. what a request asks for -------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 999},
+                                           "c": {"enum": ["red", "green"]}},
+          "required": ["ok", "n", "c"], "additionalProperties": False}
+REGEX = r"[a-c]{2,6}-[0-9]{3}"
+CHOICES = ["ZZZ apples", "ZZZ pears", "bananas"]  # the demo model likes Z: a proposal run fits the first two
+
+
+GRAMMAR_PAST_END = pytest.mark.xfail(strict=True, reason=(
+    "engine bug: a draft proposes EOS once the grammar is complete; valid_prefix lets it through and the "
+    "verification row after it asks xgrammar for the mask of a terminated matcher (RuntimeError), so the request "
+    "ends with finish_reason 'error' instead of 'stop'"))
+
+
+@pytest.mark.parametrize("method", ["ngram", *(pytest.param(m, marks=GRAMMAR_PAST_END) for m in METHODS[1:])])
+def test_structured_outputs(pair, method):
+    """A proposal the grammar forbids is never emitted: outputs are valid and identical."""
+    p = pair(method)
+    constraints = [SO(json=SCHEMA), SO(regex=REGEX), SO(choice=CHOICES)]
+    params = [f(**{"max_tokens": 60, "structured_outputs": so}) for so in constraints
+              for f in (greedy, lambda **kw: seeded(3, **kw))]
+    outs = p.run(["Answer: ZZZZ"] * len(params), params)
+    texts = [o.outputs[0] for o in outs]
+    for c in texts:
+        assert c.finish_reason == "stop", c.text
+    for c in texts[:2]:
+        obj = json.loads(c.text)
+        assert obj.keys() == {"ok", "n", "c"}
+    assert all(re.fullmatch(REGEX, c.text) for c in texts[2:4])
+    assert all(c.text in CHOICES for c in texts[4:])
+
+
+def first_unique(seq, start: int, width: int):
+    """The first index i >= start where seq[i:i + width] does not occur before i (a stop that ends the output
+    there and not earlier), or None."""
+    for i in range(start, len(seq) - width + 1):
+        piece = seq[i:i + width]
+        if not any(seq[j:j + width] == piece for j in range(i)):
+            return i
+    return None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stops_inside_an_accepted_run(pair, method):
+    """Stop strings (with and without include_stop_str_in_output), stop_token_ids, max_tokens, EOS and min_tokens
+    end the output where the engine without speculation ends it: the same text, finish reason and token count."""
+    p = pair(method)
+    prompts = DEMO_PROMPTS[:4]
+    free = p.base.generate(prompts, [seeded(i, max_tokens=30, ignore_eos=True) for i in range(4)])
+    cases: list[tuple[str, SamplingParams]] = []
+    for i, o in enumerate(free):
+        text, ids = o.outputs[0].text, o.outputs[0].token_ids
+        at = first_unique(text, 6, 2)
+        if at is not None:
+            stop = text[at:at + 2]
+            cases.append((prompts[i], seeded(i, max_tokens=30, ignore_eos=True, stop=[stop])))
+            cases.append((prompts[i], seeded(i, max_tokens=30, ignore_eos=True, stop=["\x00never", stop],
+                                                include_stop_str_in_output=True)))
+        at = first_unique(ids, 5, 1)
+        if at is not None:
+            cases.append((prompts[i], seeded(i, max_tokens=30, ignore_eos=True, stop_token_ids=[ids[at]])))
+        cases.append((prompts[i], seeded(i, max_tokens=4 + i, ignore_eos=True)))
+        cases.append((prompts[i], greedy(max_tokens=5 + i, ignore_eos=True)))
+    # at temperature 2 these seeds end the demo model's output with EOS after 13, 15, 3 and 3 tokens
+    cases += [("Hello world, this is", seeded(s, temperature=2.0, max_tokens=40, min_tokens=m))
+              for s in (1, 7, 8, 18) for m in (0, 6)]
+    outs = p.run([c[0] for c in cases], [c[1] for c in cases])
+    stopped = [(sp, o.outputs[0]) for (_, sp), o in zip(cases, outs) if o.outputs[0].finish_reason == "stop"]
+    assert sum(1 for sp, _ in stopped if sp.stop) >= 4
+    assert sum(1 for sp, _ in stopped if sp.stop_token_ids) >= 2
+    eos = [c for sp, c in stopped if not sp.stop and not sp.stop_token_ids]
+    assert len(eos) >= 2 and all(c.token_ids[-1] in DEMO_CONFIG["eos_token_id"] for c in eos)
+    assert any(len(c.token_ids) < 6 for c in eos)  # ... and min_tokens changes those
+    for sp, c in stopped:
+        if sp.include_stop_str_in_output:
+            assert any(c.text.endswith(s) for s in sp.stop)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logprobs_penalties_and_logit_bias(pair, method):
+    p = pair(method)
+    params = [greedy(max_tokens=20, logprobs=3), seeded(1, max_tokens=20, logprobs=2),
+              seeded(2, max_tokens=20, presence_penalty=0.5, frequency_penalty=0.3),
+              greedy(max_tokens=20, repetition_penalty=1.3, logprobs=1),
+              seeded(3, max_tokens=20, logit_bias={90: -100, 65: 5.0}),
+              greedy(max_tokens=20, logit_bias={90: 3.0}, logprobs=1),
+              seeded(4, max_tokens=20, top_k=5, top_p=0.9, min_p=0.05, logprobs=2)]
+    outs = p.run((DEMO_PROMPTS * 2)[:len(params)], params)
+    assert all(len(c.logprobs) == 20 for o in (outs[0], outs[1], outs[3]) for c in o.outputs)
+    assert 90 not in outs[4].outputs[0].token_ids
+
+
+# ---- 3. abort -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_abort_between_steps(pair, method):
+    """Aborting running, waiting and n > 1 requests mid-run frees their blocks and changes nothing for the rest."""
+    p = pair(method, max_num_seqs=4, block_size=4, num_kv_blocks=40, max_num_batched_tokens=32)
+    params = mixed(6, 30, ignore_eos=True)
+    arrivals = {0: [(f"r{i}", DEMO_PROMPTS[i], sp) for i, sp in enumerate(params)],
+                2: [("n3", "abc abc", seeded(5, n=3, max_tokens=30, ignore_eos=True))]}
+    drive_both(p, arrivals, aborts={3: ["r0", "r5"], 6: ["n3", "r2"]})
+
+
+# ---- beam search and errors ---------------------------------------------------------------------------------------
+def test_beam_search_does_not_speculate(pair):
+    p = pair("ngram")
+    beam = SamplingParams(use_beam_search=True, beam_width=3, n=2, max_tokens=12, ignore_eos=True)
+    drafted, _ = p.counts()
+    assert_same(p.base.generate(DEMO_PROMPTS[:2], beam), p.spec.generate(DEMO_PROMPTS[:2], beam))
+    assert p.counts()[0] == drafted
+    assert_clean(p.spec)
+
+
+def test_a_draft_with_another_vocabulary_is_a_value_error(target):
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM("demo", device="cpu", speculative_config={"model": target("llama"), "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_the_contiguous_kv_layout_is_a_value_error(spec_config, method):
+    with pytest.raises(ValueError, match="paged"):
+        LLM("demo", device="cpu", kv_layout="contiguous", speculative_config=spec_config(method))
