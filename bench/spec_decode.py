@@ -105,6 +105,19 @@ def own_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def wait_for_idle(max_wait_s: float, threshold_pct: float, window_s: float = 2.0) -> float | None:
+    """Wait (at most max_wait_s) until other processes use under threshold_pct of all cores for a whole window.
+    Returns what they used in the last window (None: no wait asked for)."""
+    t0, others = time.monotonic(), None
+    while max_wait_s > 0:
+        with CpuWindow() as w:
+            time.sleep(window_s)
+        others = w.others
+        if others < threshold_pct or time.monotonic() - t0 >= max_wait_s:
+            break
+    return others
+
+
 class CpuWindow:
     """CPU used during a `with` block, in % of all the machine's cores: `own` (this process) and `others`."""
 
@@ -234,11 +247,12 @@ async def bench(a: argparse.Namespace) -> list[dict]:
                 for c in a.concurrency:
                     order = CONFIGS if rep % 2 == 0 else CONFIGS[::-1]
                     tokens, pair = {}, []
+                    idle = wait_for_idle(a.wait_idle, a.idle_threshold)
                     for name in order:
                         row, tokens[name] = await measure(engines[name], prompts[w][c], c, params,
                                                           f"{name}-{rep}-{w}-{c}")
                         pair.append({"repetition": rep, "workload": w, "concurrency": c, "config": name,
-                                     "requests": len(prompts[w][c]), **row})
+                                     "requests": len(prompts[w][c]), "others_before_pct": idle, **row})
                         print_row(pair[-1])
                     differ = mismatches(tokens["no-spec"], tokens["spec"]) if a.temperature == 0 else None
                     rows += [{**r, "greedy_mismatches": differ} for r in pair]
@@ -250,7 +264,8 @@ async def bench(a: argparse.Namespace) -> list[dict]:
 
 def print_row(r: dict) -> None:
     s, sd = r["summary"], r["spec_decode"]
-    acc = "—" if sd is None else f"{sd['spec_decode_acceptance_rate']:.2f}"
+    acc = ("—" if sd is None else "no drafts" if not sd["spec_decode_num_draft_tokens"]
+           else f"{sd['spec_decode_acceptance_rate']:.2f}")
     print(f"  rep {r['repetition']} {r['workload']:<8} c={r['concurrency']:<3} {r['config']:<7} "
           f"{s['output_throughput']:7.1f} tok/s  ITL p50 {s['itl_ms']['p50'] or 0:6.1f} ms  "
           f"acceptance {acc}  tokens/chunk {r['tokens_per_chunk'] or 0:.2f}  CPU {r['cpu_own_pct']:3.0f} %  "
@@ -375,6 +390,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of the default n-gram config (e.g. a draft model)")
     p.add_argument("--num-kv-blocks", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each spec / no-spec pair, wait up to this long for the other processes to go quiet")
+    p.add_argument("--idle-threshold", type=float, default=5.0, metavar="PCT",
+                   help="'quiet': the others use under this %% of all cores (over 2 s)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args(argv)
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
