@@ -376,13 +376,17 @@ class GrammarState:
         self.done = self.matcher.is_terminated() or (self.matcher.is_completed() and self._only_eos())
 
     def valid_prefix(self, drafts: list[int]) -> int:
-        """How many leading proposals (speculative decoding) the grammar allows in a row; the matcher is left as it
-        was. A proposal after one that ends the grammar is not allowed."""
-        n = 0
-        while n < len(drafts) and not self.matcher.is_terminated() and self.matcher.accept_token(drafts[n]):
+        """How many leading proposals (speculative decoding) the grammar allows in a row, short of one that ends it
+        (a stop token): the target samples that one itself, and a row after it would have no mask. The matcher is
+        left as it was."""
+        accepted = n = 0
+        while n < len(drafts) and self.matcher.accept_token(drafts[n]):
+            accepted += 1
+            if self.matcher.is_terminated():
+                break
             n += 1
-        if n:
-            self.matcher.rollback(n)
+        if accepted:
+            self.matcher.rollback(accepted)
         return n
 
     def allowed(self) -> torch.Tensor:
