@@ -10,9 +10,9 @@ proposals are given back (KVCacheManager.trim).
 Proposers: NgramIndex (prompt lookup: the continuation of the latest earlier occurrence of the sequence's last n
 tokens; Saxena 2023, "Prompt Lookup Decoding", as vLLM's ngram method) and DraftProposer in draft_model.py.
 
-Adaptive: SpecPolicy gives each sequence fewer proposals as the batch grows and as its acceptance falls, and none
-once disable_by_batch_size sequences run: a large batch already keeps the hardware busy, and verifying proposals
-there costs what they save.
+Adaptive: SpecPolicy gives each sequence fewer proposals as the batch grows and as its acceptance falls (a cost
+model of the step), and none once disable_by_batch_size sequences run: a large batch already keeps the hardware
+busy, and verifying proposals there costs what they save.
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from conveyor.engine.draft_model import DraftModel
 
 ACCEPTANCE_EWMA = 0.3  # weight of the newest step in a sequence's acceptance estimate
-DEFAULT_DISABLE_BY_BATCH_SIZE = {"cpu": 8, "cuda": 64}  # see bench/README.md (speculative decoding)
+# no proposals from this many running sequences on: a quarter of it is the batch at which a step's per-token cost
+# equals its fixed cost (SmolLM2 on 2 CPU cores: ~21 ms a step + ~2.7 ms a token; bench/README.md)
+DEFAULT_DISABLE_BY_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
 class NgramIndex:
@@ -101,19 +103,21 @@ class SpecStats:
 class SpecPolicy:
     """How many proposals each decoding sequence gets this step.
 
-    With N sequences running, a proposal at depth j (it is used only if the j - 1 before it are accepted) is worth
-    verifying when its chance of acceptance, acceptance^j, beats N / disable_by_batch_size: one more token is nearly
-    free while the step is dominated by reading the weights (small N), and costs as much as it yields once the batch
-    alone fills the hardware (N near disable_by_batch_size)."""
+    A step costs about a + b * tokens (a: reading the weights and the step's fixed work; b: one token's compute).
+    With N sequences running it yields N tokens in a + b * N, and one more verified proposal, accepted with chance
+    c, adds c tokens for b: worth it when c / b beats N / (a + b * N), i.e. when c > N / (N + a / b). The j-th
+    proposal of a sequence is accepted with chance acceptance^j (only if the ones before it are). a / b is taken as
+    disable_by_batch_size / 4, and from disable_by_batch_size sequences on nothing is proposed."""
 
     def __init__(self, config: SpeculativeConfig, device: str) -> None:
         self.k = config.num_speculative_tokens
         self.disable_by_batch_size = config.disable_by_batch_size or DEFAULT_DISABLE_BY_BATCH_SIZE[device.split(":")[0]]
+        self.break_even_batch = self.disable_by_batch_size / 4  # a / b
 
     def num_proposals(self, state: SpecState, num_running: int) -> int:
         if num_running >= self.disable_by_batch_size:
             return 0
-        threshold = num_running / self.disable_by_batch_size
+        threshold = num_running / (num_running + self.break_even_batch)
         k, chance = 0, state.acceptance
         while k < self.k and chance > threshold:
             k += 1
