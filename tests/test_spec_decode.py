@@ -139,6 +139,12 @@ class Pair:
         assert_clean(self.spec)
         now_drafted, now_accepted = self.counts()
         assert now_drafted > drafted, "no proposal was verified"
+        stats = self.spec.stats()
+        per_pos = stats["spec_decode_num_accepted_tokens_per_pos"]
+        assert len(per_pos) == self.spec.engine.config.speculative.num_speculative_tokens
+        assert sum(per_pos) == now_accepted and per_pos == sorted(per_pos, reverse=True)
+        assert stats["spec_decode_num_drafts"] <= now_drafted
+        assert stats["spec_decode_acceptance_rate"] == pytest.approx(now_accepted / now_drafted)
         if self.method == "draft-other":
             assert now_accepted - accepted < now_drafted - drafted, "no proposal was rejected"
         elif self.method == "draft":
@@ -197,10 +203,12 @@ def test_real_model_grounded_prompt(real):
 
 
 # ---- 2. scheduling ------------------------------------------------------------------------------------------------
-def mixed(n: int, max_tokens: int = 24, **kw) -> list[SamplingParams]:
-    """Greedy and seeded requests in turn, with lengths that end at different points of a proposal run."""
-    return [greedy(max_tokens=max_tokens + i % 4, **kw) if i % 2 == 0 else
-            seeded(i, max_tokens=max_tokens + i % 4, **kw) for i in range(n)]
+def mixed(n: int, max_tokens: int | None = 24, **kw) -> list[SamplingParams]:
+    """Greedy and seeded requests in turn, with lengths that end at different points of a proposal run (None: up
+    to max_model_len)."""
+    lengths = [None if max_tokens is None else max_tokens + i % 4 for i in range(n)]
+    return [greedy(max_tokens=m, **kw) if i % 2 == 0 else seeded(i, max_tokens=m, **kw)
+            for i, m in enumerate(lengths)]
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -240,12 +248,14 @@ def test_n_and_best_of(pair, method):
 
 
 def drive(llm: LLM, arrivals: dict[int, list[tuple[str, object, SamplingParams]]],
-          aborts: dict[int, list[str]] | None = None) -> tuple[dict[str, RequestOutput], list]:
+          aborts: dict[int, list[str]] | None = None) -> tuple[dict[str, RequestOutput], list, dict]:
     """Step the engine, adding requests and aborting others at the given step numbers. Returns the final outputs
-    by request id and every step's scheduled sequences (as they were after the step)."""
+    by request id, every step's scheduled sequences (as they were after the step), and per (request id, sample)
+    the text and token count of all its step outputs' deltas joined, as a stream would send them."""
     engine, aborts = llm.engine, aborts or {}
     done: dict[str, RequestOutput] = {}
     steps: list = []
+    streamed: dict[tuple[str, int], tuple[str, int]] = {}
     schedule = engine.scheduler.schedule
 
     def recording(lookahead=None):
@@ -254,30 +264,41 @@ def drive(llm: LLM, arrivals: dict[int, list[tuple[str, object, SamplingParams]]
         return out
 
     engine.scheduler.schedule = recording
-    step = 0
-    while engine.has_unfinished_requests() or step <= max(arrivals):
-        for rid, prompt, params in arrivals.get(step, []):
-            engine.add_request(rid, prompt, params)
-        for rid in aborts.get(step, []):
-            assert rid in engine.requests, f"{rid} already finished: abort it earlier"
-            done[rid] = engine.abort_request(rid)
-        done |= {o.request_id: o for o in engine.step() if o.finished}
-        step += 1
-    engine.scheduler.schedule = schedule
-    return done, steps
+    try:
+        step = 0
+        while engine.has_unfinished_requests() or step <= max(arrivals):
+            for rid, prompt, params in arrivals.get(step, []):
+                engine.add_request(rid, prompt, params)
+            for rid in aborts.get(step, []):
+                assert rid in engine.requests, f"{rid} already finished: abort it earlier"
+                done[rid] = engine.abort_request(rid)
+            for out in engine.step():
+                for c in out.outputs:
+                    text, n = streamed.get((out.request_id, c.index), ("", 0))
+                    streamed[out.request_id, c.index] = (text + c.new_text, n + c.num_new_tokens)
+                if out.finished:
+                    done[out.request_id] = out
+            step += 1
+    finally:
+        engine.scheduler.schedule = schedule
+    return done, steps, streamed
 
 
 def drive_both(p: Pair, arrivals: dict, aborts: dict | None = None) -> list:
-    """drive() both engines; the same outputs for every request not aborted; returns the speculative steps."""
+    """drive() both engines: the same outputs for every request not aborted, streamed deltas that add up to them;
+    returns the speculative engine's steps."""
     drafted, accepted = p.counts()
-    base, _ = drive(p.base, arrivals, aborts)
-    spec, steps = drive(p.spec, arrivals, aborts)
+    base, _, _ = drive(p.base, arrivals, aborts)
+    spec, steps, streamed = drive(p.spec, arrivals, aborts)
     aborted = {rid for rids in (aborts or {}).values() for rid in rids}
     assert base.keys() == spec.keys()
     for rid in aborted:
         assert spec[rid].finished and all(c.finish_reason == "abort" for c in spec[rid].outputs)
     kept = sorted(base.keys() - aborted)
     assert_same([base[r] for r in kept], [spec[r] for r in kept])
+    for r in kept:
+        for c in spec[r].outputs:
+            assert streamed[r, c.index] == (c.text, len(c.token_ids))
     p.check(drafted, accepted)
     return steps
 
@@ -305,13 +326,7 @@ REGEX = r"[a-c]{2,6}-[0-9]{3}"
 CHOICES = ["ZZZ apples", "ZZZ pears", "bananas"]  # the demo model likes Z: a proposal run fits the first two
 
 
-GRAMMAR_PAST_END = pytest.mark.xfail(strict=True, reason=(
-    "engine bug: a draft proposes EOS once the grammar is complete; valid_prefix lets it through and the "
-    "verification row after it asks xgrammar for the mask of a terminated matcher (RuntimeError), so the request "
-    "ends with finish_reason 'error' instead of 'stop'"))
-
-
-@pytest.mark.parametrize("method", ["ngram", *(pytest.param(m, marks=GRAMMAR_PAST_END) for m in METHODS[1:])])
+@pytest.mark.parametrize("method", METHODS)
 def test_structured_outputs(pair, method):
     """A proposal the grammar forbids is never emitted: outputs are valid and identical."""
     p = pair(method)
@@ -327,6 +342,15 @@ def test_structured_outputs(pair, method):
         assert obj.keys() == {"ok", "n", "c"}
     assert all(re.fullmatch(REGEX, c.text) for c in texts[2:4])
     assert all(c.text in CHOICES for c in texts[4:])
+
+
+def test_ngram_proposing_eos_after_a_complete_choice(pair):
+    """The n-gram method proposes what followed "Q:" earlier: the answer and then EOS (id 257), which ends the
+    grammar; the target must sample that EOS itself (a verify row after it would have no grammar mask)."""
+    p = pair("ngram")
+    prompt = list(b"Q:yes") + [257] + list(b"Q:no") + [257] + list(b"Q:")
+    outs = p.run([prompt], greedy(max_tokens=10, structured_outputs=SO(choice=["yes", "no"])))
+    assert outs[0].outputs[0].finish_reason == "stop"
 
 
 def first_unique(seq, start: int, width: int):
@@ -376,6 +400,14 @@ def test_stops_inside_an_accepted_run(pair, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_max_model_len_inside_a_run(pair, method):
+    """Requests that run up to max_model_len (max_tokens None) end at the same token."""
+    p = pair(method, max_model_len=64, block_size=4, num_kv_blocks=64)
+    outs = p.run(DEMO_PROMPTS[:4], mixed(4, None, ignore_eos=True))
+    assert all(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) == 64 for o in outs)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_logprobs_penalties_and_logit_bias(pair, method):
     p = pair(method)
     params = [greedy(max_tokens=20, logprobs=3), seeded(1, max_tokens=20, logprobs=2),
@@ -383,9 +415,10 @@ def test_logprobs_penalties_and_logit_bias(pair, method):
               greedy(max_tokens=20, repetition_penalty=1.3, logprobs=1),
               seeded(3, max_tokens=20, logit_bias={90: -100, 65: 5.0}),
               greedy(max_tokens=20, logit_bias={90: 3.0}, logprobs=1),
-              seeded(4, max_tokens=20, top_k=5, top_p=0.9, min_p=0.05, logprobs=2)]
+              seeded(4, max_tokens=20, top_k=5, top_p=0.9, min_p=0.05, logprobs=2, prompt_logprobs=2)]
     outs = p.run((DEMO_PROMPTS * 2)[:len(params)], params)
     assert all(len(c.logprobs) == 20 for o in (outs[0], outs[1], outs[3]) for c in o.outputs)
+    assert len(outs[-1].prompt_logprobs) == len(outs[-1].prompt_token_ids)
     assert 90 not in outs[4].outputs[0].token_ids
 
 
@@ -393,7 +426,8 @@ def test_logprobs_penalties_and_logit_bias(pair, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_abort_between_steps(pair, method):
     """Aborting running, waiting and n > 1 requests mid-run frees their blocks and changes nothing for the rest."""
-    p = pair(method, max_num_seqs=4, block_size=4, num_kv_blocks=40, max_num_batched_tokens=32)
+    p = pair(method, max_num_seqs=4, block_size=4, num_kv_blocks=40, max_num_batched_tokens=32,
+             preemption_mode="swap", swap_space=0.01)
     params = mixed(6, 30, ignore_eos=True)
     arrivals = {0: [(f"r{i}", DEMO_PROMPTS[i], sp) for i, sp in enumerate(params)],
                 2: [("n3", "abc abc", seeded(5, n=3, max_tokens=30, ignore_eos=True))]}
