@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from checkpoints import make_config, train_tokenizer, write_checkpoint
 from conveyor import LLM, SamplingParams
 from conveyor.model.builtin import DEFAULT_MODEL
 from conveyor.model.demo import DEMO_CONFIG, demo_tokenizer
@@ -40,25 +39,26 @@ def greedy(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, **kw)
 
 
-def other_seed_checkpoint(path: Path, kind: str) -> Path:
-    """A checkpoint of kind's architecture (or a small one with the demo's vocabulary for "demo") whose weights
-    come from another seed than the target's: its proposals are mostly wrong."""
+def other_seed_checkpoint(path: Path, target: str) -> Path:
+    """A draft for target (a Hugging Face checkpoint directory, or "demo") whose weights come from another seed:
+    target's configuration and tokenizer, or for the demo a smaller model with its vocabulary. Its proposals are
+    mostly wrong."""
     torch.manual_seed(99)
-    if kind == "demo":
+    if target == "demo":
         cfg = {k: v for k, v in DEMO_CONFIG.items() if k not in ("model_type", "torch_dtype")}
         config = LlamaConfig(**{**cfg, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                 "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.15})
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-        demo_tokenizer().save_pretrained(path)
-        return path
-    AutoModelForCausalLM.from_config(make_config(kind), dtype=torch.float32).save_pretrained(path)
-    train_tokenizer().save_pretrained(path)
+        tokenizer = demo_tokenizer()
+    else:
+        config, tokenizer = AutoConfig.from_pretrained(target), AutoTokenizer.from_pretrained(target)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
 def spec_config(tmp_path_factory):
-    """(method, target model) -> speculative_config; proposals at any batch size (disable_by_batch_size)."""
+    """(method, target model, k) -> speculative_config; proposals at any batch size (disable_by_batch_size)."""
     drafts: dict[str, str] = {}
 
     def get(method: str, target: str = "demo", k: int = K) -> dict:
@@ -67,23 +67,9 @@ def spec_config(tmp_path_factory):
             return {"method": "ngram", "prompt_lookup_min": 1, **common}  # 1: proposals even in random text
         if method == "draft":
             return {"model": target, **common}
-        kind = "demo" if target == "demo" else Path(target).name
-        if kind not in drafts:
-            drafts[kind] = str(other_seed_checkpoint(tmp_path_factory.mktemp(f"{kind}-other"), kind))
-        return {"model": drafts[kind], **common}
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    """kind -> a parity checkpoint (directory named after its kind)."""
-    paths: dict[str, str] = {}
-
-    def get(kind: str) -> str:
-        if kind not in paths:
-            paths[kind] = str(write_checkpoint(kind, tmp_path_factory.mktemp("t") / kind))
-        return paths[kind]
+        if target not in drafts:
+            drafts[target] = str(other_seed_checkpoint(tmp_path_factory.mktemp("draft"), target))
+        return {"model": drafts[target], **common}
 
     return get
 
@@ -162,11 +148,11 @@ def pair(spec_config):
 
 # ---- 1. parity checkpoints and the built-in real model ------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-def test_parity_checkpoints_under_queueing_and_preemption(pair, target, kind):
+def test_parity_checkpoints_under_queueing_and_preemption(pair, checkpoint, kind):
     """Each architecture, each method: 40 blocks of 4 slots and 32 tokens a step make requests queue, prefill in
     chunks and get preempted (as in test_parity)."""
     for method in METHODS:
-        p = pair(method, target(kind), block_size=4, num_kv_blocks=40, max_num_batched_tokens=32)
+        p = pair(method, checkpoint(kind), block_size=4, num_kv_blocks=40, max_num_batched_tokens=32)
         p.run(CKPT_PROMPTS, greedy(max_tokens=20, ignore_eos=True))
         p.run(CKPT_PROMPTS, [seeded(i, max_tokens=20, ignore_eos=True) for i in range(len(CKPT_PROMPTS))])
         assert p.spec.stats()["num_preemptions"] > 0
@@ -444,9 +430,9 @@ def test_beam_search_does_not_speculate(pair):
     assert_clean(p.spec)
 
 
-def test_a_draft_with_another_vocabulary_is_a_value_error(target):
+def test_a_draft_with_another_vocabulary_is_a_value_error(checkpoint):
     with pytest.raises(ValueError, match="vocabulary"):
-        LLM("demo", device="cpu", speculative_config={"model": target("llama"), "num_speculative_tokens": 2})
+        LLM("demo", device="cpu", speculative_config={"model": checkpoint("llama"), "num_speculative_tokens": 2})
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
