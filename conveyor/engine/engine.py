@@ -207,12 +207,12 @@ class Engine:
         if n_prompt + max_tokens > self.max_model_len:
             raise ValueError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                              f"maximum length of {self.max_model_len} tokens")
-        if max_tokens < params.min_tokens:
-            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {max_tokens} tokens this prompt leaves "
-                             f"within max_model_len={self.max_model_len}")
         if max_tokens < 1:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
+        if max_tokens < params.min_tokens:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {max_tokens} tokens this prompt leaves "
+                             f"within max_model_len={self.max_model_len}")
         need = cdiv(n_prompt + max_tokens, self.kv.block_size)
         if need > self.kv.num_blocks:
             raise ValueError(f"the request needs {need} KV blocks but the whole cache has {self.kv.num_blocks}")

@@ -46,15 +46,19 @@ class NgramIndex:
         self.indexed = 0  # n-grams ending before this index are in last_end
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix of tokens."""
+        """k tokens that followed the latest earlier occurrence of the longest matching suffix of tokens (where
+        they run into the suffix itself, the text is read as periodic), or none without a match."""
         for end in range(self.indexed, len(tokens) - 1):  # n-grams that now have a token after them
             for n in range(self.n_min, min(self.n_max, end + 1) + 1):
                 self.last_end[tuple(tokens[end - n + 1:end + 1])] = end
         self.indexed = max(self.indexed, len(tokens) - 1)
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
             end = self.last_end.get(tuple(tokens[-n:]))
-            if end is not None:
-                return tokens[end + 1:end + 1 + k]
+            if end is not None:  # a continuation that reaches the end repeats with the match's period
+                out: list[int] = []
+                for j in range(end + 1, end + 1 + k):
+                    out.append(tokens[j] if j < len(tokens) else out[j - len(tokens)])
+                return out
         return []
 
 
