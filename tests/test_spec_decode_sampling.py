@@ -43,7 +43,7 @@ def chi2_pvalue(counts: Counter, probs: dict[tuple[int, ...], float]) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-# ---- unit level: rejection_sample over a 5-token Markov chain ---------------------------------------------------------
+# ---- unit level: rejection_sample over a 5-token Markov chain --------------------------------------------------------
 V = 5
 START = V  # the row of the first token's distribution
 
@@ -146,7 +146,7 @@ def test_rejection_sample_rejects_what_the_target_forbids():
         assert accepted == 0 and token in (1, 2)
 
 
-# ---- engine level: the parity llama checkpoint, a noisy copy of it as the draft ---------------------------------------
+# ---- engine level: the parity llama checkpoint, a noisy copy of it as the draft --------------------------------------
 N_REQUESTS = 2000
 MAX_TOKENS = 4  # the first token comes from the prefill; the next step verifies up to 2 proposals
 DEPTH = 3  # output tokens compared: the prefill's, then the first and second speculated positions
@@ -162,20 +162,25 @@ def hf_target(target):
     return AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def noisy_draft(target, tmp_path_factory) -> tuple[str, torch.nn.Module]:
-    """The target with 10 % seeded noise on every weight: same vocabulary and tokenizer, acceptance about 40 %."""
+def noisy_copy(target: str, path: Path, scale: float) -> tuple[str, torch.nn.Module]:
+    """Write the target checkpoint with seeded noise (scale × each weight tensor's std) to path, with the target's
+    tokenizer: a draft model that agrees with the target only partly. Returns (path, the noisy model)."""
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for w in model.parameters():
-            w.add_(torch.randn(w.shape, generator=g) * 0.1 * w.std())
-    path = tmp_path_factory.mktemp("noisy_draft")
+            w.add_(torch.randn(w.shape, generator=g) * scale * w.std())
     model.save_pretrained(path)
     for f in Path(target).iterdir():
         if f.name.startswith(("tokenizer", "chat_template")):
             shutil.copy(f, path)
     return str(path), model
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(target, tmp_path_factory) -> tuple[str, torch.nn.Module]:
+    """10 % noise: acceptance about 40 %."""
+    return noisy_copy(target, tmp_path_factory.mktemp("noisy_draft"), 0.1)
 
 
 @torch.no_grad()
@@ -195,7 +200,8 @@ def joint_probs(model: torch.nn.Module, prompt: list[int], depth: int) -> dict[t
 
 
 def sample_outputs(target: str, spec: dict, prompt: list[int]) -> tuple[Counter, dict]:
-    llm = LLM(target, device="cpu", seed=5, max_num_seqs=256, speculative_config={**spec, "disable_by_batch_size": 1000})
+    llm = LLM(target, device="cpu", seed=5, max_num_seqs=256,
+              speculative_config={**spec, "disable_by_batch_size": 1000})
     params = SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([prompt] * N_REQUESTS, params)
     stats = llm.stats()
