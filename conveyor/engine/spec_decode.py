@@ -184,13 +184,16 @@ class Speculator:
         self.stats = SpecStats(config.num_speculative_tokens)
 
     def lookahead(self, running: list[Sequence]) -> dict[int, int]:
-        """seq_id -> proposals wanted, for running sequences that decode this step (beam search never speculates).
+        """seq_id -> proposals wanted, for running sequences that decode this step (beam search never speculates,
+        nor a prompt's last token while samples wait to fork from it).
         The ngram proposals are made here (seq.spec_token_ids); a draft model's after scheduling."""
         out: dict[int, int] = {}
         n = len(running)
         for seq in running:
             seq.spec_token_ids = []
-            if seq.num_uncomputed_tokens != 1 or seq.params.use_beam_search or n >= self.policy.disable_by_batch_size:
+            # samples forked from seq when this step ends its prompt would share its proposals' slots
+            if (seq.num_uncomputed_tokens != 1 or seq.params.use_beam_search or seq.forks
+                    or n >= self.policy.disable_by_batch_size):
                 continue
             if seq.spec is None:
                 c = self.config
