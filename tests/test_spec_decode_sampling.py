@@ -199,10 +199,13 @@ def joint_probs(model: torch.nn.Module, prompt: list[int], depth: int) -> dict[t
     return out
 
 
-def sample_outputs(target: str, spec: dict, prompt: list[int]) -> tuple[Counter, dict]:
+def sample_outputs(target: str, spec: dict, prompt: list[int], seeded: bool = False) -> tuple[Counter, dict]:
+    """The first DEPTH output tokens of N_REQUESTS unseeded requests (the engine's seed fixes the run), or of
+    requests seeded 0 .. N_REQUESTS - 1 (their draws are coupled with the draft's), and the engine's stats."""
     llm = LLM(target, device="cpu", seed=5, max_num_seqs=256,
               speculative_config={**spec, "disable_by_batch_size": 1000})
-    params = SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = [SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=MAX_TOKENS, ignore_eos=True,
+                             seed=i if seeded else None) for i in range(N_REQUESTS)]
     outs = llm.generate([prompt] * N_REQUESTS, params)
     stats = llm.stats()
     assert stats["kv_blocks_in_use"] == 0
@@ -220,9 +223,10 @@ def assert_partial_acceptance(stats: dict, min_drafts: int) -> None:
 PROMPT = [17, 250, 3, 99, 42, 181, 7, 64, 230, 12, 140, 77, 5, 199, 31, 260]
 
 
-def test_draft_model_samples_follow_the_target(target, hf_target, noisy_draft):
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection_sampling", "seeded_coupling"])
+def test_draft_model_samples_follow_the_target(target, hf_target, noisy_draft, seeded):
     draft_path, draft_model = noisy_draft
-    counts, stats = sample_outputs(target, {"model": draft_path, "num_speculative_tokens": 2}, PROMPT)
+    counts, stats = sample_outputs(target, {"model": draft_path, "num_speculative_tokens": 2}, PROMPT, seeded)
     assert_partial_acceptance(stats, N_REQUESTS // 2)
     assert chi2_pvalue(counts, joint_probs(hf_target, PROMPT, DEPTH)) > ALPHA
     # negative control: the same counts are far from what the draft alone would produce
