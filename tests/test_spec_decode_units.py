@@ -381,6 +381,21 @@ def run_case(rng: random.Random, models: dict[str, str], reference: LLM) -> dict
     return stats
 
 
+def test_block_bookkeeping_under_speculation_preemption_and_aborts(models, reference):
+    rng = random.Random(2026)
+    totals = Counter()
+    for _ in range(CASES):
+        stats = run_case(rng, models, reference)
+        totals.update({k: stats[k] for k in ("spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+                                             "num_preemptions_recompute", "num_preemptions_swap",
+                                             "prefix_cache_hits", "num_cow_copies")})
+    # the cases covered what they were meant to: proposals both accepted and rejected, both kinds of preemption,
+    # prefix-cache hits and copies-on-write of forked samples' shared tails
+    assert 0 < totals["spec_decode_num_accepted_tokens"] < totals["spec_decode_num_draft_tokens"] // 2, totals
+    assert all(totals[k] > 0 for k in ("num_preemptions_recompute", "num_preemptions_swap", "prefix_cache_hits",
+                                       "num_cow_copies")), totals
+
+
 def test_samples_forked_where_a_chunked_prefill_ends_with_proposals():
     """The last of 5 prompt tokens is computed alone (prefill chunks of 4) while the n-gram method could propose
     [66, 65]; blocks of 2 would put the proposals' slots in a block of their own, which the sample forked after
