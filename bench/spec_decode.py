@@ -128,9 +128,9 @@ class CpuWindow:
     def __exit__(self, *exc) -> None:
         cores = os.cpu_count() or 1
         wall = max(time.perf_counter() - self._t, 1e-9) * cores
-        own = own_cpu_s() - self._own
-        self.own = 100 * own / wall
-        self.others = 100 * max(0.0, machine_busy_s() - self._all - own) / wall
+        self.own_s = own_cpu_s() - self._own
+        self.own = 100 * self.own_s / wall
+        self.others = 100 * max(0.0, machine_busy_s() - self._all - self.own_s) / wall
 
 
 # ---- one measurement -----------------------------------------------------------------------------------------------
@@ -201,7 +201,8 @@ async def measure(engine: AsyncEngine, prompts: list[list[int]], concurrency: in
     chunks = sum(len(r.itl_s) + 1 for r in run.records if r.ok and r.ttft_s is not None)
     summary = summarize(run.records, run.duration_s)
     row = {"summary": summary, "tokens_per_chunk": summary["total_output_tokens"] / chunks if chunks else None,
-           "cpu_own_pct": cpu.own, "cpu_others_pct": cpu.others, "spec_decode": spec}
+           "cpu_own_pct": cpu.own, "cpu_others_pct": cpu.others, "cpu_own_s": cpu.own_s,
+           "tokens_per_cpu_s": summary["total_output_tokens"] / max(cpu.own_s, 1e-9), "spec_decode": spec}
     return row, run.token_ids
 
 
@@ -268,7 +269,8 @@ def print_row(r: dict) -> None:
            else f"{sd['spec_decode_acceptance_rate']:.2f}")
     print(f"  rep {r['repetition']} {r['workload']:<8} c={r['concurrency']:<3} {r['config']:<7} "
           f"{s['output_throughput']:7.1f} tok/s  ITL p50 {s['itl_ms']['p50'] or 0:6.1f} ms  "
-          f"acceptance {acc}  tokens/chunk {r['tokens_per_chunk'] or 0:.2f}  CPU {r['cpu_own_pct']:3.0f} %  "
+          f"acceptance {acc}  tokens/chunk {r['tokens_per_chunk'] or 0:.2f}  "
+          f"{r['tokens_per_cpu_s']:5.1f} tok/CPU-s  CPU {r['cpu_own_pct']:3.0f} %  "
           f"others {r['cpu_others_pct']:3.0f} %  failed {s['failed']}", flush=True)
 
 
@@ -287,9 +289,14 @@ def aggregate(rows: list[dict], a: argparse.Namespace) -> list[dict]:
             tps = {n: [r["summary"]["output_throughput"] for r in rows
                        if (r["workload"], r["concurrency"], r["config"]) == (w, c, n)] for n in CONFIGS}
             ratios = [s / b for s, b in zip(tps["spec"], tps["no-spec"]) if b > 0]
+            eff = {n: [r["tokens_per_cpu_s"] for r in rows
+                       if (r["workload"], r["concurrency"], r["config"]) == (w, c, n)] for n in CONFIGS}
+            eff_ratios = [s / b for s, b in zip(eff["spec"], eff["no-spec"]) if b > 0]
             for n in CONFIGS:
                 mine = [r for r in rows if (r["workload"], r["concurrency"], r["config"]) == (w, c, n)]
                 cells.append(cell(w, c, n, mine, tps[n], ratios if n == "spec" else None))
+                if n == "spec":
+                    cells[-1]["tokens_per_cpu_s_ratio"] = median(eff_ratios)
     return cells
 
 
@@ -303,6 +310,7 @@ def cell(w: str, c: int, name: str, rows: list[dict], tps: list[float], ratios: 
         **{f"{m}_{p}_ms": median([r["summary"][f"{m}_ms"][p] for r in rows])
            for m in ("itl", "tpot", "ttft") for p in ("p50", "p99")},
         "tokens_per_chunk": median([r["tokens_per_chunk"] for r in rows]),
+        "tokens_per_cpu_s": median([r["tokens_per_cpu_s"] for r in rows]), "tokens_per_cpu_s_ratio": None,
         "acceptance_rate": (sums["spec_decode_num_accepted_tokens"] / sums["spec_decode_num_draft_tokens"]
                             if sums and sums["spec_decode_num_draft_tokens"] else None),
         "spec_decode": sums,
@@ -320,17 +328,18 @@ def format_table(cells: list[dict], repetitions: int) -> str:
     f = lambda x, d=1: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
     lines = [f"median of {repetitions} interleaved repetition(s); CPU in % of all {os.cpu_count()} cores", "",
              "| workload | c | config | output tok/s (range) | speed-up (range) | ITL p50 / p99 ms | TPOT p50 ms | "
-             "TTFT p50 ms | acceptance | tokens/chunk | CPU | others' CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TTFT p50 ms | acceptance | tokens/chunk | tok per CPU-s (ratio) | CPU | others' CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in cells:
+        ratio = "" if x["tokens_per_cpu_s_ratio"] is None else f" ({f(x['tokens_per_cpu_s_ratio'], 2)}x)"
         speedup = "" if x["speedup"] is None else (f"{f(x['speedup'], 2)}x ({f(x['speedup_min'], 2)}-"
                                                    f"{f(x['speedup_max'], 2)})")
         lines.append(f"| {x['workload']} | {x['concurrency']} | {x['config']} | {f(x['output_tok_s'])} "
                      f"({f(x['output_tok_s_min'])}-{f(x['output_tok_s_max'])}) | {speedup} | "
                      f"{f(x['itl_p50_ms'])} / {f(x['itl_p99_ms'])} | {f(x['tpot_p50_ms'])} | "
                      f"{f(x['ttft_p50_ms'], 0)} | {f(x['acceptance_rate'], 2)} | {f(x['tokens_per_chunk'], 2)} | "
-                     f"{f(x['cpu_own_pct'], 0)} % | {f(x['cpu_others_pct'], 0)} % (max "
-                     f"{f(x['cpu_others_max_pct'], 0)} %) |")
+                     f"{f(x['tokens_per_cpu_s'])}{ratio} | {f(x['cpu_own_pct'], 0)} % | "
+                     f"{f(x['cpu_others_pct'], 0)} % (max {f(x['cpu_others_max_pct'], 0)} %) |")
     return "\n".join(lines)
 
 

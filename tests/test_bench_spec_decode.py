@@ -38,7 +38,7 @@ def test_smoke_run_on_demo(bench, tmp_path, capsys):
         s = r["summary"]
         assert (s["completed"], s["failed"]) == (r["requests"], 0)
         assert 1 <= s["total_output_tokens"] <= 6 * r["requests"]
-        assert r["tokens_per_chunk"] >= 1.0
+        assert r["tokens_per_chunk"] >= 1.0 and r["tokens_per_cpu_s"] > 0
         assert 0 <= r["cpu_own_pct"] <= 100 and r["cpu_others_pct"] >= 0
         assert isinstance(r["greedy_mismatches"], int)
         if r["config"] == "no-spec":
