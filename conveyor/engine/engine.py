@@ -431,14 +431,22 @@ class Engine:
                 for j in range(1 + len(s.spec_token_ids))]
         rejection = [s for s in entries if s.spec_token_ids and self.spec.uses_rejection(s.seq)]
         drawn, probs = self.sampler.sample(logits, rows, want_probs=bool(rejection))
-        sampled, r = [], 0
+        emitted, used, r = [], [], 0  # per entry its tokens; the rows that gave them
         for s in entries:
             n = 1 + len(s.spec_token_ids)
             toks = drawn[r:r + 1] if n == 1 else \
                 self.spec.verify(s, drawn[r:r + n], probs[r:r + n] if probs is not None else None,
                                  self.sampler.generator)
-            sampled.append((s.seq, toks, self.sampler.logprobs(logits[r:r + len(toks)], rows[r:r + len(toks)], toks)))
+            emitted.append(toks)
+            used += range(r, r + len(toks))
             r += n
+        if len(used) < len(rows):
+            logits = logits[torch.tensor(used, dtype=torch.long, device=logits.device)]
+        lps = self.sampler.logprobs(logits, [rows[i] for i in used], [t for toks in emitted for t in toks])
+        sampled, r = [], 0
+        for s, toks in zip(entries, emitted):
+            sampled.append((s.seq, toks, lps[r:r + len(toks)]))
+            r += len(toks)
         return sampled, forks, prompt_lps
 
     def _prompt_logprobs(self, s: ScheduledSeq) -> tuple[Sequence, int, list[dict[int, float]]] | None:
