@@ -18,7 +18,7 @@ from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.sequence import Sequence, SequenceStatus
 from conveyor.engine.spec_decode import (ACCEPTANCE_EWMA, DEFAULT_DISABLE_BY_BATCH_SIZE, NgramIndex, SpecPolicy,
                                           SpecState, verify_coupled)
-from conveyor.engine.structured_output import GrammarCompiler, GrammarState
+from conveyor.engine.structured_output import GrammarCompiler, GrammarState, apply_grammar_masks
 from conveyor.model import demo
 from conveyor.sampling_params import StructuredOutputsParams
 
@@ -232,13 +232,19 @@ def test_valid_prefix_counts_allowed_proposals_and_leaves_the_matcher_as_it_was(
     assert state.valid_prefix([c]) == 0
     assert state.valid_prefix([]) == 0
     assert torch.equal(state.allowed(), before)
-    # a proposal that ends the grammar (a stop token) is left to the target's own draw, and nothing follows it
-    assert state.valid_prefix([a, b, c, eos, a]) == 3
+    # a proposal that ends the grammar (a stop token) is verified like any other, and nothing follows it
+    assert state.valid_prefix([a, b, c, eos, a]) == 4
+    # the row after it (never used: the sequence ends at the stop token) allows only the stop tokens
+    logits = torch.zeros(2, 262)
+    apply_grammar_masks(logits, [0, 1], [state, state], [(a, b, c, eos), (a, b)])
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [257, 261]
+    assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [b, c]
+    assert torch.equal(state.allowed(), before)
     state.accept(a)
     assert state.valid_prefix([b, c]) == 2 and state.valid_prefix([a]) == 0
     for t in (b, c):  # the matcher still advances as if valid_prefix had never run
         state.accept(t)
-    assert state.done and state.valid_prefix([eos]) == 0
+    assert state.done and state.valid_prefix([eos, a]) == 1
 
 
 # ---- engine property test ----------------------------------------------------------------------------------------

@@ -35,27 +35,44 @@ ACCEPTANCE_EWMA = 0.3  # weight of the newest step in a sequence's acceptance es
 DEFAULT_DISABLE_BY_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
+HASH_MOD = (1 << 61) - 1  # a Mersenne prime: n-gram hashes are polynomials in HASH_BASE modulo it
+HASH_BASE = 1_000_003
+
+
 class NgramIndex:
     """The latest position of every n-gram (prompt_lookup_min <= n <= prompt_lookup_max) of a growing token list
-    that has a token after it. Updating costs O(n range) per new token; a lookup O(n range)."""
+    that has a token after it, keyed by a polynomial hash of the n-gram (one int per entry, whatever n is; a lookup
+    checks the tokens, so a collision costs a proposal, never a wrong one). Updating costs O(prompt_lookup_max) per
+    new token; a lookup O(prompt_lookup_max)."""
 
     def __init__(self, n_min: int, n_max: int) -> None:
         assert 1 <= n_min <= n_max
         self.n_min, self.n_max = n_min, n_max
-        self.last_end: dict[tuple[int, ...], int] = {}  # n-gram -> the index of its last token, latest occurrence
+        self.powers = [pow(HASH_BASE, i, HASH_MOD) for i in range(n_max)]
+        self.last_end: dict[int, int] = {}  # n-gram hash -> the index of its last token, latest occurrence
         self.indexed = 0  # n-grams ending before this index are in last_end
+
+    def _hashes(self, tokens: list[int], end: int) -> list[int]:
+        """Hashes of the n-grams ending at index end, for n = 1 .. min(n_max, end + 1)."""
+        out, h = [], 0
+        for n in range(1, min(self.n_max, end + 1) + 1):
+            h = (h + (tokens[end - n + 1] + 1) * self.powers[n - 1]) % HASH_MOD
+            out.append(h)
+        return out
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """k tokens that followed the latest earlier occurrence of the longest matching suffix of tokens (where
         they run into the suffix itself, the text is read as periodic), or none without a match."""
         for end in range(self.indexed, len(tokens) - 1):  # n-grams that now have a token after them
-            for n in range(self.n_min, min(self.n_max, end + 1) + 1):
-                self.last_end[tuple(tokens[end - n + 1:end + 1])] = end
+            for h in self._hashes(tokens, end)[self.n_min - 1:]:
+                self.last_end[h] = end
         self.indexed = max(self.indexed, len(tokens) - 1)
+        last = len(tokens) - 1
+        hashes = self._hashes(tokens, last)
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
-            end = self.last_end.get(tuple(tokens[-n:]))
-            if end is not None:  # a continuation that reaches the end repeats with the match's period
-                out: list[int] = []
+            end = self.last_end.get(hashes[n - 1])
+            if end is not None and end >= n - 1 and tokens[end - n + 1:end + 1] == tokens[last - n + 1:]:
+                out: list[int] = []  # a continuation that reaches the end repeats with the match's period
                 for j in range(end + 1, end + 1 + k):
                     out.append(tokens[j] if j < len(tokens) else out[j - len(tokens)])
                 return out

@@ -376,17 +376,13 @@ class GrammarState:
         self.done = self.matcher.is_terminated() or (self.matcher.is_completed() and self._only_eos())
 
     def valid_prefix(self, drafts: list[int]) -> int:
-        """How many leading proposals (speculative decoding) the grammar allows in a row, short of one that ends it
-        (a stop token): the target samples that one itself, and a row after it would have no mask. The matcher is
-        left as it was."""
-        accepted = n = 0
-        while n < len(drafts) and self.matcher.accept_token(drafts[n]):
-            accepted += 1
-            if self.matcher.is_terminated():
-                break
+        """How many leading proposals (speculative decoding) the grammar allows in a row; none after one that ends
+        it (a stop token). The matcher is left as it was."""
+        n = 0
+        while n < len(drafts) and not self.matcher.is_terminated() and self.matcher.accept_token(drafts[n]):
             n += 1
-        if accepted:
-            self.matcher.rollback(accepted)
+        if n:
+            self.matcher.rollback(n)
         return n
 
     def allowed(self) -> torch.Tensor:
@@ -401,6 +397,11 @@ class GrammarState:
         allowed = self.allowed()
         allowed[self.matcher.stop_token_ids] = False
         return not bool(allowed.any())
+
+
+def _bit(j: int) -> int:
+    """Bit j (0..31) of an int32 bitmask word, as a signed int32 value."""
+    return (1 << j) - (1 << 32 if j == 31 else 0)
 
 
 def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
@@ -440,7 +441,12 @@ def apply_grammar_masks(logits: torch.Tensor, rows: list[int], states: list[Gram
             m = states[i].matcher
             for t in drafts[i]:
                 assert m.accept_token(t), "a proposal the grammar rejects reached the sampler"
-            m.fill_next_token_bitmask(bitmask, i)
+            if m.is_terminated():  # a proposal ended the grammar: the sequence ends there, this row is never used
+                bitmask[i] = 0
+                for t in m.stop_token_ids:
+                    bitmask[i, t // 32] |= _bit(t % 32)
+            else:
+                m.fill_next_token_bitmask(bitmask, i)
             m.rollback(len(drafts[i]))
     filtered = [i for i, s in enumerate(states) if s.token_filter is not None]
     if filtered:

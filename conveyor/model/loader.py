@@ -83,6 +83,16 @@ def load_model(cfg: ModelConfig, device: str) -> LoadedModel:
     """Build the model on `device` with its weights, tokenizer and EOS ids.
 
     Raises ValueError (one line) for a checkpoint that cannot be found, fetched, read or mapped."""
+    try:
+        return _load(cfg, device)
+    except ValueError:
+        raise
+    except Exception as e:  # a hub id not cached offline, missing or truncated weights, an unreadable file, ...
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ValueError(f"model {cfg.model!r} could not be loaded: {type(e).__name__}: {detail}") from None
+
+
+def _load(cfg: ModelConfig, device: str) -> LoadedModel:
     if cfg.model == "demo":
         return _load_hf(cfg, device, None, dict(demo.DEMO_CONFIG), demo.demo_tokenizer())
     path = resolve_path(cfg.model, cfg.revision)
