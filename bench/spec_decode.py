@@ -12,7 +12,8 @@ and TTFT / ITL / TPOT come from conveyor.bench.metrics as for `conveyor bench se
 that carries new tokens: with speculation one engine step can hand a sequence several tokens at once, so ITL is the
 gap between chunks and TPOT the time per token. The acceptance rate is the delta of the engine's
 spec_decode_* statistics over each measurement. CPU: this process (engine thread included) and everything else on
-the machine, each in % of all its cores.
+the machine, each in % of all its cores, and output tokens per CPU-second of this process (which other jobs' load
+moves much less than tokens/s).
 
     .venv/bin/python bench/spec_decode.py --out bench/results/spec_decode.json        # ~15 min on 2 cores
     .venv/bin/python bench/spec_decode.py --speculative-config '{"model": "...", "num_speculative_tokens": 4}'
