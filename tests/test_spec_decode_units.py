@@ -17,7 +17,7 @@ from conveyor.engine.sampler import position_seed
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.sequence import Sequence, SequenceStatus
 from conveyor.engine.spec_decode import (ACCEPTANCE_EWMA, DEFAULT_DISABLE_BY_BATCH_SIZE, NgramIndex, SpecPolicy,
-                                          SpecState, verify_coupled)
+                                          SpecState, Speculator, verify_coupled)
 from conveyor.engine.structured_output import GrammarCompiler, GrammarState, apply_grammar_masks
 from conveyor.model import demo
 from conveyor.sampling_params import StructuredOutputsParams
@@ -415,3 +415,23 @@ def test_samples_forked_where_a_chunked_prefill_ends_with_proposals():
     assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
     stats = llm.stats()
     assert stats["kv_blocks_in_use"] == 0 and stats["spec_decode_num_drafts"] > 0
+
+
+def test_new_sequences_start_from_the_engine_wide_acceptance():
+    """Sequences that mostly reject pull the prior down, so a new sequence does not verify k losing proposals."""
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, method="ngram"), "cpu", None)
+    old = Sequence("a", 0, [1, 2, 3], 3, SamplingParams(), 16)
+    old.spec = SpecState()
+    for _ in range(200):
+        spec.record(old, 4, [9])  # every first proposal rejected
+    assert spec.prior < 0.1 and old.spec.acceptance < 0.1
+    new = Sequence("b", 0, [5, 6, 5, 6, 5], 5, SamplingParams(), 16)
+    new.num_computed_tokens = 4
+    assert spec.lookahead([new] * 16) == {}  # 16 running: not worth a proposal at that acceptance
+    assert new.spec.acceptance == spec.prior
+    assert spec.lookahead([new]) == {} and new.spec.shadow == 6  # not even alone; a shadow trial instead
+    fresh = Speculator(SpeculativeConfig(num_speculative_tokens=4, method="ngram"), "cpu", None)
+    assert fresh.lookahead([Sequence("c", 0, [5, 6, 5, 6, 5], 5, SamplingParams(), 16)]) == {}  # not decoding
+    seq = Sequence("d", 0, [5, 6, 5, 6, 5], 5, SamplingParams(), 16)
+    seq.num_computed_tokens = 4
+    assert fresh.lookahead([seq]) == {seq.seq_id: 4}  # a fresh engine starts optimistic

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from conveyor.engine.draft_model import DraftModel
 
 ACCEPTANCE_EWMA = 0.3  # weight of the newest step in a sequence's acceptance estimate
+PRIOR_EWMA = 0.02  # weight of each sequence-step in the engine-wide estimate that new sequences start from
 # no proposals from this many running sequences on: a quarter of it is the batch at which a step's per-token cost
 # equals its fixed cost (SmolLM2 on 2 CPU cores: ~21 ms a step + ~2.7 ms a token; bench/README.md)
 DEFAULT_DISABLE_BY_BATCH_SIZE = {"cpu": 32, "cuda": 256}
@@ -87,11 +88,15 @@ class SpecState:
     shadow: int | None = None  # ngram: the first token it would have proposed in a step that proposed nothing
 
     def observe(self, num_proposed: int, num_accepted: int) -> None:
-        """Update the estimate after a step verified num_proposed proposals and accepted the first num_accepted:
-        num_accepted successes out of min(num_accepted + 1, num_proposed) trials."""
-        assert 0 <= num_accepted <= num_proposed and num_proposed > 0
-        rate = num_accepted / min(num_accepted + 1, num_proposed)
-        self.acceptance += ACCEPTANCE_EWMA * (rate - self.acceptance)
+        """Update the estimate after a step verified num_proposed proposals and accepted the first num_accepted."""
+        self.acceptance += ACCEPTANCE_EWMA * (acceptance_rate(num_proposed, num_accepted) - self.acceptance)
+
+
+def acceptance_rate(num_proposed: int, num_accepted: int) -> float:
+    """A step's per-proposal acceptance: num_accepted successes out of min(num_accepted + 1, num_proposed) trials
+    (the proposals after the first rejected one were never tried)."""
+    assert 0 <= num_accepted <= num_proposed and num_proposed > 0
+    return num_accepted / min(num_accepted + 1, num_proposed)
 
 
 @dataclass
@@ -199,6 +204,9 @@ class Speculator:
         self.draft = draft
         self.policy = SpecPolicy(config, device)
         self.stats = SpecStats(config.num_speculative_tokens)
+        # a new sequence starts from what recent ones achieved: starting every one at 1.0 had each new chat
+        # request verify k proposals it mostly loses (measured at concurrency 32, bench/spec_decode.py)
+        self.prior = 1.0
 
     def lookahead(self, running: list[Sequence]) -> dict[int, int]:
         """seq_id -> proposals wanted, for running sequences that decode this step (beam search never speculates,
@@ -214,7 +222,7 @@ class Speculator:
                 continue
             if seq.spec is None:
                 c = self.config
-                seq.spec = SpecState(ngram=NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
+                seq.spec = SpecState(self.prior, NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
                                      if c.method == "ngram" else None)
             # proposals past max_tokens would never be used
             k = min(self.policy.num_proposals(seq.spec, n), seq.max_tokens - seq.num_output_tokens - 1)
@@ -262,10 +270,14 @@ class Speculator:
 
     def record(self, seq: Sequence, num_proposed: int, tokens: list[int]) -> None:
         """Count a step's verification (num_proposed proposals, tokens emitted) and learn from it."""
+        trial = None  # (proposed, accepted)
         if num_proposed:
             self.stats.record(num_proposed, len(tokens) - 1)
-            seq.spec.observe(num_proposed, len(tokens) - 1)
+            trial = num_proposed, len(tokens) - 1
         elif seq.spec is not None and seq.spec.shadow is not None:
-            seq.spec.observe(1, int(tokens[0] == seq.spec.shadow))
+            trial = 1, int(tokens[0] == seq.spec.shadow)
+        if trial is not None:
+            seq.spec.observe(*trial)
+            self.prior += PRIOR_EWMA * (acceptance_rate(*trial) - self.prior)
         if seq.spec is not None:
             seq.spec.shadow = None
