@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import sys
@@ -36,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_model import cpu_info  # noqa: E402
 from conveyor.bench.metrics import RequestRecord, summarize  # noqa: E402
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig  # noqa: E402
 from conveyor.engine.async_engine import AsyncEngine  # noqa: E402
@@ -357,19 +357,6 @@ def targets(cells: list[dict]) -> list[str]:
             out.append(f"{x['workload']} c=32: {x['speedup']:.2f}x (target >= 0.95x): "
                        f"{'met' if x['speedup'] >= 0.95 else 'MISSED'}")
     return out
-
-
-def cpu_info() -> dict:
-    info = {"cpus": os.cpu_count(), "machine": platform.machine()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    flags = set(found.group(1).split()) if found else set()
-    return {**info, "model": model.group(1) if model else None,
-            "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
