@@ -386,7 +386,7 @@ class Engine:
 
     def _compute(self, batch: list[ScheduledSeq]) -> tuple[list, list, list, dict[str, Exception]]:
         """Run the forward and sampling for batch. If that raises, run halves of it (whole requests each) to find the
-        requests that fail. Returns (seq, token, logprobs) per sampled sequence, (parent, child) forks,
+        requests that fail. Returns (seq, tokens, logprobs) per sampled sequence, (parent, child) forks,
         (seq, first position, logprobs) of prompt logprobs, and the failed requests with their errors."""
         try:
             return *self._forward(batch), {}
@@ -403,9 +403,8 @@ class Engine:
 
     def _forward(self, batch: list[ScheduledSeq]) -> tuple[list, list, list]:
         """The model forward and sampling for batch. It changes nothing but KV cache contents and beams' pending
-        log-probs, so it can run again on part of the batch. Returns (seq, tokens, their logprobs) per sampling
-        sequence (one token, or a verifying sequence's accepted proposals and the token after them), forks and
-        prompt logprobs (see _compute)."""
+        log-probs, so it can run again on part of the batch. Returns what _sample does for the sampling sequences,
+        forks and prompt logprobs (see _compute)."""
         logits = self.runner.execute(batch)
         prompt_lps = [x for s in batch if (x := self._prompt_logprobs(s)) is not None]
         first_row, r = {}, 0  # rows of logits: 1 per sampling entry, 1 + k for one verifying k proposals
@@ -426,6 +425,12 @@ class Engine:
                for j in range(1 + len(s.spec_token_ids))] + [first_row[p.seq_id] for p, _ in forks]
         if src != list(range(r)):
             logits = logits[torch.tensor(src, dtype=torch.long, device=logits.device)]
+        return self._sample(logits, entries), forks, prompt_lps
+
+    def _sample(self, logits: torch.Tensor, entries: list[ScheduledSeq]) -> list:
+        """Draw every entry's rows of logits (1, or 1 + k for one verifying k proposals, in order) and verify the
+        proposals. Returns (seq, tokens, their logprobs) per entry: one token, or the accepted proposals and the
+        token after them."""
         # one row per sampled position: a verifying sequence's row j follows its first j proposals
         rows = [SampleRow(s.seq, tuple(s.spec_token_ids[:j])) for s in entries
                 for j in range(1 + len(s.spec_token_ids))]
@@ -447,7 +452,7 @@ class Engine:
         for s, toks in zip(entries, emitted):
             sampled.append((s.seq, toks, lps[r:r + len(toks)]))
             r += len(toks)
-        return sampled, forks, prompt_lps
+        return sampled
 
     def _prompt_logprobs(self, s: ScheduledSeq) -> tuple[Sequence, int, list[dict[int, float]]] | None:
         """The prompt logprobs that s's chunk yields and its request still lacks (a recompute after preemption
