@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 ACCEPTANCE_EWMA = 0.3  # weight of the newest step in a sequence's acceptance estimate
 PRIOR_EWMA = 0.02  # weight of each sequence-step in the engine-wide estimate that new sequences start from
-# no proposals from this many running sequences on: a quarter of it is the batch at which a step's per-token cost
-# equals its fixed cost (SmolLM2 on 2 CPU cores: ~21 ms a step + ~2.7 ms a token; bench/README.md)
+# no proposals from this many running sequences on (SmolLM2 on 2 CPU cores: a step costs ~24 ms + ~3.3 ms a token,
+# bench/spec_step_cost.py; see SpecPolicy)
 DEFAULT_DISABLE_BY_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
@@ -133,12 +133,16 @@ class SpecPolicy:
     With N sequences running it yields N tokens in a + b * N, and one more verified proposal, accepted with chance
     c, adds c tokens for b: worth it when c / b beats N / (a + b * N), i.e. when c > N / (N + a / b). The j-th
     proposal of a sequence is accepted with chance acceptance^j (only if the ones before it are). a / b is taken as
-    disable_by_batch_size / 4, and from disable_by_batch_size sequences on nothing is proposed."""
+    disable_by_batch_size / 8, half the break-even batch measured on CPU (bench/spec_step_cost.py: ~7 for SmolLM2 on
+    2 cores, against the default of 32): a verified proposal also costs engine work beyond its share of the forward,
+    and a sequence picked for a high estimate tends to do worse than it (at concurrency 32 on free chat, a / b =
+    disable_by_batch_size / 4 lost 7 %, bench/README.md). From disable_by_batch_size sequences on nothing is
+    proposed."""
 
     def __init__(self, config: SpeculativeConfig, device: str) -> None:
         self.k = config.num_speculative_tokens
         self.disable_by_batch_size = config.disable_by_batch_size or DEFAULT_DISABLE_BY_BATCH_SIZE[device.split(":")[0]]
-        self.break_even_batch = self.disable_by_batch_size / 4  # a / b
+        self.break_even_batch = self.disable_by_batch_size / 8  # a / b
 
     def num_proposals(self, state: SpecState, num_running: int) -> int:
         if num_running >= self.disable_by_batch_size:
