@@ -12,7 +12,9 @@ tokens; Saxena 2023, "Prompt Lookup Decoding", as vLLM's ngram method) and Draft
 
 Adaptive: SpecPolicy gives each sequence fewer proposals as the batch grows and as its acceptance falls (a cost
 model of the step), and none once disable_by_batch_size sequences run: a large batch already keeps the hardware
-busy, and verifying proposals there costs what they save.
+busy, and verifying proposals there costs what they save. A sequence the policy stopped still learns: the ngram
+method checks the proposal it did not send against the token it gets (a shadow trial, free), the draft method
+verifies one proposal every PROBE_INTERVAL steps (a probe).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 ACCEPTANCE_EWMA = 0.3  # weight of the newest step in a sequence's acceptance estimate
 PRIOR_EWMA = 0.02  # weight of each sequence-step in the engine-wide estimate that new sequences start from
+PROBE_INTERVAL = 16  # draft model: a sequence whose estimate stopped its proposals verifies one this often
 # no proposals from this many running sequences on (SmolLM2 on 2 CPU cores: a step costs ~24 ms + ~3.3 ms a token,
 # bench/spec_step_cost.py; see SpecPolicy)
 DEFAULT_DISABLE_BY_BATCH_SIZE = {"cpu": 32, "cuda": 256}
@@ -86,6 +89,7 @@ class SpecState:
     acceptance: float = 1.0  # estimated chance that a proposal is accepted (EWMA over verify steps)
     ngram: NgramIndex | None = None
     shadow: int | None = None  # ngram: the first token it would have proposed in a step that proposed nothing
+    steps_without_trial: int = 0  # draft model: decode steps since its last verified proposal
 
     def observe(self, num_proposed: int, num_accepted: int) -> None:
         """Update the estimate after a step verified num_proposed proposals and accepted the first num_accepted."""
@@ -236,6 +240,11 @@ class Speculator:
                     seq.spec.shadow = seq.spec_token_ids[0]
                 seq.spec_token_ids = seq.spec_token_ids[:max(k, 0)]
                 k = len(seq.spec_token_ids)
+            elif k <= 0 and seq.max_tokens - seq.num_output_tokens > 1:
+                # a draft's proposals cost a forward even untried: probe with one now and then, so that an
+                # estimate (and the prior) that fell in a bad stretch can recover
+                seq.spec.steps_without_trial += 1
+                k = int(seq.spec.steps_without_trial >= PROBE_INTERVAL)
             if k > 0:
                 out[seq.seq_id] = k
         return out
@@ -281,6 +290,7 @@ class Speculator:
         elif seq.spec is not None and seq.spec.shadow is not None:
             trial = 1, int(tokens[0] == seq.spec.shadow)
         if trial is not None:
+            seq.spec.steps_without_trial = 0
             seq.spec.observe(*trial)
             self.prior += PRIOR_EWMA * (acceptance_rate(*trial) - self.prior)
         if seq.spec is not None:
