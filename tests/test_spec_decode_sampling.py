@@ -202,8 +202,10 @@ def joint_probs(model: torch.nn.Module, prompt: list[int], depth: int) -> dict[t
 def sample_outputs(target: str, spec: dict, prompt: list[int], seeded: bool = False) -> tuple[Counter, dict]:
     """The first DEPTH output tokens of N_REQUESTS unseeded requests (the engine's seed fixes the run), or of
     requests seeded 0 .. N_REQUESTS - 1 (their draws are coupled with the draft's), and the engine's stats."""
+    # a huge disable_by_batch_size makes the policy's threshold N / (N + 10**6 / 8) ~0: proposals at every step,
+    # whatever the acceptance (a low engine-wide estimate would otherwise stop them)
     llm = LLM(target, device="cpu", seed=5, max_num_seqs=256,
-              speculative_config={**spec, "disable_by_batch_size": 1000})
+              speculative_config={**spec, "disable_by_batch_size": 10**6})
     params = [SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=MAX_TOKENS, ignore_eos=True,
                              seed=i if seeded else None) for i in range(N_REQUESTS)]
     outs = llm.generate([prompt] * N_REQUESTS, params)
