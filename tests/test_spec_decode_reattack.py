@@ -1,11 +1,15 @@
 """Speculative decoding re-attacked after the fixes of test_spec_decode_attack.py (issue 14): what the draft
 proposes around early ends (stop_token_ids, EOS forced by logit_bias, min_tokens, grammars that may end) leaves
-greedy and seeded outputs unchanged; the adaptive policy recovers when acceptance comes back (a fault found this way, fixed by probes)."""
+greedy and seeded outputs unchanged; the adaptive policy recovers when acceptance comes back (a fault found this way,
+fixed by probes); a draft shorter than the target proposes up to its own length and no further."""
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conveyor import LLM, SamplingParams
+from conveyor.model.demo import DEMO_CONFIG, demo_tokenizer
 from conveyor.sampling_params import StructuredOutputsParams as SO
 from test_spec_decode_attack import demo_draft  # noqa: F401  (module-scoped fixture)
 
@@ -60,3 +64,27 @@ def test_draft_speculation_resumes_when_acceptance_comes_back(demo_draft):  # no
     for _ in range(4):
         llm.generate(["hello hello hello "], SamplingParams(temperature=20.0, max_tokens=30, ignore_eos=True))
     assert llm.stats()["spec_decode_num_drafts"] > drafts
+
+
+def test_a_draft_shorter_than_the_target_stops_at_its_length(base, tmp_path):
+    """A draft of max_position_embeddings 48 serves prompts running past it: no slot is asked for a proposal it
+    cannot make, outputs are unchanged, and proposals were made while the draft still fitted."""
+    torch.manual_seed(3)
+    cfg = {k: v for k, v in DEMO_CONFIG.items() if k not in ("model_type", "torch_dtype")}
+    config = LlamaConfig(**{**cfg, "max_position_embeddings": 48})
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    demo_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(model="demo", speculative_config={"model": str(tmp_path), "num_speculative_tokens": 3,
+                                                "disable_by_batch_size": 1000})
+    steps = []
+    schedule = llm.engine.scheduler.schedule
+    llm.engine.scheduler.schedule = lambda lookahead=None: steps.append(dict(lookahead or {})) or schedule(lookahead)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompt = "hello hello hello hello "
+    assert [o.outputs[0].token_ids for o in llm.generate([prompt], params)] == \
+        [o.outputs[0].token_ids for o in base.generate([prompt], params)]
+    n_prompt = len(base.get_tokenizer().encode(prompt))
+    asked = [k for step in steps for k in step.values()]
+    assert asked and llm.stats()["spec_decode_num_draft_tokens"] > 0
+    assert len(asked) <= 48 - n_prompt  # from position 48 on, no proposal slots at all
+    assert llm.stats()["kv_blocks_in_use"] == 0

@@ -245,6 +245,8 @@ class Speculator:
                 # estimate (and the prior) that fell in a bad stretch can recover
                 seq.spec.steps_without_trial += 1
                 k = int(seq.spec.steps_without_trial >= PROBE_INTERVAL)
+            if self.draft is not None:  # no slots for proposals past the draft model's own maximum length
+                k = min(k, self.draft.max_model_len - seq.num_tokens)
             if k > 0:
                 out[seq.seq_id] = k
         return out
