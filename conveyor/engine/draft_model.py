@@ -34,11 +34,6 @@ def load_draft(spec: SpeculativeConfig, config: EngineConfig, vocab_size: int) -
     return loaded
 
 
-def kv_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
-    a = loaded.arch
-    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * loaded.dtype.itemsize
-
-
 class DraftModel:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int, num_host_blocks: int,
                  stop_token_ids: list[int]) -> None:

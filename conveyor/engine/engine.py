@@ -16,14 +16,14 @@ from conveyor.config import EngineConfig
 from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
-from conveyor.engine.draft_model import DraftModel, kv_bytes_per_block, load_draft
+from conveyor.engine.draft_model import DraftModel, load_draft
 from conveyor.engine.sampler import SampleRow, Sampler, check_logit_bias
 from conveyor.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
 from conveyor.engine.spec_decode import Speculator
 from conveyor.engine.structured_output import GrammarCompiler, GrammarState
 from conveyor.model.loader import load_model
-from conveyor.model.runner import ModelRunner
+from conveyor.model.runner import ModelRunner, kv_bytes_per_block
 from conveyor.outputs import CompletionOutput, RequestOutput
 from conveyor.sampling_params import SamplingParams, ensure_utf8
 
@@ -132,8 +132,8 @@ class Engine:
             raise ValueError("speculative decoding needs the paged KV cache layout (kv_layout='paged')")
         draft = None if spec is None or spec.method != "draft_model" else \
             load_draft(spec, config, loaded.arch.vocab_size)
-        self.runner = ModelRunner(loaded, c, config.scheduler, config.device,
-                                  extra_bytes_per_block=kv_bytes_per_block(draft, c.block_size) if draft else 0)
+        draft_bytes = kv_bytes_per_block(draft.arch, draft.dtype, c.block_size) if draft else 0
+        self.runner = ModelRunner(loaded, c, config.scheduler, config.device, extra_bytes_per_block=draft_bytes)
         self.kv = KVCacheManager(self.runner.num_blocks, c.block_size, c.kv_layout, c.enable_prefix_caching,
                                  c.watermark, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv, c.preemption_mode)

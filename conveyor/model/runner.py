@@ -16,6 +16,7 @@ from conveyor.engine.sequence import Sequence
 from conveyor.model.attention import (AttentionMetadata, GatherBuffers, PrefillChunk, build_decode_plan,
                                       build_prefill_mask, copy_blocks, kv_cache_shape,
                                       move_blocks)
+from conveyor.model.llama import ArchConfig
 from conveyor.model.loader import LoadedModel
 
 log = logging.getLogger("conveyor.runner")
@@ -37,6 +38,11 @@ class Chunk:
     def is_decode(self) -> bool:
         """Attended as decode rows, one query each: a decode, or a decode followed by speculative proposals."""
         return len(self.token_ids) == 1 or self.num_logits == len(self.token_ids)
+
+
+def kv_bytes_per_block(arch: ArchConfig, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes of one KV block over all layers (K and V) for a model of this architecture and dtype."""
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * dtype.itemsize
 
 
 def chunk_of(s: ScheduledSeq) -> Chunk:
@@ -90,8 +96,7 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        a = self.arch
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return kv_bytes_per_block(self.arch, self.dtype, self.block_size)
 
     def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig, extra_bytes_per_block: int) -> int:
         if cache.num_kv_blocks is not None:
