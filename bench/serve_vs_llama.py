@@ -165,7 +165,7 @@ def wait_idle(max_wait_s: float, threshold_pct: float, ncpu: int, window_s: floa
     return {"idle_wait_s": round(waited, 1), "busy_before_pct": None if busy is None else round(busy, 1)}
 
 
-# ---- servers -----------------------------------------------------------------------------------------------------------
+# ---- servers ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Server:
     system: str
@@ -244,7 +244,7 @@ def wait_ready(srv: Server, timeout_s: float) -> float:
                        f"{Path(srv.log_path).read_text(errors='replace')[-3000:]}")
 
 
-# ---- one measured run ----------------------------------------------------------------------------------------------
+# ---- one measured run ------------------------------------------------------------------------------------------------
 RUN_FIELDS = {"output_tok_s": "output_tok_per_s", "ttft_p50_s": "ttft_s_p50", "ttft_p99_s": "ttft_s_p99",
               "tpot_p50_s": "tpot_s_p50", "wall_s": "wall_s", "errors": "n_errors", "len_mismatch": "n_len_mismatch"}
 
@@ -276,11 +276,11 @@ def format_run(r: dict) -> str:
     c = r["cpu_pct"]
     return (f"    {r['system']:<13} {r['output_tok_s']:7.1f} tok/s  TTFT p50/p99 {r['ttft_p50_s']:6.2f} / "
             f"{r['ttft_p99_s']:6.2f} s  TPOT p50 {1000 * r['tpot_p50_s']:6.1f} ms  CPU machine {c['machine']:4.0f} %"
-            f"  server {c['server']:4.0f} %  client {c['client']:3.0f} %  others {c['others']:3.0f} %  errors {r['errors']}"
-            f"  short {r['len_mismatch']}")
+            f"  server {c['server']:4.0f} %  client {c['client']:3.0f} %  others {c['others']:3.0f} %"
+            f"  errors {r['errors']}  short {r['len_mismatch']}")
 
 
-# ---- aggregation ---------------------------------------------------------------------------------------------------
+# ---- aggregation -----------------------------------------------------------------------------------------------------
 def median(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -319,14 +319,14 @@ def format_table(results: dict[str, dict]) -> str:
             tpot = None if m["tpot_p50_s"] is None else 1000 * m["tpot_p50_s"]
             lines.append(f"| {model} | {system} | {f(m['output_tok_s'])} | {f(m['ttft_p50_s'], 2)} / "
                          f"{f(m['ttft_p99_s'], 2)} | {f(tpot)} | {f(m['cpu_machine_pct'], 0)} % | "
-                         f"{f(m['cpu_server_pct'], 0)} % | {f(m['cpu_client_pct'], 0)} % | {f(m['cpu_others_pct'], 0)} % | "
-                         f"{m['errors']} |")
+                         f"{f(m['cpu_server_pct'], 0)} % | {f(m['cpu_client_pct'], 0)} % | "
+                         f"{f(m['cpu_others_pct'], 0)} % | {m['errors']} |")
         lines.append(f"| {model} | **Conveyor / llama-server** | **{f(agg['ratio_output_tok_s'], 2)}x** | "
                      f"TTFT p99 {f(agg['ratio_ttft_p99'], 2)}x | | | | | | |")
     return "\n".join(lines)
 
 
-# ---- preparation -------------------------------------------------------------------------------------------------
+# ---- preparation -----------------------------------------------------------------------------------------------------
 HF_FROM_GGUF = """import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 d, name, out = sys.argv[1:4]
