@@ -9,9 +9,10 @@ llama-server through run_llama_server.sh (32 slots of 1,024 tokens, 2 threads, p
 `conveyor serve --model M --dtype D --served-model-name m` and its defaults, so the numbers compare with the peers
 README's figures.
 
-Per run: output tok/s, TTFT p50/p99, TPOT p50 (the client's figures), and CPU during the run from /proc: the
-machine's busy share of all its cores, the server's own share (its CPU seconds / (wall x cores)), and what other
-processes used (machine minus server minus the load client). Then medians over rounds per system and the ratios
+Per run: output tok/s, TTFT p50/p99, TPOT p50 (the client's figures), and CPU during the client's timed run (from
+/proc, sampled every 0.2 s; the client's start-up and warm-up request excluded): the machine's busy share of all its
+cores, the server's own share (its CPU seconds / (wall x cores)), the load client's, and what other processes used
+(machine minus server minus client). Then medians over rounds per system and the ratios
 Conveyor / llama-server.
 
 Models (--models, comma-separated):
@@ -50,6 +51,7 @@ LLAMA_SRC = "sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"  # as setup_llama_s
 SMOLLM2_GGUF = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEMS = ("llama-server", "conveyor")  # the order within a round
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLIENT_EXIT_S = 0.3  # the load client's time from the end of its run to its exit, at most
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,37 @@ def cpu_usage(a: CpuSnapshot, b: CpuSnapshot, ncpu: int) -> dict[str, float]:
         out[name] = 100.0 * (b.procs_s[name] - a.procs_s[name]) / ((b.wall_s - a.wall_s) * ncpu)
     out["others"] = max(0.0, out["machine"] - sum(out[n] for n in a.procs_s))
     return out
+
+
+class CpuSampler:
+    """Snapshots of the given process trees every period_s on a thread, while inside a `with` block."""
+
+    def __init__(self, pids: dict[str, int], period_s: float = 0.2) -> None:
+        import threading
+
+        self.pids, self.period_s, self.samples = pids, period_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(snapshot(self.pids))
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def pick_window(samples: list[CpuSnapshot], start: float, end: float) -> tuple[CpuSnapshot, CpuSnapshot] | None:
+    """The first sample at or after start and the last at or before end (perf_counter seconds); None when no two
+    distinct samples lie in [start, end]."""
+    inside = [s for s in samples if start <= s.wall_s <= end]
+    return (inside[0], inside[-1]) if len(inside) >= 2 else None
 
 
 def wait_idle(max_wait_s: float, threshold_pct: float, ncpu: int, window_s: float = 2.0) -> dict:
@@ -263,13 +296,19 @@ def measure(srv: Server, workload: Path, a: argparse.Namespace, ncpu: int, tmp: 
     before = snapshot({"server": srv.pid}, {"client": children_cpu_s()})
     client = subprocess.Popen(client_command(a.peers_python, srv, workload, a.concurrency, out),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, err = client.communicate()
+    with CpuSampler({"server": srv.pid, "client": client.pid}) as sampler:
+        _, err = client.communicate()
+        done = time.perf_counter()
     after = snapshot({"server": srv.pid}, {"client": children_cpu_s()})  # the client has been reaped
     if client.returncode != 0:
         raise RuntimeError(f"load client against {srv.system} failed ({client.returncode}):\n{err[-2000:]}")
     res = json.loads(Path(out).read_text())
-    return {"system": srv.system, **{k: res.get(v) for k, v in RUN_FIELDS.items()},
-            "cpu_pct": cpu_usage(before, after, ncpu), **idle}
+    # the client's timed run ends just before it exits (CLIENT_EXIT_S: writing its JSON, interpreter exit); its
+    # start-up and warm-up request before that are not the run's, so CPU use is read over the run's window alone
+    window = pick_window(sampler.samples, done - CLIENT_EXIT_S - res["wall_s"], done - CLIENT_EXIT_S)
+    cpu = cpu_usage(*window, ncpu) if window else cpu_usage(before, after, ncpu)
+    return {"system": srv.system, **{k: res.get(v) for k, v in RUN_FIELDS.items()}, "cpu_pct": cpu,
+            "cpu_window": "run" if window else "client lifetime", **idle}
 
 
 def format_run(r: dict) -> str:

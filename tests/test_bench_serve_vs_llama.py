@@ -33,7 +33,7 @@ def prof(svl):
     sys.modules.pop("step_profile", None)
 
 
-# ---- serve_vs_llama ----------------------------------------------------------------------------------------------------
+# ---- serve_vs_llama --------------------------------------------------------------------------------------------------
 def test_parse_args(svl, capsys):
     a = svl.parse_args(["--rounds", "1", "--models", "small-bf16, smollm2-q4_1", "--conveyor-args", "--seed 1"])
     assert (a.rounds, a.models, a.conveyor_args, a.concurrency) == (1, ["small-bf16", "smollm2-q4_1"],
@@ -64,6 +64,13 @@ def test_cpu_usage(svl):
         svl.cpu_usage(a, svl.CpuSnapshot(20.0, 118.0, 220.0, {"server": 20.0}), ncpu=2)
 
 
+def test_pick_window(svl):
+    samples = [svl.CpuSnapshot(t, t, 2 * t, {}) for t in (0.0, 0.2, 0.4, 0.6, 0.8)]
+    a, b = svl.pick_window(samples, 0.1, 0.7)
+    assert (a.wall_s, b.wall_s) == (0.2, 0.6)
+    assert svl.pick_window(samples, 0.3, 0.5) is None  # one sample: no window
+
+
 def run(svl, system: str, tok_s: float, ttft_p99: float, errors: int = 0) -> dict:
     return {"system": system, "output_tok_s": tok_s, "ttft_p50_s": ttft_p99 / 2, "ttft_p99_s": ttft_p99,
             "tpot_p50_s": 0.1, "errors": errors, "len_mismatch": 0,
@@ -90,7 +97,7 @@ def test_missing_peers_is_one_clear_error(svl, tmp_path):
         svl.check_inputs(svl.MODELS["small-bf16"], tmp_path)
 
 
-# ---- step_profile ------------------------------------------------------------------------------------------------------
+# ---- step_profile ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chain, category", [
     (["aten::mm", "profile.gemm", "profile.forward", "profile.runner", "profile.step"], "decoder GEMMs"),
     (["aten::bmm", "attention", "profile.forward", "profile.runner", "profile.step"], "attention"),
