@@ -369,26 +369,36 @@ def format_table(results: dict[str, dict]) -> str:
 HF_FROM_GGUF = """import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 d, name, out = sys.argv[1:4]
-AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype="float32").save_pretrained(out)
+model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype="float32")
+model.hf_quantizer = None  # the weights are dequantized already; transformers refuses to save "gguf-quantized" ones
+model.config.__dict__.pop("quantization_config", None)
+model.save_pretrained(out)
 AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out)
 """
 
 
+def run_step(cmd: list[str]) -> None:
+    """Run one preparation command; raises RuntimeError with its output's tail if it fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"{' '.join(cmd[:2])} ... failed ({done.returncode}):\n{tail}")
+
+
 def prepare_smollm2(peers: Path, py: Path) -> None:
     """SmolLM2's dequantized HF checkpoint, its bf16 GGUF and its workload under peers, each step skipped when
-    done. Raises CalledProcessError if a step fails."""
+    done. Raises RuntimeError if a step fails."""
     gguf, hf = peers / SMOLLM2_GGUF, peers / "models" / "smollm2"
     if not (hf / "config.json").exists():
         print(f"  making {hf} (dequantized from {gguf.name})", flush=True)
-        subprocess.run([str(py), "-c", HF_FROM_GGUF, str(gguf.parent), gguf.name, str(hf)], check=True)
+        run_step([str(py), "-c", HF_FROM_GGUF, str(gguf.parent), gguf.name, str(hf)])
     if not (peers / "gguf" / "smollm2-bf16.gguf").exists():
         print("  converting it to gguf/smollm2-bf16.gguf", flush=True)
-        subprocess.run([str(py), str(PEERS_SCRIPTS / "convert_gguf.py"), "--llama-cpp", str(peers / LLAMA_SRC),
-                        "--model", str(hf), "--outtype", "bf16", "--outfile",
-                        str(peers / "gguf" / "smollm2-bf16.gguf")], check=True, stdout=subprocess.DEVNULL)
+        run_step([str(py), str(PEERS_SCRIPTS / "convert_gguf.py"), "--llama-cpp", str(peers / LLAMA_SRC),
+                  "--model", str(hf), "--outtype", "bf16", "--outfile", str(peers / "gguf" / "smollm2-bf16.gguf")])
     if not (peers / "workload_smollm2_n64.json").exists():
-        subprocess.run([str(py), str(PEERS_SCRIPTS / "workload.py"), "--n", "64", "--seed", "0", "--model", str(hf),
-                        "--out", str(peers / "workload_smollm2_n64.json")], check=True)
+        run_step([str(py), str(PEERS_SCRIPTS / "workload.py"), "--n", "64", "--seed", "0", "--model", str(hf),
+                  "--out", str(peers / "workload_smollm2_n64.json")])
 
 
 def check_inputs(spec: ModelSpec, peers: Path) -> None:
@@ -403,7 +413,7 @@ def check_inputs(spec: ModelSpec, peers: Path) -> None:
 
 def run_model(spec: ModelSpec, a: argparse.Namespace, ncpu: int, tmp: str) -> dict:
     """Both servers up for all rounds of one model; llama-server then Conveyor in each round."""
-    if spec.needs_smollm2:
+    if spec.needs_smollm2 and (a.peers_dir / SMOLLM2_GGUF).exists():
         prepare_smollm2(a.peers_dir, a.peers_python)
     check_inputs(spec, a.peers_dir)
     print(f"{spec.name}: starting both servers (fresh per model; they stay up for its {a.rounds} round(s))",
