@@ -1,0 +1,181 @@
+"""The Triton paged-attention kernel against a plain torch reference of the op contract, run by Triton's interpreter
+on CPU tensors (conveyor/kernels/triton_attention.py picks the interpreter for CPU tensors whatever
+TRITON_INTERPRET says), plus a compile of the kernel for sm_90 with the ptxas that ships in Triton's wheel, which
+catches what only the compiler rejects."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from triton.runtime.jit import JITFunction
+
+from conveyor.kernels.triton_attention import _compiled, _tile_config, triton_paged_attention
+
+UNIT = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    query_start: torch.Tensor
+    seq_lens: torch.Tensor
+    window: int
+
+    def run(self) -> torch.Tensor:
+        return triton_paged_attention(self.q, self.k, self.v, self.kv_cache, self.slot_mapping, self.block_tables,
+                                      self.query_start, self.seq_lens, self.q.shape[-1] ** -0.5, self.window)
+
+
+def make_case(seed: int, q_lens: list[int], cached: list[int], hq: int, hk: int, d: int, bs: int,
+              dtype: torch.dtype, window: int = 0) -> Case:
+    """Sequences with cached[s] keys already in the cache and q_lens[s] new tokens, their blocks scattered at random
+    over a cache with spare blocks (table rows padded with random valid ids)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [c + n for c, n in zip(cached, q_lens)]
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need) + 1
+    tables = torch.randint(0, num_blocks, (len(lens), width), generator=g, dtype=torch.int32)
+    slots = []
+    for s, n in enumerate(need):
+        tables[s, :n] = torch.tensor(perm[:n], dtype=torch.int32)
+        perm = perm[n:]
+        slots += [int(tables[s, p // bs]) * bs + p % bs for p in range(cached[s], lens[s])]
+    t = sum(q_lens)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return Case(randn(t, hq, d), randn(t, hk, d), randn(t, hk, d), randn(2, hk, num_blocks, bs, d),
+                torch.tensor(slots, dtype=torch.long), tables,
+                torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32),
+                torch.tensor(lens, dtype=torch.int32), window)
+
+
+def reference(c: Case, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract in fp32 over the cache after the writes: (out [T, Hq, D], P @ |V| for the error bound)."""
+    hk, bs = kv_cache.shape[1], kv_cache.shape[3]
+    group = c.q.shape[1] // hk
+    out = torch.zeros(c.q.shape)
+    mag = torch.zeros(c.q.shape)
+    for s in range(c.seq_lens.shape[0]):
+        a, b, n = int(c.query_start[s]), int(c.query_start[s + 1]), int(c.seq_lens[s])
+        j = torch.arange(n)
+        blocks = c.block_tables[s, j // bs].long()
+        keys = kv_cache[0][:, blocks, j % bs].float().repeat_interleave(group, 0)  # [Hq, n, D]
+        vals = kv_cache[1][:, blocks, j % bs].float().repeat_interleave(group, 0)
+        scores = c.q[a:b].float().transpose(0, 1) @ keys.transpose(1, 2) * c.q.shape[-1] ** -0.5
+        pos = torch.arange(n - (b - a), n)[:, None]
+        seen = (j[None, :] <= pos) & ((j[None, :] > pos - c.window) if c.window else True)
+        p = scores.masked_fill(~seen, -math.inf).softmax(-1)
+        out[a:b] = (p @ vals).transpose(0, 1)
+        mag[a:b] = (p @ vals.abs()).transpose(0, 1)
+    return out, mag
+
+
+def check(c: Case) -> None:
+    """Outputs within the dtype's roundings (of the probabilities before P @ V and of the output) of the fp32
+    reference, and the cache written exactly as index_copy_ writes it."""
+    want_cache = c.kv_cache.clone()
+    _, h, n, bs, d = want_cache.shape
+    for i, x in enumerate((c.k, c.v)):
+        want_cache[i].view(h, n * bs, d).index_copy_(1, c.slot_mapping, x.transpose(0, 1))
+    out = c.run()
+    assert out.dtype == c.q.dtype and out.shape == c.q.shape
+    assert torch.equal(c.kv_cache, want_cache)
+    want, mag = reference(c, want_cache)
+    bound = 3 * UNIT[c.q.dtype] * (want.abs() + mag) + 1e-6
+    err = (out.float() - want).abs()
+    assert bool((err <= bound).all()), f"worst error / bound {float((err / bound).max()):.2f}"
+
+
+CASES = {
+    # (q_lens, cached, hq, hk, head_dim, block_size, dtype, window)
+    "decode batch": ([1] * 12, [0, 1, 5, 15, 16, 17, 31, 64, 100, 127, 200, 250], 8, 2, 64, 16, torch.bfloat16, 0),
+    "mixed step": ([1, 1, 4, 4, 37, 20], [40, 9, 33, 0, 60, 0], 8, 2, 64, 4, torch.float32, 0),
+    "windows": ([1, 3, 50, 1], [90, 12, 30, 5], 4, 4, 128, 8, torch.float16, 7),
+    "window 1": ([1, 9, 20], [30, 0, 7], 6, 2, 64, 2, torch.float32, 1),
+    "block size 1": ([1, 6], [23, 10], 4, 1, 64, 1, torch.bfloat16, 0),
+    "block size 256": ([1, 70], [300, 200], 4, 2, 64, 256, torch.float32, 100),
+    "head_dim 80, group 3": ([1, 17], [50, 3], 12, 4, 80, 32, torch.float32, 0),
+    "window edge": ([1, 1, 1, 1], [102, 101, 103, 60], 4, 2, 64, 16, torch.float32, 40),  # first key at a tile's end
+    "long decode": ([1, 1], [4095, 2000], 8, 1, 128, 256, torch.bfloat16, 0),
+    "long prefill chunk": ([48], [4000], 4, 2, 64, 64, torch.float32, 1024),
+    "long prompt": ([700], [0], 4, 2, 64, 16, torch.float16, 0),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parity(name):
+    check(make_case(len(name), *CASES[name]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs=st.lists(st.tuples(st.integers(1, 24), st.integers(0, 120)), min_size=1, max_size=5),
+       heads=st.sampled_from([(4, 4), (4, 2), (8, 1), (6, 2)]), bs=st.sampled_from([1, 2, 8, 16, 64]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), window=st.sampled_from([0, 1, 5, 40]),
+       seed=st.integers(0, 2 ** 16))
+def test_parity_property(seqs, heads, bs, dtype, window, seed):
+    q_lens, cached = [s[0] for s in seqs], [s[1] for s in seqs]
+    check(make_case(seed, q_lens, cached, heads[0], heads[1], 64, bs, dtype, window))
+
+
+def test_strided_query_and_empty_batch():
+    c = make_case(3, [1, 5], [10, 4], 4, 2, 64, 8, torch.float32)
+    c.q = torch.cat([c.q, torch.zeros_like(c.q)], dim=-1)[..., :64]  # a view with row stride 2 * Hq * D
+    check(c)
+    e = make_case(4, [1], [3], 4, 2, 64, 8, torch.float32)
+    e.q, e.k, e.v, e.slot_mapping = e.q[:0], e.k[:0], e.v[:0], e.slot_mapping[:0]
+    e.query_start, e.seq_lens, e.block_tables = e.query_start[:1], e.seq_lens[:0], e.block_tables[:0]
+    assert e.run().shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(head_dim=72), "head_dim a multiple of 16"),
+    (dict(head_dim=512), "head_dim a multiple of 16"),
+    (dict(block_size=12), "powers of two"),
+    (dict(block_size=512), "powers of two"),
+    (dict(cache_dtype=torch.float16), "one dtype"),
+    (dict(dtype=torch.float64), "float32, float16 and bfloat16"),
+    (dict(hq=6, hk=4), "multiple of the KV heads"),
+    (dict(window=-1), "sliding_window"),
+])
+def test_bad_input(change, message):
+    d, bs = change.get("head_dim", 64), change.get("block_size", 8)
+    dtype = change.get("dtype", torch.float32)
+    c = make_case(5, [2], [3], change.get("hq", 4), change.get("hk", 2), d, bs, dtype, change.get("window", 0))
+    c.kv_cache = c.kv_cache.to(change.get("cache_dtype", dtype))
+    before = c.kv_cache.clone()
+    with pytest.raises(ValueError, match=message):
+        c.run()
+    assert torch.equal(c.kv_cache, before)  # nothing written
+
+
+@pytest.mark.skipif(not isinstance(_compiled, JITFunction),
+                    reason="TRITON_INTERPRET=1 was set when triton was imported: triton.jit interprets, nothing compiles")
+@pytest.mark.parametrize("dtype, mean_q, group, head_dim", [("bf16", 1, 4, 128), ("fp32", 4, 3, 80)])
+def test_compiles_for_sm90(dtype, mean_q, group, head_dim):
+    """The real compiler (no GPU needed: Triton's bundled ptxas) accepts the kernel for a decode and a prefill
+    tile configuration; the interpreter alone would not catch a construct only the compiler rejects."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    block_q, g_pad, block_n, num_warps = _tile_config(mean_q * 8, 8, group, head_dim)
+    consts = dict(G=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
+                  BLOCK_D=1 << (head_dim - 1).bit_length(), BS=16, IEEE=dtype == "fp32", BF16_AS_F32=False)
+    types = [f"*{dtype}"] * 3 + ["*i32"] * 3 + ["i32"] * 9 + ["i32", "fp32", "i32"] + ["constexpr"] * len(consts)
+    names = _compiled.arg_names
+    source = ASTSource(_compiled, dict(zip(names, types)),
+                       constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    assert kernel.asm["cubin"]
