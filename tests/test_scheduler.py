@@ -17,7 +17,9 @@ def make_sched(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                max_num_batched_tokens: int = 64, policy: str = "fcfs") -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           scheduling_policy=policy)
-    return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
+    # the prompts here are alike (0, 1, 2, ...): without prefix caching each sequence computes its own blocks, as
+    # these tests count (sharing a step's blocks is tested in test_prefix_burst.py)
+    return Scheduler(cfg, KVCacheManager(num_blocks, block_size, enable_prefix_caching=False))
 
 
 def make_seq(name: str, num_prompt: int, max_tokens: int, priority: int = 0) -> Sequence:

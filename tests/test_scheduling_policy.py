@@ -65,7 +65,8 @@ def test_without_threshold_a_prompt_takes_what_the_decodes_leave():
 
 
 def test_watermark_stops_admission_before_the_pool_is_exhausted():
-    kv = KVCacheManager(num_blocks=10, block_size=4, watermark=0.3)  # keep 3 blocks free at admission
+    # keep 3 blocks free at admission; a and b have the same prompt: no prefix caching, so b needs blocks of its own
+    kv = KVCacheManager(num_blocks=10, block_size=4, watermark=0.3, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), kv)
     a, b = make_seq("a", 16, 8), make_seq("b", 16, 8)  # 4 blocks each
     sched.add(a)

@@ -393,6 +393,8 @@ class Engine:
         except AssertionError:
             raise
         except Exception as e:
+            if self.scheduler.requeue_in_step_readers(batch):  # sequences reading blocks in flight go back to
+                return self._compute(batch)  # waiting (their keys may be unwritten); the rest runs again
             ids = list(dict.fromkeys(s.seq.request_id for s in batch))
             if len(ids) == 1:
                 return [], [], [], {ids[0]: e}

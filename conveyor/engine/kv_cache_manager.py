@@ -4,6 +4,13 @@ Prefix caching: the i-th full block of a sequence is identified by a chained has
 sha256(hash of block i-1 ‖ the block's token ids ‖ extra keys), where the extra keys are whatever else changes the
 block's K/V or must keep it private (the request's cache_salt). A new sequence reuses the longest run of its full
 blocks already in the pool (never its last token, whose logits must be computed) and starts computing after them.
+
+Blocks in flight: while a step is scheduled, the full blocks its chunks will complete are offered (`publish`) to the
+sequences admitted after them in the same step, so a burst of requests with one system prompt computes it once. This
+is sound because a forward writes all of the step's new K/V into the cache before any attention reads it, and a
+sequence with cached tokens attends through its block table. If that forward fails, the sequences that took blocks
+in flight are sent back to the waiting queue (Scheduler.requeue_in_step_readers): they may have read keys never
+written.
 """
 from __future__ import annotations
 
@@ -44,6 +51,12 @@ class KVCacheManager:
         self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) block copies for the next step
         self.num_cow_copies = 0
         self.prefix_cache_hits = 0  # of those, tokens found cached
+        # full blocks this step's forward computes: hash -> (block, tokens) while the step admits sequences, and
+        # block -> seq_id of the sequence computing it until the next step
+        self.in_flight: dict[bytes, tuple[int, tuple[int, ...]]] = {}
+        self.in_flight_owner: dict[int, int] = {}
+        # sequences admitted this step onto blocks in flight (until the next step is scheduled)
+        self.in_step_readers: dict[int, Sequence] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -139,25 +152,58 @@ class KVCacheManager:
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence that holds no blocks the cached blocks of its longest cached prefix; returns the tokens
-        they cover (its num_computed_tokens from now on). A request for prompt logprobs reads nothing: every prompt
-        position must be computed (its blocks are still cached for others)."""
+        they cover (its num_computed_tokens from now on). Blocks in flight (being computed by this step) count as
+        cached. A request for prompt logprobs reads nothing: every prompt position must be computed (its blocks are
+        still cached for others)."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
         bs = self.block_size
         self.prefix_cache_queries += seq.num_tokens
-        hits = []
+        hits, in_flight = [], False
         for i, h in enumerate(self._block_hashes(seq, (seq.num_tokens - 1) // bs)):
-            b = self.pool.lookup(h, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            b = self.pool.lookup(h, tokens)
             if b is None:
-                break
+                b, tokens_in_flight = self.in_flight.get(h, (None, None))
+                if b is None or tokens_in_flight != tokens:
+                    break
+                in_flight = True
             hits.append(b)
         for b in hits:
             self.pool.incref(b)
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * bs
         self.prefix_cache_hits += seq.num_computed_tokens
+        if in_flight:
+            self.in_step_readers[seq.seq_id] = seq
         return seq.num_computed_tokens
+
+    def begin_step(self) -> None:
+        """Forget the previous step's blocks in flight and their readers (that step's forward has run)."""
+        self.in_flight.clear()
+        self.in_flight_owner.clear()
+        self.in_step_readers.clear()
+
+    def end_admission(self) -> None:
+        """No sequence joins this step any more: nothing may take blocks in flight (who computes them is kept)."""
+        self.in_flight.clear()
+
+    def publish(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Offer the full blocks that seq will hold once its next num_new_tokens are computed to sequences admitted
+        later in this step. A chunk cut short by the token budget offers only the blocks it completes. Blocks
+        already cached or in flight under the same hash are left to their first holder."""
+        if not self.enable_prefix_caching or num_new_tokens == 0:
+            return
+        bs = self.block_size
+        num_full = (seq.num_computed_tokens + num_new_tokens) // bs
+        hashes = self._block_hashes(seq, num_full)
+        for i in range(seq.num_cached_blocks, num_full):
+            h, b = hashes[i], seq.block_table[i]
+            if h in self.pool.cached or h in self.in_flight or self.pool.block_hash[b] is not None:
+                continue
+            self.in_flight[h] = (b, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            self.in_flight_owner[b] = seq.seq_id
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks a step has just filled, so later requests can reuse them."""
@@ -217,6 +263,7 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         seq.num_draft_computed = 0
+        self.in_step_readers.pop(seq.seq_id, None)
         if seq.status == SequenceStatus.SWAPPED:
             self.host_pool.free(seq.block_table)
             seq.block_table = []

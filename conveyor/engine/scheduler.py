@@ -6,6 +6,9 @@ then arrival order; waiting ones are admitted while slots, the token budget and 
 sequence that cannot get a block preempts the lowest-ranked running sequence (itself, if it ranks last) by
 recompute: its blocks are freed and it goes back to the head of the waiting queue.
 
+A sequence admitted in a step may start after full blocks that sequences scheduled before it in the same step are
+computing (blocks in flight, see kv_cache_manager), so requests arriving together with one prefix compute it once.
+
 The batching modes other than continuous (static, dynamic, none) only change admission: a new batch is admitted
 when the running set is empty; see SchedulerConfig. They exist to measure what continuous batching buys.
 """
@@ -106,6 +109,7 @@ class Scheduler:
         """lookahead: seq_id -> speculative proposals a decoding sequence would verify this step. They get KV slots
         only from the budget and blocks left over: never at the expense of another sequence's token or block."""
         out = SchedulerOutput()
+        self.kv.begin_step()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self.rank)
         order = list(self.running)  # preemption only removes sequences from the running set
@@ -124,10 +128,13 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, num_spec_slots=spec))
             budget -= n + spec
         if not out.preempted:  # admitting right after preempting would only thrash
+            for s in out.scheduled:
+                self.kv.publish(s.seq, s.num_tokens)
             budget = self._swap_in(out, budget)
             if not self.swapped:  # new work waits until every swapped-out sequence is back
                 self._admit(out, budget)
         assert self._writes_unshared(out), "a step would write into a block another sequence shares"
+        self.kv.end_admission()
         return out
 
     def _spec_slots(self, seq: Sequence, n: int, budget: int, lookahead: dict[int, int] | None) -> int:
@@ -143,11 +150,13 @@ class Scheduler:
         return want
 
     def _writes_unshared(self, out: SchedulerOutput) -> bool:
-        bs, refs = self.kv.block_size, self.kv.pool.ref_counts
+        """No scheduled write lands in a shared block, except a block in flight written by the sequence computing
+        it (its other holders only read it, in the same forward, after the write)."""
+        bs, refs, owner = self.kv.block_size, self.kv.pool.ref_counts, self.kv.in_flight_owner
         for s in out.scheduled:
             first = s.seq.num_computed_tokens // bs
             last = (s.seq.num_computed_tokens + s.num_tokens + s.num_spec_slots - 1) // bs
-            if any(refs[b] != 1 for b in s.seq.block_table[first:last + 1]):
+            if any(refs[b] != 1 and owner.get(b) != s.seq.seq_id for b in s.seq.block_table[first:last + 1]):
                 return False
         return True
 
@@ -187,6 +196,7 @@ class Scheduler:
             limit -= slots
             if n:
                 out.scheduled.append(ScheduledSeq(seq, n))
+                self.kv.publish(seq, n)
                 budget -= n
 
     def _swap_in(self, out: SchedulerOutput, budget: int) -> int:
@@ -202,8 +212,29 @@ class Scheduler:
             n = self._chunk(seq, budget, 0)
             if n and self.kv.allocate_slots(seq, n):  # else it runs from the next step on
                 out.scheduled.append(ScheduledSeq(seq, n))
+                self.kv.publish(seq, n)
                 budget -= n
         return budget
+
+    def requeue_in_step_readers(self, batch: list[ScheduledSeq]) -> bool:
+        """After a forward over batch failed: the sequences admitted this step onto blocks in flight may have read
+        keys that were never written. Each goes back to the waiting queue with nothing computed and no blocks, as
+        after a recompute preemption (its admission is undone), and its entry leaves batch (changed in place).
+        Returns whether there were any. The blocks' first holders stay in batch: none of them took blocks in
+        flight, so what remains can run on its own."""
+        readers = list(self.kv.in_step_readers.values())
+        if not readers:
+            return False
+        ids = {seq.seq_id for seq in readers}
+        batch[:] = [s for s in batch if s.seq.seq_id not in ids]
+        assert batch, "blocks in flight without a sequence computing them"
+        for seq in readers:
+            self.running.remove(seq)
+            self.kv.free(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_computed_tokens = 0
+            self._enqueue(seq)
+        return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Preempt seq: swap it out when the mode is swap and host space allows, else recompute it later from
