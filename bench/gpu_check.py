@@ -1,0 +1,317 @@
+"""One command for a CUDA machine (torch, triton, transformers; no network, no FastAPI): the GPU path of issue 15.
+
+    bash bench/gpu_check.sh                       # this script, then the other gpu_check_*.py if time is left
+    python bench/gpu_check.py                     # this script only: a few minutes on one H100/H200
+    python bench/gpu_check.py --smoke             # tiny sizes on CPU (Triton's interpreter): a dry run of the script
+
+Prints, in order:
+1. parity: conveyor/kernels/triton_attention.py against an fp32 torch reference of the paged-attention contract on
+   the device, over random block tables, contexts up to 4k, block sizes 1..256, GQA ratios, sliding windows and the
+   three dtypes; within the dtype's rounding bound (as tests/test_triton_attention.py). A failure exits 1.
+2. kernel: the kernel's time on decode batches (KV bytes read per second against the measured device-to-device copy
+   bandwidth) and on a 2048-token prefill (against SDPA on contiguous K/V).
+3. decode throughput of Conveyor (`LLM(device="cuda")`) at batch 1, 64 and 256 on a random ~1B Llama in bfloat16
+   (hidden 2048, 16 layers, 32/8 heads, intermediate 5632, vocab 32000), written once with transformers'
+   save_pretrained so both sides load the same weights, against the HBM roofline: a decode step must read every
+   weight but the embedding table and every sequence's K/V, so tok/s <= batch * bandwidth / those bytes.
+4. the same workload through transformers' `generate` (SDPA attention, greedy) on the same GPU.
+Decode throughput = batch * (output - 1) / (time to generate `output` tokens - time to generate 1): prefill and
+set-up cancel. Every request is a random-token prompt of `prompt` tokens, greedy, ignore_eos.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_throughput import word_tokenizer  # noqa: E402
+
+from conveyor.kernels import triton_attention  # noqa: E402
+from conveyor.kernels.triton_attention import triton_paged_attention  # noqa: E402
+
+UNIT = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+failures: list[str] = []
+
+
+@dataclass(frozen=True)
+class Sizes:
+    model: dict
+    batches: tuple[int, ...]
+    prompt: int
+    output: int
+    parity: tuple[tuple, ...]  # (q_lens, cached, hq, hk, head_dim, block_size, dtype, window)
+    kernel: bool  # time the kernel (meaningless in the interpreter)
+
+
+FULL = Sizes(
+    model=dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=5632, vocab_size=32000),
+    batches=(1, 64, 256), prompt=128, output=128,
+    parity=(([1] * 40, list(range(0, 4000, 100)), 32, 8, 64, 16, BF16, 0),
+            ([1] * 8 + [5] * 4 + [300, 64], [4095, 1, 17, 999, 3000, 2, 64, 700, 33, 0, 129, 2047, 0, 1000],
+             32, 8, 128, 16, F32, 0),
+            ([1, 1, 200, 37], [4000, 50, 0, 3000], 16, 2, 64, 1, F16, 0),
+            ([1, 4, 512], [3900, 2000, 1000], 8, 8, 128, 256, BF16, 1024),
+            ([1, 1, 9, 100], [102, 3000, 40, 0], 12, 4, 64, 8, F32, 40),
+            ([1, 1, 64], [1000, 63, 800], 28, 4, 128, 32, BF16, 0),
+            ([1, 3, 700], [2500, 10, 0], 8, 1, 80, 64, F16, 256),
+            ([2048], [0], 32, 8, 64, 16, BF16, 0)),
+    kernel=True)
+SMOKE = Sizes(
+    model=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=256, vocab_size=512),
+    batches=(1, 4, 8), prompt=16, output=8,
+    parity=(([1, 1, 1], [0, 17, 90], 8, 2, 64, 16, BF16, 0), ([1, 4, 30], [200, 7, 0], 4, 4, 128, 4, F32, 9),
+            ([1, 20], [64, 50], 6, 2, 64, 1, F16, 0)),
+    kernel=False)
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+# ---- 1. parity ----------------------------------------------------------------------------------------------------
+def make_case(seed: int, q_lens: list[int], cached: list[int], hq: int, hk: int, d: int, bs: int,
+              dtype: torch.dtype, device: str) -> tuple:
+    """Arguments of triton_paged_attention (less scale and window): blocks scattered at random over the cache."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [c + n for c, n in zip(cached, q_lens)]
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.randint(0, num_blocks, (len(lens), max(need)), generator=g, dtype=torch.int32)
+    slots, used = [], 0
+    for s, n in enumerate(need):
+        tables[s, :n] = perm[used:used + n].int()
+        used += n
+        pos = torch.arange(cached[s], lens[s])
+        slots.append(tables[s, pos // bs].long() * bs + pos % bs)
+    t = sum(q_lens)
+    x = [torch.randn(*shape, generator=g).to(dtype) for shape in
+         ((t, hq, d), (t, hk, d), (t, hk, d), (2, hk, num_blocks, bs, d))]
+    meta = [torch.cat(slots), tables, torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32),
+            torch.tensor(lens, dtype=torch.int32)]
+    return tuple(a.to(device) for a in x + meta)
+
+
+def reference(q, kv_cache, tables, query_start, seq_lens, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract in fp32 over the written cache: (out, P @ |V| for the error bound)."""
+    hk, bs, d = kv_cache.shape[1], kv_cache.shape[3], q.shape[-1]
+    out, mag = torch.zeros(q.shape, device=q.device), torch.zeros(q.shape, device=q.device)
+    for s in range(seq_lens.shape[0]):
+        a, b, n = int(query_start[s]), int(query_start[s + 1]), int(seq_lens[s])
+        j = torch.arange(n, device=q.device)
+        blocks = tables[s, j // bs].long()
+        keys = kv_cache[0][:, blocks, j % bs].float().repeat_interleave(q.shape[1] // hk, 0)
+        vals = kv_cache[1][:, blocks, j % bs].float().repeat_interleave(q.shape[1] // hk, 0)
+        pos = torch.arange(n - (b - a), n, device=q.device)[:, None]
+        seen = (j[None, :] <= pos) & ((j[None, :] > pos - window) if window else True)
+        p = (q[a:b].float().transpose(0, 1) @ keys.transpose(1, 2) * d ** -0.5).masked_fill(~seen, -math.inf)
+        p = p.softmax(-1)
+        out[a:b], mag[a:b] = (p @ vals).transpose(0, 1), (p @ vals.abs()).transpose(0, 1)
+    return out, mag
+
+
+def parity(sizes: Sizes, device: str) -> None:
+    for i, (q_lens, cached, hq, hk, d, bs, dtype, window) in enumerate(sizes.parity):
+        q, k, v, cache, slots, tables, qs, lens = make_case(i, q_lens, cached, hq, hk, d, bs, dtype, device)
+        out = triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, window)
+        want, mag = reference(q, cache, tables, qs, lens, window)
+        ratio = float(((out.float() - want).abs() / (3 * UNIT[dtype] * (want.abs() + mag) + 1e-6)).max())
+        check(f"parity {len(q_lens)} seqs, q {max(q_lens)}, ctx {max(lens).item()}, {hq}/{hk} heads, d {d}, "
+              f"bs {bs}, {str(dtype)[6:]}, window {window}", ratio <= 1.0, f"(worst error / bound {ratio:.2f})")
+
+
+# ---- 2. kernel timing --------------------------------------------------------------------------------------------
+def cuda_time(fn, reps: int = 20) -> float:
+    """Median seconds of fn() on the current CUDA stream."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write); 64 MiB of host memory on CPU."""
+    src = torch.empty(1 << 29 if device == "cuda" else 1 << 25, dtype=BF16, device=device)
+    dst = torch.empty_like(src)
+    if device == "cpu":
+        start = time.perf_counter()
+        dst.copy_(src)
+        return 2 * src.numel() * 2 / (time.perf_counter() - start)
+    return 2 * src.numel() * 2 / cuda_time(lambda: dst.copy_(src), reps=10)
+
+
+def kernel_timing(bandwidth: float) -> None:
+    hq, hk, d, bs = 32, 8, 64, 16
+    for batch, ctx in ((1, 4096), (64, 2048), (256, 512), (256, 2048)):
+        q, k, v, cache, slots, tables, qs, lens = make_case(0, [1] * batch, [ctx - 1] * batch, hq, hk, d, bs, BF16,
+                                                            "cuda")
+        sec = cuda_time(lambda: triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, 0))
+        kv_bytes = batch * ctx * 2 * hk * d * 2
+        print(f"kernel decode batch {batch:3d} ctx {ctx:4d}: {sec * 1e6:7.1f} us, KV read at "
+              f"{kv_bytes / sec / 1e9:6.0f} GB/s = {kv_bytes / sec / bandwidth:4.0%} of copy bandwidth", flush=True)
+    n = 2048
+    q, k, v, cache, slots, tables, qs, lens = make_case(0, [n], [0], hq, hk, d, bs, BF16, "cuda")
+    sec = cuda_time(lambda: triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, 0))
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+    sdpa = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
+                                                                              enable_gqa=True))
+    flops = 4 * hq * d * n * n / 2
+    print(f"kernel prefill {n} tokens: {sec * 1e6:7.1f} us ({flops / sec / 1e12:5.1f} TFLOP/s, with the K/V write); "
+          f"SDPA on contiguous K/V {sdpa * 1e6:7.1f} us", flush=True)
+
+
+# ---- 3 and 4. decode throughput -------------------------------------------------------------------------------------
+def write_model(path: Path, model_kwargs: dict, device: str) -> int:
+    """A random Llama saved in bfloat16 with a word-level tokenizer; returns the bytes a decode step reads of it
+    (every parameter but the embedding table, of which it gathers only the batch's rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = LlamaConfig(**model_kwargs, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(BF16)
+    model.save_pretrained(path)
+    word_tokenizer(config.vocab_size).save_pretrained(path)
+    n = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    print(f"model: {(n + model.model.embed_tokens.weight.numel()) / 1e6:.0f} M parameters, bfloat16", flush=True)
+    return n * 2
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+def conveyor_times(path: Path, sizes: Sizes, device: str) -> dict[int, tuple[float, float, list[int]]]:
+    """Per batch: (seconds for `output` tokens, seconds for 1 token, greedy tokens of the first prompt)."""
+    from conveyor import LLM, SamplingParams
+
+    blocks = max(sizes.batches) * -(-(sizes.prompt + sizes.output) // 16) + 64
+    llm = LLM(str(path), dtype="bfloat16", device=device, num_kv_blocks=blocks, max_num_seqs=max(sizes.batches),
+              enable_prefix_caching=False)
+    result = {}
+    for batch in sizes.batches:
+        ps = prompts(batch, sizes.prompt, sizes.model["vocab_size"])
+        timed = []
+        for n in (sizes.output, 1, sizes.output, 1):  # the first pair warms up (Triton compiles, allocator)
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            sync(device)
+            start = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in ps], params)
+            sync(device)
+            timed.append(time.perf_counter() - start)
+            got = {len(o.outputs[0].token_ids) for o in outs}
+            if got != {n}:
+                reasons = sorted({str(o.outputs[0].finish_reason) for o in outs})
+                raise RuntimeError(f"Conveyor at batch {batch} generated {sorted(got)} tokens, not {n} ({reasons})")
+            tokens = outs[0].outputs[0].token_ids if n > 1 else tokens
+        result[batch] = (timed[2], timed[3], tokens)
+    del llm
+    return result
+
+
+def hf_times(path: Path, sizes: Sizes, device: str) -> dict[int, tuple[float, float, list[int]]]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(device=device, dtype=BF16).eval()
+    model.generation_config.eos_token_id = None
+    result = {}
+    for batch in sizes.batches:
+        ids = torch.tensor(prompts(batch, sizes.prompt, sizes.model["vocab_size"]), device=device)
+        timed = []
+        for n in (sizes.output, 1, sizes.output, 1):
+            sync(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+            sync(device)
+            timed.append(time.perf_counter() - start)
+            tokens = out[0, sizes.prompt:].tolist() if n > 1 else tokens
+        result[batch] = (timed[2], timed[3], tokens)
+    del model
+    return result
+
+
+def sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def throughput(path: Path, sizes: Sizes, device: str, weight_bytes: int, bandwidth: float) -> None:
+    m = sizes.model
+    kv_token = m["num_hidden_layers"] * 2 * m["num_key_value_heads"] * (m["hidden_size"] // m["num_attention_heads"]) * 2
+    mean_ctx = sizes.prompt + sizes.output / 2
+    launches = []
+    triton_attention._compiled.add_pre_run_hook(lambda *a, **k: launches.append(1))
+    ours = conveyor_times(path, sizes, device)
+    print(f"Triton attention launches during Conveyor's runs: {len(launches)}", flush=True)
+    sync(device)
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    theirs = hf_times(path, sizes, device)
+    print(f"decode tok/s, prompt {sizes.prompt}, output {sizes.output} (roofline: weights {weight_bytes / 1e9:.2f} GB "
+          f"+ KV {kv_token} B/token at mean context {mean_ctx:.0f}, per step, at {bandwidth / 1e9:.0f} GB/s)")
+    print(f"{'batch':>6} {'conveyor':>10} {'% roofline':>10} {'transformers':>13} {'% roofline':>10} {'roofline':>10}"
+          f" {'conveyor/hf':>11} {'same first tokens':>18}")
+    for batch in sizes.batches:
+        roof = batch * bandwidth / (weight_bytes + batch * mean_ctx * kv_token)
+        ours_tps, hf_tps = (batch * (sizes.output - 1) / max(r[batch][0] - r[batch][1], 1e-9) for r in (ours, theirs))
+        a, b = ours[batch][2], theirs[batch][2]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"{batch:>6} {ours_tps:>10.1f} {ours_tps / roof:>10.1%} {hf_tps:>13.1f} {hf_tps / roof:>10.1%} "
+              f"{roof:>10.0f} {ours_tps / hf_tps:>10.2f}x {same:>10}/{len(a)}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU with Triton's interpreter")
+    parser.add_argument("--skip-throughput", action="store_true", help="parity and kernel timing only")
+    args = parser.parse_args()
+    sizes, device = (SMOKE, "cpu") if args.smoke else (FULL, "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device (use --smoke for a dry run on CPU)")
+        return 2
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; triton {__import__('triton').__version__}", flush=True)
+    start = time.perf_counter()
+    parity(sizes, device)
+    print(f"parity done in {time.perf_counter() - start:.0f} s", flush=True)
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
+    if sizes.kernel:
+        kernel_timing(bandwidth)
+    if not args.skip_throughput:
+        with tempfile.TemporaryDirectory() as tmp:
+            weight_bytes = write_model(Path(tmp), sizes.model, device)
+            try:
+                throughput(Path(tmp), sizes, device, weight_bytes, bandwidth)
+            except Exception as e:  # one line, then the summary: parity results still count
+                check("throughput", False, f"{type(e).__name__}: {e}")
+    print(f"{len(failures)} failures" if failures else "all checks passed", f"({time.perf_counter() - start:.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
