@@ -30,6 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "cpp", "triton", "torch"],
+                   help="auto: the C++ kernel on CPU (torch ops if it cannot be built), Triton on CUDA")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
     p.add_argument("--enforce-eager", action="store_true",
@@ -93,7 +95,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 batch_timeout_s=a.batch_timeout_s, enable_prefix_caching=a.enable_prefix_caching,
                 scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
                 preemption_mode=a.preemption_mode, swap_space=a.swap_space, max_logprobs=a.max_logprobs,
-                speculative_config=a.speculative_config)
+                speculative_config=a.speculative_config, attention_backend=a.attention_backend)
 
 
 def build_llm(a: argparse.Namespace):

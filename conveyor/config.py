@@ -179,8 +179,12 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"  # auto | cpu | cuda
     speculative: SpeculativeConfig | None = None
+    # vLLM's --attention-backend: auto (cpp on CPU, triton on CUDA), cpp, triton or torch (conveyor.model.attention)
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "cpp", "triton", "torch"):
+            raise ValueError(f"attention_backend must be auto, cpp, triton or torch, got {self.attention_backend!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             self.speculative = SpeculativeConfig.from_dict(self.speculative)  # a dict; anything else: ValueError
         if self.device == "auto":

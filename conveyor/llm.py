@@ -24,7 +24,8 @@ class LLM:
                  enable_prefix_caching: bool = True, watermark: float = 0.01, scheduling_policy: str = "fcfs",
                  long_prefill_token_threshold: int = 0, preemption_mode: str = "recompute",
                  swap_space: float = 0.0, tokenizer: str | None = None, quantization: str | None = None,
-                 max_logprobs: int = 20, speculative_config: dict | SpeculativeConfig | None = None) -> None:
+                 max_logprobs: int = 20, speculative_config: dict | SpeculativeConfig | None = None,
+                 attention_backend: str = "auto") -> None:
         """vLLM's LLM arguments (README: "Offline"). speculative_config: vLLM's --speculative-config as a dict
         or a SpeculativeConfig. Raises ValueError for a bad value of any of them."""
         config = EngineConfig(
@@ -39,7 +40,7 @@ class LLM:
                                       batching=batching, batch_window_s=batch_window_s,
                                       batch_timeout_s=batch_timeout_s, scheduling_policy=scheduling_policy,
                                       long_prefill_token_threshold=long_prefill_token_threshold),
-            device=device, speculative=speculative_config,
+            device=device, speculative=speculative_config, attention_backend=attention_backend,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen3Config)
 
-from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_prefill_mask, kv_cache_shape
+from conveyor.model.attention import kv_cache_shape, prompt_metadata, resolve_backend
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -75,6 +75,6 @@ def forward_logits(model: nn.Module, arch, dtype: torch.dtype, ids: list[int]) -
     kv = [torch.zeros(kv_cache_shape(nb, bs, arch.num_kv_heads, arch.head_dim), dtype=dtype)
           for _ in range(arch.num_layers)]
     pos = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=pos, prefills=[PrefillChunk(
-        0, n, 0, torch.arange(nb), build_prefill_mask(0, n, arch.sliding_window, torch.device("cpu")))])
+    cpu = torch.device("cpu")
+    meta = prompt_metadata(n, bs, arch.sliding_window, resolve_backend("auto", cpu), cpu)
     return model.compute_logits(model(torch.tensor(ids), pos, kv, meta)).float()

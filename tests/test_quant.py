@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_prefill_mask, kv_cache_shape
+from conveyor.model.attention import kv_cache_shape, prompt_metadata, resolve_backend
 from conveyor.model.llama import ArchConfig, LlamaForCausalLM
 from conveyor.model.quant import QuantizedEmbedding, QuantizedLinear, quantize_model, resident_bytes
 
@@ -229,8 +229,8 @@ def logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     c, n = model.config, len(ids)
     kv = [torch.zeros(kv_cache_shape(1, n, c.num_kv_heads, c.head_dim), dtype=model.lm_head.weight.dtype)
           for _ in range(c.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[
-        PrefillChunk(0, n, 0, torch.arange(1), build_prefill_mask(0, n, c.sliding_window, torch.device("cpu")))])
+    cpu = torch.device("cpu")
+    meta = prompt_metadata(n, n, c.sliding_window, resolve_backend("auto", cpu), cpu)
     return model.compute_logits(model(ids, torch.arange(n), kv, meta)).float()
 
 

@@ -39,7 +39,7 @@ class DraftModel:
                  stop_token_ids: list[int]) -> None:
         cache = CacheConfig(**{**config.cache.__dict__, "num_kv_blocks": num_blocks})
         self.runner = ModelRunner(loaded, cache, config.scheduler, config.device, num_blocks=num_blocks,
-                                  num_host_blocks=num_host_blocks)
+                                  num_host_blocks=num_host_blocks, attention_backend=config.attention_backend)
         self.max_model_len = loaded.max_model_len
         self.max_catch_up = config.scheduler.max_num_batched_tokens  # draft tokens computed per step to catch up
         self.stop_token_ids = set(stop_token_ids)

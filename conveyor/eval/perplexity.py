@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conveyor.engine.kv_cache_manager import cdiv
-from conveyor.model.attention import AttentionMetadata, PrefillChunk, build_prefill_mask, kv_cache_shape
+from conveyor.model.attention import kv_cache_shape, prompt_metadata, resolve_backend
 from conveyor.model.loader import LoadedModel
 
 BLOCK_SIZE = 16
@@ -75,8 +75,7 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], context: int = 512, st
     kv = [torch.zeros(kv_cache_shape(nb, BLOCK_SIZE, a.num_kv_heads, a.head_dim), dtype=loaded.dtype, device=dev)
           for _ in range(a.num_layers)]
     positions = torch.arange(context, device=dev)
-    meta = AttentionMetadata(slot_mapping=positions, prefills=[PrefillChunk(
-        0, context, 0, torch.arange(nb, device=dev), build_prefill_mask(0, context, a.sliding_window, dev))])
+    meta = prompt_metadata(context, BLOCK_SIZE, a.sliding_window, resolve_backend("auto", dev), dev)
     ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
     total, count, argmax = torch.zeros((), dtype=torch.float64, device=dev), 0, []
     for start, first in spans:

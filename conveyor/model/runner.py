@@ -13,9 +13,8 @@ from conveyor.engine.kv_cache_manager import cdiv
 from conveyor.engine.logprobs import token_logprobs
 from conveyor.engine.scheduler import ScheduledSeq
 from conveyor.engine.sequence import Sequence
-from conveyor.model.attention import (AttentionMetadata, GatherBuffers, PrefillChunk, build_decode_plan,
-                                      build_prefill_mask, copy_blocks, kv_cache_shape,
-                                      move_blocks)
+from conveyor.model.attention import (GatherBuffers, build_metadata, copy_blocks, kv_cache_shape, move_blocks,
+                                      prompt_metadata, resolve_backend)
 from conveyor.model.llama import ArchConfig
 from conveyor.model.loader import LoadedModel
 
@@ -65,16 +64,18 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, sched: SchedulerConfig, device: str,
                  num_blocks: int | None = None, extra_bytes_per_block: int = 0,
-                 num_host_blocks: int | None = None) -> None:
+                 num_host_blocks: int | None = None, attention_backend: str = "auto") -> None:
         """num_blocks, num_host_blocks: exactly this many device and host (swap) KV blocks (a draft model's caches
         mirror the target's); else from the budgets, which also hold extra_bytes_per_block per block (the draft's
-        share when this is the target)."""
+        share when this is the target). attention_backend: see attention.resolve_backend (ValueError if it
+        cannot run here)."""
         self.model = loaded.model
         self.arch = loaded.arch
         self.dtype = loaded.dtype
         self.device = torch.device(device)
         self.block_size = cache.block_size
         self.sliding_window = loaded.arch.sliding_window
+        self.attention_backend = resolve_backend(attention_backend, self.device)
         self.num_blocks = num_blocks or self._num_blocks(cache, sched, extra_bytes_per_block)
         a = self.arch
         shape = kv_cache_shape(self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
@@ -91,6 +92,7 @@ class ModelRunner:
         # only when a scheduled sequence wants prompt logprobs (see prompt_logprobs)
         self._hidden: torch.Tensor | None = None
         self._chunks: dict[int, tuple[int, int, int]] = {}
+        log.info("attention backend: %s", self.attention_backend)
         log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
 
@@ -124,9 +126,7 @@ class ModelRunner:
         nb = cdiv(n, self.block_size)
         tmp = [torch.empty(kv_cache_shape(nb, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype,
                            device=self.device) for _ in range(a.num_layers)]
-        meta = AttentionMetadata(slot_mapping=torch.arange(n, device=self.device),
-                                 prefills=[PrefillChunk(0, n, 0, torch.arange(nb, device=self.device),
-                                                        build_prefill_mask(0, n, self.sliding_window, self.device))])
+        meta = prompt_metadata(n, self.block_size, self.sliding_window, self.attention_backend, self.device)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         h = self.model(ids, torch.arange(n, device=self.device), tmp, meta)
         self.model.compute_logits(h[-min(n, sched.max_num_seqs):])
@@ -182,22 +182,10 @@ class ModelRunner:
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 buffers=self.gather_buffers)
-        if decodes:  # a decode with proposals is one decode row per token, each seeing the keys up to its own
-            tables = [c.seq.block_table for c in decodes for _ in c.token_ids]
-            lens = [c.start + j + 1 for c in decodes for j in range(len(c.token_ids))]
-            meta.num_decodes = len(lens)
-            meta.decode = build_decode_plan(tables, lens, bs, self.num_blocks, self.arch.num_kv_heads,
-                                            self.sliding_window, dev)
-        q_start = meta.num_decodes
-        for c in prefills:
-            n = len(c.token_ids)
-            nb = cdiv(c.start + n, bs)
-            meta.prefills.append(PrefillChunk(
-                q_start, n, c.start, torch.tensor(c.seq.block_table[:nb], dtype=torch.long, device=dev),
-                build_prefill_mask(c.start, n, self.sliding_window, dev)))
-            q_start += n
+        meta = build_metadata([c.seq.block_table for c in decodes + prefills],
+                              [len(c.token_ids) for c in decodes + prefills],
+                              [c.start + len(c.token_ids) for c in decodes + prefills], slots, len(decodes), bs,
+                              self.sliding_window, self.attention_backend, dev, self.gather_buffers)
         self._hidden, self._chunks = None, {}
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
