@@ -16,7 +16,13 @@ named `attention`, or whose name contains `attention` (the engine's own record_f
 finer range is "other elementwise ops" (norms, rope, SiLU-mul, residual adds, embedding, and the forward's Python);
 inside ModelRunner.execute, outside the forward, "input preparation"; inside the step, outside every other range,
 "outputs" (the engine's bookkeeping, detokenization, output objects). Time between steps (adding requests) is not
-step time and is reported apart.
+step time and is reported apart. The profiler adds a few µs to every op, so the profiled total runs a little above
+the wall clock an unprofiled step would take; the table gives the wall clock of the profiled steps next to it.
+
+CPU use is measured over the steps alone (the process's CPU seconds, all threads, and /proc/stat for the machine),
+in % of the whole machine: a process keeping both cores busy for the whole step shows 100 %. The run starts once
+the machine is idle (--wait-idle). The engine runs as `conveyor serve` does by default (max_num_seqs 128, 2048
+batched tokens, prefix caching on) but without the server's HTTP and streaming around it.
 
     .venv/bin/python bench/step_profile.py                                 # small model, bf16, ~2-3 min
     .venv/bin/python bench/step_profile.py --attention-backend torch,cpp   # before / after in one run
@@ -39,7 +45,7 @@ from torch.autograd.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serve_vs_llama import PEERS_DIR, cpu_usage, snapshot  # noqa: E402
+from serve_vs_llama import PEERS_DIR, CpuSnapshot, cpu_usage, snapshot, wait_idle  # noqa: E402
 
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from conveyor.engine.engine import Engine  # noqa: E402
@@ -155,11 +161,27 @@ def engine_config(a: argparse.Namespace, backend: str | None) -> EngineConfig:
     raise ValueError("this engine has no attention_backend option yet (grep -rn attention_backend conveyor/)")
 
 
+def cpu_now() -> CpuSnapshot:
+    """The machine's counters and this process's CPU seconds (all its threads)."""
+    t = os.times()
+    return snapshot({}, {"engine": t.user + t.system})
+
+
+def steps_cpu(pairs: list[tuple[CpuSnapshot, CpuSnapshot]], ncpu: int) -> dict[str, float]:
+    """CPU use over the steps alone (each pair: before and after one step), as cpu_usage() reports it."""
+    zero = CpuSnapshot(0.0, 0.0, 0.0, {k: 0.0 for k in pairs[0][0].procs_s})
+    total = CpuSnapshot(sum(b.wall_s - a.wall_s for a, b in pairs), sum(b.busy_s - a.busy_s for a, b in pairs),
+                        sum(b.total_s - a.total_s for a, b in pairs),
+                        {k: sum(b.procs_s[k] - a.procs_s[k] for a, b in pairs) for k in zero.procs_s})
+    return cpu_usage(zero, total, ncpu)
+
+
 def drive(engine: Engine, requests: list[dict], concurrency: int, window: int, tally: Tally) -> dict:
     """Run requests through engine with at most `concurrency` unfinished, profiling `window` steps at a time.
-    Returns the step count, wall-clock step times and output tokens."""
+    Returns the step count, wall-clock step time, CPU use during the steps (not while adding requests or
+    classifying profiler events) and output tokens."""
     pending, inflight = deque(requests), set()
-    step_s, out_tokens, between_s = [], 0, 0.0
+    step_s, cpu, out_tokens, between_s = [], [], 0, 0.0
 
     def top_up() -> None:
         while pending and len(inflight) < concurrency:
@@ -177,9 +199,10 @@ def drive(engine: Engine, requests: list[dict], concurrency: int, window: int, t
                 if not inflight:
                     break
                 with record_function("profile.step"):
-                    t0 = time.perf_counter()
+                    c0, t0 = cpu_now(), time.perf_counter()
                     outs = engine.step()
                     step_s.append(time.perf_counter() - t0)
+                    cpu.append((c0, cpu_now()))
                 for o in outs:
                     if o.error:
                         raise RuntimeError(f"request {o.request_id} failed: {o.error}")
@@ -188,7 +211,7 @@ def drive(engine: Engine, requests: list[dict], concurrency: int, window: int, t
                         out_tokens += o.num_generated_tokens
         tally.add(prof.events())
     return {"steps": len(step_s), "step_wall_s": sum(step_s), "between_steps_s": between_s,
-            "output_tokens": out_tokens}
+            "output_tokens": out_tokens, "cpu_pct": steps_cpu(cpu, os.cpu_count() or 1)}
 
 
 def profile_once(a: argparse.Namespace, requests: list[dict], backend: str | None) -> dict:
@@ -196,28 +219,25 @@ def profile_once(a: argparse.Namespace, requests: list[dict], backend: str | Non
     engine = Engine(engine_config(a, backend))
     wrapped, replaced = instrument(engine)
     tally = Tally()
+    idle = wait_idle(a.wait_idle, a.idle_threshold, os.cpu_count() or 1)
     try:
-        me = {"engine": os.getpid()}
-        before, t0 = snapshot(me), time.perf_counter()
         run = drive(engine, requests, a.concurrency, a.window, tally)
-        wall, after = time.perf_counter() - t0, snapshot(me)
     finally:
         restore(replaced)
     steps = max(run["steps"], 1)
     profiled = sum(tally.us[c] for c in CATEGORIES) / 1e3
-    return {"attention_backend": backend or "default", "instrumented": wrapped, **run, "run_wall_s": wall,
-            "output_tok_s_under_profiler": run["output_tokens"] / wall,
+    return {"attention_backend": backend or "default", "instrumented": wrapped, **run, **idle,
+            "output_tok_s_under_profiler": run["output_tokens"] / run["step_wall_s"],
             "wall_ms_per_step": 1e3 * run["step_wall_s"] / steps, "profiled_ms_per_step": profiled / steps,
             "categories": {c: {"ms_per_step": tally.us[c] / 1e3 / steps,
                                "share_pct": 100 * tally.us[c] / 1e3 / profiled if profiled else 0.0,
                                "top_ops": [(n, round(us / 1e3 / steps, 3)) for n, us in tally.top_ops(c)]}
-                           for c in CATEGORIES},
-            "cpu_pct": cpu_usage(before, after, os.cpu_count() or 1)}
+                           for c in CATEGORIES}}
 
 
 def format_table(res: dict, ncpu: int) -> str:
     lines = [f"attention backend: {res['attention_backend']}; {res['steps']} steps, {res['output_tokens']} output "
-             f"tokens in {res['run_wall_s']:.1f} s ({res['output_tok_s_under_profiler']:.1f} tok/s under the "
+             f"tokens in {res['step_wall_s']:.1f} s of steps ({res['output_tok_s_under_profiler']:.1f} tok/s under the "
              f"profiler)", "", "| category | ms/step | share | top ops (ms/step) |", "|---|---|---|---|"]
     for c, v in res["categories"].items():
         ops = ", ".join(f"{n} {ms:.2f}" for n, ms in v["top_ops"][:3])
@@ -225,9 +245,9 @@ def format_table(res: dict, ncpu: int) -> str:
     cpu = res["cpu_pct"]
     lines += [f"| **profiled step** | **{res['profiled_ms_per_step']:.2f}** | 100 % | |",
               f"| wall clock of engine.step() | {res['wall_ms_per_step']:.2f} | | |", "",
-              f"between steps (adding requests): {1e3 * res['between_steps_s']:.0f} ms in all; CPU in % of the machine "
-              f"({ncpu} cores): this process {cpu['engine']:.0f} %, machine {cpu['machine']:.0f} %, others "
-              f"{cpu['others']:.0f} %"]
+              f"between steps (adding requests): {1e3 * res['between_steps_s']:.0f} ms in all; CPU during the steps in "
+              f"% of the machine ({ncpu} cores): this process {cpu['engine']:.0f} %, machine {cpu['machine']:.0f} "
+              f"%, others {cpu['others']:.0f} %"]
     return "\n".join(lines)
 
 
@@ -263,6 +283,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated backends to profile one after another (e.g. torch,cpp); default: the "
                         "engine's own choice")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--wait-idle", type=float, default=300.0,
+                   help="most seconds to wait for an idle machine before the run (0: do not wait)")
+    p.add_argument("--idle-threshold", type=float, default=5.0,
+                   help="machine busy share (%% of all cores) under which it counts as idle")
     p.add_argument("--smoke", action="store_true", help="demo model, 6 short requests, concurrency 4")
     p.add_argument("--output", help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -270,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--concurrency and --window must be at least 1, --limit and --threads at least 0")
     a.backends = [b.strip() for b in a.attention_backend.split(",") if b.strip()] or [None]
     if a.smoke:
-        a.model, a.dtype, a.concurrency, a.window = "demo", "float32", 4, 4
+        a.model, a.dtype, a.concurrency, a.window, a.wait_idle = "demo", "float32", 4, 4, 0.0
     return a
 
 

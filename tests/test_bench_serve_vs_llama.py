@@ -116,6 +116,13 @@ def test_classify(prof, chain, category):
     assert prof.classify(chain) == category
 
 
+def test_steps_cpu_sums_the_steps_alone(prof, svl):
+    snap = svl.CpuSnapshot
+    pairs = [(snap(0.0, 0.0, 0.0, {"engine": 0.0}), snap(1.0, 1.8, 2.0, {"engine": 1.6})),
+             (snap(5.0, 3.0, 10.0, {"engine": 2.0}), snap(6.0, 4.0, 12.0, {"engine": 3.0}))]  # idle gap between
+    assert prof.steps_cpu(pairs, ncpu=2) == pytest.approx({"machine": 70.0, "engine": 65.0, "others": 5.0})
+
+
 def test_step_profile_smoke(prof, tmp_path):
     import inspect
 
