@@ -1,0 +1,221 @@
+"""The CPU C++ paged-attention op (torch.ops.conveyor.paged_attention, conveyor/kernels/cpu/paged_attention.cpp)
+against conveyor.model.attention.reference_paged_attention, the plain-torch statement of the op contract: block
+tables scattered over a pool and padded, decode, verification and prefill chunks mixed in one call, block sizes,
+GQA ratios, head dims of the AVX-512 and the generic paths, sliding windows and dtypes, at 1 and 2 torch threads.
+Bad input must raise a clear error and write nothing. The torch backend (the fallback) is held to the same
+reference through the `paged_attention` dispatch."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conveyor.kernels import cpu_ops
+from conveyor.model.attention import build_metadata, paged_attention, reference_paged_attention, resolve_backend
+
+# Unit roundoff of each dtype: rounding an fp32 result to it moves it by at most UNIT * |result|.
+UNIT = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# fp32 math on both sides (the kernel's online softmax with its polynomial exp, the reference's matmuls): errors of
+# a few 1e-7 relative to P @ |V| measured on these cases; 1e-5 leaves a wide margin yet catches any wrong key.
+FP32_TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels():
+    if platform.system() != "Linux":
+        pytest.skip("the CPU kernels are built on Linux only")
+    assert cpu_ops.load(), cpu_ops.error()
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    query_start: torch.Tensor
+    seq_lens: torch.Tensor
+    window: int
+    tables: list[list[int]]  # the blocks each sequence needs, unpadded (for build_metadata)
+
+    def args(self, kv_cache: torch.Tensor | None = None) -> tuple:
+        """The op's arguments, with kv_cache replaced if given."""
+        return (self.q, self.k, self.v, self.kv_cache if kv_cache is None else kv_cache, self.slot_mapping,
+                self.block_tables, self.query_start, self.seq_lens, self.q.shape[-1] ** -0.5, self.window)
+
+
+def make_case(seed: int, seqs: list[tuple[int, int]], hq: int, hk: int, d: int, bs: int, dtype: torch.dtype,
+              window: int = 0, shared_blocks: int = 0) -> Case:
+    """Sequences of (new tokens, cached tokens), their blocks a random permutation of a pool with spare blocks,
+    table rows padded with random valid ids, a cache of random values (stale data wherever nothing is written).
+    shared_blocks: every sequence's first blocks are sequence 0's (a shared prefix, read only)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [c + n for n, c in seqs]
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + 5
+    pool = torch.randperm(num_blocks, generator=g).tolist()
+    tables = []
+    for s, n in enumerate(need):
+        own = n - (shared_blocks if s else 0)
+        assert own >= 0 and (not s or seqs[s][1] >= shared_blocks * bs), "a shared block is never written"
+        tables.append((tables[0][:shared_blocks] if s else []) + pool[:own])
+        pool = pool[own:]
+    width = max(need) + 2
+    padded = torch.randint(0, num_blocks, (len(seqs), width), generator=g, dtype=torch.int32)
+    for s, t in enumerate(tables):
+        padded[s, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    slots = [tables[s][p // bs] * bs + p % bs for s, (n, c) in enumerate(seqs) for p in range(c, c + n)]
+    starts = [0]
+    for n, _ in seqs:
+        starts.append(starts[-1] + n)
+    t = starts[-1]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return Case(randn(t, hq, d), randn(t, hk, d), randn(t, hk, d), randn(2, hk, num_blocks, bs, d),
+                torch.tensor(slots, dtype=torch.long), padded, torch.tensor(starts, dtype=torch.int32),
+                torch.tensor(lens, dtype=torch.int32), window, tables)
+
+
+def reference(c: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the fp32 output of the reference on exact fp32 copies, P @ |V| (the scale of the fp32 error; P depends on q
+    and K only, so the reference over |V| gives it), the cache as the reference writes it in c's dtype)."""
+    q, k, v = (x.float() for x in (c.q, c.k, c.v))
+    cache = c.kv_cache.float().clone()  # .float() of an fp32 tensor is the tensor itself
+    out = reference_paged_attention(q, k, v, cache.clone(), *c.args()[4:])
+    cache[1] = cache[1].abs()
+    mag = reference_paged_attention(q, k, v.abs(), cache, *c.args()[4:])
+    want_cache = c.kv_cache.clone()
+    reference_paged_attention(c.q, c.k, c.v, want_cache, *c.args()[4:])
+    return out, mag, want_cache
+
+
+def assert_close(out: torch.Tensor, want: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype,
+                 prob_roundings: int = 0) -> None:
+    """out within one rounding to dtype of the fp32 result plus the fp32 error; prob_roundings more roundings of
+    the probabilities (a backend that multiplies P @ V in dtype) add that many UNIT * P @ |V|."""
+    assert out.dtype == dtype and out.shape == want.shape
+    bound = UNIT[dtype] * (want.abs() + prob_roundings * mag) + FP32_TOL * mag + 1e-7
+    err = (out.float() - want).abs()
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    assert worst <= 1.0, f"worst error / bound {worst:.2f} (max error {float(err.max()):.3g})"
+
+
+def check_op(c: Case, threads: tuple[int, ...] = (1, 2)) -> None:
+    """The op at each thread count on its own copy of the cache: the cache written exactly as the reference writes
+    it (new K/V at their slots, nothing else touched) and the output within assert_close's bound."""
+    want, mag, want_cache = reference(c)
+    before = torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            cache = c.kv_cache.clone()
+            out = torch.ops.conveyor.paged_attention(*c.args(cache))
+            assert torch.equal(cache, want_cache), f"cache differs at {n} threads"
+            assert_close(out, want, mag, c.q.dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+DECODES = [(1, c) for c in (0, 1, 2, 15, 16, 17, 31, 33, 200, 511)]
+CASES = {
+    # name: (seqs [(new, cached)], hq, hk, head_dim, block_size, dtype, window)
+    "decodes bf16 d128 gqa4 bs16": (DECODES + [(1, 4095)], 8, 2, 128, 16, BF16, 0),
+    "decodes fp32 d64 gqa8 bs32 (8 rows: K transposed)": (DECODES, 8, 1, 64, 32, F32, 0),
+    "verification fp16 d64 gqa1 bs32": ([(n, c) for n, c in zip(range(2, 18), range(0, 400, 25))], 4, 4, 64, 32,
+                                        F16, 0),
+    "mixed kinds fp32 d128 gqa1 bs256": ([(1, 700), (5, 90), (120, 3000), (150, 0), (17, 1)], 4, 4, 128, 256, F32, 0),
+    "mixed kinds bf16 d64 gqa3 bs48": ([(1, 95), (4, 48), (200, 1000), (33, 0), (1, 0)], 6, 2, 64, 48, BF16, 0),
+    "long chunk after a prefix fp16 d128 gqa4 bs16": ([(300, 3700), (1, 3999)], 8, 2, 128, 16, F16, 0),
+    "long prompt bf16 d64 gqa8 bs16": ([(513, 0)], 8, 1, 64, 16, BF16, 0),
+    "generic d80 gqa3 bs1 fp32": ([(1, 40), (9, 3), (40, 0), (17, 60)], 6, 2, 80, 1, F32, 0),
+    "generic d32 gqa4 bs2 bf16": ([(1, 0), (1, 77), (3, 20), (25, 100)], 8, 2, 32, 2, BF16, 0),
+    "generic d80 bs5 fp16 window 1": ([(1, 12), (6, 4), (30, 0)], 4, 1, 80, 5, F16, 1),
+    "window 7 d32 bs16 fp32": ([(1, 3), (1, 60), (10, 33), (70, 0)], 4, 4, 32, 16, F32, 7),
+    "window 40 d64 bs48 bf16 (first key inside a sub-tile)": ([(1, 102), (1, 101), (40, 70), (2, 0)], 8, 2, 64, 48,
+                                                              BF16, 40),
+    "window 1000 d128 bs32 fp32 over a 4k chunk": ([(64, 4000), (1, 2500)], 8, 2, 128, 32, F32, 1000),
+    "window beyond every context d128 bs16 fp16": ([(1, 50), (20, 30), (60, 0)], 4, 1, 128, 16, F16, 100000),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_op_matches_reference(name):
+    check_op(make_case(len(name), *CASES[name]))
+
+
+def test_shared_prefix_blocks_and_sequences_without_queries():
+    """Sequences reading the same prefix blocks (prefix caching); a sequence with no queries this step."""
+    c = make_case(7, [(1, 64), (5, 80), (40, 64)], 8, 2, 64, 16, BF16, shared_blocks=4)
+    check_op(c)
+    c = make_case(8, [(3, 10), (1, 20)], 4, 2, 64, 8, F32)
+    qs = c.query_start.tolist()  # the second sequence keeps its keys and has no queries
+    c = replace(c, q=c.q[:3], k=c.k[:3], v=c.v[:3], slot_mapping=c.slot_mapping[:3],
+                query_start=torch.tensor([0, qs[1], qs[1]], dtype=torch.int32),
+                seq_lens=torch.tensor([13, 20], dtype=torch.int32))
+    check_op(c)
+
+
+def test_empty_batch():
+    c = make_case(9, [(1, 3)], 4, 2, 64, 8, F32)
+    cache = c.kv_cache.clone()
+    out = torch.ops.conveyor.paged_attention(c.q[:0], c.k[:0], c.v[:0], cache, c.slot_mapping[:0],
+                                             c.block_tables[:0], c.query_start[:1], c.seq_lens[:0], 0.125, 0)
+    assert out.shape == (0, 4, 64) and torch.equal(cache, c.kv_cache)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs=st.lists(st.tuples(st.integers(1, 20), st.integers(0, 150)), min_size=1, max_size=5),
+       heads=st.sampled_from([(4, 4), (6, 2), (8, 2), (8, 1)]), d=st.sampled_from([32, 64, 80, 128]),
+       bs=st.sampled_from([1, 2, 3, 16, 32, 48]), dtype=st.sampled_from([F32, BF16, F16]),
+       window=st.sampled_from([0, 1, 5, 40]), seed=st.integers(0, 2 ** 16))
+def test_op_matches_reference_property(seqs, heads, d, bs, dtype, window, seed):
+    check_op(make_case(seed, seqs, heads[0], heads[1], d, bs, dtype, window))
+
+
+def dispatch(c: Case, backend: str, num_decode_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """paged_attention with the metadata build_metadata makes for c's batch (block tables padded with block 0):
+    (output, the cache after the call)."""
+    bs = c.kv_cache.shape[3]
+    meta = build_metadata(c.tables, torch.diff(c.query_start).tolist(), c.seq_lens.tolist(), c.slot_mapping.tolist(),
+                          num_decode_seqs, bs, c.window or None, backend, torch.device("cpu"))
+    cache = c.kv_cache.clone()
+    return paged_attention(c.q, c.k, c.v, cache, meta, c.q.shape[-1] ** -0.5), cache
+
+
+BACKEND_CASES = {
+    # name: (seqs, decode-like sequences first, hq, hk, head_dim, block_size, dtype, window)
+    "decodes, verification, chunks fp32 gqa4": ([(1, 130), (1, 5), (4, 60), (40, 90), (25, 0)], 3, 8, 2, 64, 16,
+                                                F32, 0),
+    "bf16 gqa8 window 20": ([(1, 300), (6, 17), (70, 0), (12, 200)], 2, 8, 1, 128, 32, BF16, 20),
+    "fp16 gqa3 d80 bs5": ([(1, 0), (1, 64), (33, 10)], 2, 6, 2, 80, 5, F16, 0),
+    "prefills only bf16 d64 bs256": ([(64, 300), (90, 0)], 0, 4, 4, 64, 256, BF16, 0),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("name", BACKEND_CASES)
+def test_backends_match_reference(name, backend):
+    """The torch fallback (decodes batched in chunks with P rounded to q's dtype before P @ V, prefills through
+    SDPA) and the cpp backend through the dispatch. The torch backend's bound allows two more roundings of P @ |V|
+    (P, then the chunk's partial product) for bf16 and fp16."""
+    seqs, nd, *geometry = BACKEND_CASES[name]
+    c = make_case(len(name), seqs, *geometry)
+    want, mag, want_cache = reference(c)
+    out, cache = dispatch(c, backend, nd)
+    assert torch.equal(cache, want_cache)
+    assert_close(out, want, mag, c.q.dtype, prob_roundings=2 if backend == "torch" else 0)
+
+
+def test_auto_backend_on_cpu_is_the_kernel():
+    assert resolve_backend("auto", torch.device("cpu")) == "cpp" == resolve_backend("cpp", torch.device("cpu"))
