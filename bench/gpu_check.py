@@ -5,15 +5,16 @@
     python bench/gpu_check.py --smoke             # tiny sizes on CPU (Triton's interpreter): a dry run of the script
 
 Prints, in order:
-1. parity: conveyor/kernels/triton_attention.py against an fp32 torch reference of the paged-attention contract on
-   the device, over random block tables, contexts up to 4k, block sizes 1..256, GQA ratios, sliding windows and the
-   three dtypes; within the dtype's rounding bound (as tests/test_triton_attention.py). A failure exits 1.
+1. parity: conveyor/kernels/triton_attention.py against conveyor.model.attention's reference of the contract (in
+   fp32) on the device, over random block tables, contexts up to 4k, block sizes 1..256, GQA ratios, sliding windows
+   and the three dtypes; within the dtype's rounding bound (as tests/test_triton_attention.py). A failure exits 1.
 2. kernel: the kernel's time on decode batches (KV bytes read per second against the measured device-to-device copy
    bandwidth) and on a 2048-token prefill (against SDPA on contiguous K/V).
-3. decode throughput of Conveyor (`LLM(device="cuda")`) at batch 1, 64 and 256 on a random ~1B Llama in bfloat16
-   (hidden 2048, 16 layers, 32/8 heads, intermediate 5632, vocab 32000), written once with transformers'
-   save_pretrained so both sides load the same weights, against the HBM roofline: a decode step must read every
-   weight but the embedding table and every sequence's K/V, so tok/s <= batch * bandwidth / those bytes.
+3. decode throughput of Conveyor (`LLM(device="cuda")`, its default Triton attention and then attention_backend
+   "torch") at batch 1, 64 and 256 on a random ~1B Llama in bfloat16 (hidden 2048, 16 layers, 32/8 heads,
+   intermediate 5632, vocab 32000), written once with transformers' save_pretrained so both sides load the same
+   weights, against the HBM roofline: a decode step must read every weight but the embedding table and every
+   sequence's K/V, so tok/s <= batch * bandwidth / those bytes.
 4. the same workload through transformers' `generate` (SDPA attention, greedy) on the same GPU.
 Decode throughput = batch * (output - 1) / (time to generate `output` tokens - time to generate 1): prefill and
 set-up cancel. Every request is a random-token prompt of `prompt` tokens, greedy, ignore_eos.
@@ -21,7 +22,6 @@ set-up cancel. Every request is a random-token prompt of `prompt` tokens, greedy
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -35,6 +35,7 @@ from offline_throughput import word_tokenizer  # noqa: E402
 
 from conveyor.kernels import triton_attention  # noqa: E402
 from conveyor.kernels.triton_attention import triton_paged_attention  # noqa: E402
+from conveyor.model.attention import reference_paged_attention  # noqa: E402
 
 UNIT = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -104,29 +105,21 @@ def make_case(seed: int, q_lens: list[int], cached: list[int], hq: int, hk: int,
     return tuple(a.to(device) for a in x + meta)
 
 
-def reference(q, kv_cache, tables, query_start, seq_lens, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract in fp32 over the written cache: (out, P @ |V| for the error bound)."""
-    hk, bs, d = kv_cache.shape[1], kv_cache.shape[3], q.shape[-1]
-    out, mag = torch.zeros(q.shape, device=q.device), torch.zeros(q.shape, device=q.device)
-    for s in range(seq_lens.shape[0]):
-        a, b, n = int(query_start[s]), int(query_start[s + 1]), int(seq_lens[s])
-        j = torch.arange(n, device=q.device)
-        blocks = tables[s, j // bs].long()
-        keys = kv_cache[0][:, blocks, j % bs].float().repeat_interleave(q.shape[1] // hk, 0)
-        vals = kv_cache[1][:, blocks, j % bs].float().repeat_interleave(q.shape[1] // hk, 0)
-        pos = torch.arange(n - (b - a), n, device=q.device)[:, None]
-        seen = (j[None, :] <= pos) & ((j[None, :] > pos - window) if window else True)
-        p = (q[a:b].float().transpose(0, 1) @ keys.transpose(1, 2) * d ** -0.5).masked_fill(~seen, -math.inf)
-        p = p.softmax(-1)
-        out[a:b], mag[a:b] = (p @ vals).transpose(0, 1), (p @ vals.abs()).transpose(0, 1)
-    return out, mag
+def reference(q, k, v, cache, slots, tables, qs, lens, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """conveyor.model.attention's reference on fp32 copies: (out, P @ |V| for the error bound)."""
+    args = (slots, tables, qs, lens, q.shape[-1] ** -0.5, window)
+    q, k, v, cache = (x.float() for x in (q, k, v, cache))
+    out = reference_paged_attention(q, k, v, cache.clone(), *args)
+    cache = cache.clone()  # float() of a float32 tensor is the tensor itself
+    cache[1] = cache[1].abs()
+    return out, reference_paged_attention(q, k, v.abs(), cache, *args)
 
 
 def parity(sizes: Sizes, device: str) -> None:
     for i, (q_lens, cached, hq, hk, d, bs, dtype, window) in enumerate(sizes.parity):
         q, k, v, cache, slots, tables, qs, lens = make_case(i, q_lens, cached, hq, hk, d, bs, dtype, device)
+        want, mag = reference(q, k, v, cache, slots, tables, qs, lens, window)
         out = triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, window)
-        want, mag = reference(q, cache, tables, qs, lens, window)
         ratio = float(((out.float() - want).abs() / (3 * UNIT[dtype] * (want.abs() + mag) + 1e-6)).max())
         check(f"parity {len(q_lens)} seqs, q {max(q_lens)}, ctx {max(lens).item()}, {hq}/{hk} heads, d {d}, "
               f"bs {bs}, {str(dtype)[6:]}, window {window}", ratio <= 1.0, f"(worst error / bound {ratio:.2f})")
@@ -203,13 +196,14 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
-def conveyor_times(path: Path, sizes: Sizes, device: str) -> dict[int, tuple[float, float, list[int]]]:
+def conveyor_times(path: Path, sizes: Sizes, device: str,
+                   backend: str) -> dict[int, tuple[float, float, list[int]]]:
     """Per batch: (seconds for `output` tokens, seconds for 1 token, greedy tokens of the first prompt)."""
     from conveyor import LLM, SamplingParams
 
     blocks = max(sizes.batches) * -(-(sizes.prompt + sizes.output) // 16) + 64
     llm = LLM(str(path), dtype="bfloat16", device=device, num_kv_blocks=blocks, max_num_seqs=max(sizes.batches),
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, attention_backend=backend)
     result = {}
     for batch in sizes.batches:
         ps = prompts(batch, sizes.prompt, sizes.model["vocab_size"])
@@ -260,28 +254,32 @@ def sync(device: str) -> None:
 
 
 def throughput(path: Path, sizes: Sizes, device: str, weight_bytes: int, bandwidth: float) -> None:
+    """Conveyor with its default attention backend (Triton on CUDA) and with the torch one, and transformers."""
     m = sizes.model
-    kv_token = m["num_hidden_layers"] * 2 * m["num_key_value_heads"] * (m["hidden_size"] // m["num_attention_heads"]) * 2
+    head_dim = m["hidden_size"] // m["num_attention_heads"]
+    kv_token = m["num_hidden_layers"] * 2 * m["num_key_value_heads"] * head_dim * 2
     mean_ctx = sizes.prompt + sizes.output / 2
     launches = []
     triton_attention._compiled.add_pre_run_hook(lambda *a, **k: launches.append(1))
-    ours = conveyor_times(path, sizes, device)
-    print(f"Triton attention launches during Conveyor's runs: {len(launches)}", flush=True)
-    sync(device)
+    runs = {"conveyor": conveyor_times(path, sizes, device, "auto")}
+    print(f"Triton attention launches during Conveyor's default runs: {len(launches)}", flush=True)
+    runs["conveyor, torch attn"] = conveyor_times(path, sizes, device, "torch")
     if device != "cpu":
         torch.cuda.empty_cache()
-    theirs = hf_times(path, sizes, device)
-    print(f"decode tok/s, prompt {sizes.prompt}, output {sizes.output} (roofline: weights {weight_bytes / 1e9:.2f} GB "
-          f"+ KV {kv_token} B/token at mean context {mean_ctx:.0f}, per step, at {bandwidth / 1e9:.0f} GB/s)")
-    print(f"{'batch':>6} {'conveyor':>10} {'% roofline':>10} {'transformers':>13} {'% roofline':>10} {'roofline':>10}"
-          f" {'conveyor/hf':>11} {'same first tokens':>18}")
+    runs["transformers"] = hf_times(path, sizes, device)
+    print(f"decode tok/s and % of the roofline; prompt {sizes.prompt}, output {sizes.output} (roofline: weights "
+          f"{weight_bytes / 1e9:.2f} GB + KV {kv_token} B/token at mean context {mean_ctx:.0f}, per step, at "
+          f"{bandwidth / 1e9:.0f} GB/s); 'same': leading greedy tokens equal to transformers'")
+    names = "".join(f" {name:>21}" for name in runs)
+    print(f"{'batch':>6} {'roofline':>9}{names} {'conveyor/hf':>11} {'same':>6}")
     for batch in sizes.batches:
         roof = batch * bandwidth / (weight_bytes + batch * mean_ctx * kv_token)
-        ours_tps, hf_tps = (batch * (sizes.output - 1) / max(r[batch][0] - r[batch][1], 1e-9) for r in (ours, theirs))
-        a, b = ours[batch][2], theirs[batch][2]
+        tps = {name: batch * (sizes.output - 1) / max(r[batch][0] - r[batch][1], 1e-9) for name, r in runs.items()}
+        a, b = runs["conveyor"][batch][2], runs["transformers"][batch][2]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        print(f"{batch:>6} {ours_tps:>10.1f} {ours_tps / roof:>10.1%} {hf_tps:>13.1f} {hf_tps / roof:>10.1%} "
-              f"{roof:>10.0f} {ours_tps / hf_tps:>10.2f}x {same:>10}/{len(a)}", flush=True)
+        cells = "".join(f" {t:>13.1f} {t / roof:>7.1%}" for t in tps.values())
+        print(f"{batch:>6} {roof:>9.0f}{cells} {tps['conveyor'] / tps['transformers']:>10.2f}x {same:>3}/{len(a)}",
+              flush=True)
 
 
 def main() -> int:

@@ -18,7 +18,8 @@ def test_gpu_check_smoke():
     out = run.stdout
     assert run.returncode == 0, out + run.stderr[-3000:]
     assert len(re.findall(r"^ok   parity ", out, re.M)) == 3 and "FAIL" not in out
-    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%", out, re.M)
+    # batch, roofline, then tok/s and % of the roofline for conveyor, conveyor with torch attention, transformers
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)" + r"\s+([\d.]+)\s+[\d.]+%" * 3, out, re.M)
     assert [int(r[0]) for r in rows] == [1, 4, 8], out
-    assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows), out
+    assert all(float(x) > 0 for r in rows for x in r[1:]), out
     assert "all checks passed" in out

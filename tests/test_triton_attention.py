@@ -1,19 +1,23 @@
-"""The Triton paged-attention kernel against a plain torch reference of the op contract, run by Triton's interpreter
-on CPU tensors (conveyor/kernels/triton_attention.py picks the interpreter for CPU tensors whatever
-TRITON_INTERPRET says), plus a compile of the kernel for sm_90 with the ptxas that ships in Triton's wheel, which
-catches what only the compiler rejects."""
+"""The Triton paged-attention kernel against conveyor.model.attention's torch reference of the op contract, run by
+Triton's interpreter on CPU tensors (conveyor/kernels/triton_attention.py picks the interpreter for CPU tensors
+whatever TRITON_INTERPRET says), plus compiles of the kernel for sm_90 with the ptxas that ships in Triton's wheel,
+which catch what only the compiler rejects."""
 from __future__ import annotations
 
-import math
+import re
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from triton.runtime.jit import JITFunction
 
 from conveyor.kernels.triton_attention import _compiled, _tile_config, triton_paged_attention
+from conveyor.model.attention import reference_paged_attention
 
 UNIT = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -62,30 +66,21 @@ def make_case(seed: int, q_lens: list[int], cached: list[int], hq: int, hk: int,
                 torch.tensor(lens, dtype=torch.int32), window)
 
 
-def reference(c: Case, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract in fp32 over the cache after the writes: (out [T, Hq, D], P @ |V| for the error bound)."""
-    hk, bs = kv_cache.shape[1], kv_cache.shape[3]
-    group = c.q.shape[1] // hk
-    out = torch.zeros(c.q.shape)
-    mag = torch.zeros(c.q.shape)
-    for s in range(c.seq_lens.shape[0]):
-        a, b, n = int(c.query_start[s]), int(c.query_start[s + 1]), int(c.seq_lens[s])
-        j = torch.arange(n)
-        blocks = c.block_tables[s, j // bs].long()
-        keys = kv_cache[0][:, blocks, j % bs].float().repeat_interleave(group, 0)  # [Hq, n, D]
-        vals = kv_cache[1][:, blocks, j % bs].float().repeat_interleave(group, 0)
-        scores = c.q[a:b].float().transpose(0, 1) @ keys.transpose(1, 2) * c.q.shape[-1] ** -0.5
-        pos = torch.arange(n - (b - a), n)[:, None]
-        seen = (j[None, :] <= pos) & ((j[None, :] > pos - c.window) if c.window else True)
-        p = scores.masked_fill(~seen, -math.inf).softmax(-1)
-        out[a:b] = (p @ vals).transpose(0, 1)
-        mag[a:b] = (p @ vals.abs()).transpose(0, 1)
-    return out, mag
+def reference(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """conveyor.model.attention's reference of the contract on fp32 copies: (out, P @ |V| for the error bound; the
+    probabilities depend on q and K only, so the same reference over |V| gives it)."""
+    args = (c.slot_mapping, c.block_tables, c.query_start, c.seq_lens, c.q.shape[-1] ** -0.5, c.window)
+    q, k, v, cache = (x.float() for x in (c.q, c.k, c.v, c.kv_cache))
+    out = reference_paged_attention(q, k, v, cache.clone(), *args)
+    cache = cache.clone()  # float() of a float32 tensor is the tensor itself
+    cache[1] = cache[1].abs()
+    return out, reference_paged_attention(q, k, v.abs(), cache, *args)
 
 
 def check(c: Case) -> None:
     """Outputs within the dtype's roundings (of the probabilities before P @ V and of the output) of the fp32
     reference, and the cache written exactly as index_copy_ writes it."""
+    want, mag = reference(c)
     want_cache = c.kv_cache.clone()
     _, h, n, bs, d = want_cache.shape
     for i, x in enumerate((c.k, c.v)):
@@ -93,7 +88,6 @@ def check(c: Case) -> None:
     out = c.run()
     assert out.dtype == c.q.dtype and out.shape == c.q.shape
     assert torch.equal(c.kv_cache, want_cache)
-    want, mag = reference(c, want_cache)
     bound = 3 * UNIT[c.q.dtype] * (want.abs() + mag) + 1e-6
     err = (out.float() - want).abs()
     assert bool((err <= bound).all()), f"worst error / bound {float((err / bound).max()):.2f}"
@@ -162,15 +156,18 @@ def test_bad_input(change, message):
 
 
 @pytest.mark.skipif(not isinstance(_compiled, JITFunction),
-                    reason="TRITON_INTERPRET=1 was set when triton was imported: triton.jit interprets, nothing compiles")
-@pytest.mark.parametrize("dtype, mean_q, group, head_dim", [("bf16", 1, 4, 128), ("fp32", 4, 3, 80)])
-def test_compiles_for_sm90(dtype, mean_q, group, head_dim):
-    """The real compiler (no GPU needed: Triton's bundled ptxas) accepts the kernel for a decode and a prefill
-    tile configuration; the interpreter alone would not catch a construct only the compiler rejects."""
+                    reason="TRITON_INTERPRET=1 was set when triton was imported: triton.jit interprets, none compiles")
+@pytest.mark.parametrize("dtype, mean_q, group, head_dim", [("bf16", 1, 4, 128), ("fp32", 4, 3, 80),
+                                                             ("bf16", 300, 4, 128)])
+def test_compiles_for_sm90_without_spills(dtype, mean_q, group, head_dim, tmp_path):
+    """The real compiler (no GPU needed: Triton's bundled ptxas) accepts the kernel for decode, verification and
+    prefill tiles (the interpreter alone would not catch a construct only the compiler rejects), and the tile sizes
+    of _TILES keep it within registers (cuobjdump's resource usage: no stack)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
-    block_q, g_pad, block_n, num_warps = _tile_config(mean_q * 8, 8, group, head_dim)
+    size = 4 if dtype == "fp32" else 2
+    block_q, g_pad, block_n, num_warps = _tile_config(mean_q * 8, 8, group, head_dim, size)
     consts = dict(G=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
                   BLOCK_D=1 << (head_dim - 1).bit_length(), BS=16, IEEE=dtype == "fp32", BF16_AS_F32=False)
     types = [f"*{dtype}"] * 3 + ["*i32"] * 3 + ["i32"] * 9 + ["i32", "fp32", "i32"] + ["constexpr"] * len(consts)
@@ -178,4 +175,8 @@ def test_compiles_for_sm90(dtype, mean_q, group, head_dim):
     source = ASTSource(_compiled, dict(zip(names, types)),
                        constexprs={(names.index(k),): v for k, v in consts.items()})
     kernel = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    assert kernel.asm["cubin"]
+    (tmp_path / "k.cubin").write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(tmp_path / "k.cubin")], capture_output=True,
+                           text=True, check=True).stdout
+    assert re.search(r"REG:\d+ STACK:0 ", usage), usage

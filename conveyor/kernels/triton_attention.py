@@ -157,16 +157,22 @@ def _write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tenso
     kv_cache[1].view(h, n * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def _tile_config(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> tuple[int, int, int, int]:
+# (bytes per element, BLOCK_D) -> (most rows of a query tile, BLOCK_N): the largest tiles that compile for sm_90
+# without register spills (cuobjdump --dump-resource-usage; K/V tiles are gathers, held in registers)
+_TILES = {(2, 64): (128, 64), (2, 128): (128, 32), (2, 256): (32, 16),
+          (4, 64): (32, 32), (4, 128): (32, 16), (4, 256): (16, 16)}
+
+
+def _tile_config(num_tokens: int, num_seqs: int, group: int, head_dim: int,
+                 elem_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_Q, G_PAD, BLOCK_N, num_warps) from the mean query length, known on the host without a sync: short
-    queries (decode, verification) get tiles of 16 rows, long ones (prefill) 64-128."""
+    queries (decode, verification) get tiles of 16 rows, long ones (prefill) up to _TILES' limit."""
     g_pad = triton.next_power_of_2(group)
+    max_rows, block_n = _TILES[elem_size, max(64, triton.next_power_of_2(head_dim))]
     mean_q = -(-num_tokens // max(num_seqs, 1))
-    max_rows = 128 if head_dim <= 128 else 64
     block_q = min(triton.next_power_of_2(mean_q), max(1, max_rows // g_pad))
     block_q = max(block_q, 16 // g_pad, 1)  # tl.dot needs at least 16 rows
-    rows = block_q * g_pad
-    return block_q, g_pad, 64 if head_dim <= 128 else 32, 8 if rows >= 128 else 4
+    return block_q, g_pad, block_n, 8 if block_q * g_pad >= 128 else 4
 
 
 def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -195,7 +201,7 @@ def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if t == 0 or s == 0:
         return out
-    block_q, g_pad, block_n, num_warps = _tile_config(t, s, hq // hk, d)
+    block_q, g_pad, block_n, num_warps = _tile_config(t, s, hq // hk, d, q.element_size())
     interpret = q.device.type == "cpu"
     kernel = _interpreted if interpret else _compiled
     grid = (t // block_q + s, hk)
