@@ -143,12 +143,14 @@ def test_strided_query_and_empty_batch():
     (dict(dtype=torch.float64), "float32, float16 and bfloat16"),
     (dict(hq=6, hk=4), "multiple of the KV heads"),
     (dict(window=-1), "sliding_window"),
+    (dict(index_dtype=torch.int64), "int32"),
 ])
 def test_bad_input(change, message):
     d, bs = change.get("head_dim", 64), change.get("block_size", 8)
     dtype = change.get("dtype", torch.float32)
     c = make_case(5, [2], [3], change.get("hq", 4), change.get("hk", 2), d, bs, dtype, change.get("window", 0))
     c.kv_cache = c.kv_cache.to(change.get("cache_dtype", dtype))
+    c.seq_lens = c.seq_lens.to(change.get("index_dtype", torch.int32))
     before = c.kv_cache.clone()
     with pytest.raises(ValueError, match=message):
         c.run()

@@ -18,6 +18,7 @@ after the same roundings as on the GPU.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -128,7 +129,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Te
     _, hk, _, bs, _ = kv_cache.shape
     if k.shape != (t, hk, d) or kv_cache.shape[0] != 2 or kv_cache.shape[-1] != d:
         raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, kv_cache {tuple(kv_cache.shape)}")
-    if hq % hk:
+    if hk == 0 or hq % hk:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hk})")
     if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"triton_paged_attention supports head_dim a multiple of 16 from 16 to {MAX_HEAD_DIM} "
@@ -142,6 +143,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Te
                          f"{tuple(query_start.shape)} and {tuple(block_tables.shape)}")
     if slot_mapping.shape != (t,):
         raise ValueError(f"expected slot_mapping [{t}]; got {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype != torch.int64 or {x.dtype for x in (block_tables, query_start, seq_lens)} != {torch.int32}:
+        raise ValueError(f"expected slot_mapping int64 and block_tables, query_start, seq_lens int32; got "
+                         f"{slot_mapping.dtype}, {block_tables.dtype}, {query_start.dtype}, {seq_lens.dtype}")
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be 0 (none) or positive; got {sliding_window}")
     if kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -163,6 +167,7 @@ _TILES = {(2, 64): (128, 64), (2, 128): (128, 32), (2, 256): (32, 16),
           (4, 64): (32, 32), (4, 128): (32, 16), (4, 256): (16, 16)}
 
 
+@functools.lru_cache(maxsize=4096)
 def _tile_config(num_tokens: int, num_seqs: int, group: int, head_dim: int,
                  elem_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_Q, G_PAD, BLOCK_N, num_warps) from the mean query length, known on the host without a sync: short
