@@ -219,3 +219,145 @@ def test_backends_match_reference(name, backend):
 
 def test_auto_backend_on_cpu_is_the_kernel():
     assert resolve_backend("auto", torch.device("cpu")) == "cpp" == resolve_backend("cpp", torch.device("cpu"))
+
+
+def test_dispatch_takes_views_of_a_fused_projection():
+    """The model splits one qkv projection: q, k, v reach the dispatch as strided views."""
+    c = make_case(11, [(1, 40), (7, 9), (30, 0)], 8, 2, 64, 16, BF16)
+    fused = torch.cat([x.flatten(1) for x in (c.q, c.k, c.v)], dim=1)
+    views = fused.split([8 * 64, 2 * 64, 2 * 64], dim=1)
+    strided = replace(c, q=views[0].view(-1, 8, 64), k=views[1].view(-1, 2, 64), v=views[2].view(-1, 2, 64))
+    assert not strided.q.is_contiguous()
+    want, mag, want_cache = reference(c)
+    out, cache = dispatch(strided, "cpp", 1)
+    assert torch.equal(cache, want_cache)
+    assert_close(out, want, mag, BF16)
+
+
+def _bad(c: Case, **change) -> tuple:
+    """c's op arguments with some replaced by name (q, k, v, kv_cache, slot_mapping, block_tables, query_start,
+    seq_lens, window)."""
+    names = ["q", "k", "v", "kv_cache", "slot_mapping", "block_tables", "query_start", "seq_lens", "scale", "window"]
+    args = dict(zip(names, c.args(c.kv_cache.clone())))
+    return tuple({**args, **change}.values())
+
+
+def _i32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+BASE = dict(seqs=[(2, 3), (1, 4)], hq=4, hk=2, d=64, bs=8)  # 3 tokens; 7 blocks of 8 slots; tables 2 x 3
+BAD_INPUT = {
+    # name: (change(case) -> args, error message)
+    "float64": (lambda c: _bad(c, **{n: getattr(c, n).double() for n in ("q", "k", "v")},
+                               kv_cache=c.kv_cache.double()), "Double is not supported"),
+    "int32 tensors": (lambda c: _bad(c, **{n: getattr(c, n).int() for n in ("q", "k", "v")},
+                                     kv_cache=c.kv_cache.int()), "Int is not supported"),
+    "bf16 cache, fp32 q": (lambda c: _bad(c, kv_cache=c.kv_cache.bfloat16()), "must share a dtype"),
+    "fp16 v": (lambda c: _bad(c, v=c.v.half()), "must share a dtype"),
+    "k heads != cache heads": (lambda c: _bad(c, k=c.k[:, :1].contiguous(), v=c.v[:, :1].contiguous()), "disagree"),
+    "q heads not a multiple": (lambda c: _bad(c, q=c.q[:, :3].contiguous()), "disagree"),
+    "head_dim mismatch": (lambda c: _bad(c, q=c.q[..., :32].contiguous()), "disagree"),
+    "k with fewer tokens": (lambda c: _bad(c, k=c.k[:2], v=c.v[:2]), "disagree"),
+    "q flattened": (lambda c: _bad(c, q=c.q.flatten(1)), r"q, k, v \[T, H, D\] and kv_cache"),
+    "cache without the K/V axis": (lambda c: _bad(c, kv_cache=c.kv_cache[0].clone()), r"kv_cache \[2, Hk"),
+    "cache with 3 planes": (lambda c: _bad(c, kv_cache=torch.cat([c.kv_cache, c.kv_cache[:1]])), r"kv_cache \[2, Hk"),
+    "int32 slot_mapping": (lambda c: _bad(c, slot_mapping=c.slot_mapping.int()), "slot_mapping must be int64"),
+    "short slot_mapping": (lambda c: _bad(c, slot_mapping=c.slot_mapping[:2]), "slot_mapping must be int64"),
+    "int64 block_tables": (lambda c: _bad(c, block_tables=c.block_tables.long()), "must be int32"),
+    "int64 query_start": (lambda c: _bad(c, query_start=c.query_start.long()), "must be int32"),
+    "float seq_lens": (lambda c: _bad(c, seq_lens=c.seq_lens.float()), "must be int32"),
+    "block_tables 1-D": (lambda c: _bad(c, block_tables=c.block_tables[0].clone()), r"block_tables \[S, W\]"),
+    "seq_lens of 3 sequences": (lambda c: _bad(c, seq_lens=_i32(5, 5, 5)), r"block_tables \[S, W\]"),
+    "query_start of 1 sequence": (lambda c: _bad(c, query_start=_i32(0, 3)), r"block_tables \[S, W\]"),
+    "query_start not ending at T": (lambda c: _bad(c, query_start=_i32(0, 2, 2)), "run from 0 to T"),
+    "query_start not starting at 0": (lambda c: _bad(c, query_start=_i32(1, 2, 3)), "run from 0 to T"),
+    "query_start decreasing": (lambda c: _bad(c, query_start=_i32(0, 4, 3)), "sequence 1 has -1 queries"),
+    "seq_lens shorter than the queries": (lambda c: _bad(c, seq_lens=_i32(1, 5)), "sequence 0 has 2 queries, 1 keys"),
+    "seq_lens past the table": (lambda c: _bad(c, seq_lens=_i32(5, 8 * 3 + 1)), "3 block table entries"),
+    "negative seq_len": (lambda c: _bad(c, query_start=_i32(0, 3, 3), seq_lens=_i32(5, -8)), "0 queries, -8 keys"),
+    "block id = num_blocks": (lambda c: _bad(c, block_tables=_table(c, 0, 0, 7)), "block id 7 out of range"),
+    "block id -1": (lambda c: _bad(c, block_tables=_table(c, 1, 0, -1)), "block id -1 out of range"),
+    "slot = num_blocks * block_size": (lambda c: _bad(c, slot_mapping=torch.tensor([0, 1, 56])), "slot 56 out of"),
+    "slot -1": (lambda c: _bad(c, slot_mapping=torch.tensor([0, -1, 2])), "slot -1 out of range"),
+    "non-contiguous kv_cache": (lambda c: _bad(c, kv_cache=_strided(c.kv_cache)), "contiguous tensors expected"),
+    "non-contiguous q": (lambda c: _bad(c, q=_strided(c.q)), "contiguous tensors expected"),
+    "non-contiguous block_tables": (lambda c: _bad(c, block_tables=c.block_tables.t().contiguous().t()),
+                                    "must be int32"),
+}
+
+
+def _table(c: Case, s: int, i: int, block: int) -> torch.Tensor:
+    t = c.block_tables.clone()
+    t[s, i] = block
+    return t
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a non-contiguous tensor of x's shape (every other element of the last axis)."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_raises_and_writes_nothing(name):
+    change, message = BAD_INPUT[name]
+    c = make_case(5, **BASE, dtype=F32)
+    assert c.kv_cache.shape[2] == 7 and c.block_tables.shape == (2, 3)  # the numbers in BAD_INPUT
+    args = change(c)
+    before = args[3].clone()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.conveyor.paged_attention(*args)
+    assert torch.equal(args[3], before), "the cache was written before the error"
+
+
+def test_tensors_off_the_cpu_are_refused():
+    """No GPU here: a meta-device tensor stands for any device the op has no kernel for."""
+    c = make_case(5, **BASE, dtype=F32)
+    with pytest.raises(NotImplementedError, match="Meta"):
+        torch.ops.conveyor.paged_attention(*_bad(c, kv_cache=c.kv_cache.to("meta")))
+
+
+@pytest.mark.xfail(strict=True, reason="the op takes a negative sliding_window for no window (the Triton kernel "
+                                       "raises); the reference then sees no key at all")
+def test_negative_window_is_refused():
+    c = make_case(5, **BASE, dtype=F32)
+    with pytest.raises(RuntimeError, match="sliding_window"):
+        torch.ops.conveyor.paged_attention(*_bad(c, window=-1))
+
+
+@pytest.mark.xfail(strict=True, reason="sliding_window is cast to a C int: 2**32 + 3 attends a window of 3 keys")
+def test_window_beyond_int32_is_no_window_or_refused():
+    c = make_case(5, [(1, 20), (6, 10)], 4, 2, 64, 8, F32)
+    try:
+        out = torch.ops.conveyor.paged_attention(*_bad(c, window=2 ** 32 + 3))
+    except RuntimeError as e:
+        assert "sliding_window" in str(e)
+        return
+    assert torch.equal(out, torch.ops.conveyor.paged_attention(*_bad(c, window=0)))
+
+
+CRASH_PROBE = """
+import torch
+from conveyor.kernels import cpu_ops
+assert cpu_ops.load(), cpu_ops.error()
+hq, hk, bs = {hq}, {hk}, {bs}
+q, k, v = torch.randn(2, hq, 64), torch.randn(2, hk, 64), torch.randn(2, hk, 64)
+try:
+    torch.ops.conveyor.paged_attention(q, k, v, torch.zeros(2, hk, 4, bs, 64), torch.arange(2),
+                                       torch.zeros(1, 4, dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32),
+                                       torch.tensor([2], dtype=torch.int32), 0.125, 0)
+except RuntimeError as e:
+    print("raised:", e)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="SIGFPE (integer division by zero) in the op's checks: q.size(1) % k.size(1) "
+                                       "with no KV heads, (seq_len + bs - 1) / bs with block size 0")
+@pytest.mark.parametrize("hq, hk, bs", [(4, 0, 4), (4, 2, 0)], ids=["no KV heads", "block size 0"])
+def test_degenerate_shapes_raise_instead_of_crashing(hq, hk, bs):
+    """In a child process, since the failure is the process dying."""
+    proc = subprocess.run([sys.executable, "-c", CRASH_PROBE.format(hq=hq, hk=hk, bs=bs)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "raised: paged_attention:" in proc.stdout, (proc.returncode, proc.stderr[-500:])
