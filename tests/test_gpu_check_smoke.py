@@ -1,5 +1,6 @@
 """bench/gpu_check.py --smoke: the GPU check's whole path at tiny sizes on CPU (Triton's interpreter for the kernel,
-Conveyor and transformers on a 2-layer model), so the script is known to run before a GPU machine is lent."""
+Conveyor with the Triton attention backend and transformers on a 2-layer model), so the script is known to run before
+a GPU machine is lent."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,9 @@ def test_gpu_check_smoke():
     assert run.returncode == 0, out + run.stderr[-3000:]
     assert len(re.findall(r"^ok   parity ", out, re.M)) == 3 and "FAIL" not in out
     # batch, roofline, then tok/s and % of the roofline for conveyor, conveyor with torch attention, transformers
-    rows = re.findall(r"^\s+(\d+)\s+(\d+)" + r"\s+([\d.]+)\s+[\d.]+%" * 3, out, re.M)
-    assert [int(r[0]) for r in rows] == [1, 4, 8], out
-    assert all(float(x) > 0 for r in rows for x in r[1:]), out
+    # (tok/s is nan where a busy machine made the longer run the faster one)
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)" + r"\s+([\d.]+|nan)\s+(?:[\d.]+|nan)%" * 3, out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 4], out
+    launches = re.search(r"^Triton attention launches during Conveyor's runs: (\d+)$", out, re.M)
+    assert launches and int(launches.group(1)) > 0, out  # the engine ran its attention through the kernel
     assert "all checks passed" in out
