@@ -8,8 +8,9 @@ Prints, in order:
 1. parity: conveyor/kernels/triton_attention.py against conveyor.model.attention's reference of the contract (in
    fp32) on the device, over random block tables, contexts up to 4k, block sizes 1..256, GQA ratios, sliding windows
    and the three dtypes; within the dtype's rounding bound (as tests/test_triton_attention.py). A failure exits 1.
-2. kernel: the kernel's time on decode batches (KV bytes read per second against the measured device-to-device copy
-   bandwidth) and on a 2048-token prefill (against SDPA on contiguous K/V).
+2. kernel: the kernel's device time (replayed in a CUDA graph, K/V write included) on decode batches (KV bytes read
+   per second against the measured device-to-device copy bandwidth) and on a 2048-token prefill (against SDPA on
+   contiguous K/V).
 3. decode throughput of Conveyor (`LLM(device="cuda")` with attention_backend "triton", its default there, and then
    "torch") at batch 1, 64 and 256 on a random ~1B Llama in bfloat16 (hidden 2048, 16 layers, 32/8 heads,
    intermediate 5632, vocab 32000), written once with transformers' save_pretrained so both sides load the same
@@ -135,7 +136,7 @@ def parity(sizes: Sizes, device: str) -> None:
 
 # ---- 2. kernel timing --------------------------------------------------------------------------------------------
 def cuda_time(fn, reps: int = 20) -> float:
-    """Median seconds of fn() on the current CUDA stream."""
+    """Median seconds of fn() between CUDA events (the host's launch time included)."""
     fn()
     times = []
     for _ in range(reps):
@@ -146,6 +147,17 @@ def cuda_time(fn, reps: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def gpu_time(fn) -> float:
+    """Median seconds of fn() replayed in a CUDA graph (device time only); between events if capture fails."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, return_mode="median") / 1e3
+    except Exception as e:
+        print(f"  (CUDA graph capture failed, {type(e).__name__}: timing between events)")
+        return cuda_time(fn)
 
 
 def copy_bandwidth(device: str) -> float:
@@ -164,16 +176,16 @@ def kernel_timing(bandwidth: float) -> None:
     for batch, ctx in ((1, 4096), (64, 2048), (256, 512), (256, 2048)):
         q, k, v, cache, slots, tables, qs, lens = make_case(0, [1] * batch, [ctx - 1] * batch, hq, hk, d, bs, BF16,
                                                             "cuda")
-        sec = cuda_time(lambda: triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, 0))
+        sec = gpu_time(lambda: triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, 0))
         kv_bytes = batch * ctx * 2 * hk * d * 2
         print(f"kernel decode batch {batch:3d} ctx {ctx:4d}: {sec * 1e6:7.1f} us, KV read at "
               f"{kv_bytes / sec / 1e9:6.0f} GB/s = {kv_bytes / sec / bandwidth:4.0%} of copy bandwidth", flush=True)
     n = 2048
     q, k, v, cache, slots, tables, qs, lens = make_case(0, [n], [0], hq, hk, d, bs, BF16, "cuda")
-    sec = cuda_time(lambda: triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, 0))
+    sec = gpu_time(lambda: triton_paged_attention(q, k, v, cache, slots, tables, qs, lens, d ** -0.5, 0))
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
-    sdpa = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
-                                                                              enable_gqa=True))
+    sdpa = gpu_time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
+                                                                             enable_gqa=True))
     flops = 4 * hq * d * n * n / 2
     print(f"kernel prefill {n} tokens: {sec * 1e6:7.1f} us ({flops / sec / 1e12:5.1f} TFLOP/s, with the K/V write); "
           f"SDPA on contiguous K/V {sdpa * 1e6:7.1f} us", flush=True)
