@@ -13,9 +13,10 @@ inside the decoder layers (decoder GEMMs), lm_head, Sampler.sample / logprobs, a
 function(s). Each profiler event's self time goes to the category of its nearest enclosing range; a range or op
 named `attention`, or whose name contains `attention` (the engine's own record_function("attention"), a
 `conveyor::paged_attention`-style C++ op, SDPA), is attention wherever it sits. Inside the forward, what is in no
-finer range is "other elementwise ops" (norms, rope, SiLU-mul, residual adds, embedding, and the forward's Python);
-inside ModelRunner.execute, outside the forward, "input preparation"; inside the step, outside every other range,
-"outputs" (the engine's bookkeeping, detokenization, output objects). Time between steps (adding requests) is not
+finer range is "other elementwise ops" (norms, rope, SiLU-mul, residual adds, embedding, and the forward's Python).
+Inside ModelRunner.execute, ops before the forward are "input preparation", and ops after it (selecting the sampled
+rows of the hidden states, the logits' float32 cast) count as "lm_head" with the lm_head GEMM itself. Inside the
+step, outside every other range: "outputs" (the engine's bookkeeping, detokenization, output objects). Time between steps (adding requests) is not
 step time and is reported apart. The profiler adds a few µs to every op, so the profiled total runs a little above
 the wall clock an unprofiled step would take; the table gives the wall clock of the profiled steps next to it.
 
@@ -82,6 +83,12 @@ def classify(chain: list[str]) -> str:
     return OUTSIDE
 
 
+def after_forward(start_us: float, forward_ends_us: list[float]) -> bool:
+    """Whether an op inside ModelRunner.execute started after its model forward(s) ended: then it works on the
+    logits (selecting the rows that are sampled, the float32 cast), which counts as lm_head, not input preparation."""
+    return bool(forward_ends_us) and start_us >= max(forward_ends_us)
+
+
 # ---- instrumentation -------------------------------------------------------------------------------------------------
 def ranged(fn, name: str):
     """fn wrapped in record_function(name)."""
@@ -136,9 +143,13 @@ class Tally:
         for ev in events:
             chain, e = [], ev
             while e is not None:
-                chain.append(e.name)
+                chain.append(e)
                 e = e.cpu_parent
-            cat = classify(chain)
+            cat = classify([x.name for x in chain])
+            if cat == "Python: input preparation" and ev.name != "profile.runner":
+                runner = next(x for x in chain if x.name == "profile.runner")
+                ends = [c.time_range.end for c in runner.cpu_children if c.name == "profile.forward"]
+                cat = "lm_head" if after_forward(ev.time_range.start, ends) else cat
             self.us[cat] += ev.self_cpu_time_total
             self.ops[cat][ev.name] += ev.self_cpu_time_total
 

@@ -116,6 +116,12 @@ def test_classify(prof, chain, category):
     assert prof.classify(chain) == category
 
 
+def test_after_forward(prof):
+    assert prof.after_forward(120.0, [50.0, 110.0])
+    assert not prof.after_forward(30.0, [50.0])  # input preparation, before the forward
+    assert not prof.after_forward(30.0, [])  # no forward in this runner call
+
+
 def test_steps_cpu_sums_the_steps_alone(prof, svl):
     snap = svl.CpuSnapshot
     pairs = [(snap(0.0, 0.0, 0.0, {"engine": 0.0}), snap(1.0, 1.8, 2.0, {"engine": 1.6})),
