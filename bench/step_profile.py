@@ -16,9 +16,10 @@ named `attention`, or whose name contains `attention` (the engine's own record_f
 finer range is "other elementwise ops" (norms, rope, SiLU-mul, residual adds, embedding, and the forward's Python).
 Inside ModelRunner.execute, ops before the forward are "input preparation", and ops after it (selecting the sampled
 rows of the hidden states, the logits' float32 cast) count as "lm_head" with the lm_head GEMM itself. Inside the
-step, outside every other range: "outputs" (the engine's bookkeeping, detokenization, output objects). Time between steps (adding requests) is not
-step time and is reported apart. The profiler adds a few µs to every op, so the profiled total runs a little above
-the wall clock an unprofiled step would take; the table gives the wall clock of the profiled steps next to it.
+step, outside every other range: "outputs" (the engine's bookkeeping, detokenization, output objects). Time between
+steps (adding requests) is not step time and is reported apart. The profiler adds a few µs to every op, so the
+profiled total runs a little above the wall clock an unprofiled step would take; the table gives the wall clock of
+the profiled steps next to it.
 
 CPU use is measured over the steps alone (the process's CPU seconds, all threads, and /proc/stat for the machine),
 in % of the whole machine: a process keeping both cores busy for the whole step shows 100 %. The run starts once
