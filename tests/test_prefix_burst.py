@@ -42,11 +42,14 @@ def token_ids(outs) -> dict[str, list[list[int]]]:
     return {o.request_id: [c.token_ids for c in o.outputs] for o in outs}
 
 
-def test_eight_requests_sharing_a_system_prompt_compute_it_once(checkpoint):
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the C++ kernel where it builds
+def test_eight_requests_sharing_a_system_prompt_compute_it_once(checkpoint, backend):
+    """Sharing in the step relies on every attention backend writing all new K/V before any query reads."""
     path = checkpoint("llama")
     got, computed = {}, {}
     for caching in (False, True):
-        llm = LLM(path, dtype="float32", block_size=16, num_kv_blocks=256, enable_prefix_caching=caching)
+        llm = LLM(path, dtype="float32", block_size=16, num_kv_blocks=256, enable_prefix_caching=caching,
+                  attention_backend=backend)
         computed[caching] = count_prompt_tokens(llm)
         got[caching] = [o.outputs[0].token_ids for o in llm.generate(burst(8), GREEDY)]
         stats = llm.stats()
