@@ -128,7 +128,7 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, num_spec_slots=spec))
             budget -= n + spec
         if not out.preempted:  # admitting right after preempting would only thrash
-            for s in out.scheduled:
+            for s in out.scheduled if self.waiting else []:  # only admissions read blocks in flight
                 self.kv.publish(s.seq, s.num_tokens)
             budget = self._swap_in(out, budget)
             if not self.swapped:  # new work waits until every swapped-out sequence is back
