@@ -119,8 +119,8 @@ def test_a_failed_forward_sends_the_readers_back_to_waiting():
     assert not sched.requeue_in_step_readers(batch)  # undone once: nothing is left to undo
 
 
-def reference(prompts: dict, params: SamplingParams = GREEDY, **kw) -> dict:
-    llm = LLM(model="demo", block_size=4, num_kv_blocks=256, enable_prefix_caching=False, **kw)
+def reference(prompts: dict, params: SamplingParams = GREEDY) -> dict:
+    llm = LLM(model="demo", block_size=4, num_kv_blocks=256, enable_prefix_caching=False)
     for rid, p in prompts.items():
         llm.engine.add_request(rid, p, params)
     return run(llm)
