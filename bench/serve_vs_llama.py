@@ -25,7 +25,8 @@ peers directory on first use, with the peers' venv.
 
     .venv/bin/python bench/serve_vs_llama.py --models small-bf16,small-fp32,smollm2-bf16,smollm2-q4_1 \
         --output bench/results/serve_vs_llama.json                     # idle machine, ~30 min
-    .venv/bin/python bench/serve_vs_llama.py --rounds 1 --models small-bf16 --wait-idle 0   # quick run
+    .venv/bin/python bench/serve_vs_llama.py --rounds 1 --models small-bf16 --wait-idle 0   # one round
+    .venv/bin/python bench/serve_vs_llama.py --rounds 1 --models smollm2-q4_1 --limit 8 --wait-idle 0  # smoke
 """
 from __future__ import annotations
 
@@ -282,11 +283,12 @@ RUN_FIELDS = {"output_tok_s": "output_tok_per_s", "ttft_p50_s": "ttft_s_p50", "t
               "tpot_p50_s": "tpot_s_p50", "wall_s": "wall_s", "errors": "n_errors", "len_mismatch": "n_len_mismatch"}
 
 
-def client_command(peers_python: Path, srv: Server, workload: Path, concurrency: int, out: str) -> list[str]:
+def client_command(peers_python: Path, srv: Server, workload: Path, concurrency: int, limit: int,
+                   out: str) -> list[str]:
     engine = "llama-server" if srv.system == "llama-server" else "openai"
     return [str(peers_python), str(PEERS_SCRIPTS / "bench_server.py"), "--url", srv.url, "--engine", engine,
             "--workload", str(workload), "--concurrency", str(concurrency), "--server-pid", str(srv.pid),
-            "--out", out]
+            "--limit", str(limit), "--out", out]
 
 
 def measure(srv: Server, workload: Path, a: argparse.Namespace, ncpu: int, tmp: str) -> dict:
@@ -294,7 +296,7 @@ def measure(srv: Server, workload: Path, a: argparse.Namespace, ncpu: int, tmp: 
     idle = wait_idle(a.wait_idle, a.idle_threshold, ncpu)
     out = os.path.join(tmp, f"{srv.system}-{time.monotonic_ns()}.json")
     before = snapshot({"server": srv.pid}, {"client": children_cpu_s()})
-    client = subprocess.Popen(client_command(a.peers_python, srv, workload, a.concurrency, out),
+    client = subprocess.Popen(client_command(a.peers_python, srv, workload, a.concurrency, a.limit, out),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with CpuSampler({"server": srv.pid, "client": client.pid}) as sampler:
         _, err = client.communicate()
@@ -444,6 +446,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, any of {', '.join(MODELS)} (default small-bf16)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model (A B per round)")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="only the workload's first N requests (0: all 64)")
     p.add_argument("--wait-idle", type=float, default=300.0,
                    help="most seconds to wait for an idle machine before each run (0: do not wait)")
     p.add_argument("--idle-threshold", type=float, default=5.0,
@@ -457,8 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in a.models if m not in MODELS]
     if unknown or not a.models:
         p.error(f"unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
-    if a.rounds < 1 or a.concurrency < 1:
-        p.error("--rounds and --concurrency must be at least 1")
+    if a.rounds < 1 or a.concurrency < 1 or a.limit < 0:
+        p.error("--rounds and --concurrency must be at least 1, --limit at least 0")
     a.conveyor_args = a.conveyor_args.split()
     a.peers_python = a.peers_dir / "venv" / "bin" / "python"
     return a
@@ -474,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                 results[name] = run_model(MODELS[name], a, ncpu, tmp)
             except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as e:
                 sys.exit(f"serve_vs_llama: {e}")
-    print(f"\nmedians of {a.rounds} interleaved round(s), concurrency {a.concurrency}; CPU in % of the whole "
+    print(f"\nmedians of {a.rounds} interleaved round(s), concurrency {a.concurrency}"
+          f"{f', first {a.limit} requests' if a.limit else ''}; CPU in % of the whole "
           f"machine ({ncpu} cores); servers started fresh per model\n")
     print(format_table({n: r for n, r in results.items()}))
     if a.output:

@@ -38,8 +38,8 @@ def test_parse_args(svl, capsys):
     a = svl.parse_args(["--rounds", "1", "--models", "small-bf16, smollm2-q4_1", "--conveyor-args", "--seed 1"])
     assert (a.rounds, a.models, a.conveyor_args, a.concurrency) == (1, ["small-bf16", "smollm2-q4_1"],
                                                                     ["--seed", "1"], 32)
-    assert svl.parse_args([]).rounds == 3
-    for bad in (["--models", "small-bf16,gpt5"], ["--rounds", "0"], ["--models", ","]):
+    assert (svl.parse_args([]).rounds, svl.parse_args([]).limit) == (3, 0)
+    for bad in (["--models", "small-bf16,gpt5"], ["--rounds", "0"], ["--models", ","], ["--limit", "-1"]):
         with pytest.raises(SystemExit):
             svl.parse_args(bad)
         assert "error:" in capsys.readouterr().err
