@@ -67,7 +67,7 @@ def make_case(seed: int, seqs: list[tuple[int, int]], hq: int, hk: int, d: int, 
     tables = []
     for s, n in enumerate(need):
         own = n - (shared_blocks if s else 0)
-        assert own >= 0 and (not s or seqs[s][1] >= shared_blocks * bs), "a shared block is never written"
+        assert own >= 0 and (not s or seqs[s][1] >= shared_blocks * bs), "shared blocks hold cached keys only (never written)"
         tables.append((tables[0][:shared_blocks] if s else []) + pool[:own])
         pool = pool[own:]
     width = max(need) + 2
