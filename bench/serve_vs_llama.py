@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
           f"machine ({ncpu} cores); servers started fresh per model\n")
     print(format_table({n: r for n, r in results.items()}))
     if a.output:
-        doc = {"args": {k: str(v) for k, v in vars(a).items()}, "ncpu": ncpu,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        doc = {"args": {k: str(v) for k, v in vars(a).items()}, "ncpu": ncpu, "commit": commit.strip(),
                "servers": "started fresh per model, up for all its rounds", "results": results}
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(doc, indent=1))
