@@ -22,7 +22,7 @@ from server_process import ServerProcess
 
 # question -> what a correct answer contains (checked against transformers' answers on the same file)
 QUESTIONS = {
-    "What is the capital of France?": "Paris",
+    "What is the capital of Germany?": "Berlin",
     "What is the capital of Japan?": "Tokyo",
     "What is the chemical symbol for gold?": "Au",
     "How many days are in a week?": "7",
@@ -95,12 +95,12 @@ def test_greedy_and_logits_match_transformers_in_float32(gguf_path):
     assert "Paris" in outs[0].outputs[0].text
 
 
-def ask_paris(base_url: str, model: str) -> None:
-    """A chat completion, non-streaming and streaming, with the openai SDK: both answer Paris."""
+def ask_berlin(base_url: str, model: str) -> None:
+    """A chat completion, non-streaming and streaming, with the openai SDK: both answer Berlin."""
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=120, max_retries=0)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "What is the capital of Germany?"}]
     r = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
-    assert "Paris" in r.choices[0].message.content, r
+    assert "Berlin" in r.choices[0].message.content, r
     assert r.choices[0].finish_reason == "stop"
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
                                             stream=True)
@@ -111,7 +111,7 @@ def ask_paris(base_url: str, model: str) -> None:
 def test_serve_builtin_with_openai_sdk():
     server = ServerProcess(DEFAULT_MODEL, default_model=None)  # `conveyor serve smollm2-135m-instruct`
     try:
-        ask_paris(server.base_url, DEFAULT_MODEL)
+        ask_berlin(server.base_url, DEFAULT_MODEL)
     finally:
         assert server.stop() == 0
 
@@ -120,6 +120,6 @@ def test_serve_without_a_model_serves_the_builtin_and_says_so():
     server = ServerProcess(default_model=None)  # `conveyor serve`
     try:
         assert f"no model given: serving the built-in {DEFAULT_MODEL}" in server.logs()
-        ask_paris(server.base_url, DEFAULT_MODEL)
+        ask_berlin(server.base_url, DEFAULT_MODEL)
     finally:
         assert server.stop() == 0

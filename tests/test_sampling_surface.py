@@ -282,11 +282,11 @@ def test_real_model_chat_with_prompt_logprobs():
     from conveyor.model.builtin import DEFAULT_MODEL
 
     llm = LLM(DEFAULT_MODEL)
-    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    conv = [{"role": "user", "content": "What is the capital of Germany?"}]
     [out] = llm.chat(conv, SP(temperature=0.0, max_tokens=8, prompt_logprobs=1))
     ids = llm.get_tokenizer().apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert out.prompt_token_ids == ids
-    assert "Paris" in out.outputs[0].text and out.outputs[0].cumulative_logprob < 0
+    assert "Berlin" in out.outputs[0].text and out.outputs[0].cumulative_logprob < 0
     lps = out.prompt_logprobs
     assert len(lps) == len(ids) and lps[0] is None
     assert all(d[t] <= 0 and max(d.values()) >= d[t] and len(d) <= 2 for t, d in zip(ids[1:], lps[1:]))

@@ -228,7 +228,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     window = meta.sliding_window or 0
     with torch.profiler.record_function("attention"):
         if meta.backend == "cpp":
-            return torch.ops.conveyor.paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache,
+            return torch.ops.conveyor.paged_attention(q, k, v, kv_cache,
                                                       meta.slot_mapping, meta.block_tables, meta.query_start,
                                                       meta.seq_lens, scale, window)
         if meta.backend == "triton":

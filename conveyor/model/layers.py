@@ -73,6 +73,21 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fused: silu(gate) * up as one C++ op (conveyor/kernels/cpu/fused.cpp; CPU, kernels loaded)."""
+        if fused:
+            return self.down_proj(torch.ops.conveyor.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm, fused: bool) -> torch.Tensor:
+    """residual += x in place (when x is given; one rounding to residual's dtype), then norm(residual) in the
+    norm weight's dtype. fused: one C++ op (CPU, kernels loaded) instead of the add and RMSNorm's five ops; it
+    also takes a float32 residual under a lower-precision model."""
+    if fused and (x is None or x.dtype == norm.weight.dtype):
+        return torch.ops.conveyor.add_rms_norm(x, residual, norm.weight, norm.eps)
+    if x is not None:
+        residual.add_(x)
+    out = norm(residual)
+    return out.to(norm.weight.dtype) if residual.dtype == torch.float32 else out

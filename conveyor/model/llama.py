@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conveyor.model.attention import AttentionMetadata, paged_attention
-from conveyor.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from conveyor.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, add_rms_norm, apply_rotary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -157,10 +157,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.mlp_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor, meta: AttentionMetadata, next_norm: RMSNorm, fused: bool) -> torch.Tensor:
+        """h: input_layernorm(residual) [T, hidden]; residual is updated in place. Returns next_norm(residual)
+        after this layer (the next layer's input_layernorm, or the model's final norm): each residual add is
+        fused with the norm that follows it."""
+        a = self.self_attn(h, rope, kv_cache, meta)
+        h = add_rms_norm(a, residual, self.post_attention_layernorm, fused)
+        return add_rms_norm(self.mlp(h, fused), residual, next_norm, fused)
 
 
 class LlamaModel(nn.Module):
@@ -184,11 +188,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Flattened tokens [T] -> final hidden states [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary.tables(positions, x.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.model.norm(x)
+        residual = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.tables(positions, residual.dtype)
+        fused = meta.backend == "cpp"  # the fused ops come with the C++ attention kernel
+        if fused:  # the residual stream in float32: 30 layers of rounded bf16 sums tip near-tied greedy choices
+            residual = residual.float()
+        layers = self.model.layers
+        h = add_rms_norm(None, residual, layers[0].input_layernorm, fused)
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = layer(h, residual, rope, kv_cache, meta, nxt, fused)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -68,7 +68,8 @@ inline float exp_nonpositive(float x) {
 }
 
 struct Geometry {
-  int64_t hq, hk, group, d, bs, head_stride, tok_stride;  // head_stride: elements of one KV head (N * bs * d)
+  int64_t hq, hk, group, d, bs, head_stride;  // head_stride: elements of one KV head of the cache (N * bs * d)
+  int64_t q_tok, q_head, k_tok, k_head, v_tok, v_head, out_tok;  // strides of q, k, v (elements) and of out
   int window;
   float scale;
 };
@@ -144,7 +145,7 @@ void attend_generic(const WorkItem& w, const T* q, T* out, const T* kc, const T*
   sc.reserve(rows, d, bs);
   for (int i = 0; i < w.ntok; ++i) {
     for (int j = 0; j < g.group; ++j) {
-      const T* src = q + (w.row0 + i) * g.tok_stride + (w.kv_head * g.group + j) * d;
+      const T* src = q + (w.row0 + i) * g.q_tok + (w.kv_head * g.group + j) * g.q_head;
       float* dst = sc.q.data() + (i * g.group + j) * d;
       for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]) * g.scale;
     }
@@ -180,7 +181,7 @@ void attend_generic(const WorkItem& w, const T* q, T* out, const T* kc, const T*
   }
   for (int r = 0; r < rows; ++r) {
     const int i = r / g.group, j = r % g.group;
-    T* dst = out + (w.row0 + i) * g.tok_stride + (w.kv_head * g.group + j) * d;
+    T* dst = out + (w.row0 + i) * g.out_tok + (w.kv_head * g.group + j) * d;
     const float inv = 1.f / sc.l[r];  // every row sees at least its own key, so l > 0
     const float* acc = sc.acc.data() + r * d;
     for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(acc[e] * inv);
@@ -287,7 +288,7 @@ void attend_avx512(const WorkItem& w, const T* q, T* out, const T* kc, const T* 
   const int64_t bs = g.bs;
   sc.reserve(rows, D, std::max<int64_t>(bs, 16));
   for (int r = 0; r < rows; ++r) {
-    const T* src = q + (w.row0 + r / g.group) * g.tok_stride + (w.kv_head * g.group + r % g.group) * D;
+    const T* src = q + (w.row0 + r / g.group) * g.q_tok + (w.kv_head * g.group + r % g.group) * g.q_head;
     for (int c = 0; c < NC; ++c)
       _mm512_storeu_ps(sc.q.data() + r * D + 16 * c, _mm512_mul_ps(load16(src + 16 * c), _mm512_set1_ps(g.scale)));
   }
@@ -303,6 +304,14 @@ void attend_avx512(const WorkItem& w, const T* q, T* out, const T* kc, const T* 
     const int64_t start = blk * bs;
     const T* kb = kh + static_cast<int64_t>(table[blk]) * bs * D;
     const T* vb = vh + static_cast<int64_t>(table[blk]) * bs * D;
+    if (blk < hi / bs) {  // blocks are scattered in memory: fetch the next one while this one is computed
+      const char* nk = reinterpret_cast<const char*>(kh + static_cast<int64_t>(table[blk + 1]) * bs * D);
+      const char* nv = reinterpret_cast<const char*>(vh + static_cast<int64_t>(table[blk + 1]) * bs * D);
+      for (int64_t byte = 0; byte < bs * D * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        _mm_prefetch(nk + byte, _MM_HINT_T0);
+        _mm_prefetch(nv + byte, _MM_HINT_T0);
+      }
+    }
     for (int64_t g0 = transposed ? std::max<int64_t>(0, (lo - start) / 16 * 16) : 0;
          g0 < bs && start + g0 <= hi; g0 += transposed ? 16 : bs) {
       const int64_t gstart = start + g0;
@@ -341,7 +350,7 @@ void attend_avx512(const WorkItem& w, const T* q, T* out, const T* kc, const T* 
     }
   }
   for (int r = 0; r < rows; ++r) {
-    T* dst = out + (w.row0 + r / g.group) * g.tok_stride + (w.kv_head * g.group + r % g.group) * D;
+    T* dst = out + (w.row0 + r / g.group) * g.out_tok + (w.kv_head * g.group + r % g.group) * D;
     const float inv = 1.f / sc.l[r];
     const float* acc = sc.acc.data() + r * D;
     for (int e = 0; e < D; ++e) dst[e] = static_cast<T>(acc[e] * inv);
@@ -387,9 +396,9 @@ void write_kv(const T* k, const T* v, T* kc, T* vc, const int64_t* slots, int64_
   at::parallel_for(0, ntok, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       for (int64_t h = 0; h < g.hk; ++h) {
-        const int64_t dst = h * g.head_stride + slots[t] * g.d, src = (t * g.hk + h) * g.d;
-        std::memcpy(kc + dst, k + src, g.d * sizeof(T));
-        std::memcpy(vc + dst, v + src, g.d * sizeof(T));
+        const int64_t dst = h * g.head_stride + slots[t] * g.d;
+        std::memcpy(kc + dst, k + t * g.k_tok + h * g.k_head, g.d * sizeof(T));
+        std::memcpy(vc + dst, v + t * g.v_tok + h * g.v_head, g.d * sizeof(T));
       }
     }
   });
@@ -401,10 +410,12 @@ void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& 
   TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "paged_attention: CPU tensors expected");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2,
               "paged_attention: q, k, v [T, H, D] and kv_cache [2, Hk, N, bs, D] expected");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && cache.is_contiguous(),
-              "paged_attention: contiguous tensors expected");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && cache.is_contiguous(),
+              "paged_attention: q, k, v with contiguous rows and a contiguous kv_cache expected");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
               cache.scalar_type() == q.scalar_type(), "paged_attention: q, k, v and kv_cache must share a dtype");
+  TORCH_CHECK(q.size(1) > 0 && k.size(1) > 0 && q.size(2) > 0 && cache.size(3) > 0,
+              "paged_attention: heads, head_dim and block size must be positive");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == cache.size(1) &&
               q.size(2) == cache.size(4) && k.size(2) == q.size(2) && q.size(1) % k.size(1) == 0,
               "paged_attention: shapes of q, k, v and kv_cache disagree");
@@ -423,6 +434,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                               torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor query_start,
                               torch::Tensor seq_lens, double scale, int64_t sliding_window) {
   check(q, k, v, kv_cache, slot_mapping, block_tables, query_start, seq_lens);
+  TORCH_CHECK(sliding_window >= 0, "paged_attention: sliding_window must be >= 0 (0: none), got ", sliding_window);
+  // a window at least as long as any int32 position is no window
+  const int window = sliding_window >= std::numeric_limits<int32_t>::max() ? 0 : static_cast<int>(sliding_window);
   const int64_t nseq = seq_lens.numel(), width = block_tables.size(1);
   const int32_t* qs = query_start.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -440,9 +454,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < q.size(0); ++t)
     TORCH_CHECK(slots[t] >= 0 && slots[t] < nblocks * bs, "paged_attention: slot ", slots[t], " out of range");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty(q.sizes(), q.options());
   Geometry g{q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), bs, nblocks * bs * q.size(2),
-             q.size(1) * q.size(2), static_cast<int>(sliding_window), static_cast<float>(scale)};
+             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+             window, static_cast<float>(scale)};
   const int threads = std::max(1, at::get_num_threads());
   auto work = plan(qs, lens, nseq, g.hk, g.group, g.window, threads);
   const int32_t* tables = block_tables.data_ptr<int32_t>();

@@ -1,0 +1,162 @@
+// Fused elementwise ops of the Llama decoder for CPU: residual add + RMSNorm, and SiLU(gate) * up. Each replaces
+// three to five torch ops (and their temporaries) with one pass over the rows, threads across tokens. Rounding
+// follows the unfused torch code step by step (a bf16 add rounds, the normalized row rounds before the weight
+// multiplies, silu(gate) rounds before the product), so outputs equal the torch ops' up to the last bits of the
+// fp32 sum of squares and of exp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) {
+  uint32_t u = uint32_t(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float widen(at::Half x) { return static_cast<float>(x); }
+
+// Rounds to T as torch does (nearest, ties to even).
+template <typename T> inline T narrow(float x) { return static_cast<T>(x); }
+template <> inline float narrow<float>(float x) { return x; }
+template <> inline at::BFloat16 narrow<at::BFloat16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return at::BFloat16(static_cast<uint16_t>(u >> 16), at::BFloat16::from_bits());
+}
+
+// e^x, relative error about 1e-7 for x in [-87, 88] (clamped outside): x = k ln2 + r, |r| <= ln2 / 2, e^r by its
+// Taylor series to r^7, 2^k built in the exponent bits. Vectorizes, unlike expf.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  float k = (x * 1.44269504088896341f + magic) - magic;
+  float r = std::fma(k, -0.693145751953125f, x);
+  r = std::fma(k, -1.428606765330187e-06f, r);
+  float p = 1.0f / 5040.0f;
+  p = std::fma(p, r, 1.0f / 720.0f);
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return p * two_k;
+}
+
+// R: the residual stream's dtype, T: the model's (of x, weight and out). A float32 residual (R = float with
+// T = bf16) keeps the sum of all layers' outputs unrounded, as llama.cpp does; R = T rounds it as torch does.
+template <typename T, typename R>
+void add_rms_norm_rows(const T* x, R* residual, const T* weight, T* out, int64_t rows, int64_t h, double eps,
+                       bool add) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / h), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      R* res = residual + r * h;
+      const T* xr = x + r * h;
+      float ss = 0.f;
+      for (int64_t i = 0; i < h; ++i) {
+        float v = add ? widen(narrow<R>(widen(res[i]) + widen(xr[i]))) : widen(res[i]);
+        if (add) res[i] = narrow<R>(v);
+        ss += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+      T* o = out + r * h;
+      for (int64_t i = 0; i < h; ++i) o[i] = narrow<T>(widen(weight[i]) * widen(narrow<T>(widen(res[i]) * inv)));
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* g = gate_up + r * 2 * n;
+      const T* u = g + n;
+      T* o = out + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float gv = widen(g[i]);
+        const float silu = widen(narrow<T>(gv / (1.0f + exp_approx(-gv))));
+        o[i] = narrow<T>(silu * widen(u[i]));
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case torch::kFloat: f(static_cast<float*>(nullptr)); break;
+    case torch::kBFloat16: f(static_cast<at::BFloat16*>(nullptr)); break;
+    case torch::kHalf: f(static_cast<at::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, op, ": dtype ", t, " is not supported (float32, bfloat16, float16 are)");
+  }
+}
+
+}  // namespace
+
+// out = RMSNorm(residual + x) * weight in weight's dtype, with residual updated in place to residual + x (x
+// undefined: no add). residual is float32 or weight's dtype; x (if given) has weight's dtype.
+torch::Tensor add_rms_norm(const c10::optional<torch::Tensor>& x, torch::Tensor residual, torch::Tensor weight,
+                           double eps) {
+  TORCH_CHECK(residual.device().is_cpu() && residual.is_contiguous() && residual.dim() >= 1,
+              "add_rms_norm: a contiguous CPU residual expected");
+  const int64_t h = residual.size(-1), rows = h ? residual.numel() / h : 0;
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == h && weight.is_contiguous(),
+              "add_rms_norm: weight [hidden] expected");
+  TORCH_CHECK(residual.scalar_type() == dtype || residual.scalar_type() == torch::kFloat,
+              "add_rms_norm: residual must be float32 or weight's dtype");
+  const bool add = x.has_value();
+  torch::Tensor xc = add ? x->contiguous() : torch::empty({0}, weight.options());
+  TORCH_CHECK(!add || (xc.sizes() == residual.sizes() && xc.scalar_type() == dtype),
+              "add_rms_norm: x must have residual's shape and weight's dtype");
+  auto out = torch::empty(residual.sizes(), weight.options());
+  dispatch(dtype, "add_rms_norm", [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    if (residual.scalar_type() == torch::kFloat)
+      add_rms_norm_rows(xc.data_ptr<T>(), residual.data_ptr<float>(), weight.data_ptr<T>(), out.data_ptr<T>(),
+                        rows, h, eps, add);
+    else
+      add_rms_norm_rows(xc.data_ptr<T>(), residual.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(), rows,
+                        h, eps, add);
+  });
+  return out;
+}
+
+// [..., 2n] -> [..., n]: silu(first half) * second half.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "silu_mul: a CPU tensor with an even last dimension expected");
+  auto gu = gate_up.contiguous();
+  const int64_t n = gu.size(-1) / 2, rows = n ? gu.numel() / (2 * n) : 0;
+  auto sizes = gu.sizes().vec();
+  sizes.back() = n;
+  auto out = torch::empty(sizes, gu.options());
+  dispatch(gu.scalar_type(), "silu_mul", [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    silu_mul_rows(gu.data_ptr<T>(), out.data_ptr<T>(), rows, n);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(conveyor, m) {
+  m.def("add_rms_norm(Tensor? x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(conveyor, CPU, m) {
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+}
