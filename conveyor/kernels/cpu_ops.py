@@ -71,6 +71,8 @@ def _build(verbose: bool) -> tuple[bool, str | None]:
     path = build_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if not (path / "conveyor_cpu_kernels.so").exists():
+            log.info("building the CPU kernels into %s (once per machine, about a minute)", path)
         cpp_extension.load(name="conveyor_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                            build_directory=str(path), is_python_module=False, verbose=verbose)
     except Exception as e:  # a compiler error is many lines: keep the first that says something
