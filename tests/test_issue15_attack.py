@@ -73,23 +73,26 @@ def windowed(checkpoint, tmp_path_factory) -> str:
     return str(dst)
 
 
-@pytest.mark.parametrize("options", [
-    dict(block_size=1, num_kv_blocks=200, max_num_batched_tokens=16),
-    dict(block_size=8, num_kv_blocks=24, max_num_batched_tokens=32, preemption_mode="swap", swap_space=0.01),
-    dict(block_size=256, num_kv_blocks=4, max_num_batched_tokens=32,
-         speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}),
+@pytest.mark.parametrize("model,options", [
+    ("windowed", dict(block_size=1, num_kv_blocks=200, max_num_batched_tokens=16)),
+    ("windowed", dict(block_size=8, num_kv_blocks=24, max_num_batched_tokens=32, preemption_mode="swap",
+                      swap_space=0.01)),
+    ("demo", dict(block_size=256, num_kv_blocks=4, max_num_batched_tokens=32,  # demo accepts most ngram drafts
+                  speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})),
 ], ids=["block1-chunked", "swap-preemption", "block256-ngram"])
-def test_cpp_and_torch_greedy_tokens_are_identical_in_float32(windowed, options):
-    prompts = [{"prompt_token_ids": [(7 * i + j) % 300 + 3 for i in range(n)]}
-               for j, n in enumerate([3, 30, 60, 90, 47])]
+def test_cpp_and_torch_greedy_tokens_are_identical_in_float32(request, model, options):
+    path = request.getfixturevalue(model) if model == "windowed" else model
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for i in range(n)]} for j, n in enumerate([3, 30, 60, 90])]
+    prompts.append({"prompt_token_ids": [11, 12, 13, 14, 15, 16, 17] * 7})
     greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     got = {}
     for backend in ("cpp", "torch"):
-        llm = LLM(windowed, dtype="float32", attention_backend=backend, **options)
+        llm = LLM(path, dtype="float32", attention_backend=backend, **options)
         got[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
         stats = llm.stats()
         assert stats["kv_blocks_in_use"] == 0
         assert stats["num_preemptions_swap"] > 0 or "swap_space" not in options
+        assert stats.get("spec_decode_num_accepted_tokens", 0) > 0 or "speculative_config" not in options
     assert got["cpp"] == got["torch"]
 
 
