@@ -67,20 +67,37 @@ def error() -> str | None:
 def _build(verbose: bool) -> tuple[bool, str | None]:
     if platform.system() != "Linux":
         return False, f"the CPU kernels are built on Linux only (this is {platform.system()})"
-    from torch.utils import cpp_extension
     path = build_dir()
+    lib = path / "conveyor_cpu_kernels.so"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not (path / "conveyor_cpu_kernels.so").exists():
-            log.info("building the CPU kernels into %s (once per machine, about a minute)", path)
-        cpp_extension.load(name="conveyor_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                           build_directory=str(path), is_python_module=False, verbose=verbose)
+        if not lib.exists():
+            _compile(path, verbose)
+        torch.ops.load_library(str(lib))  # no compiler, ninja or write access needed once built
     except Exception as e:  # a compiler error is many lines: keep the first that says something
         lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [repr(e)]
-        msg = f"could not build the CPU kernels in {path}: {lines[0].strip()}"
-        log.warning("%s; attention falls back to the torch implementation", msg)
-        return False, msg
+        return False, f"could not build the CPU kernels in {path}: {lines[0].strip()[:300]}"
     return True, None
+
+
+def _compile(path: Path, verbose: bool) -> None:
+    """Compile into path under an flock (released by the OS if this process dies, unlike torch's own lock file,
+    which a killed build leaves behind for every later build to wait on forever)."""
+    import fcntl
+    import shutil
+
+    from torch.utils import cpp_extension
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"error: no C++ compiler ({compiler}) on PATH")
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "conveyor.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "conveyor_cpu_kernels.so").exists():  # another process built it while we waited
+            return
+        (path / "lock").unlink(missing_ok=True)  # torch's lock, stale: only a holder of our flock builds here
+        log.info("building the CPU kernels into %s (once per machine, about a minute)", path)
+        cpp_extension.load(name="conveyor_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                           build_directory=str(path), is_python_module=False, verbose=verbose)
 
 
 def main() -> int:

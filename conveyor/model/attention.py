@@ -16,12 +16,14 @@ Backends, picked per engine by `resolve_backend`:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
+log = logging.getLogger("conveyor.attention")
 DECODE_CHUNK_TOKENS = 64  # measured on CPU: 32-64 balance per-chunk overhead against padding in the last chunk
 
 
@@ -308,6 +310,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "cpp"
         if backend == "cpp":
             raise ValueError(f"attention_backend cpp: {cpu_ops.error()}")
+        log.warning("%s; attention uses the torch backend", cpu_ops.error())
         return "torch"
     if backend == "auto":
         return "triton"
