@@ -20,6 +20,7 @@ import torch
 log = logging.getLogger("conveyor.kernels")
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
 
 _lock = threading.Lock()
@@ -39,7 +40,7 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """Hash of everything the built library depends on."""
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS + [torch.__version__, sys.version, _cpu_flags()]).encode())
     return h.hexdigest()[:16]

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "vec_math.h"
+
 namespace {
 
 inline float widen(float x) { return x; }
@@ -31,28 +33,6 @@ template <> inline at::BFloat16 narrow<at::BFloat16>(float x) {
   std::memcpy(&u, &x, sizeof u);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return at::BFloat16(static_cast<uint16_t>(u >> 16), at::BFloat16::from_bits());
-}
-
-// e^x, relative error about 1e-7 for x in [-87, 88] (clamped outside): x = k ln2 + r, |r| <= ln2 / 2, e^r by its
-// Taylor series to r^7, 2^k built in the exponent bits. Vectorizes, unlike expf.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  float k = (x * 1.44269504088896341f + magic) - magic;
-  float r = std::fma(k, -0.693145751953125f, x);
-  r = std::fma(k, -1.428606765330187e-06f, r);
-  float p = 1.0f / 5040.0f;
-  p = std::fma(p, r, 1.0f / 720.0f);
-  p = std::fma(p, r, 1.0f / 120.0f);
-  p = std::fma(p, r, 1.0f / 24.0f);
-  p = std::fma(p, r, 1.0f / 6.0f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof two_k);
-  return p * two_k;
 }
 
 // R: the residual stream's dtype, T: the model's (of x, weight and out). A float32 residual (R = float with
@@ -87,7 +67,7 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t n) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const float gv = widen(g[i]);
-        const float silu = widen(narrow<T>(gv / (1.0f + exp_approx(-gv))));
+        const float silu = widen(narrow<T>(gv / (1.0f + conveyor::exp_approx(-gv))));
         o[i] = narrow<T>(silu * widen(u[i]));
       }
     }

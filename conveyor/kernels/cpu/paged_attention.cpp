@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -43,28 +45,6 @@ inline const float* as_float(const at::BFloat16* src, float* buf, int64_t n) {
 inline const float* as_float(const at::Half* src, float* buf, int64_t n) {
   for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
   return buf;
-}
-
-// e^x for x <= 0 (scores minus their running max), relative error about 1e-7: x = k ln2 + r with |r| <= ln2 / 2,
-// e^r by its Taylor series to r^7 (truncation below 6e-9), 2^k built in the exponent bits. Vectorizes, unlike expf.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  float k = (x * 1.44269504088896341f + magic) - magic;
-  float r = std::fma(k, -0.693145751953125f, x);
-  r = std::fma(k, -1.428606765330187e-06f, r);
-  float p = 1.0f / 5040.0f;
-  p = std::fma(p, r, 1.0f / 720.0f);
-  p = std::fma(p, r, 1.0f / 120.0f);
-  p = std::fma(p, r, 1.0f / 24.0f);
-  p = std::fma(p, r, 1.0f / 6.0f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof two_k);
-  return p * two_k;
 }
 
 struct Geometry {
@@ -116,7 +96,7 @@ inline void accumulate(float* s, const float* vf, int64_t d, int a, int b, float
   float mx = kNegInf;
   for (int j = a; j <= b; ++j) mx = std::max(mx, s[j]);
   if (mx > m) {
-    const float alpha = m == kNegInf ? 0.f : exp_nonpositive(m - mx);
+    const float alpha = m == kNegInf ? 0.f : conveyor::exp_approx(m - mx);
     l *= alpha;
 #pragma omp simd
     for (int64_t e = 0; e < d; ++e) acc[e] *= alpha;
@@ -125,7 +105,7 @@ inline void accumulate(float* s, const float* vf, int64_t d, int a, int b, float
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int j = a; j <= b; ++j) {
-    s[j] = exp_nonpositive(s[j] - m);
+    s[j] = conveyor::exp_approx(s[j] - m);
     sum += s[j];
   }
   l += sum;
@@ -201,7 +181,7 @@ inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// exp_nonpositive on 16 lanes; 2^k applied with scalef, which is exact.
+// conveyor::exp_approx on 16 lanes (x <= 0 here); 2^k applied with scalef, which is exact.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -226,7 +206,7 @@ inline float softmax_step(float* s, int a, int b, float& m, float& l, float* acc
   float mx = kNegInf;
   for (int j = a; j <= b; ++j) mx = std::max(mx, s[j]);
   if (mx > m) {
-    const float alpha = m == kNegInf ? 0.f : exp_nonpositive(m - mx);
+    const float alpha = m == kNegInf ? 0.f : conveyor::exp_approx(m - mx);
     l *= alpha;
     const __m512 av = _mm512_set1_ps(alpha);
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_mul_ps(av, _mm512_loadu_ps(acc + 16 * c)));
