@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,76 +15,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from triton.runtime.jit import JITFunction
 
+from attention_cases import Case, reference
+from attention_cases import make_case as make_seqs
+
 from conveyor.kernels.triton_attention import _compiled, _tile_config, triton_paged_attention
-from conveyor.model.attention import reference_paged_attention
 
 UNIT = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
-@dataclass
-class Case:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    kv_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    query_start: torch.Tensor
-    seq_lens: torch.Tensor
-    window: int
-
-    def run(self) -> torch.Tensor:
-        return triton_paged_attention(self.q, self.k, self.v, self.kv_cache, self.slot_mapping, self.block_tables,
-                                      self.query_start, self.seq_lens, self.q.shape[-1] ** -0.5, self.window)
-
-
 def make_case(seed: int, q_lens: list[int], cached: list[int], hq: int, hk: int, d: int, bs: int,
               dtype: torch.dtype, window: int = 0) -> Case:
-    """Sequences with cached[s] keys already in the cache and q_lens[s] new tokens, their blocks scattered at random
-    over a cache with spare blocks (table rows padded with random valid ids)."""
-    g = torch.Generator().manual_seed(seed)
-    lens = [c + n for c, n in zip(cached, q_lens)]
-    need = [-(-n // bs) for n in lens]
-    num_blocks = sum(need) + 3
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(need) + 1
-    tables = torch.randint(0, num_blocks, (len(lens), width), generator=g, dtype=torch.int32)
-    slots = []
-    for s, n in enumerate(need):
-        tables[s, :n] = torch.tensor(perm[:n], dtype=torch.int32)
-        perm = perm[n:]
-        slots += [int(tables[s, p // bs]) * bs + p % bs for p in range(cached[s], lens[s])]
-    t = sum(q_lens)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    return Case(randn(t, hq, d), randn(t, hk, d), randn(t, hk, d), randn(2, hk, num_blocks, bs, d),
-                torch.tensor(slots, dtype=torch.long), tables,
-                torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32),
-                torch.tensor(lens, dtype=torch.int32), window)
+    """Sequences with cached[s] keys already in the cache and q_lens[s] new tokens (attention_cases.make_case)."""
+    return make_seqs(seed, list(zip(q_lens, cached)), hq, hk, d, bs, dtype, window)
 
 
-def reference(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """conveyor.model.attention's reference of the contract on fp32 copies: (out, P @ |V| for the error bound; the
-    probabilities depend on q and K only, so the same reference over |V| gives it)."""
-    args = (c.slot_mapping, c.block_tables, c.query_start, c.seq_lens, c.q.shape[-1] ** -0.5, c.window)
-    q, k, v, cache = (x.float() for x in (c.q, c.k, c.v, c.kv_cache))
-    out = reference_paged_attention(q, k, v, cache.clone(), *args)
-    cache = cache.clone()  # float() of a float32 tensor is the tensor itself
-    cache[1] = cache[1].abs()
-    return out, reference_paged_attention(q, k, v.abs(), cache, *args)
+def run(c: Case) -> torch.Tensor:
+    return triton_paged_attention(*c.args())
 
 
 def check(c: Case) -> None:
     """Outputs within the dtype's roundings (of the probabilities before P @ V and of the output) of the fp32
     reference, and the cache written exactly as index_copy_ writes it."""
-    want, mag = reference(c)
+    want, mag, _ = reference(c)
     want_cache = c.kv_cache.clone()
     _, h, n, bs, d = want_cache.shape
     for i, x in enumerate((c.k, c.v)):
         want_cache[i].view(h, n * bs, d).index_copy_(1, c.slot_mapping, x.transpose(0, 1))
-    out = c.run()
+    out = run(c)
     assert out.dtype == c.q.dtype and out.shape == c.q.shape
     assert torch.equal(c.kv_cache, want_cache)
     bound = 3 * UNIT[c.q.dtype] * (want.abs() + mag) + 1e-6
@@ -131,7 +87,7 @@ def test_strided_query_and_empty_batch():
     e = make_case(4, [1], [3], 4, 2, 64, 8, torch.float32)
     e.q, e.k, e.v, e.slot_mapping = e.q[:0], e.k[:0], e.v[:0], e.slot_mapping[:0]
     e.query_start, e.seq_lens, e.block_tables = e.query_start[:1], e.seq_lens[:0], e.block_tables[:0]
-    assert e.run().shape == (0, 4, 64)
+    assert run(e).shape == (0, 4, 64)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -153,7 +109,7 @@ def test_bad_input(change, message):
     c.seq_lens = c.seq_lens.to(change.get("index_dtype", torch.int32))
     before = c.kv_cache.clone()
     with pytest.raises(ValueError, match=message):
-        c.run()
+        run(c)
     assert torch.equal(c.kv_cache, before)  # nothing written
 
 
