@@ -561,6 +561,8 @@ class Gateway:
         """The request is over for this client: return unused tokens, free its concurrency slot, log it."""
         if flight.usage:
             used = total_tokens(flight.usage)
+            if ctx.tenant and ctx.joined is None:
+                self.metrics.count_usage(ctx.tenant.name, flight.usage)
         else:  # failed before generating: nothing used; cut off mid-way: keep the reservation
             used = ctx.cost if flight.chunks and status in (200, 499) and flight.status == 200 else 0
         self._release(ctx, used)

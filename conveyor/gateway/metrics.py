@@ -1,5 +1,5 @@
-"""Gateway metrics (prefix conveyor_gateway_). Labels: model, tenant class, status, reason, replica state — never
-tenant names or request ids."""
+"""Gateway metrics (prefix conveyor_gateway_). Labels: model, tenant class, status, reason, replica state, and the
+configured tenant name on the usage counter only — never API keys or request ids."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -44,3 +44,16 @@ class GatewayMetrics:
         self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
                                            "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
                                            registry=r)
+        self.tenant_tokens = Counter(p + "tenant_tokens", "Tokens the replicas computed for each tenant (kind: "
+                                     "prompt, generation), from their usage reports; an answer joined to another "
+                                     "request's generation or replayed for an Idempotency-Key adds none. The "
+                                     "tenant label is the name the operator gave it in the gateway config: bounded "
+                                     "by the config and never an API key", ["tenant", "kind"], registry=r)
+
+    def count_usage(self, tenant: str, usage: dict) -> None:
+        """Add one response's OpenAI `usage` (prompt_tokens, completion_tokens) to the tenant's counters; fields
+        that are not counts of 0 or more are skipped."""
+        for kind, key in (("prompt", "prompt_tokens"), ("generation", "completion_tokens")):
+            n = usage.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                self.tenant_tokens.labels(tenant, kind).inc(n)
