@@ -102,6 +102,9 @@ class TenantConfig(_Strict):
     allow_degrade: bool = False  # `model: auto` may fall back to the small model under overload
     # the models (names or aliases) this tenant may use; None: all. Any other is, to it, a model that does not exist
     models: list[Annotated[str, Field(min_length=1)]] | None = None
+    # estimated tokens (see batch_store.estimate_tokens) of this tenant's batch lines not yet answered, across its
+    # in-progress batches; a batch that would exceed it is refused with a 429. None: unlimited
+    batch_queued_tokens: Count | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> TenantConfig:
@@ -119,10 +122,19 @@ class AutoRoute(_Strict):
     degrade_queue_ratio: Annotated[float, Field(ge=0, le=1)] = 0.5  # large model "overloaded": queue this full
 
 
+class BatchConfig(_Strict):
+    """The Batch API (`/v1/files`, `/v1/batches`) and its worker. Read at start; a reload does not move the store."""
+    db_path: str | None = None  # the SQLite file; default <cache dir>/gateway-batches.sqlite3
+    max_file_bytes: Count = 200_000_000  # per uploaded file, as OpenAI's
+    max_lines: Count = 50_000  # requests per batch, as OpenAI's
+    max_in_flight: Count = 16  # per model: batch lines at replicas at once (the worker's cap)
+
+
 class GatewayConfig(_Strict):
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     tenants: Annotated[list[TenantConfig], Field(min_length=1)]
     auto_route: AutoRoute | None = None
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
     ratelimit_on_redis_error: Literal["open", "closed"] = "open"  # Redis down: admit unchecked, or 503
     admin_api_key_sha256: Hex64 | None = None
