@@ -607,6 +607,7 @@ class Engine:
             out.num_generated_tokens = sum(len(c.token_ids) for c in out.outputs)  # the returned beams
             if out.finished:
                 out.metrics["e2e_s"] = now - req.arrival_time
+                out.metrics["arrival_time"] = req.arrival_time  # time.monotonic(): anchors the phases (tracing)
                 del self.requests[req.request_id]
             return out
         if req.params.num_samples > req.params.n:
@@ -624,6 +625,7 @@ class Engine:
             out.metrics["queue_s"] = min(scheduled) - req.arrival_time
         if out.finished:
             out.metrics["e2e_s"] = now - req.arrival_time
+            out.metrics["arrival_time"] = req.arrival_time  # time.monotonic(): anchors the phases (tracing)
             del self.requests[req.request_id]
         return out
 
