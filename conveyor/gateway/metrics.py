@@ -49,6 +49,17 @@ class GatewayMetrics:
                                      "request's generation or replayed for an Idempotency-Key adds none. The "
                                      "tenant label is the name the operator gave it in the gateway config: bounded "
                                      "by the config and never an API key", ["tenant", "kind"], registry=r)
+        # the batch tier (batch_worker.py); the gauges are read from the batch store when /metrics is scraped
+        self.batch_lines = Counter(p + "batch_lines", "Batch lines answered by the worker (outcome: completed = "
+                                   "2xx, failed = a final error)", ["model", "outcome"], registry=r)
+        self.batch_lines_queued = Gauge(p + "batch_lines_queued", "Batch lines not answered yet, across "
+                                        "in-progress and cancelling batches", registry=r)
+        self.batch_lines_in_flight = Gauge(p + "batch_lines_in_flight", "Batch lines sent by the worker and not "
+                                           "answered yet", registry=r)
+        self.batches = Gauge(p + "batches", "Batches by status", ["status"], registry=r)
+        self.batch_backoffs = Counter(p + "batch_backoffs", "Times the batch worker held back a model's lines "
+                                      "(reason: interactive_waiting, replica_busy, rejected, upstream_error, "
+                                      "deadline, store_error)", ["reason"], registry=r)
 
     def count_usage(self, tenant: str, usage: dict) -> None:
         """Add one response's OpenAI `usage` (prompt_tokens, completion_tokens) to the tenant's counters; fields
