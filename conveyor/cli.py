@@ -1,4 +1,4 @@
-"""Command line: `conveyor generate | serve | bench | gateway | autoscale | eval`."""
+"""Command line: `conveyor generate | serve | bench | gateway | autoscale | eval | run-batch`."""
 from __future__ import annotations
 
 import argparse
@@ -171,11 +171,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from conveyor.http_limits import timed_h11
     from conveyor.server.logs import setup_json_logging
     from conveyor.server.metrics import ServerMetrics
+    from conveyor.tracing import REPLICA_SERVICE, init_tracing
 
     setup_json_logging(getattr(logging, a.log_level.upper()))
     if not a.log_requests:  # vLLM's --disable-log-requests: no line per request
         logging.getLogger("conveyor.requests").setLevel(logging.WARNING)
     log = logging.getLogger("conveyor.server")
+    try:
+        tracing = init_tracing(a.otlp_traces_endpoint, REPLICA_SERVICE)
+    except ValueError as e:
+        print(f"error: --otlp-traces-endpoint: {e}", file=sys.stderr)
+        return 2
     try:
         if not (a.model or a.model_tag):
             log.info("no model given: serving the built-in %s (--model demo serves random weights)",
@@ -196,7 +202,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     async_engine = AsyncEngine(engine, a.max_waiting_requests, on_step=metrics.on_step, on_dead=on_dead)
     api_key = a.api_key or os.environ.get("CONVEYOR_API_KEY") or None  # the variable keeps it out of `ps`
     server = Server(async_engine, metrics, names, api_key=api_key, max_body_bytes=a.max_body_bytes,
-                    lenient_request_fields=a.lenient_request_fields)
+                    lenient_request_fields=a.lenient_request_fields, tracing=tracing)
 
     class GracefulServer(uvicorn.Server):
         """SIGTERM: stop admitting (503), let in-flight requests finish up to the timeout, then exit 0."""
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=True, help="a JSON log line per request (the default)")
     s.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
                    help="no log line per request")
+    s.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="export OpenTelemetry traces over OTLP/HTTP to this collector URL (/v1/traces is added to a "
+                        "URL with no path); off by default")
     s.add_argument("--disable-log-stats", action="store_true",
                    help="accepted for vLLM command lines; Conveyor logs no periodic stats (see /metrics)")
     s.set_defaults(func=cmd_serve)
@@ -302,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_autoscale_parser(sub)
     add_eval_parser(sub)
+    add_run_batch_parser(sub)
     return parser
 
 
@@ -342,6 +352,15 @@ def add_eval_parser(sub) -> None:
     p = esub.add_parser("perplexity", help="perplexity of --model on --text, llama.cpp's windows (second halves)")
     evaluate.add_perplexity_args(p)
     p.set_defaults(func=evaluate.cmd_perplexity)
+
+
+def add_run_batch_parser(sub) -> None:
+    """`conveyor run-batch`: flags and command live in conveyor/run_batch.py."""
+    from conveyor import run_batch
+
+    r = sub.add_parser("run-batch", help="answer a file of OpenAI batch requests (JSONL) on the local engine")
+    run_batch.add_args(r)
+    r.set_defaults(func=run_batch.cmd_run_batch)
 
 
 def main(argv: list[str] | None = None) -> int:

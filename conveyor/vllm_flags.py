@@ -28,7 +28,6 @@ UNSUPPORTED: dict[str, str] = {
     "--reasoning-parser": "reasoning output is not parsed",
     "--limit-mm-per-prompt": "multimodal inputs are not supported",
     "--mm-processor-kwargs": "multimodal inputs are not supported",
-    "--otlp-traces-endpoint": "OpenTelemetry tracing is not supported",
     "--rope-scaling": "the checkpoint's own rope scaling is used; it cannot be overridden",
     "--hf-overrides": "the checkpoint's config cannot be overridden",
     "--num-scheduler-steps": "one scheduling decision per step",

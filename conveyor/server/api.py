@@ -28,6 +28,7 @@ from conveyor.server.protocol import (ChatCompletionRequest, CompletionRequest, 
                                       TokenizeRequest, chat_dicts, find_invalid_text)
 from conveyor.tools import (ToolError, ToolRequest, ToolStream, chat_message, check_tool_messages,
                             render_chat)
+from conveyor.tracing import Tracing, record_request
 
 log = logging.getLogger("conveyor.server")
 request_log = logging.getLogger("conveyor.requests")
@@ -99,7 +100,7 @@ class Server:
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_model_name: str | list[str],
                  api_key: str | None = None, max_body_bytes: int = 4 << 20,
-                 lenient_request_fields: bool = False) -> None:
+                 lenient_request_fields: bool = False, tracing: Tracing | None = None) -> None:
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         assert names and all(isinstance(n, str) and n for n in names), names
         self.engine = engine
@@ -107,6 +108,7 @@ class Server:
         self.model_names = names
         self.model_name = names[0]
         self.lenient_request_fields = lenient_request_fields
+        self.tracing = tracing  # None: no spans
         self._auth = None if api_key is None else f"Bearer {api_key}".encode()
         self.draining = False
         self.created = int(time.time())
@@ -335,7 +337,8 @@ class Server:
         ctx = _Ctx(rid=rid, response_id=f"{prefix}-{rid}", created=int(time.time()), chat=chat, n=params.n,
                    logprobs=params.logprobs, started=time.monotonic(), echo=getattr(body, "echo", False),
                    prompt_logprobs=body.prompt_logprobs, include_usage=bool(opts and opts.include_usage),
-                   continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats), tools=tools)
+                   continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats), tools=tools,
+                   headers=request.headers, params=params)
         start = asyncio.create_task(self._start(rid, prompts, params, body, chat))
         gone = asyncio.create_task(_wait_disconnect(request))
         await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -518,6 +521,9 @@ class Server:
 
     # ---- logs --------------------------------------------------------------------------------------------------
     def _log(self, ctx: _Ctx, outs: list[RequestOutput], status: str) -> None:
+        if self.tracing is not None:
+            record_request(self.tracing.tracer, ctx.headers, ctx.started, ctx.rid, self.model_name, ctx.params, outs,
+                           status)
         ttfts = [o.metrics["ttft_s"] for o in outs if "ttft_s" in o.metrics]
         request_log.info(json.dumps({
             "event": "request", "request_id": ctx.rid, "status": status,
