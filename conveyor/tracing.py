@@ -27,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
+    from conveyor.gateway.proxy import Flight
     from conveyor.outputs import RequestOutput
     from conveyor.sampling_params import SamplingParams
 
@@ -199,3 +200,51 @@ def _latencies(timings: list[dict[str, float]]) -> dict[str, float]:
                     "gen_ai.latency.time_in_model_decode": t["e2e_s"] - t["ttft_s"],
                     "gen_ai.latency.time_in_model_inference": t["e2e_s"] - t["queue_s"]})
     return out
+
+
+# ---- the gateway's spans ----------------------------------------------------------------------------------------
+def start_gateway_span(tracer: Tracer, headers: Mapping[str, str], path: str) -> Span:
+    """The gateway's SERVER span of one client request to `path` (a route of the gateway's own, never client text),
+    continuing the client's traceparent."""
+    return start_server_span(tracer, f"POST {path}", headers,
+                             attributes={"http.request.method": "POST", "url.path": path})
+
+
+def end_gateway_span(span: Span, status: int, request_id: str, model: str, tenant: str | None, tenant_class: str,
+                     flight: Flight | None, joined: str | None, reason: str | None) -> None:
+    """End the gateway span with what the access log records: the model, the tenant's name and class (never its
+    key), the HTTP status, and for a forwarded request its dispatch-queue wait (s), replica, retries and usage."""
+    attrs: dict[str, Any] = {"http.response.status_code": status, "gen_ai.request.id": request_id,
+                             "gen_ai.request.model": model, "conveyor.tenant.class": tenant_class}
+    optional = {"conveyor.tenant.name": tenant, "conveyor.joined": joined, "conveyor.reason": reason}
+    if flight is not None:
+        usage = flight.usage if isinstance(flight.usage, dict) else {}
+        optional.update({"conveyor.queue_time": None if flight.queue_ms is None or joined else flight.queue_ms / 1e3,
+                         "conveyor.replica": flight.replica, "conveyor.retries": flight.retries,
+                         "gen_ai.usage.prompt_tokens": _count(usage.get("prompt_tokens")),
+                         "gen_ai.usage.completion_tokens": _count(usage.get("completion_tokens"))})
+    span.set_attributes({**attrs, **{k: v for k, v in optional.items() if v is not None}})
+    if status >= 500:
+        set_error(span, reason or f"HTTP {status}")
+    span.end()
+
+
+def start_upstream_span(tracer: Tracer, parent: Span, replica_url: str, path: str, attempt: int) -> Span:
+    """A CLIENT span for one attempt at one replica; traceparent_headers(it) goes with the upstream request."""
+    return start_child(tracer, parent, "upstream", SpanKind.CLIENT,
+                       attributes={"url.full": replica_url + path, "conveyor.replica": replica_url,
+                                   "conveyor.attempt": attempt})
+
+
+def end_upstream_span(span: Span, status: int | None, outcome: str | None) -> None:
+    """outcome: "done", "unsent" (never reached the replica), "failed", or None (cancelled: the clients left)."""
+    span.set_attribute("conveyor.outcome", outcome or "cancelled")
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+    if outcome != "done" or (status or 0) >= 500:
+        set_error(span, f"{outcome or 'cancelled'} ({status})")
+    span.end()
+
+
+def _count(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -25,6 +26,7 @@ from conveyor.gateway.admission import ModelQueue, Rejected, Waiter
 from conveyor.gateway.config import GatewayConfig
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Replica
+from conveyor.tracing import Tracing, end_upstream_span, phase, start_upstream_span, traceparent_headers
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -167,11 +169,13 @@ class Call:
     request_id: str
     stream: bool
     headers: dict[str, str]  # the replicas' credentials, if they require them
+    span: Any = None  # the gateway span of the client that started it (tracing); None: tracing off
 
 
 class Forwarder:
-    def __init__(self, cfg: GatewayConfig, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
-        self.cfg, self.client, self.metrics = cfg, client, metrics
+    def __init__(self, cfg: GatewayConfig, client: httpx.AsyncClient, metrics: GatewayMetrics,
+                 tracing: Tracing | None = None) -> None:
+        self.cfg, self.client, self.metrics, self.tracing = cfg, client, metrics, tracing
 
     async def run(self, flight: Flight, call: Call) -> None:
         m = self.metrics
@@ -186,6 +190,9 @@ class Forwarder:
             flight.queue_ms = (time.monotonic() - call.waiter.enqueued) * 1000
             flight.dispatched.set()
             m.queue_time.labels(call.model, call.tenant_class).observe(flight.queue_ms / 1000)
+            if call.span is not None:
+                phase(self.tracing.tracer, call.span, "queue", call.waiter.enqueued, time.monotonic(),
+                      {"conveyor.tenant.class": call.tenant_class})
             t0 = time.monotonic()
             try:
                 await self._forward(flight, call, replica)
@@ -214,11 +221,15 @@ class Forwarder:
         while True:
             tried.append(replica)
             flight.replica = replica.url
-            ok = None
+            ok = outcome = span = None
+            if call.span is not None:
+                span = start_upstream_span(self.tracing.tracer, call.span, replica.url, call.path, len(tried))
             try:
-                ok, outcome, last = await self._attempt(flight, call, replica, last)
+                ok, outcome, last = await self._attempt(flight, call, replica, last, span)
             finally:
                 pool.release(replica, w.cost, ok)
+                if span is not None:
+                    end_upstream_span(span, flight.status if outcome == "done" else last[0], outcome)
             if outcome == "done":
                 return
             failed_after_send += outcome == "failed"
@@ -236,18 +247,20 @@ class Forwarder:
                 return
             replica = nxt
 
-    async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple
+    async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple, span: Any = None
                        ) -> tuple[bool | None, str, tuple]:
         """One try at one replica → (verdict for its breaker, outcome, the error to return if retries run out).
 
         Verdict: True it answered, False it refused the connection (a broken replica, whatever the request), None
         no evidence either way: a 5xx or a connection broken after the request was sent may be the request's own
         doing, so only health checks judge the replica then. Outcome: "done" (the flight is finished), "unsent"
-        (the request never reached the replica) or "failed" (it did, and failed before the first event)."""
+        (the request never reached the replica) or "failed" (it did, and failed before the first event). `span`:
+        this attempt's tracing span, sent as the request's traceparent (None: tracing off)."""
         self.metrics.upstream_requests.labels(call.model).inc()
         req = self.client.build_request("POST", replica.url + call.path, content=call.body,
                                         headers={"content-type": "application/json",
-                                                 "x-request-id": call.request_id, **call.headers})
+                                                 "x-request-id": call.request_id, **call.headers,
+                                                 **(traceparent_headers(span) if span is not None else {})})
         try:
             resp = await self.client.send(req, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
