@@ -235,11 +235,18 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     from conveyor.gateway.app import build_gateway
     from conveyor.gateway.config import ConfigError
     from conveyor.server.logs import setup_json_logging
+    from conveyor.tracing import GATEWAY_SERVICE, init_tracing
 
     setup_json_logging(getattr(logging, a.log_level.upper()))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is the access log's job
     try:
-        gateway = build_gateway(a.config)
+        # a client's traceparent is continued, but whether the request is recorded is the gateway's decision
+        tracing = init_tracing(a.otlp_traces_endpoint, GATEWAY_SERVICE, honour_client_sampling=False)
+    except ValueError as e:
+        print(f"error: --otlp-traces-endpoint: {e}", file=sys.stderr)
+        return 2
+    try:
+        gateway = build_gateway(a.config, tracing)
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -307,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8080, action=Bounded, lo=0, hi=65535)
     gw.add_argument("--log-level", default="info")
+    gw.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                    help="export OpenTelemetry traces over OTLP/HTTP to this collector URL (as on `serve`); off by "
+                         "default")
     gw.set_defaults(func=cmd_gateway)
     add_bench_parser(sub)
     add_autoscale_parser(sub)

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from opentelemetry.trace import Span
 from starlette.requests import ClientDisconnect
 
 from conveyor.gateway.admission import ModelQueue, Waiter
@@ -43,6 +44,7 @@ from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, prompt_floor
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body, valid_request_id
+from conveyor.tracing import Tracing, end_gateway_span, start_gateway_span
 
 log = logging.getLogger("conveyor.gateway")
 access_log = logging.getLogger("conveyor.gateway.access")
@@ -64,6 +66,7 @@ class Ctx:
     joined: str | None = None  # "coalesced" | "idempotent"
     deadline: float | None = None  # monotonic; this client's own, while its flight is queued
     headers: dict[str, str] = field(default_factory=dict)
+    span: Span | None = None  # its tracing span; None: tracing off
 
     @property
     def tenant_class(self) -> str:
@@ -71,13 +74,13 @@ class Ctx:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, config_path: str | None = None) -> None:
-        self.cfg, self.config_path = cfg, config_path
+    def __init__(self, cfg: GatewayConfig, config_path: str | None = None, tracing: Tracing | None = None) -> None:
+        self.cfg, self.config_path, self.tracing = cfg, config_path, tracing
         self.metrics = GatewayMetrics()
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512), trust_env=False)
-        self.forwarder = Forwarder(cfg, self.client, self.metrics)
+        self.forwarder = Forwarder(cfg, self.client, self.metrics, tracing)
         self.limiter = self._limiter(cfg)
         self.pools: dict[str, Pool] = {}
         self.queues: dict[str, ModelQueue] = {}
@@ -248,6 +251,8 @@ class Gateway:
 
     async def proxy(self, request: Request, path: str) -> Response:
         ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
+        if self.tracing is not None:
+            ctx.span = start_gateway_span(self.tracing.tracer, request.headers, path)
         try:
             return await (self._proxy if path.startswith("/v1/") else self._utility)(request, path, ctx)
         except _Reject as e:
@@ -484,7 +489,7 @@ class Gateway:
         flight = Flight(stream)
         waiter = Waiter(tenant.name, tenant.cls, ctx.cost, tenant.weight, affinity, deadline)
         call = Call(model.name, tenant.cls, self.queues[model.name], path, json.dumps(upstream).encode(), waiter,
-                    ctx.rid, stream, _upstream_headers(model))
+                    ctx.rid, stream, _upstream_headers(model), ctx.span)
         flight.task = asyncio.create_task(self.forwarder.run(flight, call))
         return flight
 
@@ -601,6 +606,9 @@ class Gateway:
         if ctx.logged:
             return
         ctx.logged = True
+        if ctx.span is not None:
+            end_gateway_span(ctx.span, status, ctx.rid, ctx.model, ctx.tenant.name if ctx.tenant else None,
+                             ctx.tenant_class, flight, ctx.joined, reason)
         self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(status)).inc()
         entry = {"event": "access", "request_id": ctx.rid, "tenant": ctx.tenant.name if ctx.tenant else None,
                  "tenant_class": ctx.tenant_class, "model": ctx.model, "status": status,
@@ -742,5 +750,5 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def build_gateway(config_path: str) -> Gateway:
-    return Gateway(load_config(config_path), config_path)
+def build_gateway(config_path: str, tracing: Tracing | None = None) -> Gateway:
+    return Gateway(load_config(config_path), config_path, tracing)
