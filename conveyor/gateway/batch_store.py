@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from conveyor.model.builtin import cache_dir
+
 CHUNK_BYTES = 1 << 20
 BUSY_TIMEOUT_S = 30.0
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
@@ -64,6 +66,12 @@ CREATE TABLE IF NOT EXISTS lines(
 CREATE INDEX IF NOT EXISTS lines_by_state ON lines(batch_id, state, idx);
 """
 SCHEMA_VERSION = "1"
+
+
+def default_path() -> Path:
+    """Where the gateway keeps its batch store when batch.db_path is not set: <cache dir>/gateway-batches.sqlite3
+    (cache dir: $CONVEYOR_CACHE_DIR, else $XDG_CACHE_HOME/conveyor, else ~/.cache/conveyor)."""
+    return cache_dir() / "gateway-batches.sqlite3"
 
 
 class BatchStoreError(ValueError):
