@@ -30,9 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from opentelemetry.trace import Span
 from starlette.requests import ClientDisconnect
 
+from conveyor.gateway import batch_api
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
 from conveyor.gateway.body import BodyError, Parsed, parse_body, parse_object
+from conveyor.gateway.batch_store import BatchStore, default_path
 from conveyor.gateway.budget import budget, check_fits, least_limit
 from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
                                      replica_url)
@@ -90,6 +92,7 @@ class Gateway:
                                             cfg.idempotency_max_bytes)
         self.cpu = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="gateway-cpu")  # parse, tokenize
         self.background: set[asyncio.Task] = set()
+        self.batch_store: BatchStore | None = None  # opened at start (_lifespan)
         self.app = self._build_app()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class Gateway:
         app.add_api_route("/admin/replicas", self.admin_add, methods=["POST"])
         app.add_api_route("/admin/replicas/drain", self.admin_drain, methods=["POST"])
         app.add_api_route("/admin/replicas", self.admin_remove, methods=["DELETE"])
+        batch_api.install(app, self)
         return app
 
     @contextlib.asynccontextmanager
@@ -116,6 +120,7 @@ class Gateway:
         self.apply(self.cfg)
         for m in self.cfg.models:  # load tokenizers now, not on the first request
             await asyncio.to_thread(load_tokenizer, m.tokenizer)
+        self.batch_store = await asyncio.to_thread(BatchStore, self.cfg.batch.db_path or default_path())
         loop = asyncio.get_running_loop()
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -127,6 +132,7 @@ class Gateway:
         await self.limiter.close()
         await self.client.aclose()
         self.cpu.shutdown(wait=False, cancel_futures=True)
+        self.batch_store.close()
 
     def _limiter(self, cfg: GatewayConfig):
         if not cfg.redis_url:
