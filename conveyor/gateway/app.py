@@ -259,8 +259,14 @@ class Gateway:
         ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
         if self.tracing is not None:
             ctx.span = start_gateway_span(self.tracing.tracer, request.headers, path)
+        handler = self._proxy if path.startswith("/v1/") else self._utility
+        return await self._guarded(ctx, handler(request, path, ctx))
+
+    async def _guarded(self, ctx: Ctx, work) -> Response:
+        """The response of the coroutine `work`; a refusal or a bug answered with OpenAI's error JSON. Whatever
+        happens, what ctx holds (slot, reservation) is freed exactly once."""
         try:
-            return await (self._proxy if path.startswith("/v1/") else self._utility)(request, path, ctx)
+            return await work
         except _Reject as e:
             self._release(ctx, 0)
             return self._reject(ctx, e)
@@ -273,25 +279,12 @@ class Gateway:
 
     async def _proxy(self, request: Request, path: str, ctx: Ctx) -> Response:
         """Raises _Reject for every refusal; whatever it raises, proxy() frees what ctx holds."""
-        cfg = self.cfg
         tenant = await self._admit_client(request, ctx)
         parsed = await self._parse(request, parse_body, path.endswith("/chat/completions"))
-        body = parsed.body
-        model = await self._route(request, parsed, tenant)
+        model = await self._route(parsed, tenant, request.headers.get("x-conveyor-route"))
         ctx.model = model.name
-        stream, include_usage, coalescable = parsed.stream, parsed.include_usage, parsed.coalescable
-        salt = tenant_cache_salt(tenant.name, parsed.cache_salt)  # prefix-cache hits only within this tenant
-        # the replica's priority is the tenant's class rank (interactive first), never the client's: no tenant can
-        # reorder another's work queued at a replica
-        upstream = dict(body, model=model.upstream_model, cache_salt=salt, priority=CLASSES.index(tenant.cls))
-        if stream:  # usage settles the tokens; the client's other stream options go as sent
-            so = body.get("stream_options")
-            upstream["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
-        # identical deterministic requests share one generation; the key holds every field that can change the
-        # response, stream included, so each client gets the replica's response exactly as it would alone
-        request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": stream})
-        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": parsed.digest,
-                              "stream": stream})
+        # the same request (every field that can change the response, stream included) for Idempotency-Key
+        request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": parsed.stream})
         ctx.deadline = self._deadline(request, tenant)
 
         idem = request.headers.get("idempotency-key")
@@ -301,7 +294,28 @@ class Gateway:
             self.metrics.idempotent_replays.labels(model.name).inc()
             ctx.joined = "idempotent"
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
-            return await self._respond(request, ctx, flight, stream, include_usage, path)
+            return await self._respond(request, ctx, flight, parsed.stream, parsed.include_usage, path)
+        flight = await self._launch(ctx, tenant, model, parsed, path)
+        if idem:
+            self.idempotency.put(tenant.name, idem, request_hash, flight)
+        return await self._respond(request, ctx, flight, parsed.stream, parsed.include_usage, path)
+
+    async def _launch(self, ctx: Ctx, tenant: TenantConfig, model: ModelConfig, parsed: Parsed, path: str) -> Flight:
+        """Count the prompt, refuse what the replica surely would, reserve the tokens, then join an identical
+        generation in flight or start one (queue → replica → response). Shared by HTTP requests and batch lines
+        (dispatch_line); raises _Reject, and ctx holds the reservation for the caller to settle."""
+        cfg, body = self.cfg, parsed.body
+        salt = tenant_cache_salt(tenant.name, parsed.cache_salt)  # prefix-cache hits only within this tenant
+        # the replica's priority is the tenant's class rank (interactive first), never the client's: no tenant can
+        # reorder another's work queued at a replica
+        upstream = dict(body, model=model.upstream_model, cache_salt=salt, priority=CLASSES.index(tenant.cls))
+        if parsed.stream:  # usage settles the tokens; the client's other stream options go as sent
+            so = body.get("stream_options")
+            upstream["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+        # identical deterministic requests share one generation; the key holds every field that can change the
+        # response, stream included, so each client gets the replica's response exactly as it would alone
+        coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": parsed.digest,
+                              "stream": parsed.stream})
 
         known = self.pools[model.name].max_model_len()
         prompt_tokens = await self._count(parsed, model.tokenizer)
@@ -312,22 +326,20 @@ class Gateway:
             upstream["max_completion_tokens" if parsed.chat else "max_tokens"] = b.max_tokens
         await self._reserve(ctx, tenant, b.reserve)
 
-        flight = self.coalescing.get(coalesce_key) if coalescable else None
+        flight = self.coalescing.get(coalesce_key) if parsed.coalescable else None
         if flight is not None and not flight.done:
             self.metrics.coalesced.labels(model.name).inc()
             ctx.joined = "coalesced"
-        else:
-            # a shared flight has no one client's deadline: each client keeps its own (see _respond)
-            flight = self._start(model, tenant, path, upstream, stream, ctx,
-                                 None if coalescable else ctx.deadline,
-                                 affinity_key(parsed.text, cfg.affinity_prefix_chars, salt))
-            if coalescable:
-                self.coalescing[coalesce_key] = flight
-                flight.task.add_done_callback(lambda _t, k=coalesce_key, f=flight: self.coalescing.pop(k, None)
-                                              if self.coalescing.get(k) is f else None)
-        if idem:
-            self.idempotency.put(tenant.name, idem, request_hash, flight)
-        return await self._respond(request, ctx, flight, stream, include_usage, path)
+            return flight
+        # a shared flight has no one client's deadline: each client keeps its own (see _respond)
+        flight = self._start(model, tenant, path, upstream, parsed.stream, ctx,
+                             None if parsed.coalescable else ctx.deadline,
+                             affinity_key(parsed.text, cfg.affinity_prefix_chars, salt))
+        if parsed.coalescable:
+            self.coalescing[coalesce_key] = flight
+            flight.task.add_done_callback(lambda _t, k=coalesce_key, f=flight: self.coalescing.pop(k, None)
+                                          if self.coalescing.get(k) is f else None)
+        return flight
 
     async def _utility(self, request: Request, path: str, ctx: Ctx) -> Response:
         """/tokenize and /detokenize: the body goes as sent (but for the model's upstream name) to a replica of its
@@ -343,6 +355,41 @@ class Gateway:
         flight = self._start(model, tenant, path, dict(body, model=model.upstream_model), False, ctx, ctx.deadline,
                              None)
         return await self._respond(request, ctx, flight, False, False, path)
+
+    # ---- batch lines (see batch_worker.py) ---------------------------------------------------------------------
+    async def dispatch_line(self, tenant: TenantConfig, path: str, body: dict, request_id: str,
+                            deadline: float | None) -> tuple[int, dict]:
+        """Send one batch line the way an HTTP request goes (routing, budget and rate limits, dispatch queue,
+        replica pick, failover, settlement, access log, metrics) but at class `batch` whatever the tenant's class,
+        never streamed, and without a concurrency slot (the batch worker bounds its own concurrency). `path` is
+        the line's url, `deadline` monotonic seconds (None: none). Returns (HTTP status, JSON body: the replica's
+        answer or OpenAI's error object); raises only when cancelled."""
+        ctx = Ctx(rid=request_id, started=time.monotonic(), tenant=tenant.model_copy(update={"cls": "batch"}))
+        resp = await self._guarded(ctx, self._line(ctx, path, body, deadline))
+        try:
+            out = json.loads(resp.body)
+        except ValueError:
+            out = None
+        if not isinstance(out, dict):  # a replica's 200 that is not a JSON object: a fault, retried later
+            return 502, json.loads(error_body(502, "the replica's answer is not a JSON object", "upstream_error"))
+        return resp.status_code, out
+
+    async def _line(self, ctx: Ctx, path: str, body: dict, deadline: float | None) -> Response:
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            raise _Reject(400, "bad_request", f"the url {path[:100]!r} is not one the batch API serves "
+                          "(/v1/completions, /v1/chat/completions)", "invalid_url", param="url")
+        raw = json.dumps(body).encode()
+        try:
+            parsed = await self._cpu(len(raw) > INLINE_BODY_BYTES, parse_body, raw, path.endswith("/chat/completions"))
+        except BodyError as e:
+            raise _Reject(400, "bad_request", e.message, e.code, param=e.param) from None
+        if parsed.stream:
+            raise _Reject(400, "bad_request", "a batch request cannot stream", "invalid_request", param="stream")
+        tenant = ctx.tenant
+        model = await self._route(parsed, tenant, None)
+        ctx.model, ctx.deadline = model.name, deadline
+        flight = await self._launch(ctx, tenant, model, parsed, path)
+        return await self._respond(None, ctx, flight, False, False, path)
 
     async def _admit_client(self, request: Request, ctx: Ctx) -> TenantConfig:
         """The request id, the tenant (401) and one of its concurrency slots (429), before any CPU is spent on the
@@ -447,7 +494,8 @@ class Gateway:
         except BodyError as e:
             raise _Reject(400, "bad_request", e.message, e.code, param=e.param) from None
 
-    async def _route(self, request: Request, parsed: Parsed, tenant: TenantConfig) -> ModelConfig:
+    async def _route(self, parsed: Parsed, tenant: TenantConfig, hint: str | None) -> ModelConfig:
+        """The model the request goes to; `hint` is the X-Conveyor-Route header (auto routing only)."""
         cfg, name = self.cfg, parsed.model
         if name == "auto" and cfg.auto_route is not None:
             if not cfg.may_use(tenant, name):
@@ -459,7 +507,7 @@ class Gateway:
                 return q.overloaded(cfg.auto_route.degrade_queue_ratio) or not q.pool.usable()
 
             limit = parsed.max_tokens if parsed.max_tokens is not None else parsed.replica_max_tokens
-            model, _why = auto_route(cfg, tokens, limit, request.headers.get("x-conveyor-route"), tenant, overloaded)
+            model, _why = auto_route(cfg, tokens, limit, hint, tenant, overloaded)
             return model
         return self._named_model(name, tenant)
 
@@ -508,8 +556,9 @@ class Gateway:
         return _Reject(429, f"rate_limit_{what}", f"Rate limit reached for {what} per minute; retry in "
                        f"{d.retry_after_s:.1f}s", "rate_limit_exceeded", d.headers())
 
-    async def _respond(self, request: Request, ctx: Ctx, flight: Flight, stream: bool, include_usage: bool,
+    async def _respond(self, request: Request | None, ctx: Ctx, flight: Flight, stream: bool, include_usage: bool,
                        path: str) -> Response:
+        """Wait for the flight and answer this client (request None: a batch line, which has no connection)."""
         assert flight.stream or not stream
         flight.subscribe()
         try:
@@ -738,8 +787,10 @@ async def _client_wait(ctx: Ctx, flight: Flight, stream: bool) -> bool:
     return True
 
 
-async def _until_disconnect(request: Request, aw):
+async def _until_disconnect(request: Request | None, aw):
     """aw's result, unless the client disconnects first (then aw is cancelled and None returned)."""
+    if request is None:
+        return await aw
     task = asyncio.ensure_future(aw)
     gone = asyncio.create_task(_wait_disconnect(request))
     try:
