@@ -35,6 +35,7 @@ from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.auth import bearer_key, find_tenant, key_matches, replica_label, tenant_cache_salt
 from conveyor.gateway.body import BodyError, Parsed, parse_body, parse_object
 from conveyor.gateway.batch_store import BatchStore, default_path
+from conveyor.gateway.batch_worker import BatchWorker
 from conveyor.gateway.budget import budget, check_fits, least_limit
 from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
                                      replica_url)
@@ -93,6 +94,7 @@ class Gateway:
         self.cpu = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="gateway-cpu")  # parse, tokenize
         self.background: set[asyncio.Task] = set()
         self.batch_store: BatchStore | None = None  # opened at start (_lifespan)
+        self.batch_worker: BatchWorker | None = None  # started with the store
         self.app = self._build_app()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -121,12 +123,15 @@ class Gateway:
         for m in self.cfg.models:  # load tokenizers now, not on the first request
             await asyncio.to_thread(load_tokenizer, m.tokenizer)
         self.batch_store = await asyncio.to_thread(BatchStore, self.cfg.batch.db_path or default_path())
+        self.batch_worker = BatchWorker(self, self.batch_store)
+        self.batch_worker.start()
         loop = asyncio.get_running_loop()
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         yield
         if self.config_path is not None:
             loop.remove_signal_handler(signal.SIGHUP)
+        await self.batch_worker.stop()  # its lines in flight stay queued in the store
         for pool in self.pools.values():
             await pool.close()
         await self.limiter.close()
@@ -206,6 +211,8 @@ class Gateway:
             m.in_flight.labels(name).set(sum(r.in_flight for r in pool.replicas.values()))
             for state, n in pool.states().items():
                 m.replicas.labels(name, state).set(n)
+        if self.batch_worker is not None:
+            await self.batch_worker.refresh_metrics()
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:

@@ -1,0 +1,243 @@
+"""The batch worker: feeds the lines of in-progress batches to the replicas at class `batch`, in the capacity
+interactive traffic leaves idle, and records each answer exactly once.
+
+One asyncio task in the gateway. Each pass reads the active batches (oldest first, a rotating start for fairness),
+takes their queued lines that are not in flight, and sends each through `Gateway.dispatch_line` (routing, rate limits,
+the dispatch queue, replica pick, failover, settlement: the HTTP path, at class `batch`). Cancelling batches get no
+new line. Then `finalize_ready` ends the batches that are done, expired, or cancelling with no line in flight. A pass
+runs when a line ends or every POLL_S.
+
+When a model gets a new line (the backoff rule), per model:
+- at most `window` of its lines in flight; the window starts at `batch.max_in_flight` and grows by one per line
+  answered, up to it (additive increase);
+- none is sent while an interactive request waits in the model's dispatch queue (`interactive_waiting`), or a
+  replica's fresh /metrics shows requests waiting in its engine queue (`replica_busy`): interactive traffic needs the
+  capacity. The window is then halved (at most once per CUT_EVERY_S), down to 1 (multiplicative decrease); lines
+  already in flight finish (they run at the replica's batch priority);
+- none beyond the gateway's free replica slots (`max_in_flight_per_replica` minus what is in flight): a batch line
+  never waits in the dispatch queue ahead of capacity; but with no usable replica at all one line is sent, so that
+  the queue shows the demand (an autoscaler scaled to zero starts a replica);
+- a retryable outcome (429 but `request_too_large`, 408, 5xx, a connection error: the gateway's 502/503) leaves the
+  line queued, never recorded: the window is halved and the model paused for an exponential backoff with full jitter
+  (BACKOFF_BASE_S doubling up to BACKOFF_MAX_S; a success resets it). Any other answer (2xx, 4xx) is final and goes to
+  the output or error file.
+
+Exactly once: `record_result` stores only the first answer of a line. After a crash the queued lines are picked up
+again; a line that was in flight is sent again, and whichever answer is recorded first is the only one kept.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from conveyor.gateway.batch_store import BatchStore, Line
+from conveyor.gateway.picker import METRICS_MAX_AGE_S
+
+if TYPE_CHECKING:
+    from conveyor.gateway.app import Gateway
+
+log = logging.getLogger("conveyor.gateway.batch")
+
+POLL_S = 0.5  # a pass at least this often (new batches, expiry, cancellations)
+CUT_EVERY_S = 1.0  # the window is halved at most this often (replica metrics are scraped every 0.5 s)
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+UNKNOWN = "unknown"  # the metric label of a line whose model is not configured (answered 404 at once)
+
+
+def retry_reason(status: int, body: dict) -> str | None:
+    """Why an answer is to be retried later (a backoff reason), or None when it is final (2xx, and 4xx but 408, 429
+    and 499; a 429 `request_too_large` is final: waiting never helps)."""
+    if status == 429:
+        err = body.get("error")
+        return None if isinstance(err, dict) and err.get("code") == "request_too_large" else "rejected"
+    if status == 408:
+        return "deadline"
+    if status == 503:
+        return "rejected"  # shed, no replica, rate-limit store down: the gateway's own refusals
+    if status >= 500 or status == 499:  # 499: the line's flight was cancelled (the gateway is stopping)
+        return "upstream_error"
+    return None
+
+
+@dataclass
+class ModelState:
+    """The worker's view of one model: its window, its lines in flight, its backoff."""
+    window: int
+    in_flight: int = 0
+    paused_until: float = 0.0  # monotonic
+    failures: int = 0  # consecutive retryable outcomes
+    last_cut: float = -1e9
+    held: str | None = None  # why no line may start now (counted once per hold in batch_backoffs)
+
+
+@dataclass
+class BatchWorker:
+    gateway: Gateway
+    store: BatchStore
+    models: dict[str, ModelState] = field(default_factory=dict)
+    in_flight: dict[str, set[int]] = field(default_factory=dict)  # batch id → line indices at replicas
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    turn: int = 0  # rotates which batch is served first
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        assert self.task is None
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        """Cancel the loop and the lines in flight (they stay queued: the next start sends them again)."""
+        for t in [self.task, *self.tasks]:
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(*(t for t in [self.task, *self.tasks] if t is not None), return_exceptions=True)
+
+    async def run(self) -> None:
+        """Pass after pass until cancelled; a pass that fails (a database error) is logged and retried."""
+        while True:
+            try:
+                await self.step()
+            except Exception:  # noqa: BLE001 - the worker must outlive a bad pass (disk full, a locked database)
+                log.exception(json.dumps({"event": "batch_worker_error"}))
+                self.metrics.batch_backoffs.labels("store_error").inc()
+                await asyncio.sleep(BACKOFF_BASE_S * 4)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), POLL_S)
+            self.wake.clear()
+
+    @property
+    def metrics(self):
+        return self.gateway.metrics
+
+    @property
+    def cap(self) -> int:
+        """batch.max_in_flight: lines of one model in flight at most (read at each use: a reload may change it)."""
+        return self.gateway.cfg.batch.max_in_flight
+
+    async def step(self) -> None:
+        """One pass: send what the backoff rule allows, then end the batches that are done."""
+        batches = await asyncio.to_thread(self.store.active_batches)
+        live = [b for b in batches if b["status"] == "in_progress" and b["expires_at"] > time.time()]
+        if live:
+            self.turn = (self.turn + 1) % len(live)
+            room = {name: self._room(name) for name in self.gateway.pools}
+            room[UNKNOWN] = self.cap - self._state(UNKNOWN).in_flight
+            for b in live[self.turn:] + live[:self.turn]:
+                if sum(room.values()) <= 0:
+                    break
+                await self._fill(b, room)
+        busy = {b for b, idx in self.in_flight.items() if idx}
+        await asyncio.to_thread(self.store.finalize_ready, None, busy)
+        self.metrics.batch_lines_in_flight.set(sum(map(len, self.in_flight.values())))
+
+    async def _fill(self, batch: dict, room: dict[str, int]) -> None:
+        tenant = next((t for t in self.gateway.cfg.tenants if t.name == batch["tenant"]), None)
+        if tenant is None:  # removed from the config: its lines wait (a reload may bring it back) or expire
+            return
+        inflight = self.in_flight.setdefault(batch["id"], set())
+        lines = await asyncio.to_thread(self.store.pending_lines, batch["id"], self.cap * 2,
+                                        set(inflight))
+        for line in lines:
+            name = self._model_of(line)
+            if room.get(name, 0) <= 0:
+                continue
+            room[name] -= 1
+            inflight.add(line.idx)
+            self._state(name).in_flight += 1
+            task = asyncio.create_task(self._send(batch, tenant, line, name))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _model_of(self, line: Line) -> str:
+        """The pool a line goes to (its model's name; `auto`: the large model), UNKNOWN for a model not configured."""
+        cfg, name = self.gateway.cfg, line.body.get("model")
+        if name == "auto" and cfg.auto_route is not None:
+            name = cfg.auto_route.large
+        model = cfg.model(name) if isinstance(name, str) else None
+        return model.name if model is not None and model.name in self.gateway.pools else UNKNOWN
+
+    def _state(self, name: str) -> ModelState:
+        if name not in self.models:
+            self.models[name] = ModelState(window=self.cap)
+        st = self.models[name]
+        st.window = min(st.window, self.cap)  # a reload may have lowered the cap
+        return st
+
+    def _room(self, name: str) -> int:
+        """How many more lines of model `name` may start now (the backoff rule in the module docstring)."""
+        st, now = self._state(name), time.monotonic()
+        if now < st.paused_until:
+            return 0
+        queue, pool = self.gateway.queues[name], self.gateway.pools[name]
+        if not pool.usable():
+            return self._hold(st, None, 1 - st.in_flight)
+        first = queue.queue.peek()
+        if first is not None and first.cls == "interactive":
+            return self._hold(st, "interactive_waiting", 0, cut=True)
+        routable = [r for r in pool.replicas.values() if r.routable(now)]
+        if any(now - r.metrics_at <= METRICS_MAX_AGE_S and r.metrics.get("waiting", 0) > 0 for r in routable):
+            return self._hold(st, "replica_busy", 0, cut=True)
+        free = sum(max(0, pool.max_in_flight - r.in_flight) for r in routable)
+        return self._hold(st, None, min(st.window - st.in_flight, free))
+
+    def _hold(self, st: ModelState, reason: str | None, room: int, cut: bool = False) -> int:
+        """room (at least 0); when a reason holds the model back, count it once per hold and maybe halve its
+        window."""
+        if reason is not None and st.held != reason:
+            self.metrics.batch_backoffs.labels(reason).inc()
+        st.held = reason
+        if cut:
+            self._cut(st)
+        return max(0, room)
+
+    def _cut(self, st: ModelState) -> None:
+        now = time.monotonic()
+        if now - st.last_cut >= CUT_EVERY_S:
+            st.window, st.last_cut = max(1, st.window // 2), now
+
+    async def _send(self, batch: dict, tenant, line: Line, name: str) -> None:
+        """Dispatch one line and record a final answer; a retryable one only backs the model off."""
+        st = self._state(name)
+        rid = f"{line.batch_id}-{line.idx}-{uuid.uuid4().hex[:12]}"  # a new id per attempt (a resend is visible)
+        deadline = time.monotonic() + max(0.0, batch["expires_at"] - time.time())
+        try:
+            status, body = await self.gateway.dispatch_line(tenant, line.url, line.body, rid, deadline)
+            reason = retry_reason(status, body)
+            if reason is not None:
+                self._backoff(st, reason)
+                return
+            if await asyncio.to_thread(self.store.record_result, line.batch_id, line.idx, status, body, rid):
+                outcome = "completed" if 200 <= status < 300 else "failed"
+                self.metrics.batch_lines.labels(name, outcome).inc()
+            st.failures = 0
+            st.window = min(self.cap, st.window + 1)
+        except Exception:  # noqa: BLE001 - a database error: the line stays queued and is sent again later
+            log.exception(json.dumps({"event": "batch_line_error", "batch_id": line.batch_id, "idx": line.idx}))
+            self._backoff(st, "store_error")
+        finally:
+            st.in_flight -= 1
+            self.in_flight[line.batch_id].discard(line.idx)
+            self.wake.set()
+
+    def _backoff(self, st: ModelState, reason: str) -> None:
+        self.metrics.batch_backoffs.labels(reason).inc()
+        st.failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (st.failures - 1))
+        st.paused_until = max(st.paused_until, time.monotonic() + random.uniform(0, delay))
+        self._cut(st)
+
+    async def refresh_metrics(self) -> None:
+        """Set the batch gauges from the store (before /metrics is rendered)."""
+        counts = await asyncio.to_thread(self.store.counts)
+        self.metrics.batch_lines_queued.set(counts["lines_queued"])
+        for status, n in counts["batches"].items():
+            self.metrics.batches.labels(status).set(n)
+        self.metrics.batch_lines_in_flight.set(sum(map(len, self.in_flight.values())))
