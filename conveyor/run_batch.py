@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -82,7 +83,7 @@ def parse_line(no: int, text: str) -> Request | BadLine:
     try:
         obj = json.loads(text)
     except ValueError as e:
-        return BadLine(no, None, "invalid_json_line", f"line {no}: not valid JSON ({_reason(e)})")
+        return BadLine(no, None, "invalid_json", f"line {no}: not valid JSON ({_reason(e)})")
     if not isinstance(obj, dict):
         return BadLine(no, None, "invalid_request", f"line {no}: not a JSON object")
     cid = obj.get("custom_id")
@@ -330,6 +331,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """The loggers named log warnings and errors only, for the duration."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def cmd_run_batch(a: argparse.Namespace) -> int:
     """Exit 0 once every line is answered (requests the server refused included), 2 for a problem with the files
     or flags (nothing runs), 1 when the engine failed or the run was interrupted (rerun to resume)."""
@@ -352,11 +367,10 @@ def cmd_run_batch(a: argparse.Namespace) -> int:
 
 
 def _run(a: argparse.Namespace, server, todo: list[Request | BadLine], total: int) -> int:
-    for name in ("conveyor.requests", "httpx"):  # a log line per request would bury the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
     writer, progress = Writer(a.output_file), Progress(total, total - len(todo), not a.disable_tqdm)
     try:
-        asyncio.run(run_all(server, todo, writer, a.max_concurrency, progress))
+        with _quiet("conveyor.requests", "httpx"):  # a log line per request would bury the progress bar
+            asyncio.run(run_all(server, todo, writer, a.max_concurrency, progress))
     except (EngineFailed, KeyboardInterrupt) as e:
         reason = f"the engine failed ({e})" if isinstance(e, EngineFailed) else "interrupted"
         print(f"error: {reason}; {progress.done} of {total} lines are answered in {a.output_file}: run the same "
