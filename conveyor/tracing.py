@@ -1,8 +1,10 @@
 """OpenTelemetry tracing across gateway → replica → engine, exported over OTLP/HTTP.
 
 Off unless an endpoint is configured (`--otlp-traces-endpoint`, vLLM's flag): then `init_tracing` makes an SDK
-tracer provider with a batch span processor (export runs on its own thread) and sets it as the global one; without
-an endpoint no provider exists and a request costs one `if`. W3C `traceparent` carries the trace between processes.
+tracer provider with a batch span processor (export runs on its own thread); without an endpoint no provider exists
+and a request costs one `if`. The provider is not made the global one: FastAPI instruments itself with the global
+provider (a span per dependency and per /health poll, exception messages that may quote a request). W3C
+`traceparent` carries the trace between processes.
 
 Spans (attributes carry lengths, counts, sampling parameters and timings, never prompt or output text):
 
@@ -74,7 +76,6 @@ def init_tracing(endpoint: str | None, service_name: str, honour_client_sampling
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}),
                               sampler=None if honour_client_sampling else ALWAYS_ON)  # None: OTEL_TRACES_SAMPLER
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint(endpoint))))
-    trace.set_tracer_provider(provider)
     return Tracing(provider.get_tracer("conveyor"), provider)
 
 
