@@ -236,10 +236,10 @@ class BatchStore:
     def _put_chunk(self, c: sqlite3.Connection, file_id: str, seq: int, data: bytes) -> None:
         c.execute("INSERT INTO file_chunks VALUES (?,?,?)", (file_id, seq, data))
 
-    def _file_row(self, c: sqlite3.Connection, tenant: str, file_id: str) -> sqlite3.Row:
+    def _file_row(self, c: sqlite3.Connection, tenant: str, file_id: str, param: str = "file_id") -> sqlite3.Row:
         row = c.execute("SELECT * FROM files WHERE id=? AND tenant=?", (file_id, tenant)).fetchone()
         if row is None:
-            raise NotFound(f"No such File object: {file_id[:100]}", "file_id", "file_not_found")
+            raise NotFound(f"No such File object: {file_id[:100]}", param, "file_not_found")
         return row
 
     def get_file(self, tenant: str, file_id: str) -> dict:
@@ -288,7 +288,7 @@ class BatchStore:
         now = int(now if now is not None else time.time())
         batch_id = "batch_" + secrets.token_hex(16)
         with self._write() as c:
-            f = self._file_row(c, tenant, input_file_id)
+            f = self._file_row(c, tenant, input_file_id, "input_file_id")
             if f["purpose"] != "batch":
                 raise BatchStoreError(f"the file {input_file_id} has purpose {f['purpose']!r}; a batch needs a file "
                                       "of purpose 'batch'", "input_file_id", "invalid_file_purpose")
