@@ -188,16 +188,25 @@ def test_one_trace_from_the_client_through_gateway_replica_and_engine(receiver, 
         assert secret.encode() not in raw
 
 
-def test_the_gateway_records_even_when_the_client_says_not_sampled(receiver, gateway):
-    """The operator's tracing is not the client's to switch off: its trace id is continued all the same."""
+def test_streams_not_sampled_and_malformed_traceparents(receiver, gateway):
+    """A stream is traced like any request. The operator's tracing is not the client's to switch off: a
+    not-sampled traceparent is recorded, its trace id continued; a malformed one starts a new trace."""
     trace_id = "0af7651916cd43dd8448eb211c80319c"
-    r = httpx.post(f"{gateway.base_url}/v1/completions", timeout=30,
-                   json={"model": "m", "prompt": "hi", "max_tokens": 2},
-                   headers={"authorization": f"Bearer {KEY}", "traceparent": f"00-{trace_id}-b7ad6b7169203331-00"})
-    assert r.status_code == 200
-    spans = receiver.wait_for(lambda ss: {"POST /v1/completions", "llm_request"} <=
+    for traceparent, rid in ((f"00-{trace_id}-b7ad6b7169203331-00", "not-sampled"), ("00-zz-bad", "malformed")):
+        r = httpx.post(f"{gateway.base_url}/v1/chat/completions", timeout=30,
+                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                             "ignore_eos": True, "stream": True},
+                       headers={"authorization": f"Bearer {KEY}", "traceparent": traceparent, "x-request-id": rid})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    spans = receiver.wait_for(lambda ss: {"POST /v1/chat/completions", "llm_request"} <=
                               {s["name"] for s in ss if s["trace_id"] == trace_id})
-    assert by(spans, "conveyor-gateway", "POST /v1/completions", trace_id)["parent"] == "b7ad6b7169203331"
+    gw = by(spans, "conveyor-gateway", "POST /v1/chat/completions", trace_id)
+    assert gw["parent"] == "b7ad6b7169203331" and gw["attrs"]["http.response.status_code"] == 200
+    assert by(spans, "conveyor-replica", "llm_request", trace_id)["attrs"]["gen_ai.usage.completion_tokens"] == 2
+    spans = receiver.wait_for(lambda ss: any(s["attrs"].get("gen_ai.request.id") == "malformed" and
+                                             s["service"] == "conveyor-gateway" for s in ss))
+    assert [s["parent"] for s in spans if s["attrs"].get("gen_ai.request.id") == "malformed" and
+            s["service"] == "conveyor-gateway"] == [""]
 
 
 def test_with_tracing_off_no_span_is_made_and_no_traceparent_forwarded(receiver, replica):
