@@ -225,7 +225,9 @@ class Progress:
         self.t0 = time.monotonic()
         self.done = done
         self.tokens = 0
-        self.errors = 0
+        self.errors = 0  # answers that are errors (bad lines, 4xx)
+        self.failed = 0  # requests the server failed (5xx), not answered
+        self.first_failure: str | None = None
 
     def line_done(self, tokens: int, ok: bool) -> None:
         self.done += 1
@@ -233,6 +235,14 @@ class Progress:
         self.errors += not ok
         self.bar.set_postfix_str(f"{self.tokens_per_s:.1f} tok/s", refresh=False)
         self.bar.update(1)
+
+    def server_error(self, req: Request, body: object) -> None:
+        """A request the server failed (5xx): counted, the first one's message kept for the final report."""
+        self.failed += 1
+        if self.first_failure is None:
+            error = body.get("error") if isinstance(body, dict) else None
+            message = error.get("message") if isinstance(error, dict) else str(body)[:200]
+            self.first_failure = f"custom_id {req.custom_id[:100]!r}: {message}"
 
     @property
     def tokens_per_s(self) -> float:
@@ -270,6 +280,9 @@ async def _worker(client, queue: list[Request], writer: Writer, progress: Progre
     while queue:
         req = queue.pop()
         request_id, status, body = await _post(client, req)
+        if status >= 500:  # the server failed, not the request: no answer is written, a rerun tries it again
+            progress.server_error(req, body)
+            continue
         writer.write(response_record(req, request_id, status, body))
         usage = body.get("usage") if isinstance(body, dict) else None
         progress.line_done(usage.get("completion_tokens", 0) if isinstance(usage, dict) else 0, ok=status == 200)
@@ -346,8 +359,9 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def cmd_run_batch(a: argparse.Namespace) -> int:
-    """Exit 0 once every line is answered (requests the server refused included), 2 for a problem with the files
-    or flags (nothing runs), 1 when the engine failed or the run was interrupted (rerun to resume)."""
+    """Exit 0 once every line is answered (requests the server refused with a 4xx included), 2 for a problem with
+    the files or flags (nothing runs), 1 when lines are left unanswered: the server failed them (5xx), the engine
+    stopped, or the run was interrupted (rerun to resume)."""
     try:
         items = parse_lines(read_input(a.input_file))
         done = prepare_output(a.output_file, a.input_file)
@@ -368,19 +382,27 @@ def cmd_run_batch(a: argparse.Namespace) -> int:
 
 def _run(a: argparse.Namespace, server, todo: list[Request | BadLine], total: int) -> int:
     writer, progress = Writer(a.output_file), Progress(total, total - len(todo), not a.disable_tqdm)
+    stopped = None
     try:
         with _quiet("conveyor.requests", "httpx"):  # a log line per request would bury the progress bar
             asyncio.run(run_all(server, todo, writer, a.max_concurrency, progress))
-    except (EngineFailed, KeyboardInterrupt) as e:
-        reason = f"the engine failed ({e})" if isinstance(e, EngineFailed) else "interrupted"
-        print(f"error: {reason}; {progress.done} of {total} lines are answered in {a.output_file}: run the same "
-              f"command again to answer the rest", file=sys.stderr)
-        return 1
+    except EngineFailed as e:
+        stopped = f"the engine stopped ({e})"
+    except KeyboardInterrupt:
+        stopped = "interrupted"
     finally:
         writer.close()
-        progress.close()
+        progress.close()  # before anything else is printed: the bar's last refresh would follow it
+    if stopped is not None:
+        print(f"error: {stopped}; {progress.done} of {total} lines are answered in {a.output_file}: run the same "
+              f"command again to answer the rest", file=sys.stderr)
+        return 1
     elapsed = time.monotonic() - progress.t0
-    print(f"# {len(todo)} lines answered ({progress.errors} with an error) in {elapsed:.2f}s, {progress.tokens} "
-          f"tokens generated ({progress.tokens_per_s:.1f} tokens/s); {total} lines in {a.output_file}",
-          file=sys.stderr)
+    print(f"# {progress.done - (total - len(todo))} lines answered ({progress.errors} with an error) in "
+          f"{elapsed:.2f}s, {progress.tokens} tokens generated ({progress.tokens_per_s:.1f} tokens/s); "
+          f"{progress.done} of {total} lines in {a.output_file}", file=sys.stderr)
+    if progress.failed:
+        print(f"error: the server failed {progress.failed} requests (first: {progress.first_failure}); they are not "
+              f"in {a.output_file}: run the same command again to retry them", file=sys.stderr)
+        return 1
     return 0

@@ -133,6 +133,35 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert all(r["response"]["status_code"] == 200 for r in read(out))
 
 
+@pytest.mark.parametrize("device_broken", [False, True])
+def test_lines_the_server_fails_are_left_for_a_rerun(tmp_path, capsys, monkeypatch, device_broken):
+    """A forward that raises for one request (a 500) or for good (the engine stops): those lines get no answer,
+    exit 1, and a rerun answers them."""
+    from conveyor.model.runner import ModelRunner
+
+    poison, execute, broken = [7, 7, 7, 7], ModelRunner.execute, []
+
+    def faulty(self, scheduled, *args, **kwargs):
+        if broken or any(s.seq.token_ids[:4] == poison for s in scheduled):
+            broken.extend([True] if device_broken else [])
+            raise RuntimeError("injected fault")
+        return execute(self, scheduled, *args, **kwargs)
+
+    ok = [completion(f"f{i}") for i in range(8)]
+    bad = [line("poison", prompt=poison, max_tokens=4)]
+    monkeypatch.setattr(ModelRunner, "execute", faulty)
+    rc, out = run(tmp_path, bad + ok if device_broken else ok + bad, "--max-concurrency", "1")  # in input order
+    assert rc == 1 and sorted(r["custom_id"] for r in out) == ([] if device_broken else [f"f{i}" for i in range(8)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "run the same command again" in err
+    assert ("the engine stopped (" if device_broken else "failed 1 requests (first: custom_id 'poison'") in err
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), *ENGINE]) == 0
+    records = read(tmp_path / "out.jsonl")
+    assert sorted(r["custom_id"] for r in records) == [f"f{i}" for i in range(8)] + ["poison"]
+    assert all(r["response"]["status_code"] == 200 for r in records)
+
+
 @pytest.mark.parametrize("case", ["missing-input", "missing-dir", "output-is-dir", "duplicate", "same-file",
                                   "foreign-output"])
 def test_file_problems_are_one_line_and_exit_2(tmp_path, capsys, case):
