@@ -135,6 +135,7 @@ def test_batch_requests_refused_with_their_param(gw):
     _error(_raw(gw, "POST", "/v1/batches", json={**good, "input_file_id": "file-nope"}), 404, "input_file_id")
     _error(_raw(gw, "POST", "/v1/batches", content=b"{oops"), 400, None)
     _error(_raw(gw, "POST", "/v1/batches", content=b"[]"), 400, None)
+    _error(_raw(gw, "POST", "/v1/batches", content=b'{"input_file_id": "file-\\ud800"}'), 400, None)
     _error(_raw(gw, "GET", "/v1/batches?limit=0"), 400, "limit")
     _error(_raw(gw, "GET", "/v1/batches?after=batch_nope"), 404, "after")
     _error(_raw(gw, "GET", "/v1/batches/batch_nope"), 404, "batch_id")

@@ -239,8 +239,10 @@ class BatchAPI:
             raise _reject(499, "client_gone", "the client went away while sending the body") from None
         try:
             body = json.loads(raw)
+            json.dumps(body, ensure_ascii=False).encode()  # no lone surrogates: they could be neither stored nor sent
         except (ValueError, RecursionError):
-            raise _reject(400, "bad_request", "the body is not valid JSON", "invalid_json") from None
+            raise _reject(400, "bad_request", "the body is not valid JSON (UTF-8, no lone surrogates)",
+                          "invalid_json") from None
         if not isinstance(body, dict):
             raise _reject(400, "bad_request", "the body must be a JSON object", "invalid_request")
         return body

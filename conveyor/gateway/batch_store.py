@@ -557,6 +557,10 @@ def _output_line(batch_id: str, idx: int, custom_id: str | None, result: dict) -
     return {"id": rid, "custom_id": custom_id, "response": None, "error": result["error"]}
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _check_line(raw: bytes, number: int, endpoint: str, policy: LinePolicy,
                 seen: set[str]) -> tuple[dict, dict | None]:
     """(the line's JSON object, or {}; None or its error {"code", "message", "param"}). A line is valid when it is
@@ -565,9 +569,10 @@ def _check_line(raw: bytes, number: int, endpoint: str, policy: LinePolicy,
     def bad(code: str, message: str, param: str | None = None, line: dict | None = None) -> tuple[dict, dict]:
         return line or {}, {"code": code, "message": f"line {number}: {message}", "param": param}
     try:
-        line = json.loads(raw)
+        line = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(line, ensure_ascii=False).encode()  # a lone surrogate (an escape like \ud800) cannot be stored
     except (ValueError, RecursionError):
-        return bad("invalid_json", "not valid JSON")
+        return bad("invalid_json", "not valid JSON (UTF-8, finite numbers, no lone surrogates)")
     if not isinstance(line, dict):
         return bad("invalid_request", "a line must be a JSON object")
     cid = line.get("custom_id")
