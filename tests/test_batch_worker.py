@@ -1,0 +1,64 @@
+"""The batch worker's rules, on real gateway parts (config, pool, dispatch queue, store), no processes: which answers
+are retried, and when a model's batch lines are held back for interactive traffic."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import pytest
+
+from conveyor.gateway.admission import ModelQueue, Waiter
+from conveyor.gateway.app import Gateway
+from conveyor.gateway.batch_store import BatchStore
+from conveyor.gateway.batch_worker import BatchWorker, retry_reason
+from conveyor.gateway.config import parse_config
+from conveyor.gateway.picker import Breaker, Pool, Replica
+
+
+@pytest.mark.parametrize("status, code, reason", [
+    (200, None, None), (400, "invalid_request", None), (404, "model_not_found", None),
+    (429, "request_too_large", None),  # waiting never helps: final, in the error file
+    (429, "rate_limit_exceeded", "rejected"), (503, "shed", "rejected"), (503, "no_replica", "rejected"),
+    (408, "deadline", "deadline"), (502, "upstream_unreachable", "upstream_error"), (500, "internal_error",
+                                                                                    "upstream_error")])
+def test_retryable_answers(status, code, reason):
+    body = {"error": {"message": "x", "type": "t", "param": None, "code": code}} if code else {"choices": []}
+    assert retry_reason(status, body) == reason
+
+
+def _backoffs(gw: Gateway, reason: str) -> float:
+    return gw.metrics.registry.get_sample_value("conveyor_gateway_batch_backoffs_total", {"reason": reason}) or 0
+
+
+def test_lines_are_held_while_interactive_requests_wait(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "replicas": []}], "batch": {"max_in_flight": 8},
+                        "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(b"k").hexdigest()}]})
+
+    async def go() -> None:
+        gw = Gateway(cfg)
+        pool = Pool("m", 4, client=None)
+        r = pool.replicas["r1"] = Replica("r1", Breaker(3, 5.0), started=True)
+        gw.pools["m"], gw.queues["m"] = pool, ModelQueue("m", pool, 16, 0.5, 60.0)
+        worker = BatchWorker(gw, BatchStore(tmp_path / "b.sqlite3"))
+        assert worker._room("m") == 4  # the window (8) is larger than the replica's free slots
+        r.in_flight = 4
+        assert worker._room("m") == 0  # no free slot: never queued ahead of capacity, not a backoff
+        waiting = asyncio.create_task(gw.queues["m"].admit(Waiter("t", "interactive", 10)))
+        await asyncio.sleep(0)
+        assert worker._room("m") == 0 and worker.models["m"].window == 4  # held, the window halved
+        assert worker._room("m") == 0 and worker.models["m"].window == 4  # once per CUT_EVERY_S
+        assert _backoffs(gw, "interactive_waiting") == 1  # counted once per hold
+        r.in_flight = 0
+        gw.queues["m"].pump()
+        pool.release(await waiting, 10, True)
+        r.metrics, r.metrics_at = {"running": 4, "waiting": 2}, time.monotonic()
+        assert worker._room("m") == 0 and _backoffs(gw, "replica_busy") == 1  # the engine's own queue
+        r.metrics_at -= 10  # stale numbers are not evidence
+        assert worker._room("m") == 4
+        r.draining = True  # no usable replica: one line goes, so the queue shows the demand
+        assert worker._room("m") == 1
+        await pool.close()
+        await gw.client.aclose()
+
+    asyncio.run(go())
