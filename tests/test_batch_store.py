@@ -58,19 +58,20 @@ def test_create_records_invalid_lines_as_answered_errors(store):
            _line("ok1"), {**_line("x"), "method": "GET"}, _line("y", url="/v1/completions"),
            {**_line("z"), "body": [1]}, {**_line("w"), "body": {"messages": []}}, _line("v", model="nope"),
            _line("u", stream=True), b'{"custom_id": "s", "body": {"model": "m", "x": "\\ud800"}}',
-           b'{"custom_id": "n", "body": {"model": "m", "t": NaN}}']
+           b'{"custom_id": "n", "body": {"model": "m", "t": NaN}}', _line("d", x=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]])]
     content = _jsonl(_line("ok0"), *bad, _line("ok0")) + b"\n  \n" + json.dumps(_line("ok2")).encode()  # no final \n
     b = _batch(store, content)
     assert b["status"] == "in_progress" and b["errors"] is None and b["metadata"] == {"k": "v"}
-    assert b["request_counts"] == {"total": 15, "completed": 0, "failed": 12}
-    assert [(x.idx, x.custom_id) for x in store.pending_lines(b["id"], 100)] == [(0, "ok0"), (4, "ok1"), (14, "ok2")]
+    assert b["request_counts"] == {"total": 16, "completed": 0, "failed": 13}
+    assert [(x.idx, x.custom_id) for x in store.pending_lines(b["id"], 100)] == [(0, "ok0"), (4, "ok1"), (15, "ok2")]
     _answer_all(store, b["id"])
     assert store.finalize_ready() == [b["id"]]
     b = store.get_batch("a", b["id"])
     errors = _content(store, "a", b["error_file_id"])
     assert [e["error"]["code"] for e in errors] == [
         "invalid_json", "invalid_request", "missing_custom_id", "invalid_method", "invalid_url", "invalid_body",
-        "missing_model", "model_not_found", "invalid_body", "invalid_json", "invalid_json", "duplicate_custom_id"]
+        "missing_model", "model_not_found", "invalid_body", "invalid_json", "invalid_json", "invalid_body",
+        "duplicate_custom_id"]
     assert all(e["response"] is None and e["id"].startswith("batch_req_") for e in errors)
     assert errors[0]["error"]["message"].startswith("line 2: ")
     out = _content(store, "a", b["output_file_id"])
@@ -104,6 +105,8 @@ def test_token_estimate_and_the_queued_tokens_limit(store):
     assert estimate_tokens("/v1/completions", {"prompt": "abcd"}, 7) == 1 + 7
     assert estimate_tokens(CHAT, {"messages": [], "max_completion_tokens": 3, "max_tokens": 9}, None) == 1 + 3
     assert estimate_tokens(CHAT, {"messages": []}, None) == 1 + 1024
+    assert estimate_tokens("/v1/completions", {"prompt": ["abcd", [1, 2], "ab"], "max_tokens": 0}, None) == 4
+    assert estimate_tokens("/v1/completions", {"prompt": "", "max_tokens": 10 ** 30, "n": 10 ** 9}, None) == 1 << 40
     one = estimate_tokens(CHAT, _line("0", max_tokens=10)["body"], None)
     policy = LinePolicy({"m": None}, 100, queued_tokens_limit=3 * one)
     first = _batch(store, _jsonl(_line("0", max_tokens=10), _line("1", max_tokens=10)), policy=policy)

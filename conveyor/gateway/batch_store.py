@@ -36,6 +36,8 @@ BUSY_TIMEOUT_S = 30.0
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
+MAX_DEPTH = 32  # JSON nesting of a line's body, as the gateway's own request bodies
+MAX_EST_TOKENS = 1 << 40  # an estimate is capped (an absurd max_tokens is the replica's 400, not an overflow)
 MAX_REPORTED_ERRORS = 100  # a failed batch's `errors.data` lists at most this many lines
 # completion tokens assumed for a line that sets no limit, when its model has no default_max_tokens: the API's own
 # default for a completion, and a conservative share of a context for a chat reply
@@ -123,7 +125,7 @@ def estimate_tokens(endpoint: str, body: dict, default_max_tokens: int | None) -
     limit = next((v for v in (body.get("max_completion_tokens"), body.get("max_tokens"), default_max_tokens)
                   if _is_count(v)), DEFAULT_COMPLETION_TOKENS[endpoint])
     n = body.get("n") if _is_count(body.get("n")) and body.get("n") > 0 else 1
-    return max(1, prompt + limit * n)
+    return min(MAX_EST_TOKENS, max(1, prompt + limit * n))
 
 
 def _is_count(v) -> bool:
@@ -131,13 +133,10 @@ def _is_count(v) -> bool:
 
 
 def _prompt_tokens(prompt) -> int:
-    if isinstance(prompt, str):
-        return math.ceil(len(prompt) / 4)
-    if isinstance(prompt, list) and prompt and all(_is_count(t) for t in prompt):
-        return len(prompt)  # token ids
-    if isinstance(prompt, list):
-        return sum(_prompt_tokens(p) for p in prompt)
-    return math.ceil(len(json.dumps(prompt)) / 4)
+    """A string, a list of token ids, or a list of either (several prompts)."""
+    prompts = prompt if isinstance(prompt, list) and not all(_is_count(t) for t in prompt) else [prompt]
+    return sum(len(p) if isinstance(p, list) and all(_is_count(t) for t in p)
+               else math.ceil(len(p if isinstance(p, str) else json.dumps(p)) / 4) for p in prompts)
 
 
 def file_object(row: sqlite3.Row) -> dict:
@@ -557,6 +556,17 @@ def _output_line(batch_id: str, idx: int, custom_id: str | None, result: dict) -
     return {"id": rid, "custom_id": custom_id, "response": None, "error": result["error"]}
 
 
+def _depth(obj) -> int:
+    """How deeply obj's lists and objects nest (iteratively: no recursion limit to hit)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -588,6 +598,8 @@ def _check_line(raw: bytes, number: int, endpoint: str, policy: LinePolicy,
     body = line.get("body")
     if not isinstance(body, dict):
         return bad("invalid_body", "body must be a JSON object", "body", line)
+    if _depth(body) > MAX_DEPTH:
+        return bad("invalid_body", f"body is nested more than {MAX_DEPTH} levels deep", "body", line)
     if not isinstance(body.get("model"), str):
         return bad("missing_model", "body.model must name a model", "body.model", line)
     if body["model"] not in policy.models:
