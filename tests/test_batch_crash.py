@@ -130,3 +130,50 @@ def test_batch_survives_three_sigkills(tmp_path, replica):
     generated = _generations(replica) - before
     # (the kill points are at least 15 lines in, so recomputation would pass the bound: 15 + 16 + 17 > 3 * 8)
     assert LINES - TOO_LONG <= generated <= LINES - TOO_LONG + KILLS * MAX_IN_FLIGHT, (why, generated)
+
+
+def _metric(gw: GatewayProcess, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gw.base_url}/metrics", timeout=5).text
+    return sum(s.value for s in samples(text) if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_lines_wait_for_a_replica_and_are_never_recorded_as_503(tmp_path, replica):
+    """A model scaled to zero: the worker sends one line, which waits in the dispatch queue (the demand an
+    autoscaler sees) until cold_start_timeout_s, gets the gateway's 503 and is retried later, never recorded; once
+    a replica is added the whole batch completes."""
+    admin = "batch-admin-key"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"name": "demo", "replicas": [], "tokenizer": "demo"}],
+        "tenants": [{"name": "nightly", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
+        "batch": {"db_path": str(tmp_path / "batches.sqlite3")}, "cold_start_timeout_s": 0.5,
+        "admin_api_key_sha256": hashlib.sha256(admin.encode()).hexdigest(), "health_interval_s": 0.2}))
+    gw = GatewayProcess(str(path))
+    try:
+        content = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {
+            "model": "demo", "prompt": f"line {i}", "max_tokens": 2}}) + "\n" for i in range(20))
+        up = httpx.post(f"{gw.base_url}/v1/files", headers=HEADERS, data={"purpose": "batch"},
+                        files={"file": ("in.jsonl", content.encode())}, timeout=30)
+        batch_id = httpx.post(f"{gw.base_url}/v1/batches", headers=HEADERS, timeout=30, json={
+            "input_file_id": up.json()["id"], "endpoint": "/v1/completions", "completion_window": "1h"}).json()["id"]
+        deadline = time.monotonic() + 20
+        while _metric(gw, "conveyor_gateway_batch_backoffs_total", reason="rejected") < 2:
+            assert time.monotonic() < deadline, gw.logs()[-3000:]
+            time.sleep(0.1)
+        assert _answered(_batch(gw, batch_id)) == 0  # the 503s were not answers
+        assert _metric(gw, "conveyor_gateway_batch_lines_in_flight") <= 1
+        added = httpx.post(f"{gw.base_url}/admin/replicas", headers={"authorization": f"Bearer {admin}"},
+                           json={"model": "demo", "url": replica.base_url}, timeout=10)
+        assert added.status_code == 200, added.text
+        deadline = time.monotonic() + 30
+        while (b := _batch(gw, batch_id))["status"] != "completed":
+            assert time.monotonic() < deadline, (b, gw.logs()[-3000:])
+            time.sleep(0.1)
+        out = _file_lines(gw, b["output_file_id"])
+        assert b["error_file_id"] is None and sorted(line["custom_id"] for line in out) == sorted(
+            f"c{i}" for i in range(20))
+        assert _metric(gw, "conveyor_gateway_batch_lines_total", outcome="completed") == 20
+        assert _metric(gw, "conveyor_gateway_batches", status="completed") == 1
+        assert _metric(gw, "conveyor_gateway_batch_lines_queued") == 0
+    finally:
+        gw.stop()
