@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from conveyor.model.llama import ArchConfig
+from conveyor.progress import weight_load_progress
 
 log = logging.getLogger("conveyor.loader")
 
@@ -294,34 +295,51 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, quantization: str 
     """Fill `model` (built on the meta device) from the file: every module gets real tensors on `device`.
     Projections whose parts share one of KEPT_QUANTIZED (and quantization is None) become QuantizedLinear; the
     embedding too, shared with lm_head when tied. Returns how many tensors of each type were kept low-bit."""
+    c = model.config
+    kept: Counter = Counter()
+    with weight_load_progress(len(ckpt.tensors), "Loading GGUF weights") as bar:
+        for i, layer in enumerate(model.model.layers):
+            _load_layer(ckpt, i, layer, c, quantization, dtype, device, kept)
+            bar.update(sum(n.startswith(f"blk.{i}.") for n in ckpt.tensors))
+        _load_ends(model, ckpt, quantization, dtype, device, kept)
+        bar.update(bar.total - bar.n)
+    return kept
+
+
+def _load_layer(ckpt: GGUFCheckpoint, i: int, layer: nn.Module, c: ArchConfig, quantization: str | None,
+                dtype: torch.dtype, device: str, kept: Counter) -> None:
+    """Decoder layer i's projections and norms; counts the projections kept low-bit in `kept`."""
+    att, mlp = layer.self_attn, layer.mlp
+    qkv = _parts(ckpt, i, ["attn_q.weight", "attn_k.weight", "attn_v.weight"])
+    qkv_bias = _parts(ckpt, i, ["attn_q.bias", "attn_k.bias", "attn_v.bias"]) if c.qkv_bias else None
+    att.qkv_proj = _linear(ckpt, qkv, qkv_bias, att.qkv_proj, quantization, dtype, device)
+    o_bias = _parts(ckpt, i, ["attn_output.bias"]) if att.o_proj.bias is not None else None
+    att.o_proj = _linear(ckpt, _parts(ckpt, i, ["attn_output.weight"]), o_bias, att.o_proj, quantization,
+                         dtype, device)
+    gate_up = _parts(ckpt, i, ["ffn_gate.weight", "ffn_up.weight"])
+    mlp.gate_up_proj = _linear(ckpt, gate_up, None, mlp.gate_up_proj, quantization, dtype, device)
+    mlp.down_proj = _linear(ckpt, _parts(ckpt, i, ["ffn_down.weight"]), None, mlp.down_proj, quantization,
+                            dtype, device)
+    for t in qkv + gate_up + _parts(ckpt, i, ["attn_output.weight", "ffn_down.weight"]):
+        kept[t.tensor_type.name] += _keep_low_bit([t], quantization)
+    hidden, head_dim = (c.hidden_size,), (c.head_dim,)
+    layer.input_layernorm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_norm.weight"]), hidden, dtype,
+                                                   device))
+    layer.post_attention_layernorm.weight = _param(
+        _checked(ckpt, _parts(ckpt, i, ["ffn_norm.weight"]), hidden, dtype, device))
+    if att.q_norm is not None:
+        att.q_norm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_q_norm.weight"]), head_dim, dtype,
+                                            device))
+        att.k_norm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_k_norm.weight"]), head_dim, dtype,
+                                            device))
+
+
+def _load_ends(model: nn.Module, ckpt: GGUFCheckpoint, quantization: str | None, dtype: torch.dtype,
+               device: str, kept: Counter) -> None:
+    """The final norm, the embedding and the output head (tied to the embedding when the file has no output)."""
     from conveyor.model.quant import QuantizedEmbedding
 
     c = model.config
-    kept: Counter = Counter()
-    for i, layer in enumerate(model.model.layers):
-        att, mlp = layer.self_attn, layer.mlp
-        qkv = _parts(ckpt, i, ["attn_q.weight", "attn_k.weight", "attn_v.weight"])
-        qkv_bias = _parts(ckpt, i, ["attn_q.bias", "attn_k.bias", "attn_v.bias"]) if c.qkv_bias else None
-        att.qkv_proj = _linear(ckpt, qkv, qkv_bias, att.qkv_proj, quantization, dtype, device)
-        o_bias = _parts(ckpt, i, ["attn_output.bias"]) if att.o_proj.bias is not None else None
-        att.o_proj = _linear(ckpt, _parts(ckpt, i, ["attn_output.weight"]), o_bias, att.o_proj, quantization,
-                             dtype, device)
-        gate_up = _parts(ckpt, i, ["ffn_gate.weight", "ffn_up.weight"])
-        mlp.gate_up_proj = _linear(ckpt, gate_up, None, mlp.gate_up_proj, quantization, dtype, device)
-        mlp.down_proj = _linear(ckpt, _parts(ckpt, i, ["ffn_down.weight"]), None, mlp.down_proj, quantization,
-                                dtype, device)
-        for t in qkv + gate_up + _parts(ckpt, i, ["attn_output.weight", "ffn_down.weight"]):
-            kept[t.tensor_type.name] += _keep_low_bit([t], quantization)
-        hidden, head_dim = (c.hidden_size,), (c.head_dim,)
-        layer.input_layernorm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_norm.weight"]), hidden, dtype,
-                                                       device))
-        layer.post_attention_layernorm.weight = _param(
-            _checked(ckpt, _parts(ckpt, i, ["ffn_norm.weight"]), hidden, dtype, device))
-        if att.q_norm is not None:
-            att.q_norm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_q_norm.weight"]), head_dim, dtype,
-                                                device))
-            att.k_norm.weight = _param(_checked(ckpt, _parts(ckpt, i, ["attn_k_norm.weight"]), head_dim, dtype,
-                                                device))
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in ckpt.tensors:
             raise GGUFError(f"{ckpt.path}: the file lacks tensor {name}")
@@ -344,4 +362,3 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, quantization: str 
     if head is not embd:
         model.lm_head = _linear(ckpt, [head], None, model.lm_head, quantization, dtype, device)
         kept[head.tensor_type.name] += _keep_low_bit([head], quantization)
-    return kept

@@ -22,6 +22,7 @@ from conveyor.config import DTYPES, ModelConfig
 from conveyor.model import builtin, demo, gguf_loader, quant
 from conveyor.model.layers import RotaryEmbedding
 from conveyor.model.llama import ArchConfig, LlamaForCausalLM
+from conveyor.progress import weight_load_progress
 
 log = logging.getLogger("conveyor.loader")
 
@@ -186,11 +187,14 @@ def _eos_ids(arch: ArchConfig, tokenizer: PreTrainedTokenizerBase, path: Path | 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights: norms at 1, everything else N(0, 0.02), the same for a seed on any device."""
     gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
+    params = list(model.named_parameters())
+    with weight_load_progress(len(params), "Initializing dummy weights") as bar:
+        for name, p in params:
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
+            bar.update()
 
 
 @torch.no_grad()
@@ -205,12 +209,17 @@ def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     params = dict(model.named_parameters())
     arch = model.config
     loaded: set[str] = set()
-    for f in files:
+    total = 0
+    for f in files:  # reads only each file's header
         with safe_open(path / f, framework="pt", device="cpu") as st:
-            for key in st.keys():
-                if "rotary_emb" in key or (key == "lm_head.weight" and arch.tie_word_embeddings):
-                    continue
-                _load_one(params, key, st.get_tensor(key), arch, loaded)
+            total += len(st.keys())
+    with weight_load_progress(total, "Loading safetensors weights") as bar:
+        for f in files:
+            with safe_open(path / f, framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    if not ("rotary_emb" in key or (key == "lm_head.weight" and arch.tie_word_embeddings)):
+                        _load_one(params, key, st.get_tensor(key), arch, loaded)
+                    bar.update()
     missing = set(params) - loaded
     if arch.tie_word_embeddings:
         missing.discard("lm_head.weight")
