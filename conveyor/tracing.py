@@ -169,10 +169,8 @@ def _phases(tracer: Tracer, span: Span, out: RequestOutput, index: int | None) -
     arrival = m.get("arrival_time")
     if arrival is None:
         return None
-    attrs = {"gen_ai.usage.prompt_tokens": len(out.prompt_token_ids),
-             "gen_ai.usage.completion_tokens": out.num_generated_tokens}
-    if index is not None:
-        attrs["conveyor.prompt_index"] = index
+    attrs = None if index is None else {"conveyor.prompt_index": index, "gen_ai.usage.prompt_tokens":
+                                        len(out.prompt_token_ids)}
     end = arrival + m.get("e2e_s", 0.0)
     scheduled = arrival + m["queue_s"] if "queue_s" in m else None
     first = arrival + m["ttft_s"] if "ttft_s" in m else None
