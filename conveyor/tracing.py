@@ -52,12 +52,9 @@ def traces_endpoint(url: str) -> str:
 
 @dataclass
 class Tracing:
-    """A tracer with its provider (flushed on shutdown, and at interpreter exit by the SDK)."""
+    """A tracer and its provider (the SDK flushes and shuts the provider down at interpreter exit)."""
     tracer: Tracer
     provider: Any  # opentelemetry.sdk.trace.TracerProvider
-
-    def shutdown(self) -> None:
-        self.provider.shutdown()
 
 
 def init_tracing(endpoint: str | None, service_name: str, honour_client_sampling: bool = True) -> Tracing | None:
