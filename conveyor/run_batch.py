@@ -50,14 +50,17 @@ class BadLine:
 
 # ---- input ---------------------------------------------------------------------------------------------------------
 def read_input(path: str) -> list[str]:
-    """The lines of -i (`-` is stdin). Raises BatchFileError when it cannot be read or is not UTF-8."""
+    """The lines of -i (`-` is stdin; a UTF-8 BOM is dropped). Raises BatchFileError when it cannot be read or is
+    not UTF-8."""
     try:
         if path == "-":
-            return sys.stdin.read().splitlines()
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise BatchFileError(f"cannot read -i {path}: {_reason(e)}") from None
+    return text.split("\n")  # not splitlines(): a JSON string may hold U+2028 and other line separators
 
 
 def parse_lines(lines: Iterable[str]) -> list[Request | BadLine]:
@@ -143,17 +146,25 @@ def _scan_output(f, path: str) -> tuple[Answered, int]:
     done, end = Answered(set(), 0), 0
     lines = f.read().split(b"\n")
     for no, raw in enumerate(lines[:-1], 1):  # the part after the last newline is torn (or empty)
-        try:
-            obj = json.loads(raw)
-            cid = obj["custom_id"]
-        except (ValueError, KeyError, TypeError):
-            raise BatchFileError(f"-o {path}: line {no} is not a run-batch output line; give another -o") from None
+        cid = _answered_id(raw)
+        if cid is False:
+            raise BatchFileError(f"-o {path}: line {no} is not a run-batch output line; give another -o")
         if cid is None:
             done.anonymous += 1
         else:
             done.custom_ids.add(cid)
         end += len(raw) + 1
     return done, end
+
+
+def _answered_id(raw: bytes) -> str | None | bool:
+    """The custom_id of an output line (None: a line that had none), False when it is not an output line."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return False
+    cid = obj.get("custom_id", False) if isinstance(obj, dict) else False
+    return cid if cid is None or isinstance(cid, str) else False
 
 
 def pending(items: list[Request | BadLine], done: Answered) -> list[Request | BadLine]:
@@ -390,6 +401,8 @@ def _run(a: argparse.Namespace, server, todo: list[Request | BadLine], total: in
         stopped = f"the engine stopped ({e})"
     except KeyboardInterrupt:
         stopped = "interrupted"
+    except OSError as e:  # writing -o failed (a full disk)
+        stopped = f"cannot write -o ({_reason(e)})"
     finally:
         writer.close()
         progress.close()  # before anything else is printed: the bar's last refresh would follow it

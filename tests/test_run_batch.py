@@ -44,8 +44,11 @@ def by_id(records: list[dict]) -> dict:
 def test_a_mixed_file_gets_one_answer_per_line_in_openai_shapes(tmp_path, capsys):
     chat = [{"role": "user", "content": "Hi"}]
     lines = [
-        line("chat", "/v1/chat/completions", model="demo", messages=chat, max_tokens=3, logprobs=True, top_logprobs=2),
+        "\ufeff" + line("chat", "/v1/chat/completions", model="demo", messages=chat, max_tokens=3, logprobs=True,
+                        top_logprobs=2),  # a UTF-8 BOM before the first line is dropped
         completion("cmpl", model="demo"),
+        json.dumps({"custom_id": "sep", "method": "POST", "url": "/v1/completions",  # U+2028 does not end a line
+                    "body": {"prompt": "a\u2028b", "max_tokens": 2}}, ensure_ascii=False),
         "{not json",
         json.dumps({"method": "POST", "url": "/v1/completions", "body": {}}),
         "",  # blank lines are skipped
@@ -58,7 +61,7 @@ def test_a_mixed_file_gets_one_answer_per_line_in_openai_shapes(tmp_path, capsys
     ]
     rc, out = run(tmp_path, lines)
     assert rc == 0, capsys.readouterr().err
-    assert len(out) == 10 and all(r["id"].startswith("batch_req_") for r in out)
+    assert len(out) == 11 and all(r["id"].startswith("batch_req_") for r in out)
     anonymous = [r for r in out if r["custom_id"] is None]
     assert [r["error"]["code"] for r in anonymous] == ["invalid_json", "missing_custom_id"]
     assert all(r["response"] is None and r["error"]["message"].startswith("line ") for r in anonymous)
@@ -76,13 +79,14 @@ def test_a_mixed_file_gets_one_answer_per_line_in_openai_shapes(tmp_path, capsys
     expected = LLM(model="demo").generate(["prompt cmpl"], SamplingParams(max_tokens=4, temperature=0))
     assert got["cmpl"]["response"]["body"]["choices"][0]["text"] == expected[0].outputs[0].text
 
+    assert got["sep"]["response"]["status_code"] == 200
     for cid, status, param in (("too-long", 400, "prompt"), ("unknown-field", 400, "bogus"),
                                ("other-model", 404, "model")):
         r = got[cid]
         assert r["error"] is None and r["response"]["status_code"] == status, r
         assert r["response"]["body"]["error"]["param"] == param
     err = capsys.readouterr().err
-    assert "run-batch" in err and "10 lines answered (8 with an error)" in err  # the bar and the summary
+    assert "run-batch" in err and "11 lines answered (8 with an error)" in err  # the bar and the summary
 
 
 def test_resume_after_a_torn_output_answers_each_line_once(tmp_path, capsys, monkeypatch):
