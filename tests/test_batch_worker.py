@@ -19,7 +19,7 @@ from conveyor.gateway.picker import Breaker, Pool, Replica
 @pytest.mark.parametrize("status, code, reason", [
     (200, None, None), (400, "invalid_request", None), (404, "model_not_found", None),
     (429, "request_too_large", None),  # waiting never helps: final, in the error file
-    (429, "rate_limit_exceeded", "rejected"), (503, "shed", "rejected"), (503, "no_replica", "rejected"),
+    (429, "rate_limit_exceeded", "rate_limited"), (503, "shed", "rejected"), (503, "no_replica", "rejected"),
     (408, "deadline", "deadline"), (502, "upstream_unreachable", "upstream_error"), (500, "internal_error",
                                                                                     "upstream_error")])
 def test_retryable_answers(status, code, reason):

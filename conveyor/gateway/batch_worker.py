@@ -17,10 +17,11 @@ When a model gets a new line (the backoff rule), per model:
 - none beyond the gateway's free replica slots (`max_in_flight_per_replica` minus what is in flight): a batch line
   never waits in the dispatch queue ahead of capacity; but with no usable replica at all one line is sent, so that
   the queue shows the demand (an autoscaler scaled to zero starts a replica);
-- a retryable outcome (429 but `request_too_large`, 408, 5xx, a connection error: the gateway's 502/503) leaves the
-  line queued, never recorded: the window is halved and the model paused for an exponential backoff with full jitter
-  (BACKOFF_BASE_S doubling up to BACKOFF_MAX_S; a success resets it). Any other answer (2xx, 4xx) is final and goes to
-  the output or error file.
+- a retryable outcome (408, 5xx, a connection error: the gateway's 502/503) leaves the line queued, never recorded:
+  the window is halved and the model paused for an exponential backoff with full jitter (BACKOFF_BASE_S doubling up
+  to BACKOFF_MAX_S; a success resets it). A 429 (the tenant's own rate limits: batch lines take its tokens like its
+  other requests) pauses that tenant's batches the same way, not the model. Any other answer (2xx, 4xx, and a 429
+  `request_too_large`) is final and goes to the output or error file.
 
 Exactly once: `record_result` stores only the first answer of a line. After a crash the queued lines are picked up
 again; a line that was in flight is sent again, and whichever answer is recorded first is the only one kept.
@@ -57,7 +58,7 @@ def retry_reason(status: int, body: dict) -> str | None:
     and 499; a 429 `request_too_large` is final: waiting never helps)."""
     if status == 429:
         err = body.get("error")
-        return None if isinstance(err, dict) and err.get("code") == "request_too_large" else "rejected"
+        return None if isinstance(err, dict) and err.get("code") == "request_too_large" else "rate_limited"
     if status == 408:
         return "deadline"
     if status == 503:
@@ -68,12 +69,27 @@ def retry_reason(status: int, body: dict) -> str | None:
 
 
 @dataclass
+class Backoff:
+    """Exponential backoff with full jitter: a pause of up to BACKOFF_BASE_S doubling per consecutive failure, at
+    most BACKOFF_MAX_S."""
+    until: float = 0.0  # monotonic
+    failures: int = 0
+
+    def fail(self) -> None:
+        self.failures = min(self.failures + 1, 32)
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
+        self.until = max(self.until, time.monotonic() + random.uniform(0, delay))
+
+    def paused(self, now: float) -> bool:
+        return now < self.until
+
+
+@dataclass
 class ModelState:
     """The worker's view of one model: its window, its lines in flight, its backoff."""
     window: int
     in_flight: int = 0
-    paused_until: float = 0.0  # monotonic
-    failures: int = 0  # consecutive retryable outcomes
+    backoff: Backoff = field(default_factory=Backoff)
     last_cut: float = -1e9
     held: str | None = None  # why no line may start now (counted once per hold in batch_backoffs)
 
@@ -84,6 +100,7 @@ class BatchWorker:
     store: BatchStore
     models: dict[str, ModelState] = field(default_factory=dict)
     in_flight: dict[str, set[int]] = field(default_factory=dict)  # batch id → line indices at replicas
+    tenants: dict[str, Backoff] = field(default_factory=dict)  # rate-limited tenants
     tasks: set[asyncio.Task] = field(default_factory=set)
     turn: int = 0  # rotates which batch is served first
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -142,6 +159,8 @@ class BatchWorker:
         tenant = next((t for t in self.gateway.cfg.tenants if t.name == batch["tenant"]), None)
         if tenant is None:  # removed from the config: its lines wait (a reload may bring it back) or expire
             return
+        if self.tenants.setdefault(tenant.name, Backoff()).paused(time.monotonic()):
+            return
         inflight = self.in_flight.setdefault(batch["id"], set())
         lines = await asyncio.to_thread(self.store.pending_lines, batch["id"], self.cap * 2,
                                         set(inflight))
@@ -174,7 +193,7 @@ class BatchWorker:
     def _room(self, name: str) -> int:
         """How many more lines of model `name` may start now (the backoff rule in the module docstring)."""
         st, now = self._state(name), time.monotonic()
-        if now < st.paused_until:
+        if st.backoff.paused(now):
             return 0
         queue, pool = self.gateway.queues[name], self.gateway.pools[name]
         if not pool.usable():
@@ -211,13 +230,18 @@ class BatchWorker:
         try:
             status, body = await self.gateway.dispatch_line(tenant, line.url, line.body, rid, deadline)
             reason = retry_reason(status, body)
+            if reason == "rate_limited":
+                self.metrics.batch_backoffs.labels(reason).inc()
+                self.tenants.setdefault(tenant.name, Backoff()).fail()
+                return
             if reason is not None:
                 self._backoff(st, reason)
                 return
             if await asyncio.to_thread(self.store.record_result, line.batch_id, line.idx, status, body, rid):
                 outcome = "completed" if 200 <= status < 300 else "failed"
                 self.metrics.batch_lines.labels(name, outcome).inc()
-            st.failures = 0
+            st.backoff.failures = 0
+            self.tenants.setdefault(tenant.name, Backoff()).failures = 0
             st.window = min(self.cap, st.window + 1)
         except Exception:  # noqa: BLE001 - a database error: the line stays queued and is sent again later
             log.exception(json.dumps({"event": "batch_line_error", "batch_id": line.batch_id, "idx": line.idx}))
@@ -229,9 +253,7 @@ class BatchWorker:
 
     def _backoff(self, st: ModelState, reason: str) -> None:
         self.metrics.batch_backoffs.labels(reason).inc()
-        st.failures += 1
-        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (st.failures - 1))
-        st.paused_until = max(st.paused_until, time.monotonic() + random.uniform(0, delay))
+        st.backoff.fail()
         self._cut(st)
 
     async def refresh_metrics(self) -> None:

@@ -58,8 +58,8 @@ class GatewayMetrics:
                                            "answered yet", registry=r)
         self.batches = Gauge(p + "batches", "Batches by status", ["status"], registry=r)
         self.batch_backoffs = Counter(p + "batch_backoffs", "Times the batch worker held back a model's lines "
-                                      "(reason: interactive_waiting, replica_busy, rejected, upstream_error, "
-                                      "deadline, store_error)", ["reason"], registry=r)
+                                      "(reason: interactive_waiting, replica_busy, rejected, rate_limited, "
+                                      "upstream_error, deadline, store_error)", ["reason"], registry=r)
 
     def count_usage(self, tenant: str, usage: dict) -> None:
         """Add one response's OpenAI `usage` (prompt_tokens, completion_tokens) to the tenant's counters; fields
