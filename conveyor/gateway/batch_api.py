@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import sqlite3
 import tempfile
 import time
 import uuid
@@ -34,6 +36,7 @@ from conveyor.gateway.config import TenantConfig
 from conveyor.gateway.multipart import FileTooLarge, MultipartError, boundary_of, read_form
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body
 
+log = logging.getLogger("conveyor.gateway")
 MAX_WINDOW_S = 7 * 86_400
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 MAX_JSON_BODY = 64 << 10  # POST /v1/batches
@@ -109,6 +112,11 @@ class BatchAPI:
                 response = await work(await gw._admit_client(request, ctx))
             except BatchStoreError as e:
                 raise _store_reject(e) from None
+            except sqlite3.Error as e:  # locked past the busy timeout, disk full, unreadable: retry later
+                log.error(json.dumps({"event": "batch_store_error", "request_id": ctx.rid,
+                                      "error": f"{type(e).__name__}: {e}"[:300]}))
+                raise _reject(503, "batch_store_unavailable", "the batch store is unavailable; retry shortly",
+                              headers={"retry-after": "5"}) from None
         except gateway_app._Reject as e:
             gw._release(ctx, 0)
             return gw._reject(ctx, e)
