@@ -126,7 +126,8 @@ def test_batch_requests_refused_with_their_param(gw):
     a = _client(gw)
     f = _upload(a, _jsonl(_line("x")))
     good = {"input_file_id": f.id, "endpoint": CHAT, "completion_window": "24h"}
-    for change, param in (({"endpoint": "/v1/embeddings"}, "endpoint"), ({"completion_window": "25"}, "completion_window"),
+    for change, param in (({"endpoint": "/v1/embeddings"}, "endpoint"),
+                          ({"completion_window": "25"}, "completion_window"),
                           ({"completion_window": "8d"}, "completion_window"),
                           ({"completion_window": "169h"}, "completion_window"),
                           ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),

@@ -26,6 +26,13 @@ def _line(cid, model="m", url=CHAT, **body) -> dict:
             "body": {"model": model, "messages": [{"role": "user", "content": f"hi {cid}"}], **body}}
 
 
+def _nested(depth: int) -> list:
+    x: list = [1]
+    for _ in range(depth - 1):
+        x = [x]
+    return x
+
+
 def _jsonl(*lines) -> bytes:
     return b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
 
@@ -58,7 +65,7 @@ def test_create_records_invalid_lines_as_answered_errors(store):
            _line("ok1"), {**_line("x"), "method": "GET"}, _line("y", url="/v1/completions"),
            {**_line("z"), "body": [1]}, {**_line("w"), "body": {"messages": []}}, _line("v", model="nope"),
            _line("u", stream=True), b'{"custom_id": "s", "body": {"model": "m", "x": "\\ud800"}}',
-           b'{"custom_id": "n", "body": {"model": "m", "t": NaN}}', _line("d", x=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]])]
+           b'{"custom_id": "n", "body": {"model": "m", "t": NaN}}', _line("d", x=_nested(32))]
     content = _jsonl(_line("ok0"), *bad, _line("ok0")) + b"\n  \n" + json.dumps(_line("ok2")).encode()  # no final \n
     b = _batch(store, content)
     assert b["status"] == "in_progress" and b["errors"] is None and b["metadata"] == {"k": "v"}
