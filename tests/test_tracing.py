@@ -96,9 +96,10 @@ def attributes(kvs) -> dict:
     return {kv.key: value(kv.value) for kv in kvs}
 
 
-def config(replica: ServerProcess) -> dict:
+def config(replica: ServerProcess, folder) -> dict:
     return {"models": [{"name": "m", "replicas": [replica.base_url], "tokenizer": "demo"}],
-            "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
+            "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
+            "batch": {"db_path": str(folder / "batches.sqlite3")}}
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,9 @@ def replica(receiver):
 
 @pytest.fixture(scope="module")
 def gateway(receiver, replica, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tracing") / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config(replica)))
+    folder = tmp_path_factory.mktemp("tracing")
+    path = folder / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config(replica, folder)))
     g = GatewayProcess(str(path), "--otlp-traces-endpoint", receiver.url, env=FAST_EXPORT)
     yield g
     g.stop()
@@ -209,11 +211,11 @@ def test_streams_not_sampled_and_malformed_traceparents(receiver, gateway):
             s["service"] == "conveyor-gateway"] == [""]
 
 
-def test_with_tracing_off_no_span_is_made_and_no_traceparent_forwarded(receiver, replica):
+def test_with_tracing_off_no_span_is_made_and_no_traceparent_forwarded(receiver, replica, tmp_path):
     """A gateway without an endpoint (in this process) in front of the traced replica: the replica's span starts
     a trace of its own, nothing of the client's trace arrives, and no tracer provider was ever set up here."""
     assert init_tracing(None, "x") is None
-    gw = Gateway(parse_config(config(replica)))
+    gw = Gateway(parse_config(config(replica, tmp_path)))
     assert gw.tracing is None and gw.forwarder.tracing is None
     trace_id, rid = "5b8efff798038103d269b633813fc60c", "tracing-off-1"
 
