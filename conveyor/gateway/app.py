@@ -372,6 +372,8 @@ class Gateway:
         the line's url, `deadline` monotonic seconds (None: none). Returns (HTTP status, JSON body: the replica's
         answer or OpenAI's error object); raises only when cancelled."""
         ctx = Ctx(rid=request_id, started=time.monotonic(), tenant=tenant.model_copy(update={"cls": "batch"}))
+        if self.tracing is not None:  # a trace of its own per line: class batch, queue wait, replica, engine phases
+            ctx.span = start_gateway_span(self.tracing.tracer, {}, path)
         resp = await self._guarded(ctx, self._line(ctx, path, body, deadline))
         try:
             out = json.loads(resp.body)
