@@ -372,7 +372,9 @@ class Gateway:
         the line's url, `deadline` monotonic seconds (None: none). Returns (HTTP status, JSON body: the replica's
         answer or OpenAI's error object); raises only when cancelled."""
         ctx = Ctx(rid=request_id, started=time.monotonic(), tenant=tenant.model_copy(update={"cls": "batch"}))
-        if self.tracing is not None:  # a trace of its own per line: class batch, queue wait, replica, engine phases
+        # a trace of its own per line (class batch, queue wait, replica, engine phases); the span is named by the
+        # path, so only a path the batch API serves (anything else is refused at once, untraced)
+        if self.tracing is not None and path in ("/v1/completions", "/v1/chat/completions"):
             ctx.span = start_gateway_span(self.tracing.tracer, {}, path)
         resp = await self._guarded(ctx, self._line(ctx, path, body, deadline))
         try:
