@@ -39,13 +39,13 @@ class Progress:
                  every_s: float = 5.0, after_s: float = 2.0, tty: bool | None = None, disable: bool = False):
         assert total >= 0 and every_s >= 0 and after_s >= 0
         self.total, self.desc, self.unit = total, desc, unit
-        self.n = 0.0
+        self.n: float = 0
         self.tty = sys.stderr.isatty() if tty is None else tty
         self._emit = emit or _stderr_line
         self._every_s, self._after_s = every_s, after_s
         self._t0 = time.monotonic()
         self._last_line: float | None = None
-        self._last_n = 0.0
+        self._last_n: float = 0
         self._closed = False
         self._quiet = disable or self.tty
         self._bar = None if disable or not self.tty else tqdm(
@@ -61,6 +61,13 @@ class Progress:
             due = self._t0 + self._after_s if self._last_line is None else self._last_line + self._every_s
             if now >= due:
                 self._line(now)
+
+    def add_total(self, more: float) -> None:
+        """More work than first counted (a search that goes on)."""
+        self.total += more
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
 
     def set_description(self, desc: str) -> None:
         self.desc = desc
@@ -85,7 +92,7 @@ class Progress:
         """'desc: 12/30 tensors (40%), 3 s elapsed, ~5 s left', or '..., done in 8 s'."""
         elapsed = time.monotonic() - self._t0
         pct = f" ({self.n / self.total:.0%})" if self.total else ""
-        head = f"{self.desc}: {self.n:g}/{self.total:g} {self.unit}{pct}"
+        head = f"{self.desc}: {self.n:,.0f}/{self.total:,.0f} {self.unit}{pct}"
         if self.n >= self.total:
             return f"{head}, done in {format_duration(elapsed)}"
         eta = self.eta_s()

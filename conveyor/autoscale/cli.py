@@ -66,15 +66,36 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--sim-interval", type=float, default=2.0, help="seconds between policy decisions")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar (or progress lines off a terminal)")
     add_policy_args(p, max_replicas=20)  # room for the built-in trace's peak
+
+
+def check_simulate_outputs(a: argparse.Namespace) -> None:
+    """Every output the run will write can be written (and --plot's folder exists): ValueError (one line) if not,
+    before minutes of simulation rather than after."""
+    from conveyor.output_files import check_output_file, prepare_output_dir
+
+    if a.output:
+        check_output_file(a.output, "--output")
+        check_output_file(timelines_path(a.output), "--output")
+    if a.save_trace:
+        check_output_file(a.save_trace, "--save-trace")
+    if a.plot:
+        prepare_output_dir(a.plot, "--plot")
+
+
+def timelines_path(output: str) -> str:
+    return output.removesuffix(".json") + ".timelines.json"
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
     from conveyor.autoscale import simulate as sim
     from conveyor.autoscale import trace as tr
     from conveyor.autoscale.profile import DEFAULT_PROFILE, Profile
+    from conveyor.progress import Progress
 
     try:
+        check_simulate_outputs(a)
         cfg = policy_config(a)
         profile = Profile.load(a.profile or DEFAULT_PROFILE)
         trace = tr.load(a.trace) if a.trace else tr.generate(tr.TraceConfig(a.duration, peak_rate=a.peak_rate,
@@ -89,7 +110,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         return 2
     if a.save_trace:
         tr.save(trace, a.save_trace)
-    runs = sim.compare(trace, profile, simcfg, cfg)
+    with Progress(sim.progress_total(trace), "simulate", "sim-s", every_s=10.0, disable=a.disable_tqdm) as bar:
+        runs = sim.compare(trace, profile, simcfg, cfg, progress=bar)
     print(format_table(runs))
     result = {"policies": {k: {key: v for key, v in r.items() if key != "timeline"} for k, r in runs.items()},
               "config": {"policy": cfg.__dict__, "sim": simcfg.__dict__, "trace": a.trace or "built-in generator",
@@ -101,7 +123,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         # one row per decision interval, by column: compact, next to the result
         timelines = {k: {col: [row.get(col) for row in r["timeline"]] for col in r["timeline"][0]}
                      for k, r in runs.items() if r["timeline"]}
-        with open(a.output.removesuffix(".json") + ".timelines.json", "w") as f:
+        with open(timelines_path(a.output), "w") as f:
             json.dump(timelines, f, separators=(",", ":"))
     if a.plot:
         from conveyor.autoscale.plots import plot_timelines

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -21,6 +22,7 @@ from conveyor.autoscale.actuator import Replica, pick_victims
 from conveyor.autoscale.policy import Observation, PolicyConfig, PolicyState, ReplicaSample, decide
 from conveyor.autoscale.profile import Profile
 from conveyor.autoscale.trace import TraceRequest
+from conveyor.progress import Progress
 
 
 @dataclass
@@ -159,8 +161,9 @@ class Fleet:
 
 
 def simulate(trace: list[TraceRequest], profile: Profile, sim: SimConfig, policy: PolicyConfig | None,
-             fixed: int | None = None) -> dict:
-    """Run one policy (or a fixed fleet of `fixed` replicas, ready from the start) over the trace."""
+             fixed: int | None = None, on_tick: Callable[[float], None] | None = None) -> dict:
+    """Run one policy (or a fixed fleet of `fixed` replicas, ready from the start) over the trace; on_tick gets
+    the simulated time (s) at every decision interval."""
     reqs = [SimRequest(r) for r in trace]
     fleet = Fleet(profile, sim)
     for _ in range(fixed or (policy.min_replicas if policy else 0)):
@@ -178,6 +181,8 @@ def simulate(trace: list[TraceRequest], profile: Profile, sim: SimConfig, policy
             row, state = _tick(fleet, policy, now, arrivals / sim.interval_s, state)
             timeline.append(row)
             arrivals = 0
+            if on_tick is not None:
+                on_tick(now)
         if nxt == len(reqs) and not fleet.gateway and all(r.in_flight == 0 for r in fleet.live()):
             break
     return _report(reqs, fleet, sim, now, timeline)
@@ -250,15 +255,18 @@ def littles_law_size(trace: list[TraceRequest], profile: Profile) -> int:
 
 
 def fixed_peak(trace: list[TraceRequest], profile: Profile, sim: SimConfig, budget: float = 0.01,
-               limit: int = 256) -> tuple[int, dict]:
+               limit: int = 256, progress: Progress | None = None) -> tuple[int, dict]:
     """The smallest fixed fleet that keeps SLO violations within `budget` on this very trace (hindsight: the
     best a fixed fleet can do), searched upward from the Little's-law size."""
     n = littles_law_size(trace, profile)
     while True:
-        run = simulate(trace, profile, sim, None, fixed=n)
+        run = _phase(progress, f"fixed-peak, {n} replicas", trace,
+                     lambda tick: simulate(trace, profile, sim, None, fixed=n, on_tick=tick))
         if run["slo_violation_ratio"] <= budget or n >= limit:
             return n, run
         n += 1
+        if progress is not None:  # one more run than counted: the total grows
+            progress.add_total(_horizon(trace))
 
 
 def request_rate_target(trace: list[TraceRequest], profile: Profile, slots_target: float) -> float:
@@ -275,13 +283,47 @@ def request_count_policy(policy: PolicyConfig, target_rate: float) -> PolicyConf
                    target_kv_cache_usage_ratio=None, target_ttft_p95_s=None, target_request_rate=target_rate)
 
 
-def compare(trace: list[TraceRequest], profile: Profile, sim: SimConfig, policy: PolicyConfig) -> dict:
+def _horizon(trace: list[TraceRequest]) -> int:
+    return max(1, math.ceil(trace[-1].arrival_s if trace else 0.0))
+
+
+def progress_total(trace: list[TraceRequest]) -> int:
+    """compare()'s work before the fixed-peak search grows it: three runs of the trace's span, in simulated s."""
+    return 3 * _horizon(trace)
+
+
+def _phase(progress: Progress | None, desc: str, trace: list[TraceRequest],
+           run: Callable[[Callable[[float], None] | None], dict]) -> dict:
+    """One simulation run, counted as the trace's span of simulated seconds on `progress` (the drain after the
+    last arrival is not counted)."""
+    if progress is None:
+        return run(None)
+    horizon, start = _horizon(trace), progress.n
+    progress.set_description(f"simulating {desc}")
+    progress.note(f"simulating {desc} ...")
+
+    def tick(now: float) -> None:
+        progress.update(max(0, int(min(now, horizon)) - (progress.n - start)))
+
+    result = run(tick)
+    progress.update(horizon - (progress.n - start))
+    return result
+
+
+def compare(trace: list[TraceRequest], profile: Profile, sim: SimConfig, policy: PolicyConfig,
+            progress: Progress | None = None) -> dict:
+    """The conveyor policy, the fixed-peak fleet and the request-count policy over the trace. progress, if given,
+    counts simulated seconds from progress_total(trace); the fixed-peak search adds a run's worth for each size it
+    tries beyond the first."""
     slots = policy.target_slots_used_ratio or 0.8
-    fixed, fixed_run = fixed_peak(trace, profile, sim)
+    fixed, fixed_run = fixed_peak(trace, profile, sim, progress=progress)
     rate_target = request_rate_target(trace, profile, slots)
-    runs = {"conveyor": simulate(trace, profile, sim, policy),
+    count_policy = request_count_policy(policy, rate_target)
+    runs = {"conveyor": _phase(progress, "the conveyor policy", trace,
+                               lambda tick: simulate(trace, profile, sim, policy, on_tick=tick)),
             "fixed-peak": fixed_run,
-            "request-count": simulate(trace, profile, sim, request_count_policy(policy, rate_target))}
+            "request-count": _phase(progress, "the request-count policy", trace,
+                                    lambda tick: simulate(trace, profile, sim, count_policy, on_tick=tick))}
     runs["fixed-peak"]["replicas_fixed"] = fixed
     runs["fixed-peak"]["littles_law_size"] = littles_law_size(trace, profile)
     runs["request-count"]["target_request_rate"] = rate_target

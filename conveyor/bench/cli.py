@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -210,6 +211,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="run every mode this many times, round robin, and report medians (for noisy machines)")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--plot", default=None, metavar="DIR", help="write compare.png here")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar (or progress lines off a terminal)")
 
 
 def compare_requests(a: argparse.Namespace, max_model_len: int) -> list:
@@ -226,7 +228,27 @@ def compare_requests(a: argparse.Namespace, max_model_len: int) -> list:
                            max(1, min(cap, max_model_len - len(r.prompt_ids)))) for r in reqs]
 
 
+def check_outputs(a: argparse.Namespace) -> None:
+    """--output (a file) and --plot (a folder, created if missing) can be written: ValueError (one line) if not,
+    before the run rather than after."""
+    from conveyor.output_files import check_output_file, prepare_output_dir
+
+    if a.output:
+        check_output_file(a.output, "--output")
+    if getattr(a, "plot", None):
+        prepare_output_dir(a.plot, "--plot")
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
+    try:
+        check_outputs(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_compare(a)
+
+
+def run_compare(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from conveyor.bench.compare import compare, format_table, plot, write_json
@@ -247,8 +269,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
     print(f"# {len(reqs)} requests ({a.workload}), mean prompt+output {mean_len:.0f} tokens, max_tokens cap "
           f"{max(r.max_tokens for r in reqs)}; KV budget {blocks} blocks x {a.block_size} = {blocks * a.block_size} "
           f"token slots for every mode", file=sys.stderr)
-    modes = compare(a.model, reqs, blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, a.dtype,
-                    a.load_format, a.batch_window_s, a.batch_timeout_s, a.modes, a.repeat)
+    with compare_progress(len(a.modes) * a.repeat * len(reqs), a.disable_tqdm) as bar:
+        modes = compare(a.model, reqs, blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, a.dtype,
+                        a.load_format, a.batch_window_s, a.batch_timeout_s, a.modes, a.repeat, bar)
     print(format_table(modes))
     result = {"modes": modes, "config": {
         "model": a.model, "load_format": a.load_format, "dtype": a.dtype, "workload": a.workload,
@@ -261,3 +284,16 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if a.plot:
         plot(modes, Path(a.plot))
     return 0
+
+
+@contextlib.contextmanager
+def compare_progress(total: int, disable: bool):
+    """The requests of every run on one bar (ETA over the whole experiment); on a terminal, log lines go above it.
+    Off a terminal: a line as each run starts and every 10 s."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from conveyor.progress import Progress
+
+    with Progress(total, "compare", "req", every_s=10.0, disable=disable) as bar:
+        with logging_redirect_tqdm() if bar.tty and not disable else contextlib.nullcontext():
+            yield bar

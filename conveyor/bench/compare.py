@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor import LLM, SamplingParams
+from conveyor.progress import Progress, format_duration
 
 log = logging.getLogger("conveyor.bench.compare")
 
@@ -49,8 +50,9 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def run_mode(llm: LLM, requests: list[CompareRequest]) -> dict:
-    """Replay the workload against the engine in real time; returns the mode's measurements."""
+def run_mode(llm: LLM, requests: list[CompareRequest], progress: Progress | None = None) -> dict:
+    """Replay the workload against the engine in real time; returns the mode's measurements. progress, if given,
+    advances by one for each request that ends."""
     eng = llm.engine
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     arrival: dict[str, float] = {}
@@ -75,6 +77,8 @@ def run_mode(llm: LLM, requests: list[CompareRequest]) -> dict:
                 continue
             latency[out.request_id] = time.monotonic() - arrival[out.request_id]
             out_tokens += n
+            if progress is not None:
+                progress.update()
         if not eng.last_step_num_seqs:
             time.sleep(0.001)  # nothing arrived yet, or a batch is still forming
     duration = time.monotonic() - t0
@@ -90,16 +94,29 @@ def run_mode(llm: LLM, requests: list[CompareRequest]) -> dict:
 def compare(model: str, requests: list[CompareRequest], num_kv_blocks: int, block_size: int = 16,
             max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, dtype: str = "auto",
             load_format: str = "auto", batch_window_s: float = 0.05, batch_timeout_s: float = 2.0,
-            modes: list[str] | None = None, repeat: int = 1) -> dict:
+            modes: list[str] | None = None, repeat: int = 1, progress: Progress | None = None) -> dict:
     """Runs every mode `repeat` times, round robin (so a noisy neighbour hurts all modes alike); each metric is the
-    median over the runs, and `runs` keeps them all."""
+    median over the runs, and `runs` keeps them all. progress, if given, counts requests ended: its total should be
+    len(modes) × repeat × len(requests); each run's start is a note on it."""
     runs: dict[str, list[dict]] = {name: [] for name in modes or list(MODES)}
+    total = len(runs) * repeat
     for r in range(repeat):
-        for name in runs:
-            log.info("mode %s, run %d/%d ...", name, r + 1, repeat)
+        for k, name in enumerate(runs):
+            if progress is None:
+                log.info("mode %s, run %d/%d ...", name, r + 1, repeat)
+            else:
+                progress.set_description(f"compare {name}")
+                progress.note(f"run {r * len(runs) + k + 1}/{total}: {name}"
+                              + (f" (round {r + 1}/{repeat})" if repeat > 1 else "") + _eta_note(progress))
             runs[name].append(run_once(model, name, requests, num_kv_blocks, block_size, max_num_seqs,
-                                       max_num_batched_tokens, dtype, load_format, batch_window_s, batch_timeout_s))
+                                       max_num_batched_tokens, dtype, load_format, batch_window_s, batch_timeout_s,
+                                       progress))
     return {name: {**{k: _median(rs, k) for k in rs[0]}, "runs": rs} for name, rs in runs.items()}
+
+
+def _eta_note(progress: Progress) -> str:
+    eta = progress.eta_s()
+    return "" if eta is None else f"; {progress.n:g}/{progress.total:g} requests done, ~{format_duration(eta)} left"
 
 
 def _median(runs: list[dict], key: str):
@@ -110,7 +127,7 @@ def _median(runs: list[dict], key: str):
 
 def run_once(model: str, name: str, requests: list[CompareRequest], num_kv_blocks: int, block_size: int,
              max_num_seqs: int, max_num_batched_tokens: int, dtype: str, load_format: str, batch_window_s: float,
-             batch_timeout_s: float) -> dict:
+             batch_timeout_s: float, progress: Progress | None = None) -> dict:
     batching, layout = MODES[name]
     llm = LLM(model, dtype=dtype, load_format=load_format, block_size=block_size, num_kv_blocks=num_kv_blocks,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, batching=batching,
@@ -118,7 +135,7 @@ def run_once(model: str, name: str, requests: list[CompareRequest], num_kv_block
     warm = requests[0]
     llm.generate({"prompt_token_ids": warm.prompt_token_ids}, SamplingParams(max_tokens=2))
     llm.engine.kv_slots_reserved = llm.engine.kv_slots_used = llm.engine.peak_running = 0
-    result = run_mode(llm, requests)
+    result = run_mode(llm, requests, progress)
     assert llm.stats()["kv_blocks_in_use"] == 0
     return result
 
