@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import openai
 import pytest
 import yaml
 from opentelemetry import trace
@@ -241,3 +243,29 @@ def test_the_endpoint_is_checked_and_completed():
     for bad in ("grpc://collector:4317", "collector:4318", "http://a b", ""):
         with pytest.raises(ValueError, match="not an http"):
             traces_endpoint(bad)
+
+
+def test_a_batch_line_has_a_trace_of_its_own(receiver, gateway):
+    """A line of a Batch API batch: gateway span at class batch → upstream → the replica's engine phases."""
+    client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0)
+    line = {"custom_id": "only", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "m", "prompt": PROMPT, "max_tokens": 2, "ignore_eos": True}}
+    f = client.files.create(file=("in.jsonl", json.dumps(line).encode(), "application/jsonl"), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while client.batches.retrieve(batch.id).status != "completed":
+        assert time.monotonic() < deadline, client.batches.retrieve(batch.id)
+        time.sleep(0.1)
+
+    def batch_span(spans):
+        return next((s for s in spans if s["attrs"].get("conveyor.tenant.class") == "batch"
+                     and s["service"] == "conveyor-gateway" and s["kind"] == SERVER), None)
+    spans = receiver.wait_for(lambda ss: (b := batch_span(ss)) is not None and {"upstream", "llm_request", "decode"}
+                              <= {s["name"] for s in ss if s["trace_id"] == b["trace_id"]})
+    gw = batch_span(spans)
+    assert gw["name"] == "POST /v1/completions" and gw["parent"] == "" and gw["attrs"]["conveyor.tenant.name"] == "t"
+    assert gw["attrs"]["http.response.status_code"] == 200
+    upstream = by(spans, "conveyor-gateway", "upstream", gw["trace_id"])
+    assert upstream["parent"] == gw["span_id"]
+    assert by(spans, "conveyor-replica", "llm_request", gw["trace_id"])["parent"] == upstream["span_id"]
+    assert PROMPT.encode() not in b"".join(receiver.raw)
