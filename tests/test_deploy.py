@@ -8,13 +8,15 @@ import json
 import re
 import shutil
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import GatewayProcess, ServerProcess, free_port
 
@@ -24,6 +26,7 @@ from conveyor.autoscale.policy import SIGNALS, Decision
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "conveyor.json"
 KEY = "sk-deploy-test-tenant"
+SOLO_KEY = "sk-deploy-test-solo"
 SYNTHETIC = {"up"}  # series Prometheus makes itself for each scrape
 # queried names whose series exist only after events this module does not cause (a retry, a stream cut midway,
 # a batch line answered or held back): for these the test checks the # HELP/# TYPE lines the exporters declare
@@ -166,36 +169,60 @@ def test_grafana_provisioning_and_compose_file():
 
 
 # ---- the live exporters -----------------------------------------------------------------------------------------
+@dataclass
+class Fleet:
+    replica: ServerProcess
+    gateway: GatewayProcess
+    autoscaler_url: str
+    completion: openai.types.Completion
+
+    def metrics_urls(self) -> dict[str, str]:
+        """{Prometheus job name in deploy/prometheus.yml: this fleet's /metrics URL}"""
+        return {"conveyor-replica": f"{self.replica.base_url}/metrics",
+                "conveyor-gateway": f"{self.gateway.base_url}/metrics",
+                "conveyor-autoscaler": f"{self.autoscaler_url}/metrics"}
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    """A demo replica behind a gateway whose Redis is unreachable (rate limits fall back, which is counted), one
-    completion through it, and one request with a wrong key; yields the replica, the gateway and the completion."""
+    """A demo replica behind a gateway whose Redis is unreachable (rate limits fall back, which is counted): one
+    completion through it, one request with a wrong key (401) and one over a tenant's max_concurrent (429); and an
+    autoscaler controller's metrics served as its --metrics-port serves them, after one recorded decision."""
     tmp = tmp_path_factory.mktemp("deploy")
-    replica = ServerProcess("--max-num-seqs", "4", "--num-kv-blocks", "64", "--max-model-len", "256")
-    config = {"models": [{"name": "demo", "replicas": [replica.base_url]}],
-              "tenants": [{"name": "acme", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}],
-              "redis_url": f"redis://127.0.0.1:{free_port()}", "batch": {"db_path": str(tmp / "batches.sqlite3")}}
-    (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
-    gateway = None
+    port = free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=recorded_controller_metrics().registry)
+    replica = gateway = None
     try:
+        replica = ServerProcess("--max-num-seqs", "4", "--num-kv-blocks", "64", "--max-model-len", "256")
+        tenants = [{"name": name, "api_key_sha256": hashlib.sha256(key.encode()).hexdigest(), "max_concurrent": n}
+                   for name, key, n in (("acme", KEY, 64), ("solo", SOLO_KEY, 1))]
+        config = {"models": [{"name": "demo", "replicas": [replica.base_url]}], "tenants": tenants,
+                  "redis_url": f"redis://127.0.0.1:{free_port()}", "batch": {"db_path": str(tmp / "batches.sqlite3")}}
+        (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
         gateway = GatewayProcess(str(tmp / "gateway.yaml"))
         client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0)
         completion = client.completions.create(model="demo", prompt="Hello there", max_tokens=5)
         assert httpx.get(f"{gateway.base_url}/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
-        yield replica, gateway, completion
+        solo = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=SOLO_KEY, max_retries=0)
+        with solo.completions.create(model="demo", prompt="Hi", max_tokens=200, stream=True,
+                                     extra_body={"ignore_eos": True}) as stream:
+            next(iter(stream))  # its slot is held until the stream ends
+            with pytest.raises(openai.RateLimitError):
+                solo.completions.create(model="demo", prompt="Hi", max_tokens=1)
+        yield Fleet(replica, gateway, f"http://127.0.0.1:{port}", completion)
     finally:
-        if gateway is not None:
-            gateway.stop()
-        replica.stop()
+        for p in (gateway, replica):
+            if p is not None:
+                p.stop()
+        server.shutdown()
 
 
-def autoscaler_exposition() -> str:
-    """The controller's registry after one recorded decision (what --metrics-port serves)."""
+def recorded_controller_metrics() -> ControllerMetrics:
     m = ControllerMetrics("demo")
     m.record(Decision(desired=2, reason="scale up", signal="waiting", raw=2, panic=False,
                       recommendations=dict.fromkeys(SIGNALS, 1), values=dict.fromkeys(SIGNALS, 0.5)),
              {"ready": 1, "starting": 1}, "scale_up")
-    return generate_latest(m.registry).decode()
+    return m
 
 
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
@@ -214,9 +241,7 @@ def exported(texts: list[str]) -> tuple[set[str], dict[str, set[str]]]:
 
 
 def test_every_queried_metric_is_exported(fleet):
-    replica, gateway, _ = fleet
-    texts = [httpx.get(f"{u}/metrics", timeout=10).text for u in (replica.base_url, gateway.base_url)]
-    declared, present = exported([*texts, autoscaler_exposition()])
+    declared, present = exported([httpx.get(u, timeout=10).text for u in fleet.metrics_urls().values()])
     recorded = {r["record"] for r in rules() if "record" in r}
     queries = dashboard_queries() + [r["expr"] for r in rules()]
     names = set().union(*map(metric_names, queries)) - recorded - SYNTHETIC
@@ -228,9 +253,74 @@ def test_every_queried_metric_is_exported(fleet):
 
 
 def test_tenant_usage_is_counted_by_configured_name(fleet):
-    _, gateway, completion = fleet
-    text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
-    assert KEY not in text and hashlib.sha256(KEY.encode()).hexdigest() not in text
+    text = httpx.get(fleet.metrics_urls()["conveyor-gateway"], timeout=10).text
+    for key in (KEY, SOLO_KEY):
+        assert key not in text and hashlib.sha256(key.encode()).hexdigest() not in text
     got = {s.labels["kind"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
            if s.name == "conveyor_gateway_tenant_tokens_total" and s.labels["tenant"] == "acme"}
-    assert got == {"prompt": completion.usage.prompt_tokens, "generation": completion.usage.completion_tokens}
+    usage = fleet.completion.usage
+    assert got == {"prompt": usage.prompt_tokens, "generation": usage.completion_tokens}
+
+
+# ---- a real Prometheus with deploy/'s config and rules, scraping the fleet ----------------------------------------
+@pytest.fixture(scope="module")
+def prometheus(fleet, tmp_path_factory):
+    """`prometheus` (Debian's package, as promtool) with deploy/prometheus.yml retargeted at the fleet and scraping
+    every second, once it has scraped each target twice (rates need two samples); yields its base URL."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is missing: scripts/setup installs it (as root: apt-get install prometheus)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(DEPLOY / f) for f in config["rule_files"]]
+    urls = fleet.metrics_urls()
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [urls[job["job_name"]].split("/")[2]]}]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(tmp / "log", "w") as log:
+        proc = subprocess.Popen([exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                                 f"--web.listen-address={url[7:]}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not scraped(url, times=2, targets=len(urls)):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def scraped(url: str, times: int, targets: int) -> bool:
+    """Whether Prometheus at url has scraped `targets` targets at least `times` times each in the last minute."""
+    got = query(url, f"count(count_over_time(up[1m]) >= {times})", check=False)
+    return bool(got) and got[0]["value"][1] == str(targets)
+
+
+def query(url: str, promql: str, check: bool = True) -> list[dict] | None:
+    """An instant query's result vector; None while Prometheus is not answering (check=False)."""
+    try:
+        r = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10)
+    except httpx.HTTPError:
+        if check:
+            raise
+        return None
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if check:
+        assert body.get("status") == "success", f"{promql}: {r.text[:500]}"
+    return body.get("data", {}).get("result") if body.get("status") == "success" else None
+
+
+def test_prometheus_scrapes_the_fleet_and_every_dashboard_query_resolves(prometheus):
+    up = {s["metric"]["job"]: s["value"][1] for s in query(prometheus, "up")}
+    assert up == {"conveyor-gateway": "1", "conveyor-replica": "1", "conveyor-autoscaler": "1"}
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    assert {r["health"] for g in groups for r in g["rules"]} == {"ok"}, groups
+    empty = []
+    for expr in dashboard_queries():
+        e = re.sub(r"\$\w+", ".*", expr.replace("$__rate_interval", "1m"))  # every model, instance, tenant
+        if not query(prometheus, e) and not metric_names(expr) & EVENT_ONLY:
+            empty.append(expr)
+    assert not empty, f"dashboard queries with no series against the live fleet: {empty}"
