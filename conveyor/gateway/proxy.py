@@ -18,9 +18,8 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
-
 import httpx
+from opentelemetry.trace import Span
 
 from conveyor.gateway.admission import ModelQueue, Rejected, Waiter
 from conveyor.gateway.config import GatewayConfig
@@ -169,7 +168,7 @@ class Call:
     request_id: str
     stream: bool
     headers: dict[str, str]  # the replicas' credentials, if they require them
-    span: Any = None  # the gateway span of the client that started it (tracing); None: tracing off
+    span: Span | None = None  # the gateway span of the client that started it (tracing); None: tracing off
 
 
 class Forwarder:
@@ -247,7 +246,7 @@ class Forwarder:
                 return
             replica = nxt
 
-    async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple, span: Any = None
+    async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple, span: Span | None = None
                        ) -> tuple[bool | None, str, tuple]:
         """One try at one replica → (verdict for its breaker, outcome, the error to return if retries run out).
 
