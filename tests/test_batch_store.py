@@ -26,13 +26,6 @@ def _line(cid, model="m", url=CHAT, **body) -> dict:
             "body": {"model": model, "messages": [{"role": "user", "content": f"hi {cid}"}], **body}}
 
 
-def _nested(depth: int) -> list:
-    x: list = [1]
-    for _ in range(depth - 1):
-        x = [x]
-    return x
-
-
 def _jsonl(*lines) -> bytes:
     return b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
 
@@ -64,21 +57,26 @@ def test_create_records_invalid_lines_as_answered_errors(store):
     bad = [b"{not json", b"[1, 2]", {"method": "POST", "url": CHAT, "body": {"model": "m"}},
            _line("ok1"), {**_line("x"), "method": "GET"}, _line("y", url="/v1/completions"),
            {**_line("z"), "body": [1]}, {**_line("w"), "body": {"messages": []}}, _line("v", model="nope"),
-           _line("u", stream=True), b'{"custom_id": "s", "body": {"model": "m", "x": "\\ud800"}}',
-           b'{"custom_id": "n", "body": {"model": "m", "t": NaN}}', _line("d", x=_nested(32))]
+           _line("u", stream=True), b'{"custom_id": "s\\ud800", "body": {"model": "m"}}',
+           b'{"custom_id": "n", "body": {"model": "m", "t": NaN}}', _line("sur", x="\ud800")]
     content = _jsonl(_line("ok0"), *bad, _line("ok0")) + b"\n  \n" + json.dumps(_line("ok2")).encode()  # no final \n
     b = _batch(store, content)
     assert b["status"] == "in_progress" and b["errors"] is None and b["metadata"] == {"k": "v"}
-    assert b["request_counts"] == {"total": 16, "completed": 0, "failed": 13}
-    assert [(x.idx, x.custom_id) for x in store.pending_lines(b["id"], 100)] == [(0, "ok0"), (4, "ok1"), (15, "ok2")]
+    assert b["request_counts"] == {"total": 16, "completed": 0, "failed": 12}
+    pending = store.pending_lines(b["id"], 100)
+    assert [(x.idx, x.custom_id) for x in pending] == [(0, "ok0"), (4, "ok1"), (13, "sur"), (15, "ok2")]
+    assert pending[2].body["x"] == "\ud800"  # a lone surrogate inside a body is kept (the replica judges it)
+    assert store.record_result(b["id"], 13, 400, {"error": {"message": "bad \ud800"}}, "r")
     _answer_all(store, b["id"])
     assert store.finalize_ready() == [b["id"]]
     b = store.get_batch("a", b["id"])
     errors = _content(store, "a", b["error_file_id"])
-    assert [e["error"]["code"] for e in errors] == [
+    assert [e["error"] and e["error"]["code"] for e in errors] == [
         "invalid_json", "invalid_request", "missing_custom_id", "invalid_method", "invalid_url", "invalid_body",
-        "missing_model", "model_not_found", "invalid_body", "invalid_json", "invalid_json", "invalid_body",
+        "missing_model", "model_not_found", "invalid_body", "missing_custom_id", "invalid_json", None,
         "duplicate_custom_id"]
+    assert errors[11]["response"]["body"]["error"]["message"] == "bad \ud800"  # written escaped
+    del errors[11]
     assert all(e["response"] is None and e["id"].startswith("batch_req_") for e in errors)
     assert errors[0]["error"]["message"].startswith("line 2: ")
     out = _content(store, "a", b["output_file_id"])
@@ -110,8 +108,10 @@ def test_token_estimate_and_the_queued_tokens_limit(store):
     assert estimate_tokens("/v1/completions", {"prompt": "x" * 40, "max_tokens": 5, "n": 2}, None) == 10 + 10
     assert estimate_tokens("/v1/completions", {"prompt": [1, 2, 3]}, None) == 3 + 16
     assert estimate_tokens("/v1/completions", {"prompt": "abcd"}, 7) == 1 + 7
-    assert estimate_tokens(CHAT, {"messages": [], "max_completion_tokens": 3, "max_tokens": 9}, None) == 1 + 3
-    assert estimate_tokens(CHAT, {"messages": []}, None) == 1 + 1024
+    assert estimate_tokens(CHAT, {"messages": [], "max_completion_tokens": 3, "max_tokens": 9}, None) == 3
+    assert estimate_tokens(CHAT, {"messages": []}, None) == 1024
+    chat = [{"role": "system", "content": "abcdefgh"}, {"role": "user", "content": [{"type": "text", "text": "abcd"}]}]
+    assert estimate_tokens(CHAT, {"messages": chat, "max_tokens": 1}, None) == 3 + 2 * 4 + 1
     assert estimate_tokens("/v1/completions", {"prompt": ["abcd", [1, 2], "ab"], "max_tokens": 0}, None) == 4
     assert estimate_tokens("/v1/completions", {"prompt": "", "max_tokens": 10 ** 30, "n": 10 ** 9}, None) == 1 << 40
     one = estimate_tokens(CHAT, _line("0", max_tokens=10)["body"], None)

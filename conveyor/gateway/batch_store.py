@@ -36,7 +36,6 @@ BUSY_TIMEOUT_S = 30.0
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID_CHARS = 512
-MAX_DEPTH = 32  # JSON nesting of a line's body, as the gateway's own request bodies
 MAX_EST_TOKENS = 1 << 40  # an estimate is capped (an absurd max_tokens is the replica's 400, not an overflow)
 MAX_REPORTED_ERRORS = 100  # a failed batch's `errors.data` lists at most this many lines
 # completion tokens assumed for a line that sets no limit, when its model has no default_max_tokens: the API's own
@@ -114,12 +113,14 @@ class LinePolicy:
 
 
 def estimate_tokens(endpoint: str, body: dict, default_max_tokens: int | None) -> int:
-    """A line's token estimate for the queued-tokens limit: prompt characters / 4 (for chat, the messages' JSON
-    text / 4; a prompt of token ids counts its ids) plus the completion limit (max_completion_tokens, max_tokens,
-    else the model's default_max_tokens, else DEFAULT_COMPLETION_TOKENS[endpoint]) times `n`. At least 1."""
+    """A line's token estimate for the queued-tokens limit: prompt characters / 4 (for chat, the characters of
+    the messages' text contents, plus 4 tokens a message; a prompt of token ids counts its ids) plus the completion
+    limit (max_completion_tokens, max_tokens, else the model's default_max_tokens, else
+    DEFAULT_COMPLETION_TOKENS[endpoint]) times `n`. At least 1, at most MAX_EST_TOKENS."""
     if endpoint == "/v1/chat/completions":
-        chars = len(json.dumps(body.get("messages", ""), ensure_ascii=False))
-        prompt = math.ceil(chars / 4)
+        messages = body.get("messages")
+        messages = messages if isinstance(messages, list) else []
+        prompt = math.ceil(sum(map(_message_chars, messages)) / 4) + 4 * len(messages)
     else:
         prompt = _prompt_tokens(body.get("prompt", ""))
     limit = next((v for v in (body.get("max_completion_tokens"), body.get("max_tokens"), default_max_tokens)
@@ -130,6 +131,15 @@ def estimate_tokens(endpoint: str, body: dict, default_max_tokens: int | None) -
 
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _message_chars(message) -> int:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # parts: {"type": "text", "text": ...}
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
 
 
 def _prompt_tokens(prompt) -> int:
@@ -286,20 +296,24 @@ class BatchStore:
         assert endpoint in ENDPOINTS, endpoint
         now = int(now if now is not None else time.time())
         batch_id = "batch_" + secrets.token_hex(16)
+        c = self._conn()
+        f = self._file_row(c, tenant, input_file_id, "input_file_id")
+        if f["purpose"] != "batch":
+            raise BatchStoreError(f"the file {input_file_id} has purpose {f['purpose']!r}; a batch needs a file "
+                                  "of purpose 'batch'", "input_file_id", "invalid_file_purpose")
+        total, queued_tokens, errors = self._scan(c, batch_id, input_file_id, endpoint, policy)
+        status = "in_progress" if queued_tokens else "failed"  # a queued line estimates at least 1 token
         with self._write() as c:
-            f = self._file_row(c, tenant, input_file_id, "input_file_id")
-            if f["purpose"] != "batch":
-                raise BatchStoreError(f"the file {input_file_id} has purpose {f['purpose']!r}; a batch needs a file "
-                                      "of purpose 'batch'", "input_file_id", "invalid_file_purpose")
-            rows, errors = self._parse_lines(c, batch_id, input_file_id, endpoint, policy)
-            queued_tokens = sum(r[5] for r in rows if r[6] == "queued")
-            status = "in_progress" if queued_tokens else "failed"  # a queued line estimates at least 1 token
-            if status == "in_progress":
+            self._file_row(c, tenant, input_file_id, "input_file_id")  # still there
+            if status == "in_progress":  # the rows again, streamed into the table: never all in memory
                 self._check_limit(c, tenant, queued_tokens, policy.queued_tokens_limit)
-                c.executemany("INSERT INTO lines VALUES (?,?,?,?,?,?,?,?,?)", rows)
-                bad, errors = sum(r[6] == "error" for r in rows), None
+                c.executemany("INSERT INTO lines VALUES (?,?,?,?,?,?,?,?,?)",
+                              (row for row, _ in self._rows(c, batch_id, input_file_id, endpoint, policy)))
+                bad = c.execute("SELECT COUNT(*) FROM lines WHERE batch_id=? AND state='error'",
+                                (batch_id,)).fetchone()[0]
+                errors = None
             else:  # nothing to do: the batch fails, its errors say why, and it keeps no lines
-                rows, bad = [], 0
+                total = bad = 0
                 errors = {"object": "list", "data": errors or [
                     {"code": "empty_file", "message": "the input file has no requests", "param": None,
                      "line": None}]}
@@ -309,8 +323,20 @@ class BatchStore:
                       (batch_id, tenant, endpoint, input_file_id, completion_window, status,
                        json.dumps(errors) if errors else None, json.dumps(metadata) if metadata else None,
                        now, now if status == "in_progress" else None, now + math.ceil(window_s),
-                       now if status == "failed" else None, len(rows), bad, queued_tokens))
+                       now if status == "failed" else None, total, bad, queued_tokens))
             return batch_object(self._batch_row(c, tenant, batch_id))
+
+    def _scan(self, c: sqlite3.Connection, batch_id: str, file_id: str, endpoint: str,
+              policy: LinePolicy) -> tuple[int, int, list[dict]]:
+        """A first pass over the file's lines, before the write lock is taken (a big file takes seconds): how many,
+        their estimated tokens, the first MAX_REPORTED_ERRORS errors."""
+        total, tokens, errors = 0, 0, []
+        for row, err in self._rows(c, batch_id, file_id, endpoint, policy):
+            total += 1
+            tokens += row[5]
+            if err is not None and len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(err)
+        return total, tokens, errors
 
     def _check_limit(self, c: sqlite3.Connection, tenant: str, tokens: int, limit: int | None) -> None:
         if limit is None:
@@ -336,28 +362,26 @@ class BatchStore:
         if rest.strip():
             yield number + 1, rest
 
-    def _parse_lines(self, c: sqlite3.Connection, batch_id: str, file_id: str, endpoint: str,
-                     policy: LinePolicy) -> tuple[list[tuple], list[dict]]:
-        """The lines table's rows for the file (valid lines queued, invalid ones answered with their error) and the
-        first MAX_REPORTED_ERRORS errors with their line numbers."""
-        rows, errors, seen = [], [], set()
+    def _rows(self, c: sqlite3.Connection, batch_id: str, file_id: str, endpoint: str,
+              policy: LinePolicy) -> Iterator[tuple[tuple, dict | None]]:
+        """Each input line's row of the lines table (valid: queued; invalid: answered with its error) and its error
+        with its line number, or None. Raises BatchStoreError past policy.max_lines."""
+        seen: set[str] = set()
         for idx, (number, raw) in enumerate(self._input_lines(c, file_id)):
             if idx >= policy.max_lines:
                 raise BatchStoreError(f"the file has more than {policy.max_lines} requests, the most a batch may "
                                       "have (batch.max_lines)", "input_file_id", "too_many_requests")
             line, err = _check_line(raw, number, endpoint, policy, seen)
-            custom_id = line.get("custom_id") if isinstance(line.get("custom_id"), str) else None
+            cid = line.get("custom_id")
+            custom_id = cid if isinstance(cid, str) and _encodable(cid) else None
             if err is None:
                 seen.add(custom_id)
                 body = line["body"]
                 est = estimate_tokens(endpoint, body, policy.models[body["model"]])
-                rows.append((batch_id, idx, custom_id, line["url"], json.dumps(body), est, "queued", None, None))
+                yield (batch_id, idx, custom_id, line["url"], json.dumps(body), est, "queued", None, None), None
             else:
                 result = json.dumps({"error": {"code": err["code"], "message": err["message"]}})
-                rows.append((batch_id, idx, custom_id, None, None, 0, "error", result, time.time()))
-                if len(errors) < MAX_REPORTED_ERRORS:
-                    errors.append({**err, "line": number})
-        return rows, errors
+                yield (batch_id, idx, custom_id, None, None, 0, "error", result, time.time()), {**err, "line": number}
 
     def _batch_row(self, c: sqlite3.Connection, tenant: str, batch_id: str) -> sqlite3.Row:
         row = c.execute("SELECT * FROM batches WHERE id=? AND tenant=?", (batch_id, tenant)).fetchone()
@@ -523,7 +547,10 @@ class _FileWriter:
         self.seq = self.size = 0
 
     def add(self, obj: dict) -> None:
-        self.buf += json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+        try:
+            self.buf += json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+        except UnicodeEncodeError:  # a lone surrogate somewhere: escaped, as JSON allows
+            self.buf += json.dumps(obj).encode() + b"\n"
         if len(self.buf) >= CHUNK_BYTES:
             self._flush()
 
@@ -556,15 +583,12 @@ def _output_line(batch_id: str, idx: int, custom_id: str | None, result: dict) -
     return {"id": rid, "custom_id": custom_id, "response": None, "error": result["error"]}
 
 
-def _depth(obj) -> int:
-    """How deeply obj's lists and objects nest (iteratively: no recursion limit to hit)."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, dict | list):
-            deepest = max(deepest, d)
-            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
-    return deepest
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a JSON escape like \ud800)
+        return False
+    return True
 
 
 def _no_constant(name: str):
@@ -580,15 +604,14 @@ def _check_line(raw: bytes, number: int, endpoint: str, policy: LinePolicy,
         return line or {}, {"code": code, "message": f"line {number}: {message}", "param": param}
     try:
         line = json.loads(raw, parse_constant=_no_constant)
-        json.dumps(line, ensure_ascii=False).encode()  # a lone surrogate (an escape like \ud800) cannot be stored
     except (ValueError, RecursionError):
-        return bad("invalid_json", "not valid JSON (UTF-8, finite numbers, no lone surrogates)")
+        return bad("invalid_json", "not valid JSON (UTF-8, finite numbers)")
     if not isinstance(line, dict):
         return bad("invalid_request", "a line must be a JSON object")
     cid = line.get("custom_id")
-    if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
-        return bad("missing_custom_id", f"custom_id must be a string of 1-{MAX_CUSTOM_ID_CHARS} characters",
-                   "custom_id", line)
+    if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS or not _encodable(cid):
+        return bad("missing_custom_id", f"custom_id must be a string of 1-{MAX_CUSTOM_ID_CHARS} characters "
+                   "(no lone surrogates)", "custom_id", line)
     if cid in seen:
         return bad("duplicate_custom_id", f"custom_id {cid[:100]!r} is used by an earlier line", "custom_id", line)
     if line.get("method") != "POST":
@@ -598,8 +621,6 @@ def _check_line(raw: bytes, number: int, endpoint: str, policy: LinePolicy,
     body = line.get("body")
     if not isinstance(body, dict):
         return bad("invalid_body", "body must be a JSON object", "body", line)
-    if _depth(body) > MAX_DEPTH:
-        return bad("invalid_body", f"body is nested more than {MAX_DEPTH} levels deep", "body", line)
     if not isinstance(body.get("model"), str):
         return bad("missing_model", "body.model must name a model", "body.model", line)
     if body["model"] not in policy.models:
