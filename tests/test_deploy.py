@@ -29,9 +29,10 @@ KEY = "sk-deploy-test-tenant"
 SOLO_KEY = "sk-deploy-test-solo"
 SYNTHETIC = {"up"}  # series Prometheus makes itself for each scrape
 # queried names whose series exist only after events this module does not cause (a retry, a stream cut midway,
-# a batch line answered or held back): for these the test checks the # HELP/# TYPE lines the exporters declare
+# the batch worker holding lines back for interactive load): for these the test checks the # HELP/# TYPE lines the
+# exporters declare
 EVENT_ONLY = {"conveyor_gateway_retries_total", "conveyor_gateway_stream_errors_total",
-              "conveyor_gateway_batch_lines_total", "conveyor_gateway_batch_backoffs_total"}
+              "conveyor_gateway_batch_backoffs_total"}
 PROMETHEUS_LABELS = {"job", "instance"}  # added to every scraped series
 
 # ---- PromQL: the metric names and label matchers an expression reads ------------------------------------------
@@ -186,7 +187,8 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """A demo replica behind a gateway whose Redis is unreachable (rate limits fall back, which is counted): one
-    completion through it, one request with a wrong key (401) and one over a tenant's max_concurrent (429); and an
+    completion through it, one request with a wrong key (401), one over a tenant's max_concurrent (429) and a batch of
+    one line; and an
     autoscaler controller's metrics served as its --metrics-port serves them, after one recorded decision."""
     tmp = tmp_path_factory.mktemp("deploy")
     port = free_port()
@@ -209,12 +211,27 @@ def fleet(tmp_path_factory):
             next(iter(stream))  # its slot is held until the stream ends
             with pytest.raises(openai.RateLimitError):
                 solo.completions.create(model="demo", prompt="Hi", max_tokens=1)
+        run_one_line_batch(solo)
         yield Fleet(replica, gateway, f"http://127.0.0.1:{port}", completion)
     finally:
         for p in (gateway, replica):
             if p is not None:
                 p.stop()
         server.shutdown()
+
+
+def run_one_line_batch(client: openai.OpenAI) -> None:
+    """A batch of one completion through the Batch API, waited for (its line counts in the batch metrics)."""
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "demo", "prompt": "Hi", "max_tokens": 2}}
+    file = client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 1, batch
 
 
 def recorded_controller_metrics() -> ControllerMetrics:
@@ -284,7 +301,8 @@ def prometheus(fleet, tmp_path_factory):
                                  f"--web.listen-address={url[7:]}"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while not scraped(url, times=2, targets=len(urls)):
+        recorded = len([r for r in rules() if "record" in r])  # one series each: the fleet serves one model
+        while not (scraped(url, times=2, targets=len(urls)) and count(url, '{__name__=~"conveyor:.+"}') == recorded):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp / "log").read_text()[-3000:]
             time.sleep(0.5)
         yield url
@@ -295,8 +313,13 @@ def prometheus(fleet, tmp_path_factory):
 
 def scraped(url: str, times: int, targets: int) -> bool:
     """Whether Prometheus at url has scraped `targets` targets at least `times` times each in the last minute."""
-    got = query(url, f"count(count_over_time(up[1m]) >= {times})", check=False)
-    return bool(got) and got[0]["value"][1] == str(targets)
+    return count(url, f"count_over_time(up[1m]) >= {times}") == targets
+
+
+def count(url: str, selector: str) -> int:
+    """The number of series `selector` selects now (0 while Prometheus is not answering)."""
+    got = query(url, f"count({selector})", check=False)
+    return int(got[0]["value"][1]) if got else 0
 
 
 def query(url: str, promql: str, check: bool = True) -> list[dict] | None:
