@@ -2,9 +2,10 @@
 interactive traffic leaves idle, and records each answer exactly once.
 
 One asyncio task in the gateway. Each pass reads the active batches (oldest first, a rotating start for fairness),
-takes their queued lines that are not in flight, and sends each through `Gateway.dispatch_line` (routing, rate limits,
-the dispatch queue, replica pick, failover, settlement: the HTTP path, at class `batch`). Cancelling batches get no
-new line. Then `finalize_ready` ends the batches that are done, expired, or cancelling with no line in flight. A pass
+takes their queued lines that are not in flight, and sends each through `Gateway.dispatch_line` (routing, rate
+limits, the dispatch queue, replica pick, failover, settlement: the HTTP path, at class `batch`). Cancelling batches
+get no new line, nor do lines whose tenant or model was removed from the config (they wait for a reload, or
+expire). Then `finalize_ready` ends the batches that are done, expired, or cancelling with no line in flight. A pass
 runs when a line ends or every POLL_S.
 
 When a model gets a new line (the backoff rule), per model:
@@ -50,7 +51,7 @@ POLL_S = 0.5  # a pass at least this often (new batches, expiry, cancellations)
 CUT_EVERY_S = 1.0  # the window is halved at most this often (replica metrics are scraped every 0.5 s)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
-UNKNOWN = "unknown"  # the metric label of a line whose model is not configured (answered 404 at once)
+UNKNOWN = "unknown"  # a line whose model is not configured (any more): it waits (a reload may bring it) or expires
 
 
 def retry_reason(status: int, body: dict) -> str | None:
@@ -146,7 +147,6 @@ class BatchWorker:
         if live:
             self.turn = (self.turn + 1) % len(live)
             room = {name: self._room(name) for name in self.gateway.pools}
-            room[UNKNOWN] = self.cap - self._state(UNKNOWN).in_flight
             for b in live[self.turn:] + live[:self.turn]:
                 if sum(room.values()) <= 0:
                     break
