@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conveyor.kernels import cpu_ops
-from conveyor.model.layers import RMSNorm, add_rms_norm
+from conveyor.model.layers import RMSNorm, RotaryEmbedding, add_rms_norm, apply_rotary
 
 pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason=f"C++ kernels not built: {cpu_ops.error()}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -62,6 +62,20 @@ def test_silu_mul_matches_torch(dtype):
     assert torch.ops.conveyor.silu_mul(gu[:0]).shape == (0, 300)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, heads, d", [(1, 12, 64), (29, 3, 128), (7, 5, 6), (0, 4, 64)])
+def test_rope_is_bit_exact(dtype, tokens, heads, d):
+    """The fused rotary equals the torch expression bit for bit, also on a strided view of a fused qkv output."""
+    torch.manual_seed(tokens + d)
+    rotary = RotaryEmbedding(d, 4096, 10000.0, None)
+    cos, sin = rotary.tables(torch.randint(0, 4096, (tokens,)), dtype)
+    qkv = (3 * torch.randn(tokens, (heads + 2) * d)).to(dtype)
+    x = qkv[:, :heads * d].view(tokens, heads, d)  # rows strided by the whole qkv width, as in Attention
+    out = apply_rotary(x, cos, sin, fused=True)
+    assert out.is_contiguous() and out.shape == (tokens, heads, d)
+    assert torch.equal(out, apply_rotary(x, cos, sin))
+
+
 def test_bad_inputs_raise():
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="add_rms_norm"):
@@ -74,3 +88,12 @@ def test_bad_inputs_raise():
         torch.ops.conveyor.silu_mul(torch.ones(3, 5))
     with pytest.raises(RuntimeError, match="silu_mul"):
         torch.ops.conveyor.silu_mul(torch.ones(3, 4, dtype=torch.int32))
+    cos = torch.ones(2, 1, 8)
+    with pytest.raises(RuntimeError, match="rope"):
+        torch.ops.conveyor.rope(torch.ones(2, 3, 7), cos, cos)  # odd head dim
+    with pytest.raises(RuntimeError, match="rope"):
+        torch.ops.conveyor.rope(torch.ones(2, 3, 8), cos.bfloat16(), cos.bfloat16())  # dtypes differ
+    with pytest.raises(RuntimeError, match="rope"):
+        torch.ops.conveyor.rope(torch.ones(3, 3, 8), cos, cos)  # tables of other tokens
+    with pytest.raises(RuntimeError, match="rope"):
+        torch.ops.conveyor.rope(torch.ones(2, 8, 3).transpose(1, 2), cos, cos)  # head dim not contiguous

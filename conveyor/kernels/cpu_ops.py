@@ -21,7 +21,9 @@ log = logging.getLogger("conveyor.kernels")
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
 HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
+# -ffp-contract=off: a * b + c rounds twice, as torch's separate ops do (the fused ops match them bit for bit in
+# float32); the kernels' AVX-512 paths ask for fused multiply-adds explicitly
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-unknown-pragmas"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "error": str

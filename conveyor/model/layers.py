@@ -61,8 +61,12 @@ class RotaryEmbedding(nn.Module):
             torch.cat([-sin, sin], dim=-1).unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]. Equals x * cos + rotate_half(x) * sin elementwise, bit for bit (negation is exact)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """x: [T, H, D] (heads and D contiguous), cos and signed_sin: [T, 1, D] in x's dtype. Equals x * cos +
+    rotate_half(x) * sin elementwise, bit for bit (negation is exact). fused: one C++ op, bit for bit the same
+    (conveyor/kernels/cpu/fused.cpp; CPU, kernels loaded) instead of four torch ops and their temporaries."""
+    if fused:
+        return torch.ops.conveyor.rope(x, cos, signed_sin)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 

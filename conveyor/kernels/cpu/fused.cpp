@@ -1,8 +1,8 @@
-// Fused elementwise ops of the Llama decoder for CPU: residual add + RMSNorm, and SiLU(gate) * up. Each replaces
-// three to five torch ops (and their temporaries) with one pass over the rows, threads across tokens. Rounding
-// follows the unfused torch code step by step (a bf16 add rounds, the normalized row rounds before the weight
-// multiplies, silu(gate) rounds before the product), so outputs equal the torch ops' up to the last bits of the
-// fp32 sum of squares and of exp.
+// Fused elementwise ops of the Llama decoder for CPU: residual add + RMSNorm, SiLU(gate) * up, and rotary
+// embeddings. Each replaces three to five torch ops (and their temporaries) with one pass over the rows, threads
+// across tokens. Rounding follows the unfused torch code step by step (a bf16 add rounds, the normalized row rounds
+// before the weight multiplies, silu(gate) rounds before the product, each rotary product rounds before the sum),
+// so outputs equal the torch ops' up to the last bits of the fp32 sum of squares and of exp; rotary is bit-exact.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -74,6 +74,32 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t n) {
   });
 }
 
+// out[t, h, i] = x[t, h, i] * cos[t, i] + x[t, h, (i + d/2) mod d] * signed_sin[t, i], each product rounded to T
+// before the sum, as torch computes x * cos + x.roll(d/2) * signed_sin. x's rows (tokens) may be strided.
+template <typename T>
+void rope_rows(const T* x, int64_t x_stride, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads,
+               int64_t d) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / (heads * d)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const T* c = cos + t * d;
+      const T* s = sin + t * d;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* xr = x + t * x_stride + h * d;
+        T* o = out + (t * heads + h) * d;
+        for (int64_t lo = 0; lo < d; lo += half) {  // the first half pairs with the second, and back
+          const T* partner = xr + (lo ? -half : half);
+#pragma omp simd
+          for (int64_t i = lo; i < lo + half; ++i) {
+            const float a = widen(narrow<T>(widen(xr[i]) * widen(c[i])));
+            o[i] = narrow<T>(a + widen(narrow<T>(widen(partner[i]) * widen(s[i]))));
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename F>
 void dispatch(at::ScalarType t, const char* op, F&& f) {
   switch (t) {
@@ -131,12 +157,35 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// x [tokens, heads, d] (heads and d contiguous; tokens any stride), cos and signed_sin [tokens, 1, d] contiguous,
+// all one dtype -> contiguous [tokens, heads, d]: the rotary embedding of every head (rotate-half layout).
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(2) % 2 == 0,
+              "rope: a CPU x [tokens, heads, d] with even d expected");
+  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2);
+  TORCH_CHECK(x.stride(2) == 1 && (heads <= 1 || x.stride(1) == d),
+              "rope: x's heads and head dim must be contiguous");
+  for (const auto* tab : {&cos, &signed_sin})
+    TORCH_CHECK(tab->is_contiguous() && tab->scalar_type() == x.scalar_type() && tab->numel() == tokens * d,
+                "rope: cos and signed_sin [tokens, 1, d] contiguous, in x's dtype, expected");
+  auto out = torch::empty({tokens, heads, d}, x.options());
+  if (out.numel() == 0) return out;
+  dispatch(x.scalar_type(), "rope", [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    rope_rows(x.data_ptr<T>(), x.stride(0), cos.data_ptr<T>(), signed_sin.data_ptr<T>(), out.data_ptr<T>(), tokens,
+              heads, d);
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(conveyor, m) {
   m.def("add_rms_norm(Tensor? x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor signed_sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(conveyor, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("rope", &rope);
 }
