@@ -110,10 +110,13 @@ def test_default_simulation_meets_the_issue_targets():
     assert ours["slo_violation_ratio"] < count["slo_violation_ratio"], format_table(runs)
 
 
-def test_cli_simulate_writes_policies_and_plots(tmp_path):
-    out, plots = tmp_path / "r.json", tmp_path / "plots"
+def test_cli_simulate_writes_policies_and_plots(tmp_path, capsys):
+    out, plots = tmp_path / "r.json", tmp_path / "plots" / "day1"  # --plot's folders are created
     assert main(["autoscale", "simulate", "--duration", "300", "--peak-rate", "8", "--output", str(out),
                  "--plot", str(plots), "--save-trace", str(tmp_path / "t.jsonl")]) == 0
+    err = capsys.readouterr().err  # off a terminal: a line as each simulation starts
+    assert "# simulating fixed-peak, " in err and "# simulating the conveyor policy ..." in err
+    assert "# simulating the request-count policy ..." in err
     res = json.loads(out.read_text())
     assert set(res["policies"]) == {"conveyor", "fixed-peak", "request-count"}
     for p in res["policies"].values():
@@ -123,6 +126,22 @@ def test_cli_simulate_writes_policies_and_plots(tmp_path):
     assert main(["autoscale", "simulate", "--trace", str(tmp_path / "t.jsonl"), "--output", str(out2)]) == 0
     assert json.loads(out2.read_text())["policies"] == res["policies"]  # the saved trace replays the same
     assert main(["autoscale", "simulate", "--min-replicas", "5", "--max-replicas", "2"]) == 2
+
+
+@pytest.mark.parametrize("flag, where, says", [
+    ("--output", "missing/r.json", "the folder {tmp}/missing does not exist"),
+    ("--save-trace", "missing/t.jsonl", "the folder {tmp}/missing does not exist"),
+    ("--output", "file/r.json", "is not a folder"),
+    ("--plot", "file", "is a file, not a folder"),
+])
+def test_cli_simulate_refuses_an_unwritable_output_before_computing(tmp_path, monkeypatch, capsys, flag, where,
+                                                                     says):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(sim, "compare", lambda *a, **k: pytest.fail("the simulation started"))
+    assert main(["autoscale", "simulate", flag, str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag} ") and says.format(tmp=tmp_path) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing left behind
 
 
 def test_ttft_p95_from_histogram_deltas_between_scrapes():

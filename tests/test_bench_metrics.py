@@ -12,6 +12,7 @@ from conveyor.bench.metrics import (RequestRecord, meets_slos, parse_goodput, pe
                                     summarize, throughput_series)
 from conveyor.bench.plan import (ModelShape, PlanInputs, choose_latency, inputs_from_result, load_shape, make_plan,
                                  shape_from_config)
+from conveyor.bench.plan_latency import LatencyCurve, Objective, check_size, fleet_sizes, none_meets
 from conveyor.bench.report import format_summary
 from conveyor.bench.scrape import GAUGES, MetricsSeries, parse_gauges
 from conveyor.cli import main
@@ -309,7 +310,7 @@ def test_model_shapes():
 
 def result_fixture() -> dict:
     return {"completed": 10, "total_input_tokens": 2000, "total_output_tokens": 500, "output_throughput": 250.0,
-            "e2el_ms": {"mean": 1200.0}, "tpot_ms": {"mean": 20.0}}
+            "request_throughput": 5.0, "e2el_ms": {"mean": 1200.0}, "tpot_ms": {"mean": 20.0}}
 
 
 def test_plan_inputs_from_result():
@@ -331,6 +332,55 @@ def test_plan_cli_from_result(tmp_path, capsys):
     assert plan["concurrency"] == pytest.approx(6.0) and plan["tokens_in_flight"] == pytest.approx(6 * 225)
     assert plan["replicas"] == 2  # ceil(5 × 50 × 1.5 / 250) = ceil(1.5)
     assert plan["inputs"]["shape"] == {"layers": 2, "kv_heads": 2, "head_dim": 4, "dtype_bytes": 2}
+
+
+def test_plan_cli_says_plainly_when_no_fleet_size_meets_the_objective(tmp_path, capsys):
+    """The measured E2EL (1200 ms) misses a 1000 ms objective: no size is recommended, exit 1, the table stays."""
+    src, out = tmp_path / "result.json", tmp_path / "plan.json"
+    src.write_text(json.dumps(result_fixture()))
+    assert main(["bench", "plan", "--from", str(src), "--arrival-rate", "5", "--e2el-ms", "1000",
+                 "--output", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "=> no fleet size meets the latency objective (E2EL 1000 ms)" in text
+    assert "replicas needed" not in text
+    assert "MISSES: E2EL 1200.0 > 1000 ms" in text  # the size the capacity plan gives, in the table
+    plan = json.loads(out.read_text())
+    assert plan["replicas"] is None and not plan["meets_objective"] and plan["replicas_for_capacity"] == 2
+    assert [r["meets"] for r in plan["fleet_sizes"]] == [False]
+
+
+def profile_curve() -> LatencyCurve:
+    # E2EL 0.5 s alone, 1 s at 4 in flight, 2 s at 8 (the slots); TPOT alike
+    return LatencyCurve((1, 4, 8), (0.5, 1.0, 2.0), (0.005, 0.01, 0.02), "test", slots=8)
+
+
+def test_fleet_size_latency_from_a_curve():
+    curve = profile_curve()
+    # 2 replicas at 8 req/s: c = 4 × E2EL(c); E2EL(c) = 0.5 + (c - 1) / 6 on [1, 4] gives c = 4 exactly
+    row = check_size(2, 8.0, 100.0, 1000.0, curve, Objective(e2el_s=1.5))
+    assert row.meets and row.concurrency == pytest.approx(4.0, rel=1e-6) and row.e2el_ms == pytest.approx(1000)
+    assert not check_size(2, 8.0, 100.0, 1000.0, curve, Objective(e2el_s=0.9)).meets
+    assert "saturated" in check_size(1, 8.0, 100.0, 1000.0, curve, Objective()).verdict  # c = 8 × E2EL > 8 slots
+    assert "saturated" in check_size(2, 1.0, 3000.0, 1000.0, curve, Objective()).verdict  # 1500 tok/s > 1000
+    rows, n = fleet_sizes(2, 8.0, 100.0, 1000.0, curve, Objective(e2el_s=0.8))
+    assert n == rows[-1].replicas and rows[-1].meets and not any(r.meets for r in rows[:-1])
+    assert rows[-1].e2el_ms <= 800 and n > 2
+    rows, n = fleet_sizes(2, 8.0, 100.0, 1000.0, curve, Objective(e2el_s=0.4))  # below E2EL alone
+    assert n is None and rows[-1].e2el_ms == pytest.approx(500)  # shown down to where latency stops falling
+    assert "more replicas cannot make it faster" in none_meets(curve, Objective(e2el_s=0.4), rows)
+
+
+def test_plan_cli_with_a_profile_adds_replicas_for_latency(tmp_path, capsys):
+    from conveyor.autoscale.profile import DEFAULT_PROFILE
+
+    args = ["bench", "plan", "--arrival-rate", "50", "--prompt-tokens", "140", "--output-tokens", "240",
+            "--replica-throughput", "2000", "--profile", str(DEFAULT_PROFILE)]
+    assert main(args + ["--e2el-ms", "700"]) == 0
+    text = capsys.readouterr().out
+    assert "Latency by fleet size" in text and "(the latency objective's; capacity alone needs 8)" in text
+    assert main(args + ["--e2el-ms", "100"]) == 1
+    text = capsys.readouterr().out
+    assert "=> no fleet size meets the latency objective (E2EL 100 ms)" in text and "replicas needed" not in text
 
 
 def test_plan_cli_needs_inputs(capsys):

@@ -132,16 +132,20 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headroom", type=float, default=0.3, help="spare capacity: 0.3 provisions 30%% more")
     p.add_argument("--replica-kv-gib", type=_positive_float, default=None, help="KV cache memory of one replica")
     p.add_argument("--max-num-seqs", type=_positive_int, default=None, help="batch slots of one replica")
+    p.add_argument("--profile", default=None, metavar="PROFILE.json",
+                   help="a replica's latency at several concurrencies (bench/autoscale_profile.py writes it; "
+                        "`autoscale simulate --profile` reads it): each fleet size's latency is checked with it")
     p.add_argument("--output", default=None, help="write plan.json here")
 
 
 def plan_inputs(a: argparse.Namespace):
     from conveyor.bench.plan import ModelShape, PlanInputs, choose_latency, inputs_from_result, load_shape
 
-    measured = None
+    measured = res = None
     if a.from_result:
         with open(a.from_result) as f:
-            measured = inputs_from_result(json.load(f))
+            res = json.load(f)
+        measured = inputs_from_result(res)
     prompt = a.prompt_tokens if a.prompt_tokens is not None else (measured or {}).get("prompt_tokens")
     output = a.output_tokens if a.output_tokens is not None else (measured or {}).get("output_tokens")
     tput = a.replica_throughput or (measured or {}).get("replica_throughput")
@@ -159,26 +163,59 @@ def plan_inputs(a: argparse.Namespace):
         raise ValueError("--headroom must be in [0, 10)")
     replica_kv = a.replica_kv_gib * 2**30 if a.replica_kv_gib else None
     return PlanInputs(a.arrival_rate, prompt, output, latency, source, tput, shape, a.headroom, replica_kv,
-                      a.max_num_seqs), notes
+                      a.max_num_seqs), notes, latency_curve(a, res, prompt, output)
+
+
+def latency_curve(a: argparse.Namespace, res: dict | None, prompt: float, output: float):
+    """A replica's latency by load: from --profile, else the bench result's one point, else None (unknown)."""
+    from conveyor.bench.plan_latency import curve_from_profile, curve_from_result
+
+    if a.profile:
+        return curve_from_profile(a.profile, prompt, output)
+    return curve_from_result(res) if res is not None else None
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
+    """Prints the capacity arithmetic, then, when the latency is known by load, each fleet size against the
+    objective. Exit 0 with a recommendation; 1 when no fleet size meets the objective (none is recommended);
+    2 for bad input."""
     from conveyor.bench.plan import make_plan
+    from conveyor.bench.plan_latency import Objective, fleet_sizes, format_sizes, none_meets
 
     try:
-        inputs, notes = plan_inputs(a)
+        if a.output:
+            check_outputs(a)
+        inputs, notes, curve = plan_inputs(a)
     except (ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = make_plan(inputs)
+    objective = Objective(a.e2el_ms / 1e3 if a.e2el_ms else None, a.tpot_ms / 1e3 if a.tpot_ms else None)
+    rows, n = [], plan.replicas
+    if curve is not None:
+        rows, n = fleet_sizes(plan.replicas, inputs.arrival_rate, plan.output_demand, inputs.replica_throughput,
+                              curve, objective)
     print("Capacity plan")
-    for line in plan.steps + notes:
+    for line in plan.steps[:-1] + notes:
         print(f"  {line}")
+    if rows:
+        print(f"Latency by fleet size (each replica's latency at its load, from {curve.source}):")
+        for line in format_sizes(rows):
+            print(f"  {line}")
+    if n is None:
+        print(f"  {none_meets(curve, objective, rows)}")
+    elif n > plan.replicas:
+        print(f"  {plan.conclusion(n, inputs)} (the latency objective's; capacity alone needs {plan.replicas})")
+    else:
+        print(f"  {plan.steps[-1]}")
     if a.output:
-        with open(a.output, "w") as f:
-            json.dump({**plan.to_json(inputs), "notes": notes}, f, indent=1, ensure_ascii=False)
-    return 0
+        from dataclasses import asdict
 
+        with open(a.output, "w") as f:
+            json.dump({**plan.to_json(inputs), "replicas": n, "replicas_for_capacity": plan.replicas,
+                       "meets_objective": n is not None, "fleet_sizes": [asdict(r) for r in rows], "notes": notes},
+                      f, indent=1, ensure_ascii=False)
+    return 0 if n is not None else 1
 
 
 # ---- bench compare ---------------------------------------------------------------------------------------------

@@ -81,6 +81,12 @@ class Plan:
     def to_json(self, inputs: PlanInputs) -> dict:
         return {"inputs": asdict(inputs), **asdict(self)}
 
+    def conclusion(self, n: int, i: PlanInputs) -> str:
+        """The recommendation line for a fleet of n replicas."""
+        return (f"=> replicas needed = {n}; per replica: {self.concurrency / n:.2f} concurrent sequences, "
+                f"{_gib(self.kv_bytes / n)} of KV cache, {self.output_demand / n:,.1f} output tokens/s "
+                f"({self.output_demand / n / i.replica_throughput:.0%} of its throughput)")
+
 
 def _gib(x: float) -> str:
     return f"{x / 2**30:.3f} GiB" if x >= 2**30 else f"{x / 2**20:.2f} MiB"
@@ -123,9 +129,9 @@ def make_plan(i: PlanInputs) -> Plan:
                      f"{1 + h:g} / {i.max_num_seqs}) = {by_slots}")
     n = max(x for x in (by_tput, by_kv, by_slots) if x is not None)
     steps = steps[:1] + [f"{k}. {line}" for k, line in enumerate(steps[1:], 1)]
-    steps.append(f"=> replicas needed = {n}; per replica: {L / n:.2f} concurrent sequences, {_gib(KV / n)} of KV "
-                 f"cache, {D / n:,.1f} output tokens/s ({D / n / i.replica_throughput:.0%} of its throughput)")
-    return Plan(L, T, B, KV, D, by_tput, by_kv, by_slots, n, steps)
+    plan = Plan(L, T, B, KV, D, by_tput, by_kv, by_slots, n, steps)
+    steps.append(plan.conclusion(n, i))
+    return plan
 
 
 def inputs_from_result(res: dict) -> dict:
