@@ -100,6 +100,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the progress bar
     try:
+        check_outputs(a)
         res = run_serve(a)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
