@@ -15,6 +15,8 @@ import pytest
 import yaml
 from server_process import GatewayProcess, ServerProcess
 
+from conveyor.prometheus_text import samples
+
 KEYS = {"a": "batch-key-a", "b": "batch-key-b", "small": "batch-key-small"}
 MAX_FILE_BYTES = 64 << 10
 CHAT = "/v1/chat/completions"
@@ -72,6 +74,13 @@ def _error(r: httpx.Response, status: int, param: str | None) -> dict:
     return err
 
 
+def _slots_held(g: GatewayProcess) -> float:
+    text = httpx.get(f"{g.base_url}/metrics", timeout=5).text
+    held = [s.value for s in samples(text) if s.name == "conveyor_gateway_concurrency_slots"]
+    assert held, "no concurrency_slots sample: no slot was ever taken"
+    return sum(held)
+
+
 def _wait_done(client: openai.OpenAI, batch_id: str, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,6 +129,7 @@ def test_upload_refusals(gw):
     assert _raw(gw, "POST", "/v1/files", tenant=None, data={"purpose": "batch"}, **form).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="wrong", max_retries=0).batches.list()
+    assert _slots_held(gw) == 0  # every refusal freed its tenant's concurrency slot
 
 
 def test_batch_requests_refused_with_their_param(gw):

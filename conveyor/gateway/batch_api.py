@@ -105,27 +105,21 @@ class BatchAPI:
     async def _serve(self, request: Request, work: Callable[[TenantConfig], Awaitable[Response]]) -> Response:
         """work(tenant)'s response, after authentication; every refusal in OpenAI's error JSON, logged and counted
         like the gateway's others, and the tenant's concurrency slot freed whichever way the call ends."""
-        gw = self.gw
         ctx = gateway_app.Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
+        return await self.gw._guarded(ctx, self._call(request, ctx, work))
+
+    async def _call(self, request: Request, ctx: gateway_app.Ctx,
+                    work: Callable[[TenantConfig], Awaitable[Response]]) -> Response:
+        gw = self.gw
         try:
-            try:
-                response = await work(await gw._admit_client(request, ctx))
-            except BatchStoreError as e:
-                raise _store_reject(e) from None
-            except sqlite3.Error as e:  # locked past the busy timeout, disk full, unreadable: retry later
-                log.error(json.dumps({"event": "batch_store_error", "request_id": ctx.rid,
-                                      "error": f"{type(e).__name__}: {e}"[:300]}))
-                raise _reject(503, "batch_store_unavailable", "the batch store is unavailable; retry shortly",
-                              headers={"retry-after": "5"}) from None
-        except gateway_app._Reject as e:
-            gw._release(ctx, 0)
-            return gw._reject(ctx, e)
-        except Exception as e:  # a bug: logged, answered 500
-            gw._release(ctx, 0)
-            return gw._internal_error(ctx, e)
-        except BaseException:
-            gw._release(ctx, 0)
-            raise
+            response = await work(await gw._admit_client(request, ctx))
+        except BatchStoreError as e:
+            raise _store_reject(e) from None
+        except sqlite3.Error as e:  # locked past the busy timeout, disk full, unreadable: retry later
+            log.error(json.dumps({"event": "batch_store_error", "request_id": ctx.rid,
+                                  "error": f"{type(e).__name__}: {e}"[:300]}))
+            raise _reject(503, "batch_store_unavailable", "the batch store is unavailable; retry shortly",
+                          headers={"retry-after": "5"}) from None
         gw._release(ctx, 0)
         gw._access_log(ctx, response.status_code, None)
         response.headers["x-request-id"] = ctx.rid
