@@ -204,7 +204,8 @@ class Gateway:
     async def health(self) -> Response:
         return JSONResponse({"status": "ok", "models": {n: p.states() for n, p in self.pools.items()}})
 
-    async def metrics_endpoint(self) -> Response:
+    async def metrics_endpoint(self, request: Request) -> Response:
+        """Prometheus text; the per-tenant series only for `Authorization: Bearer <admin key>`."""
         m = self.metrics
         for name, pool in self.pools.items():
             m.queued.labels(name).set(len(self.queues[name]))
@@ -213,7 +214,10 @@ class Gateway:
                 m.replicas.labels(name, state).set(n)
         if self.batch_worker is not None:
             await self.batch_worker.refresh_metrics()
-        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(m.registry)
+        if key_matches(bearer_key(request.headers.get("authorization")), self.cfg.admin_api_key_sha256):
+            text += generate_latest(m.tenant_registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
         """The models this tenant may use, aliases and `auto` included."""

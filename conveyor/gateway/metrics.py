@@ -1,5 +1,5 @@
 """Gateway metrics (prefix conveyor_gateway_). Labels: model, tenant class, status, reason, replica state, and the
-configured tenant name on the usage counter only — never API keys or request ids."""
+configured tenant name on the usage counter only (served to admin scrapes only) — never API keys or request ids."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -44,11 +44,15 @@ class GatewayMetrics:
         self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
                                            "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
                                            registry=r)
+        # per-tenant series: a registry of their own, served only to a scrape with the admin key (one tenant must
+        # not read another's name or usage from /metrics)
+        self.tenant_registry = CollectorRegistry()
         self.tenant_tokens = Counter(p + "tenant_tokens", "Tokens the replicas computed for each tenant (kind: "
                                      "prompt, generation), from their usage reports; an answer joined to another "
                                      "request's generation or replayed for an Idempotency-Key adds none. The "
                                      "tenant label is the name the operator gave it in the gateway config: bounded "
-                                     "by the config and never an API key", ["tenant", "kind"], registry=r)
+                                     "by the config and never an API key. Served only to scrapes with the admin "
+                                     "key", ["tenant", "kind"], registry=self.tenant_registry)
         # the batch tier (batch_worker.py); the gauges are read from the batch store when /metrics is scraped
         self.batch_lines = Counter(p + "batch_lines", "Batch lines answered by the worker (outcome: completed = "
                                    "2xx, failed = a final error)", ["model", "outcome"], registry=r)
