@@ -823,4 +823,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 def build_gateway(config_path: str, tracing: Tracing | None = None) -> Gateway:
-    return Gateway(load_config(config_path), config_path, tracing)
+    """The gateway of a config file. Raises ConfigError, or OSError when the file or the batch store cannot be
+    opened (the store is opened here once, so that a bad batch.db_path is an error at start, not in the app)."""
+    cfg = load_config(config_path)
+    BatchStore(cfg.batch.db_path or default_path()).close()
+    return Gateway(cfg, config_path, tracing)

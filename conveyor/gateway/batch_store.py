@@ -170,14 +170,22 @@ def batch_object(row: sqlite3.Row) -> dict:
 
 
 class BatchStore:
-    """Files, batches and lines in the SQLite database at `path` (created with its folder if missing)."""
+    """Files, batches and lines in the SQLite database at `path` (created with its folder if missing). Raises
+    OSError naming the path when it cannot be opened or created."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        try:
+            self._open()
+        except (OSError, sqlite3.Error) as e:
+            self.close()
+            raise OSError(f"the batch store {self.path} cannot be opened: {e}") from None
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         c = self._conn()
         c.execute("PRAGMA journal_mode=WAL")
         with self._write() as w:
@@ -186,7 +194,7 @@ class BatchStore:
             w.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             version = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
         if version != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: batch store schema {version}, this gateway reads {SCHEMA_VERSION}")
+            raise sqlite3.DatabaseError(f"schema version {version}, this gateway reads {SCHEMA_VERSION}")
 
     # ---- connections and transactions ----------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
