@@ -289,3 +289,19 @@ def test_finalize_rolls_back_on_an_error(store, monkeypatch):
     assert store.finalize_ready() == [b["id"]]
     done = store.get_batch("a", b["id"])
     assert len(_content(store, "a", done["output_file_id"])) == len(_content(store, "a", done["error_file_id"])) == 1
+
+
+def test_a_path_that_cannot_be_a_store_is_an_oserror_naming_it(tmp_path):
+    from conveyor.gateway.app import build_gateway
+    not_db = tmp_path / "not.sqlite3"
+    not_db.write_bytes(b"plain text, not a database " * 10)
+    blocked = tmp_path / "file" / "b.sqlite3"
+    (tmp_path / "file").write_text("a file where a folder should be")
+    for path in (not_db, blocked):
+        with pytest.raises(OSError, match=f"the batch store {path} cannot be opened"):
+            BatchStore(path)
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(json.dumps({"models": [{"name": "m"}], "tenants": [{"name": "a", "api_key_sha256": "0" * 64}],
+                               "batch": {"db_path": str(not_db)}}))
+    with pytest.raises(OSError, match="not a database"):  # conveyor gateway prints it as one line, exit 2
+        build_gateway(str(cfg))
