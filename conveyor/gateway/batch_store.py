@@ -8,7 +8,9 @@ next to the generation each line's commit records.
 Threads: every method is synchronous; callers run them off the event loop (asyncio.to_thread). Each thread gets its
 own connection (WAL readers never block the writer); a write takes the database's write lock up front
 (`BEGIN IMMEDIATE`, waiting up to BUSY_TIMEOUT_S), so check-then-write sequences (the per-tenant token limit, a
-line answered exactly once, finalizing a batch once) are atomic. One gateway process owns the file.
+line answered exactly once, finalizing a batch once) are atomic, across processes too. Gateways that share one file
+share its batches (each worker runs any of them, and tenants are matched by name): give each its own db_path
+unless they serve the same tenants.
 
 File contents are stored in chunks of CHUNK_BYTES (never a whole file in one row), and read back chunk by chunk.
 
