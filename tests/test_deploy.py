@@ -28,6 +28,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "conveyor.json"
 KEY = "sk-deploy-test-tenant"
 SOLO_KEY = "sk-deploy-test-solo"
+ADMIN_KEY = "sk-deploy-test-admin"
 SYNTHETIC = {"up"}  # series Prometheus makes itself for each scrape
 # queried names whose series exist only after events this module does not cause (a retry, a stream cut midway,
 # the batch worker holding lines back for interactive load): for these the test checks the # HELP/# TYPE lines the
@@ -184,6 +185,11 @@ class Fleet:
                 "conveyor-gateway": f"{self.gateway.base_url}/metrics",
                 "conveyor-autoscaler": f"{self.autoscaler_url}/metrics"}
 
+    def scrape(self, job: str, key: str | None = ADMIN_KEY) -> str:
+        """The /metrics text of `job`, scraped with `key` as the bearer (the gateway's admin key by default)."""
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(self.metrics_urls()[job], headers=headers, timeout=10).text
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
@@ -200,7 +206,8 @@ def fleet(tmp_path_factory):
         tenants = [{"name": name, "api_key_sha256": hashlib.sha256(key.encode()).hexdigest(), "max_concurrent": n}
                    for name, key, n in (("acme", KEY, 64), ("solo", SOLO_KEY, 1))]
         config = {"models": [{"name": "demo", "replicas": [replica.base_url]}], "tenants": tenants,
-                  "redis_url": f"redis://127.0.0.1:{free_port()}", "batch": {"db_path": str(tmp / "batches.sqlite3")}}
+                  "redis_url": f"redis://127.0.0.1:{free_port()}", "batch": {"db_path": str(tmp / "batches.sqlite3")},
+                  "admin_api_key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
         gateway = GatewayProcess(str(tmp / "gateway.yaml"))
         client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0)
@@ -259,7 +266,7 @@ def exported(texts: list[str]) -> tuple[set[str], dict[str, set[str]]]:
 
 
 def test_every_queried_metric_is_exported(fleet):
-    declared, present = exported([httpx.get(u, timeout=10).text for u in fleet.metrics_urls().values()])
+    declared, present = exported([fleet.scrape(job) for job in fleet.metrics_urls()])
     recorded = {r["record"] for r in rules() if "record" in r}
     queries = dashboard_queries() + [r["expr"] for r in rules()]
     names = set().union(*map(metric_names, queries)) - recorded - SYNTHETIC
@@ -270,10 +277,14 @@ def test_every_queried_metric_is_exported(fleet):
     assert not wrong, f"label matchers on labels the series do not have: {sorted(wrong)}"
 
 
-def test_tenant_usage_is_counted_by_configured_name(fleet):
-    text = httpx.get(fleet.metrics_urls()["conveyor-gateway"], timeout=10).text
-    for key in (KEY, SOLO_KEY):
+def test_tenant_usage_is_counted_by_configured_name_for_admin_scrapes_only(fleet):
+    text = fleet.scrape("conveyor-gateway")
+    for key in (KEY, SOLO_KEY, ADMIN_KEY):
         assert key not in text and hashlib.sha256(key.encode()).hexdigest() not in text
+    for key in (None, KEY, "wrong"):  # what anyone, or a tenant, reads: no tenant's name or usage
+        public = fleet.scrape("conveyor-gateway", key)
+        assert "conveyor_gateway_requests_total" in public
+        assert "tenant_tokens" not in public and "acme" not in public and "solo" not in public
     got = {s.labels["kind"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
            if s.name == "conveyor_gateway_tenant_tokens_total" and s.labels["tenant"] == "acme"}
     usage = fleet.completion.usage
@@ -295,6 +306,9 @@ def prometheus(fleet, tmp_path_factory):
     urls = fleet.metrics_urls()
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [urls[job["job_name"]].split("/")[2]]}]
+    (tmp / "admin_key").write_text(ADMIN_KEY)
+    gateway = next(j for j in config["scrape_configs"] if j["job_name"] == "conveyor-gateway")
+    gateway["authorization"] = {"credentials_file": str(tmp / "admin_key")}  # as prometheus.yml's comment says
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{free_port()}"
     with open(tmp / "log", "w") as log:
