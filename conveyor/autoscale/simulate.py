@@ -261,7 +261,7 @@ def fixed_peak(trace: list[TraceRequest], profile: Profile, sim: SimConfig, budg
     n = littles_law_size(trace, profile)
     while True:
         run = _phase(progress, f"fixed-peak, {n} replicas", trace,
-                     lambda tick: simulate(trace, profile, sim, None, fixed=n, on_tick=tick))
+                     lambda tick, n=n: simulate(trace, profile, sim, None, fixed=n, on_tick=tick))
         if run["slo_violation_ratio"] <= budget or n >= limit:
             return n, run
         n += 1
