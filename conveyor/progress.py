@@ -124,8 +124,7 @@ LOAD_EVERY_S = 5.0  # a model load's lines off a terminal: at most one per LOAD_
 LOAD_AFTER_S = 2.0  # ... and none for a load shorter than this
 
 
-def weight_load_progress(total: int, desc: str) -> Progress:
-    """A model load's bar, in tensors: tqdm on a terminal, else `conveyor.loader` log lines (JSON under
-    `conveyor serve`)."""
-    return Progress(total, desc, "tensors", emit=logging.getLogger("conveyor.loader").info, every_s=LOAD_EVERY_S,
+def weight_load_progress(total: int, desc: str, unit: str = "tensors") -> Progress:
+    """A model load's bar: tqdm on a terminal, else `conveyor.loader` log lines (JSON under `conveyor serve`)."""
+    return Progress(total, desc, unit, emit=logging.getLogger("conveyor.loader").info, every_s=LOAD_EVERY_S,
                     after_s=LOAD_AFTER_S)

@@ -65,9 +65,11 @@ def test_model_loads_log_progress_off_a_terminal(checkpoint, monkeypatch, caplog
     monkeypatch.setattr(progress, "LOAD_EVERY_S", 3600.0)
     with caplog.at_level(logging.INFO, logger="conveyor.loader"):
         LLM(checkpoint("qwen2"), num_kv_blocks=8)
+        LLM(checkpoint("qwen2"), num_kv_blocks=8, quantization="int8")
     msgs = [r.getMessage() for r in caplog.records if r.name == "conveyor.loader"]
     assert any(m.startswith("Loading safetensors weights: 1/") for m in msgs), msgs
     assert any(m.startswith("Loading safetensors weights: ") and "(100%), done in" in m for m in msgs), msgs
+    assert any(m.startswith("Quantizing weights to int8: 2/2 layers (100%)") for m in msgs), msgs
 
 
 def test_gguf_load_logs_progress(checkpoint, tmp_path, monkeypatch, caplog):

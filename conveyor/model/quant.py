@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conveyor.progress import weight_load_progress
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # GGUF tensor types kept low-bit by from_gguf
 _INT8_K_ALIGN = 32  # see QuantizedLinear._int8
@@ -301,12 +303,14 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, dtype: t
     anything is replaced)."""
     if method not in ("int8", "int4") or (method == "int4" and group_size not in INT4_GROUP_SIZES):
         raise ValueError(f"cannot quantize with method {method!r}, group_size {group_size}")
-    for layer in model.model.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, QuantizedLinear.from_float(child.weight, child.bias, method, group_size,
-                                                                     dtype))
+    with weight_load_progress(len(model.model.layers), f"Quantizing weights to {method}", "layers") as bar:
+        for layer in model.model.layers:
+            for parent in list(layer.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, QuantizedLinear.from_float(child.weight, child.bias, method,
+                                                                         group_size, dtype))
+            bar.update()
 
 
 def resident_bytes(model: nn.Module) -> int:
