@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from conveyor.gateway.batch_store import BatchStore, Line
+from conveyor.gateway.config import TenantConfig
 from conveyor.gateway.picker import METRICS_MAX_AGE_S
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.gateway.batch")
 
 POLL_S = 0.5  # a pass at least this often (new batches, expiry, cancellations)
+MIN_PASS_S = 0.02  # and at most this often: lines that end together are refilled in one pass
 CUT_EVERY_S = 1.0  # the window is halved at most this often (replica metrics are scraped every 0.5 s)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -129,6 +131,7 @@ class BatchWorker:
                 await asyncio.sleep(BACKOFF_BASE_S * 4)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), POLL_S)
+            await asyncio.sleep(MIN_PASS_S)
             self.wake.clear()
 
     @property
@@ -151,6 +154,8 @@ class BatchWorker:
                 if sum(room.values()) <= 0:
                     break
                 await self._fill(b, room)
+        active = {b["id"] for b in batches}
+        self.in_flight = {b: idx for b, idx in self.in_flight.items() if idx or b in active}
         busy = {b for b, idx in self.in_flight.items() if idx}
         await asyncio.to_thread(self.store.finalize_ready, None, busy)
         self.metrics.batch_lines_in_flight.set(sum(map(len, self.in_flight.values())))
@@ -162,8 +167,7 @@ class BatchWorker:
         if self.tenants.setdefault(tenant.name, Backoff()).paused(time.monotonic()):
             return
         inflight = self.in_flight.setdefault(batch["id"], set())
-        lines = await asyncio.to_thread(self.store.pending_lines, batch["id"], self.cap * 2,
-                                        set(inflight))
+        lines = await asyncio.to_thread(self.store.pending_lines, batch["id"], self.cap * 2, set(inflight))
         for line in lines:
             name = self._model_of(line)
             if room.get(name, 0) <= 0:
@@ -222,7 +226,7 @@ class BatchWorker:
         if now - st.last_cut >= CUT_EVERY_S:
             st.window, st.last_cut = max(1, st.window // 2), now
 
-    async def _send(self, batch: dict, tenant, line: Line, name: str) -> None:
+    async def _send(self, batch: dict, tenant: TenantConfig, line: Line, name: str) -> None:
         """Dispatch one line and record a final answer; a retryable one only backs the model off."""
         st = self._state(name)
         rid = f"{line.batch_id}-{line.idx}-{uuid.uuid4().hex[:12]}"  # a new id per attempt (a resend is visible)
