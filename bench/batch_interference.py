@@ -8,8 +8,9 @@ CPU seconds per wall second).
     .venv/bin/python bench/batch_interference.py [--rounds 2] [--seconds 30] [--rate 2] [--prompt-len 64]
         [--output-len 32] [--batch-max-in-flight 16] [--scheduling-policy fcfs] [--out results.json]
 
-The replica is `conveyor serve --model demo` (random weights: timing only). Each window sends rate × seconds
-interactive requests; the batch has more lines than a window can finish.
+The replica is `conveyor serve --model demo` (random weights: timing only) started by tests/server_process.py, so
+with OMP_NUM_THREADS=1 (one core for the model). Each window sends rate × seconds interactive requests; the batch has
+more lines than a window can finish.
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def main() -> int:
     summary = summarize(windows)
     print(f"# batch interference: {a.rounds} rounds of {a.seconds:.0f}s windows, interactive {a.rate}/s "
           f"(prompt ~{a.prompt_len}, output ~{a.output_len} tokens), batch.max_in_flight {a.batch_max_in_flight}, "
-          f"replica --scheduling-policy {a.scheduling_policy}, {os.cpu_count()} cores")
+          f"replica --scheduling-policy {a.scheduling_policy} (OMP_NUM_THREADS=1), {os.cpu_count()} cores")
     print("| condition | TTFT p50 ms | TTFT p95 ms | E2E p95 ms | errors | batch lines/min | machine CPU % | "
           "replica+gateway CPU s/s |")
     print("|---|---|---|---|---|---|---|---|")
