@@ -348,8 +348,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output-file", required=True,
                    help="answers, one JSON line each, appended as they arrive (not in input order); a rerun with "
                         "the same file answers only the lines not in it yet")
-    p.add_argument("--max-concurrency", type=int, default=64, action=Bounded, lo=1,
-                   help="most requests in flight at once (the engine batches them)")
+    p.add_argument("--max-concurrency", type=int, default=None, action=Bounded, lo=1,
+                   help="most requests in flight at once (default: twice --max-num-seqs, so that the engine's batch "
+                        "stays full while finished lines are written and new ones start)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model names a request's body may name (default: --model)")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
@@ -397,7 +398,7 @@ def _run(a: argparse.Namespace, server, todo: list[Request | BadLine], total: in
     stopped = None
     try:
         with _quiet("conveyor.requests", "httpx"):  # a log line per request would bury the progress bar
-            asyncio.run(run_all(server, todo, writer, a.max_concurrency, progress))
+            asyncio.run(run_all(server, todo, writer, a.max_concurrency or 2 * a.max_num_seqs, progress))
     except EngineFailed as e:
         stopped = f"the engine stopped ({e})"
     except KeyboardInterrupt:
