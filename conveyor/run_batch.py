@@ -85,7 +85,7 @@ def parse_line(no: int, text: str) -> Request | BadLine:
     """One input line as a Request, or a BadLine saying what is wrong with it."""
     try:
         obj = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         return BadLine(no, None, "invalid_json", f"line {no}: not valid JSON ({_reason(e)})")
     if not isinstance(obj, dict):
         return BadLine(no, None, "invalid_request", f"line {no}: not a JSON object")
@@ -161,7 +161,7 @@ def _answered_id(raw: bytes) -> str | None | bool:
     """The custom_id of an output line (None: a line that had none), False when it is not an output line."""
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     cid = obj.get("custom_id", False) if isinstance(obj, dict) else False
     return cid if cid is None or isinstance(cid, str) else False

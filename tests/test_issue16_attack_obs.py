@@ -1,0 +1,19 @@
+"""Issue 16 items 3-6 as an outside user and attacker found them: each test is one finding, fixed."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from conveyor import run_batch
+
+
+def test_run_batch_a_line_nested_too_deeply_is_a_bad_line_not_a_traceback():
+    item = run_batch.parse_line(1, "[" * 200_000)
+    assert isinstance(item, run_batch.BadLine) and item.code == "invalid_json"
+    assert "line 1" in item.message
+
+
+def test_run_batch_an_output_nested_too_deeply_is_not_an_output_line():
+    with pytest.raises(run_batch.BatchFileError, match="line 1 is not a run-batch output line"):
+        run_batch._scan_output(io.BytesIO(b"[" * 200_000 + b"\n"), "out.jsonl")
