@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -124,21 +126,40 @@ class Answered:
     anonymous: int
 
 
-def prepare_output(path: str, input_path: str) -> Answered:
-    """Open -o for appending (created if missing) and read what it already answers. A torn last line (a run killed
-    while writing it) is cut off, so that it is written again. Raises BatchFileError when -o cannot be written, is
-    the input, or holds a line that run-batch did not write."""
+def prepare_output(path: str, input_path: str) -> tuple[Answered, BinaryIO]:
+    """Open -o for appending (created if missing), locked against another run-batch on the same file, and read what
+    it already answers. A torn last line (a run killed while writing it) is cut off, so that it is written again.
+    Returns what is answered and the open, locked file (for Writer). Raises BatchFileError when -o cannot be
+    written, is the input, is being written by another run, or holds a line that run-batch did not write."""
     if input_path != "-" and os.path.exists(path) and os.path.exists(input_path) and \
             os.path.samefile(path, input_path):
         raise BatchFileError(f"-o {path} is the input file")
     try:
-        with open(path, "ab+") as f:
-            f.seek(0)
-            done, end = _scan_output(f, path)
-            f.truncate(end)
+        f = open(path, "ab+")
     except OSError as e:
         raise BatchFileError(f"cannot write -o {path}: {_reason(e)}") from None
-    return done
+    try:
+        _lock(f, path)
+        f.seek(0)
+        done, end = _scan_output(f, path)
+        f.truncate(end)
+    except OSError as e:
+        f.close()
+        raise BatchFileError(f"cannot write -o {path}: {_reason(e)}") from None
+    except BatchFileError:
+        f.close()
+        raise
+    return done, f
+
+
+def _lock(f: BinaryIO, path: str) -> None:
+    """An exclusive lock on -o for this run (released when f closes): two runs appending to one file would answer
+    each line twice."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BatchFileError(f"-o {path} is being written by another run-batch; wait for it to end or give "
+                             f"another -o") from None
 
 
 def _scan_output(f, path: str) -> tuple[Answered, int]:
@@ -185,8 +206,8 @@ def pending(items: list[Request | BadLine], done: Answered) -> list[Request | Ba
 class Writer:
     """Appends one JSON line per answer to -o, flushed at once (a kill loses at most the lines in flight)."""
 
-    def __init__(self, path: str) -> None:
-        self.f = open(path, "ab")
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f  # prepare_output's file, opened for appending and locked
 
     def write(self, record: dict) -> None:
         try:
@@ -377,24 +398,28 @@ def cmd_run_batch(a: argparse.Namespace) -> int:
     stopped, or the run was interrupted (rerun to resume)."""
     try:
         items = parse_lines(read_input(a.input_file))
-        done = prepare_output(a.output_file, a.input_file)
+        done, out = prepare_output(a.output_file, a.input_file)
     except BatchFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    todo = pending(items, done)
-    if not todo:
-        print(f"# nothing to do: all {len(items)} lines are answered in {a.output_file}", file=sys.stderr)
-        return 0
+    writer = Writer(out)
     try:
-        server = build_server(a)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return _run(a, server, todo, len(items))
+        todo = pending(items, done)
+        if not todo:
+            print(f"# nothing to do: all {len(items)} lines are answered in {a.output_file}", file=sys.stderr)
+            return 0
+        try:
+            server = build_server(a)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return _run(a, server, writer, todo, len(items))
+    finally:
+        writer.close()
 
 
-def _run(a: argparse.Namespace, server, todo: list[Request | BadLine], total: int) -> int:
-    writer, progress = Writer(a.output_file), Progress(total, total - len(todo), not a.disable_tqdm)
+def _run(a: argparse.Namespace, server, writer: Writer, todo: list[Request | BadLine], total: int) -> int:
+    progress = Progress(total, total - len(todo), not a.disable_tqdm)
     stopped = None
     try:
         with _quiet("conveyor.requests", "httpx"):  # a log line per request would bury the progress bar
@@ -406,7 +431,6 @@ def _run(a: argparse.Namespace, server, todo: list[Request | BadLine], total: in
     except OSError as e:  # writing -o failed (a full disk)
         stopped = f"cannot write -o ({_reason(e)})"
     finally:
-        writer.close()
         progress.close()  # before anything else is printed: the bar's last refresh would follow it
     if stopped is not None:
         print(f"error: {stopped}; {progress.done} of {total} lines are answered in {a.output_file}: run the same "

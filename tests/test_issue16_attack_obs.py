@@ -17,3 +17,14 @@ def test_run_batch_a_line_nested_too_deeply_is_a_bad_line_not_a_traceback():
 def test_run_batch_an_output_nested_too_deeply_is_not_an_output_line():
     with pytest.raises(run_batch.BatchFileError, match="line 1 is not a run-batch output line"):
         run_batch._scan_output(io.BytesIO(b"[" * 200_000 + b"\n"), "out.jsonl")
+
+
+def test_run_batch_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "out.jsonl"
+    done, f = run_batch.prepare_output(str(out), "-")
+    try:
+        with pytest.raises(run_batch.BatchFileError, match="being written by another run-batch"):
+            run_batch.prepare_output(str(out), "-")
+    finally:
+        f.close()
+    run_batch.prepare_output(str(out), "-")[1].close()  # free again once the first run ends
