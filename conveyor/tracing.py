@@ -17,8 +17,10 @@ nor the engine thread calls into the SDK while a request runs.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("conveyor.tracing")
 GATEWAY_SERVICE = "conveyor-gateway"
 REPLICA_SERVICE = "conveyor-replica"
+EXIT_FLUSH_S = 3.0  # the most an exit waits for the collector to take the last spans
 _PROPAGATOR = TraceContextTextMapPropagator()  # traceparent and tracestate only: no baggage crosses a process
 
 
@@ -71,9 +74,21 @@ def init_tracing(endpoint: str | None, service_name: str, honour_client_sampling
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}),
-                              sampler=None if honour_client_sampling else ALWAYS_ON)  # None: OTEL_TRACES_SAMPLER
+                              sampler=None if honour_client_sampling else ALWAYS_ON,  # None: OTEL_TRACES_SAMPLER
+                              shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint(endpoint))))
+    atexit.register(_flush_at_exit, provider, EXIT_FLUSH_S)
     return Tracing(provider.get_tracer("conveyor"), provider)
+
+
+def _flush_at_exit(provider: Any, limit_s: float) -> None:
+    """Export the spans still queued, for at most limit_s seconds: the SDK's own exit handler retries an unreachable
+    collector for up to 30 s, which a supervisor's stop would wait through (or SIGKILL)."""
+    done = threading.Thread(target=provider.shutdown, name="otel-exit-flush", daemon=True)
+    done.start()
+    done.join(limit_s)
+    if done.is_alive():
+        log.warning("the OTLP collector did not take the last spans within %.0f s; they are dropped", limit_s)
 
 
 def wall_ns(monotonic_s: float) -> int:

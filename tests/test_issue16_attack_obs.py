@@ -1,7 +1,10 @@
 """Issue 16 items 3-6 as an outside user and attacker found them: each test is one finding, fixed."""
 from __future__ import annotations
 
+import atexit
 import io
+import logging
+import socket
 
 import pytest
 
@@ -28,3 +31,20 @@ def test_run_batch_a_second_run_on_the_same_output_is_refused_while_the_first_ru
     finally:
         f.close()
     run_batch.prepare_output(str(out), "-")[1].close()  # free again once the first run ends
+
+
+def test_tracing_an_unreachable_collector_holds_the_exit_for_a_bounded_time(caplog):
+    """The SDK's exit handler retried a collector that accepts and never answers for ~20 s after SIGTERM; ours
+    gives up on the last spans after its limit."""
+    from conveyor import tracing
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        t = tracing.init_tracing(f"http://127.0.0.1:{silent.getsockname()[1]}", "attack-test")
+        assert t.provider._atexit_handler is None  # the SDK's unbounded handler is not registered
+        t.tracer.start_span("s").end()
+        atexit.unregister(tracing._flush_at_exit)
+        with caplog.at_level(logging.WARNING, "conveyor.tracing"):
+            tracing._flush_at_exit(t.provider, 0.3)
+    assert "did not take the last spans" in caplog.text
