@@ -22,6 +22,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,10 +48,20 @@ def traces_endpoint(url: str) -> str:
     /v1/traces is added (`http://collector:4318` → `http://collector:4318/v1/traces`). Raises ValueError saying
     what is wrong."""
     m = re.fullmatch(r"(https?://[A-Za-z0-9.\-\[\]:]+)(/[\x21-\x7e]*)?", url) if isinstance(url, str) else None
-    if m is None:
+    if m is None or not _host_and_port_valid(m.group(1)):
         raise ValueError(f"{str(url)[:100]!r} is not an http(s)://HOST[:PORT][/PATH] URL of an OTLP/HTTP collector "
                          f"(gRPC is not supported)")
     return url if m.group(2) not in (None, "/") else m.group(1) + "/v1/traces"
+
+
+def _host_and_port_valid(origin: str) -> bool:
+    """Whether http(s)://HOST[:PORT] has a host and, if any, a port in 1-65535 (the exporter would fail on every
+    export otherwise, long after startup)."""
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # an unbalanced [ or a port that is not a number in 0-65535
+        return False
 
 
 @dataclass

@@ -48,3 +48,13 @@ def test_tracing_an_unreachable_collector_holds_the_exit_for_a_bounded_time(capl
         with caplog.at_level(logging.WARNING, "conveyor.tracing"):
             tracing._flush_at_exit(t.provider, 0.3)
     assert "did not take the last spans" in caplog.text
+
+
+@pytest.mark.parametrize("url", ["http://collector:99999", "http://[::1", "http://collector:abc", "http://:4318",
+                                 "http://collector:0"])
+def test_tracing_an_endpoint_without_a_usable_host_or_port_is_refused_at_startup(url):
+    """These passed the check, and then every export failed in the background, long after startup."""
+    from conveyor.tracing import traces_endpoint
+
+    with pytest.raises(ValueError, match="is not an http"):
+        traces_endpoint(url)
