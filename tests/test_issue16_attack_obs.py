@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import atexit
 import io
+import json
 import logging
+import pathlib
+import re
 import socket
 
 import pytest
@@ -47,6 +50,8 @@ def test_tracing_an_unreachable_collector_holds_the_exit_for_a_bounded_time(capl
         atexit.unregister(tracing._flush_at_exit)
         with caplog.at_level(logging.WARNING, "conveyor.tracing"):
             tracing._flush_at_exit(t.provider, 0.3)
+        for processor in t.provider._active_span_processor._span_processors:
+            processor.span_exporter.shutdown()  # ends the exporter's retries, left running in the background
     assert "did not take the last spans" in caplog.text
 
 
@@ -58,3 +63,15 @@ def test_tracing_an_endpoint_without_a_usable_host_or_port_is_refused_at_startup
 
     with pytest.raises(ValueError, match="is not an http"):
         traces_endpoint(url)
+
+
+def test_dashboard_the_429_503_panel_shows_every_reason_the_gateway_refuses_with_429_or_503():
+    """The panel left out the Batch API's 429 batch_queued_tokens and 503 batch_store_unavailable."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    source = "".join(p.read_text() for p in (root / "conveyor" / "gateway").glob("*.py"))
+    reasons = set(re.findall(r"(?:Rejected|_Reject|_reject)\((?:429|503), f?\"([a-z_]+)", source))
+    assert {"concurrency", "shed", "batch_queued_tokens"} <= reasons  # the scan still finds them
+    dashboard = json.loads((root / "deploy" / "grafana" / "dashboards" / "conveyor.json").read_text())
+    panel = next(p for p in dashboard["panels"] if p.get("title") == "429 and 503 by reason")
+    selector = re.search(r'reason=~"([^"]+)"', panel["targets"][0]["expr"].replace('\\"', '"')).group(1)
+    assert [r for r in sorted(reasons) if not re.fullmatch(selector, r)] == []
