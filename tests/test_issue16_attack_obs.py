@@ -75,3 +75,32 @@ def test_dashboard_the_429_503_panel_shows_every_reason_the_gateway_refuses_with
     panel = next(p for p in dashboard["panels"] if p.get("title") == "429 and 503 by reason")
     selector = re.search(r'reason=~"([^"]+)"', panel["targets"][0]["expr"].replace('\\"', '"')).group(1)
     assert [r for r in sorted(reasons) if not re.fullmatch(selector, r)] == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--duration", "60"], "must be at least 150 s"),  # was numpy's "high - low < 0"
+    (["--duration", "nan"], "finite"),
+    (["--duration", "1e12"], "too large to simulate"),  # was a MemoryError traceback
+    (["--slo-ttft-ms", "nan"], "finite"),  # was accepted: every request met a NaN objective
+])
+def test_autoscale_simulate_bad_trace_or_sim_flags_are_one_line_before_any_work(flags, message, capsys):
+    from conveyor.cli import main
+
+    assert main(["autoscale", "simulate", "--disable-tqdm", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"arrival_s": NaN, "prompt_len": 5, "output_len": 5}',
+                                  '{"arrival_s": 1e300, "prompt_len": 5, "output_len": 5}',
+                                  '{"arrival_s": -1, "prompt_len": 5, "output_len": 5}',
+                                  '{"arrival_s": 1, "prompt_len": 0, "output_len": 5}',
+                                  '{"arrival_s": 1, "prompt_len": 1e400, "output_len": 5}'])
+def test_autoscale_trace_a_line_that_is_no_request_is_a_valueerror_naming_it(tmp_path, text):
+    """These were tracebacks (RecursionError, NaN/inf to int) or nonsense accepted (negative times, empty prompts)."""
+    from conveyor.autoscale import trace
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"arrival_s": 0, "prompt_len": 5, "output_len": 5}\n' + text + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: need"):
+        trace.load(str(path))

@@ -36,6 +36,9 @@ class SimConfig:
     drain_tail_s: float = 900.0  # how long past the trace's end requests may still finish
 
     def __post_init__(self) -> None:
+        if not all(map(math.isfinite, (self.dt_s, self.interval_s, self.slo_ttft_s, self.slo_tpot_s,
+                                       self.cold_start_timeout_s, self.drain_tail_s))):
+            raise ValueError("the simulation's intervals and SLOs must be finite numbers")
         if not 0 < self.dt_s <= self.interval_s:
             raise ValueError("need 0 < dt_s <= interval_s")
         if min(self.slo_ttft_s, self.slo_tpot_s, self.cold_start_timeout_s) <= 0 or self.max_waiting < 0:

@@ -17,6 +17,10 @@ class TraceRequest:
     output_len: int
 
 
+MAX_TRACE_S = 1e7  # about 116 days of simulated time
+MAX_ARRIVALS = 1e7  # requests a generated trace may hold (a few hundred bytes of memory each)
+
+
 @dataclass
 class TraceConfig:
     """A compressed day: the rate follows a raised cosine from `night_rate` to `peak_rate` (req/s) over
@@ -34,8 +38,18 @@ class TraceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not all(map(math.isfinite, (self.duration_s, self.night_rate, self.peak_rate, self.burst_rate,
+                                       self.burst_s))):
+            raise ValueError("the trace's duration and rates must be finite numbers")
         if self.duration_s <= 0 or not 0 < self.night_rate <= self.peak_rate:
-            raise ValueError("need duration_s > 0 and 0 < night_rate <= peak_rate")
+            raise ValueError(f"need duration_s > 0 and 0 < night_rate ({self.night_rate:g}) <= peak_rate "
+                             f"({self.peak_rate:g})")
+        if self.duration_s > MAX_TRACE_S or self.peak_rate * self.duration_s > MAX_ARRIVALS:
+            raise ValueError(f"a trace of {self.duration_s:g} s at up to {self.peak_rate:g} requests/s is too large to "
+                             f"simulate (at most {MAX_TRACE_S:g} s and {MAX_ARRIVALS:g} requests)")
+        if self.bursts and self.burst_s > 0.6 * self.duration_s:
+            raise ValueError(f"duration_s must be at least {self.burst_s / 0.6:g} s: its bursts of {self.burst_s:g} s "
+                             f"land in the busy middle 60 % of the day")
         if min(self.prompt_len, self.output_len, self.burst_output_len) < 1 or self.bursts < 0:
             raise ValueError("lengths must be >= 1 and bursts >= 0")
         if self.burst_rate < 0 or self.burst_s <= 0:
@@ -89,10 +103,14 @@ def load(path: str) -> list[TraceRequest]:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            d = json.loads(line)
             try:
-                reqs.append(TraceRequest(float(d["arrival_s"]), int(d["prompt_len"]), int(d["output_len"])))
-            except (KeyError, TypeError, ValueError) as e:
+                d = json.loads(line)
+                req = TraceRequest(float(d["arrival_s"]), int(d["prompt_len"]), int(d["output_len"]))
+            except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
                 raise ValueError(f"{path}:{i}: need arrival_s, prompt_len, output_len ({e})") from None
+            if not 0 <= req.arrival_s <= MAX_TRACE_S or min(req.prompt_len, req.output_len) < 1:
+                raise ValueError(f"{path}:{i}: need 0 <= arrival_s <= {MAX_TRACE_S:g} and prompt_len, output_len "
+                                 f">= 1")
+            reqs.append(req)
     reqs.sort(key=lambda r: r.arrival_s)
     return reqs
