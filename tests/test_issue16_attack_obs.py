@@ -104,3 +104,14 @@ def test_autoscale_trace_a_line_that_is_no_request_is_a_valueerror_naming_it(tmp
     path.write_text('{"arrival_s": 0, "prompt_len": 5, "output_len": 5}\n' + text + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: need"):
         trace.load(str(path))
+
+
+def test_bench_plan_without_a_latency_curve_says_the_objective_is_not_checked(tmp_path, capsys):
+    """An impossible --e2el-ms of 1 ms got a plain recommendation and "meets_objective": true."""
+    from conveyor.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["bench", "plan", "--arrival-rate", "10", "--prompt-tokens", "100", "--output-tokens", "100",
+                 "--replica-throughput", "500", "--e2el-ms", "1", "--model", "demo", "--output", str(out)]) == 0
+    assert "the latency objective is NOT checked" in capsys.readouterr().out
+    assert json.loads(out.read_text())["meets_objective"] is None

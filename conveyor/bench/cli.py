@@ -203,8 +203,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
         print(f"Latency by fleet size (each replica's latency at its load, from {curve.source}):")
         for line in format_sizes(rows):
             print(f"  {line}")
+    unchecked = curve is None and (objective.e2el_s is not None or objective.tpot_s is not None)
     if n is None:
         print(f"  {none_meets(curve, objective, rows)}")
+    elif unchecked:
+        print(f"  {plan.steps[-1]}: capacity only, the latency objective is NOT checked (no replica latency is known; "
+              f"give --profile P.json or --from a bench serve result)")
     elif n > plan.replicas:
         print(f"  {plan.conclusion(n, inputs)} (the latency objective's; capacity alone needs {plan.replicas})")
     else:
@@ -214,7 +218,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
         with open(a.output, "w") as f:
             json.dump({**plan.to_json(inputs), "replicas": n, "replicas_for_capacity": plan.replicas,
-                       "meets_objective": n is not None, "fleet_sizes": [asdict(r) for r in rows], "notes": notes},
+                       "meets_objective": None if unchecked else n is not None, "fleet_sizes": [asdict(r) for r in rows], "notes": notes},
                       f, indent=1, ensure_ascii=False)
     return 0 if n is not None else 1
 
