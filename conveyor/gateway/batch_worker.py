@@ -30,12 +30,12 @@ again; a line that was in flight is sent again, and whichever answer is recorded
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -105,9 +105,12 @@ class BatchWorker:
     in_flight: dict[str, set[int]] = field(default_factory=dict)  # batch id → line indices at replicas
     tenants: dict[str, Backoff] = field(default_factory=dict)  # rate-limited tenants
     tasks: set[asyncio.Task] = field(default_factory=set)
+    # the worker's store calls run here; stop() waits for them, so the store is never closed under a running call
+    threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "batch-worker"))
     turn: int = 0  # rotates which batch is served first
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    stopping: bool = False
 
     def start(self) -> None:
         assert self.task is None
@@ -115,22 +118,32 @@ class BatchWorker:
 
     async def stop(self) -> None:
         """Cancel the loop and the lines in flight (they stay queued: the next start sends them again)."""
+        self.stopping = True  # the loop ends even if a cancellation is lost
         for t in [self.task, *self.tasks]:
             if t is not None:
                 t.cancel()
         await asyncio.gather(*(t for t in [self.task, *self.tasks] if t is not None), return_exceptions=True)
+        await asyncio.to_thread(self.threads.shutdown, True)
+
+    async def _db(self, fn, *args):
+        """fn(*args) (a store call) in the worker's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
 
     async def run(self) -> None:
         """Pass after pass until cancelled; a pass that fails (a database error) is logged and retried."""
-        while True:
+        while not self.stopping:
             try:
                 await self.step()
             except Exception:  # noqa: BLE001 - the worker must outlive a bad pass (disk full, a locked database)
                 log.exception(json.dumps({"event": "batch_worker_error"}))
                 self.metrics.batch_backoffs.labels("store_error").inc()
                 await asyncio.sleep(BACKOFF_BASE_S * 4)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), POLL_S)
+            # asyncio.wait, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as the wait ends
+            woken = asyncio.ensure_future(self.wake.wait())
+            try:
+                await asyncio.wait([woken], timeout=POLL_S)
+            finally:
+                woken.cancel()
             await asyncio.sleep(MIN_PASS_S)
             self.wake.clear()
 
@@ -145,7 +158,7 @@ class BatchWorker:
 
     async def step(self) -> None:
         """One pass: send what the backoff rule allows, then end the batches that are done."""
-        batches = await asyncio.to_thread(self.store.active_batches)
+        batches = await self._db(self.store.active_batches)
         live = [b for b in batches if b["status"] == "in_progress" and b["expires_at"] > time.time()]
         if live:
             self.turn = (self.turn + 1) % len(live)
@@ -157,7 +170,7 @@ class BatchWorker:
         active = {b["id"] for b in batches}
         self.in_flight = {b: idx for b, idx in self.in_flight.items() if idx or b in active}
         busy = {b for b, idx in self.in_flight.items() if idx}
-        await asyncio.to_thread(self.store.finalize_ready, None, busy)
+        await self._db(self.store.finalize_ready, None, busy)
         self.metrics.batch_lines_in_flight.set(sum(map(len, self.in_flight.values())))
 
     async def _fill(self, batch: dict, room: dict[str, int]) -> None:
@@ -167,7 +180,7 @@ class BatchWorker:
         if self.tenants.setdefault(tenant.name, Backoff()).paused(time.monotonic()):
             return
         inflight = self.in_flight.setdefault(batch["id"], set())
-        lines = await asyncio.to_thread(self.store.pending_lines, batch["id"], self.cap * 2, set(inflight))
+        lines = await self._db(self.store.pending_lines, batch["id"], self.cap * 2, set(inflight))
         for line in lines:
             name = self._model_of(line)
             if room.get(name, 0) <= 0:
@@ -241,7 +254,7 @@ class BatchWorker:
             if reason is not None:
                 self._backoff(st, reason)
                 return
-            if await asyncio.to_thread(self.store.record_result, line.batch_id, line.idx, status, body, rid):
+            if await self._db(self.store.record_result, line.batch_id, line.idx, status, body, rid):
                 outcome = "completed" if 200 <= status < 300 else "failed"
                 self.metrics.batch_lines.labels(name, outcome).inc()
             st.backoff.failures = 0
@@ -262,7 +275,7 @@ class BatchWorker:
 
     async def refresh_metrics(self) -> None:
         """Set the batch gauges from the store (before /metrics is rendered)."""
-        counts = await asyncio.to_thread(self.store.counts)
+        counts = await self._db(self.store.counts)
         self.metrics.batch_lines_queued.set(counts["lines_queued"])
         for status, n in counts["batches"].items():
             self.metrics.batches.labels(status).set(n)
