@@ -6,12 +6,18 @@ import io
 import json
 import logging
 import pathlib
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from conveyor import run_batch
+from conveyor.cli import main
 
 
 def test_run_batch_a_line_nested_too_deeply_is_a_bad_line_not_a_traceback():
@@ -115,3 +121,25 @@ def test_bench_plan_without_a_latency_curve_says_the_objective_is_not_checked(tm
                  "--replica-throughput", "500", "--e2el-ms", "1", "--model", "demo", "--output", str(out)]) == 0
     assert "the latency objective is NOT checked" in capsys.readouterr().out
     assert json.loads(out.read_text())["meets_objective"] is None
+
+
+def test_run_batch_ctrl_c_exits_1_with_its_message_and_the_rest_resumes(tmp_path):
+    """Ctrl-C cancelled the server's lifespan before it stopped the engine thread: 'terminate called without an
+    active exception' and SIGABRT instead of exit 1."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                       "body": {"prompt": f"p {i}", "max_tokens": 32, "ignore_eos": True}}) + "\n"
+                           for i in range(200)))
+    cmd = [sys.executable, "-m", "conveyor.cli", "run-batch", "-i", str(src), "-o", str(out), "--model", "demo",
+           "--num-kv-blocks", "2048", "--disable-tqdm"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "error: interrupted;" in err and "terminate called" not in err, err[-2000:]
+    assert main(["run-batch", "-i", str(src), "-o", str(out), "--model", "demo", "--num-kv-blocks", "2048",
+                 "--disable-tqdm"]) == 0
+    ids = [json.loads(t)["custom_id"] for t in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(200))

@@ -136,8 +136,10 @@ class Server:
 
     async def _lifespan(self, app: FastAPI):
         self.engine.start()
-        yield
-        self.engine.shutdown()
+        try:
+            yield
+        finally:  # also when cancelled (run-batch's Ctrl-C): an engine thread left running aborts the exit
+            self.engine.shutdown()
 
     async def _on_api_error(self, request: Request, e: APIError) -> Response:
         return error_response(e.status, e.message, e.param, e.code, e.headers)
