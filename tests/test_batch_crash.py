@@ -1,12 +1,14 @@
 """The batch tier survives `kill -9`: a batch of 200 lines on a real gateway + replica (processes), the gateway
-killed with SIGKILL at random points three times and restarted on the same database each time. Then the batch
-completes, every custom_id appears exactly once across the output and error files, and lines answered before a kill
-are not generated again (the replica, which lives through the kills, counts every generation it finished)."""
+killed with SIGKILL at random points three times (and stopped with SIGTERM once, which must end it promptly and
+cleanly with lines in flight), restarted on the same database each time. Then the batch completes, every custom_id
+appears exactly once across the output and error files, and lines answered before a kill are not generated again
+(the replica, which lives through the kills, counts every generation it finished)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+import signal
 import time
 
 import httpx
@@ -67,16 +69,20 @@ def _answered(b: dict) -> int:
     return b["request_counts"]["completed"] + b["request_counts"]["failed"]
 
 
-def _kill_when(gw: GatewayProcess, batch_id: str, answered: int, jitter_s: float) -> int:
-    """SIGKILL the gateway once `answered` lines are answered, plus jitter_s; returns the count seen before."""
+def _kill_when(gw: GatewayProcess, batch_id: str, answered: int, jitter_s: float, sig: signal.Signals) -> int:
+    """Signal the gateway once `answered` lines are answered, plus jitter_s; returns the count seen before. SIGTERM
+    must end it within seconds (the worker cancels its lines in flight) without a traceback."""
     deadline = time.monotonic() + 60
     while (seen := _answered(_batch(gw, batch_id))) < answered:
         assert time.monotonic() < deadline, f"the batch stalled at {seen} answered lines:\n{gw.logs()[-3000:]}"
         time.sleep(0.02)
     time.sleep(jitter_s)
-    gw.proc.kill()
-    gw.proc.wait()
+    gw.proc.send_signal(sig)
+    gw.proc.wait(15)
+    logs = gw.logs()
     gw.stop()
+    if sig == signal.SIGTERM:
+        assert gw.proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in logs, logs[-3000:]
     return seen
 
 
@@ -88,7 +94,7 @@ def _file_lines(gw: GatewayProcess, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in r.text.splitlines()]
 
 
-def test_batch_survives_three_sigkills(tmp_path, replica):
+def test_batch_survives_three_sigkills_and_a_sigterm(tmp_path, replica):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     config = _config(tmp_path, replica.base_url)
@@ -103,10 +109,12 @@ def test_batch_survives_three_sigkills(tmp_path, replica):
         assert created.status_code == 200, created.text
         batch_id = created.json()["id"]
         # kill points spread over the batch, each with a random delay on top (lines keep finishing meanwhile)
-        points = sorted(rng.sample(range(15, 170), KILLS))
+        points = sorted(rng.sample(range(15, 170), KILLS + 1))
+        signals = [signal.SIGKILL] * KILLS
+        signals.insert(rng.randrange(KILLS + 1), signal.SIGTERM)
         answered_at_kills = []
-        for point in points:
-            answered_at_kills.append(_kill_when(gw, batch_id, point, rng.uniform(0, 0.25)))
+        for point, sig in zip(points, signals):
+            answered_at_kills.append(_kill_when(gw, batch_id, point, rng.uniform(0, 0.25), sig))
             gw = GatewayProcess(config)
         deadline = time.monotonic() + 90
         while (b := _batch(gw, batch_id))["status"] != "completed":
@@ -117,7 +125,7 @@ def test_batch_survives_three_sigkills(tmp_path, replica):
     finally:
         gw.stop()
 
-    why = f"seed {seed}, killed at {answered_at_kills} answered lines"
+    why = f"seed {seed}, {[s.name for s in signals]} at {answered_at_kills} answered lines"
     ids = [line["custom_id"] for line in out + err]
     assert sorted(ids) == sorted(f"line-{i}" for i in range(LINES)), why  # each exactly once
     assert b["request_counts"] == {"total": LINES, "completed": LINES - TOO_LONG, "failed": TOO_LONG}, why
@@ -125,11 +133,11 @@ def test_batch_survives_three_sigkills(tmp_path, replica):
     assert all(line["response"]["status_code"] == 400 for line in err), why
     assert all(line["custom_id"] == f"line-{int(line['response']['request_id'].split('-')[-2])}"
                for line in out + err), why  # each answer is its own line's
-    # a line answered before a kill is never sent again; only those in flight at a kill (at most MAX_IN_FLIGHT
-    # each time) may have been generated twice. Recomputing finished lines would add the answered counts above.
+    # a line answered before a stop is never sent again; only those in flight at a stop (at most MAX_IN_FLIGHT
+    # each time) may have been generated twice. Recomputing finished lines would add the answered counts above
+    # (the stop points are at least 15 lines in: 15 + 16 + 17 + 18 > 4 * 8).
     generated = _generations(replica) - before
-    # (the kill points are at least 15 lines in, so recomputation would pass the bound: 15 + 16 + 17 > 3 * 8)
-    assert LINES - TOO_LONG <= generated <= LINES - TOO_LONG + KILLS * MAX_IN_FLIGHT, (why, generated)
+    assert LINES - TOO_LONG <= generated <= LINES - TOO_LONG + (KILLS + 1) * MAX_IN_FLIGHT, (why, generated)
 
 
 def _metric(gw: GatewayProcess, name: str, **labels: str) -> float:
