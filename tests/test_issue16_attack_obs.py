@@ -143,3 +143,10 @@ def test_run_batch_ctrl_c_exits_1_with_its_message_and_the_rest_resumes(tmp_path
                  "--disable-tqdm"]) == 0
     ids = [json.loads(t)["custom_id"] for t in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(200))
+
+
+def test_bench_compare_a_workload_that_is_not_one_of_its_names_is_a_usage_error(capsys):
+    """--workload trace.jsonl (or a typo) was a KeyError traceback after the model loaded."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "compare", "--workload", "trace.jsonl"])
+    assert e.value.code == 2 and "invalid choice: 'trace.jsonl'" in capsys.readouterr().err

@@ -226,11 +226,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
 # ---- bench compare ---------------------------------------------------------------------------------------------
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     from conveyor.bench.compare import MODES
+    from conveyor.bench.workloads import WORKLOADS
 
     p.add_argument("--model", default="demo", help="'demo' or a checkpoint directory (see --load-format)")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--workload", default="mixed", help="chat | long-context | mixed | shared-prefix | bursty")
+    p.add_argument("--workload", default="mixed", choices=WORKLOADS)  # a trace file is not supported here
     p.add_argument("--num-requests", type=_positive_int, default=64)
     p.add_argument("--request-rate", type=_positive_float, default=math.inf, help="requests/s, or inf: all at once")
     p.add_argument("--burstiness", type=_positive_float, default=1.0)
