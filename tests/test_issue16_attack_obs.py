@@ -150,3 +150,12 @@ def test_bench_compare_a_workload_that_is_not_one_of_its_names_is_a_usage_error(
     with pytest.raises(SystemExit) as e:
         main(["bench", "compare", "--workload", "trace.jsonl"])
     assert e.value.code == 2 and "invalid choice: 'trace.jsonl'" in capsys.readouterr().err
+
+
+def test_bench_trace_a_line_nested_too_deeply_is_a_valueerror_naming_it(tmp_path):
+    from conveyor.bench import workloads
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=f"{path}:1: not JSON"):
+        workloads.load_trace(str(path), None, 0)

@@ -176,7 +176,7 @@ def load_trace(path: str, text: TextTokens, seed: int) -> list[BenchRequest]:
 def _trace_request(line: str, text: TextTokens, rng: np.random.Generator, where: str) -> BenchRequest:
     try:
         d = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         raise ValueError(f"{where}: not JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a JSON object")
