@@ -62,3 +62,29 @@ def test_lines_are_held_while_interactive_requests_wait(tmp_path):
         await gw.client.aclose()
 
     asyncio.run(go())
+
+
+def test_the_window_narrows_while_interactive_requests_run(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "replicas": []}],
+                        "batch": {"max_in_flight": 8, "max_in_flight_shared": 3},
+                        "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(b"k").hexdigest()}]})
+
+    async def go() -> None:
+        gw = Gateway(cfg)
+        pool = Pool("m", 64, client=None)
+        r = pool.replicas["r1"] = Replica("r1", Breaker(3, 5.0), started=True)
+        gw.pools["m"], gw.queues["m"] = pool, ModelQueue("m", pool, 16, 0.5, 60.0)
+        worker = BatchWorker(gw, BatchStore(tmp_path / "b.sqlite3"))
+        assert worker._room("m") == 8  # nothing else runs: the whole window
+        worker._state("m").in_flight = r.in_flight = 2  # only the worker's own lines at the replica
+        assert worker._room("m") == 6
+        r.in_flight = 3  # one interactive request runs beside them: at most max_in_flight_shared lines
+        assert worker._room("m") == 1
+        r.in_flight = 6
+        assert worker._room("m") == 1  # the shared window does not shrink with the interactive load itself
+        worker._state("m").in_flight = 4
+        assert worker._room("m") == 0  # over the shared window: lines already running finish, none starts
+        await pool.close()
+        await gw.client.aclose()
+
+    asyncio.run(go())

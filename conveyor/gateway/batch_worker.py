@@ -10,7 +10,8 @@ runs when a line ends or every POLL_S.
 
 When a model gets a new line (the backoff rule), per model:
 - at most `window` of its lines in flight; the window starts at `batch.max_in_flight` and grows by one per line
-  answered, up to it (additive increase);
+  answered, up to it (additive increase); while other (interactive) requests are in flight at the model's
+  replicas, at most `batch.max_in_flight_shared` (every running sequence slows every step on a CPU);
 - none is sent while an interactive request waits in the model's dispatch queue (`interactive_waiting`), or a
   replica's fresh /metrics shows requests waiting in its engine queue (`replica_busy`): interactive traffic needs the
   capacity. The window is then halved (at most once per CUT_EVERY_S), down to 1 (multiplicative decrease); lines
@@ -222,7 +223,9 @@ class BatchWorker:
         if any(now - r.metrics_at <= METRICS_MAX_AGE_S and r.metrics.get("waiting", 0) > 0 for r in routable):
             return self._hold(st, "replica_busy", 0, cut=True)
         free = sum(max(0, pool.max_in_flight - r.in_flight) for r in routable)
-        return self._hold(st, None, min(st.window - st.in_flight, free))
+        interactive = sum(r.in_flight for r in routable) - st.in_flight  # the gateway's other requests there
+        window = min(st.window, self.gateway.cfg.batch.max_in_flight_shared) if interactive > 0 else st.window
+        return self._hold(st, None, min(window - st.in_flight, free))
 
     def _hold(self, st: ModelState, reason: str | None, room: int, cut: bool = False) -> int:
         """room (at least 0); when a reason holds the model back, count it once per hold and maybe halve its

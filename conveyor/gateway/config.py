@@ -128,6 +128,9 @@ class BatchConfig(_Strict):
     max_file_bytes: Count = 200_000_000  # per uploaded file, as OpenAI's
     max_lines: Count = 50_000  # requests per batch, as OpenAI's
     max_in_flight: Count = 16  # per model: batch lines at replicas at once (the worker's cap)
+    # ... and while interactive requests are in flight at the model's replicas: on a CPU every running sequence
+    # slows every step, so a batch that keeps 16 lines running doubles interactive TTFT p95 (bench/README.md)
+    max_in_flight_shared: Count = 4
 
 
 class GatewayConfig(_Strict):
