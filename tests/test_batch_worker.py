@@ -88,3 +88,27 @@ def test_the_window_narrows_while_interactive_requests_run(tmp_path):
         await gw.client.aclose()
 
     asyncio.run(go())
+
+
+def test_batch_lines_leave_the_tenants_per_minute_budget_alone():
+    """A tenant's own batch must not use up the rate limits of its interactive requests (the batch tier is bounded
+    by batch_queued_tokens instead)."""
+    from conveyor.gateway.app import Ctx, _Reject
+    cfg = parse_config({"models": [{"name": "m", "replicas": []}],
+                        "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(b"k").hexdigest(),
+                                     "tokens_per_minute": 100, "requests_per_minute": 2}]})
+    tenant = cfg.tenants[0]
+
+    async def go() -> None:
+        gw = Gateway(cfg)
+        for _ in range(5):  # lines far past both per-minute limits
+            line = Ctx(rid="x", started=time.monotonic(), tenant=tenant, batch_line=True)
+            await gw._reserve(line, tenant, 90)
+            assert not line.reserved
+        for _ in range(2):  # the interactive budget is untouched
+            await gw._reserve(Ctx(rid="y", started=time.monotonic(), tenant=tenant), tenant, 40)
+        with pytest.raises(_Reject):  # and still enforced
+            await gw._reserve(Ctx(rid="z", started=time.monotonic(), tenant=tenant), tenant, 40)
+        await gw.client.aclose()
+
+    asyncio.run(go())

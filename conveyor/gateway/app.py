@@ -70,6 +70,7 @@ class Ctx:
     deadline: float | None = None  # monotonic; this client's own, while its flight is queued
     headers: dict[str, str] = field(default_factory=dict)
     span: Span | None = None  # its tracing span; None: tracing off
+    batch_line: bool = False  # a Batch API line: outside the tenant's per-minute limits (see _reserve)
 
     @property
     def tenant_class(self) -> str:
@@ -370,12 +371,14 @@ class Gateway:
     # ---- batch lines (see batch_worker.py) ---------------------------------------------------------------------
     async def dispatch_line(self, tenant: TenantConfig, path: str, body: dict, request_id: str,
                             deadline: float | None) -> tuple[int, dict]:
-        """Send one batch line the way an HTTP request goes (routing, budget and rate limits, dispatch queue,
-        replica pick, failover, settlement, access log, metrics) but at class `batch` whatever the tenant's class,
-        never streamed, and without a concurrency slot (the batch worker bounds its own concurrency). `path` is
+        """Send one batch line the way an HTTP request goes (routing, budget, dispatch queue, replica pick,
+        failover, settlement, access log, metrics) but at class `batch` whatever the tenant's class, never
+        streamed, outside the tenant's per-minute rate limits and without a concurrency slot (the batch tier is
+        bounded by batch_queued_tokens and the worker's window). `path` is
         the line's url, `deadline` monotonic seconds (None: none). Returns (HTTP status, JSON body: the replica's
         answer or OpenAI's error object); raises only when cancelled."""
-        ctx = Ctx(rid=request_id, started=time.monotonic(), tenant=tenant.model_copy(update={"cls": "batch"}))
+        ctx = Ctx(rid=request_id, started=time.monotonic(), tenant=tenant.model_copy(update={"cls": "batch"}),
+                  batch_line=True)
         # a trace of its own per line (class batch, queue wait, replica, engine phases); the span is named by the
         # path, so only a path the batch API serves (anything else is refused at once, untraced)
         if self.tracing is not None and path in ("/v1/completions", "/v1/chat/completions"):
@@ -430,6 +433,8 @@ class Gateway:
         ctx.slot = True
 
     async def _reserve(self, ctx: Ctx, tenant: TenantConfig, cost: int) -> None:
+        if ctx.batch_line:  # as OpenAI's batch tier: bounded by batch_queued_tokens and the worker's window instead,
+            return  # so a tenant's own batch never uses up the per-minute budget of its interactive requests
         decision = await self.limiter.acquire(tenant, cost)
         ctx.headers = decision.headers()
         if decision.reason == "unavailable":

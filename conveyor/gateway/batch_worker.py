@@ -21,8 +21,8 @@ When a model gets a new line (the backoff rule), per model:
   the queue shows the demand (an autoscaler scaled to zero starts a replica);
 - a retryable outcome (408, 5xx, a connection error: the gateway's 502/503) leaves the line queued, never recorded:
   the window is halved and the model paused for an exponential backoff with full jitter (BACKOFF_BASE_S doubling up
-  to BACKOFF_MAX_S; a success resets it). A 429 (the tenant's own rate limits: batch lines take its tokens like its
-  other requests) pauses that tenant's batches the same way, not the model. Any other answer (2xx, 4xx, and a 429
+  to BACKOFF_MAX_S; a success resets it). A 429 (batch lines are outside the tenant's per-minute limits, so only a
+  replica's own) pauses that tenant's batches the same way, not the model. Any other answer (2xx, 4xx, and a 429
   `request_too_large`) is final and goes to the output or error file.
 
 Exactly once: `record_result` stores only the first answer of a line. After a crash the queued lines are picked up
