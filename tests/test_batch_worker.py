@@ -31,16 +31,21 @@ def _backoffs(gw: Gateway, reason: str) -> float:
     return gw.metrics.registry.get_sample_value("conveyor_gateway_batch_backoffs_total", {"reason": reason}) or 0
 
 
-def test_lines_are_held_while_interactive_requests_wait(tmp_path):
-    cfg = parse_config({"models": [{"name": "m", "replicas": []}], "batch": {"max_in_flight": 8},
+def _one_replica(tmp_path, batch: dict, slots: int) -> tuple[Gateway, Pool, Replica, BatchWorker]:
+    """A gateway for model m with one started replica of `slots` dispatch slots, and its batch worker (call from a
+    running event loop)."""
+    cfg = parse_config({"models": [{"name": "m", "replicas": []}], "batch": batch,
                         "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(b"k").hexdigest()}]})
+    gw = Gateway(cfg)
+    pool = Pool("m", slots, client=None)
+    r = pool.replicas["r1"] = Replica("r1", Breaker(3, 5.0), started=True)
+    gw.pools["m"], gw.queues["m"] = pool, ModelQueue("m", pool, 16, 0.5, 60.0)
+    return gw, pool, r, BatchWorker(gw, BatchStore(tmp_path / "b.sqlite3"))
 
+
+def test_lines_are_held_while_interactive_requests_wait(tmp_path):
     async def go() -> None:
-        gw = Gateway(cfg)
-        pool = Pool("m", 4, client=None)
-        r = pool.replicas["r1"] = Replica("r1", Breaker(3, 5.0), started=True)
-        gw.pools["m"], gw.queues["m"] = pool, ModelQueue("m", pool, 16, 0.5, 60.0)
-        worker = BatchWorker(gw, BatchStore(tmp_path / "b.sqlite3"))
+        gw, pool, r, worker = _one_replica(tmp_path, {"max_in_flight": 8}, 4)
         assert worker._room("m") == 4  # the window (8) is larger than the replica's free slots
         r.in_flight = 4
         assert worker._room("m") == 0  # no free slot: never queued ahead of capacity, not a backoff
@@ -65,16 +70,8 @@ def test_lines_are_held_while_interactive_requests_wait(tmp_path):
 
 
 def test_the_window_narrows_while_interactive_requests_run(tmp_path):
-    cfg = parse_config({"models": [{"name": "m", "replicas": []}],
-                        "batch": {"max_in_flight": 8, "max_in_flight_shared": 3},
-                        "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(b"k").hexdigest()}]})
-
     async def go() -> None:
-        gw = Gateway(cfg)
-        pool = Pool("m", 64, client=None)
-        r = pool.replicas["r1"] = Replica("r1", Breaker(3, 5.0), started=True)
-        gw.pools["m"], gw.queues["m"] = pool, ModelQueue("m", pool, 16, 0.5, 60.0)
-        worker = BatchWorker(gw, BatchStore(tmp_path / "b.sqlite3"))
+        gw, pool, r, worker = _one_replica(tmp_path, {"max_in_flight": 8, "max_in_flight_shared": 3}, 64)
         assert worker._room("m") == 8  # nothing else runs: the whole window
         worker._state("m").in_flight = r.in_flight = 2  # only the worker's own lines at the replica
         assert worker._room("m") == 6
