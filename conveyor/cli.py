@@ -230,6 +230,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     from conveyor.gateway.app import build_gateway
@@ -256,8 +258,19 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     # deadline is the backstop for a body nobody reads any more (the request was answered early, e.g. 413)
     timeout = gateway.cfg.client_read_timeout_s
     http = timed_h11(timeout, body_timeout=2 * timeout, on_timeout=gateway.client_timed_out)
-    uvicorn.run(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False, log_level=a.log_level,
-                timeout_graceful_shutdown=5, http=http)
+
+    class ExitZeroServer(uvicorn.Server):
+        """SIGTERM / Ctrl-C: uvicorn's graceful stop, then exit 0. uvicorn's own handler re-raises the signal once
+        stopped, which kills the process before its exit handlers (the export of the last trace spans) run."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for open connections
+            self.should_exit = True
+
+    config = uvicorn.Config(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False,
+                            log_level=a.log_level, timeout_graceful_shutdown=5, http=http)
+    ExitZeroServer(config).run()
     return 0
 
 

@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
 import pytest
 
 from conveyor import run_batch
@@ -159,3 +161,39 @@ def test_bench_trace_a_line_nested_too_deeply_is_a_valueerror_naming_it(tmp_path
     path.write_text("[" * 100_000 + "\n")
     with pytest.raises(ValueError, match=f"{path}:1: not JSON"):
         workloads.load_trace(str(path), None, 0)
+
+
+def test_gateway_sigterm_exits_0_after_exporting_its_last_spans(tmp_path):
+    """uvicorn re-raised SIGTERM after its graceful stop: the gateway died (-15) before the exit flush, so the spans
+    of its last seconds never reached the collector."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from server_process import GatewayProcess
+
+    posts = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps({"models": [{"name": "m", "replicas": [], "tokenizer": "demo"}],
+                                  "tenants": [{"name": "t", "api_key_sha256": "0" * 64}],
+                                  "batch": {"db_path": str(tmp_path / "b.sqlite3")}}))
+    gw = GatewayProcess(str(config), "--otlp-traces-endpoint", f"http://127.0.0.1:{collector.server_port}",
+                        env={"OTEL_BSP_SCHEDULE_DELAY": "600000"})  # nothing exported before the exit
+    try:
+        assert httpx.post(f"{gw.base_url}/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 401
+        assert posts == []
+    finally:
+        rc = gw.stop()
+        collector.shutdown()
+    assert rc == 0 and len(posts) == 1, (rc, len(posts), open(gw.log_path).read()[-2000:])
