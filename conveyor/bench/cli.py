@@ -218,7 +218,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
         with open(a.output, "w") as f:
             json.dump({**plan.to_json(inputs), "replicas": n, "replicas_for_capacity": plan.replicas,
-                       "meets_objective": None if unchecked else n is not None, "fleet_sizes": [asdict(r) for r in rows], "notes": notes},
+                       "meets_objective": None if unchecked else n is not None,
+                       "fleet_sizes": [asdict(r) for r in rows], "notes": notes},
                       f, indent=1, ensure_ascii=False)
     return 0 if n is not None else 1
 
