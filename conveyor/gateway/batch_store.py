@@ -417,7 +417,8 @@ class BatchStore:
             return 1 << 62
         row = c.execute(f"SELECT n FROM {table} WHERE id=? AND tenant=?", (after, tenant)).fetchone()
         if row is None:
-            raise NotFound(f"`after` names no {table[:-1]} of yours: {after[:100]!r}", "after", "not_found")
+            kind = {"files": "file", "batches": "batch"}[table]
+            raise NotFound(f"`after` names no {kind} of yours: {after[:100]!r}", "after", "not_found")
         return row[0]
 
     def cancel_batch(self, tenant: str, batch_id: str, *, now: float | None = None) -> dict:

@@ -16,6 +16,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 MAX_FIELD_BYTES = 4096
 MAX_HEAD_BYTES = 16 << 10  # one header line of a part
+MAX_FORM_BYTES = 64 << 10  # all part headers and small fields together (a chunked body has no Content-Length)
 
 
 class MultipartError(ValueError):
@@ -52,7 +53,8 @@ async def read_form(chunks: AsyncIterator[bytes], boundary: bytes, sink: BinaryI
                     max_file_bytes: int) -> Form:
     """Read a multipart body from `chunks`: the part named `file_field` is written to `sink`, other parts are kept
     as text fields (the last one of a name wins). Raises FileTooLarge once the file passes max_file_bytes, and
-    MultipartError for a malformed or truncated body, an oversized field or header, or a second file part."""
+    MultipartError for a malformed or truncated body, an oversized field or header, more than MAX_FORM_BYTES of
+    part headers and fields in all, or a second file part."""
     reader = _Reader(sink, file_field, max_file_bytes)
     parser = MultipartParser(boundary, reader.callbacks(), max_header_size=MAX_HEAD_BYTES)
     try:
@@ -77,6 +79,7 @@ class _Reader:
         self.header_field, self.header_value = bytearray(), bytearray()
         self.part: str | None = None  # the current part's field name
         self.value = bytearray()
+        self.form_bytes = 0  # part headers and field values so far: bounded, whatever the number of parts
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self._begin, "on_header_field": self._header_field,
@@ -88,10 +91,18 @@ class _Reader:
         self.headers, self.part, self.value = {}, None, bytearray()
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
         self.header_field += data[start:end]
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
         self.header_value += data[start:end]
+
+    def _count(self, n: int) -> None:
+        self.form_bytes += n
+        if self.form_bytes > MAX_FORM_BYTES:
+            raise MultipartError(f"the form's part headers and fields exceed {MAX_FORM_BYTES} bytes in all (beyond "
+                                 "the file)")
 
     def _header_end(self) -> None:
         self.headers[bytes(self.header_field).lower()] = bytes(self.header_value)
@@ -116,6 +127,7 @@ class _Reader:
                                    self.file_field)
             self.sink.write(data[start:end])
         else:
+            self._count(end - start)
             self.value += data[start:end]
             if len(self.value) > MAX_FIELD_BYTES:
                 raise MultipartError(f"the form field {self.part[:64]!r} exceeds {MAX_FIELD_BYTES} bytes", self.part)
