@@ -1,15 +1,23 @@
 """Attacks on the Batch API found by a fresh user (issue 16 items 1-2), each kept as a regression test: an upload
 of many small form fields (chunked, so no Content-Length bounds it) must be refused, not held in memory; an
-unknown `after` cursor names what it looked for. No server: the multipart reader and the store on their own."""
+unknown `after` cursor names what it looked for; lines of a model that can take none do not hide the lines of
+another. No server: the multipart reader, the store and the worker on real gateway parts."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import json
 
 import pytest
 
-from conveyor.gateway.batch_store import BatchStore, NotFound
+from conveyor.gateway.admission import ModelQueue
+from conveyor.gateway.app import Gateway
+from conveyor.gateway.batch_store import BatchStore, LinePolicy, NotFound
+from conveyor.gateway.batch_worker import BatchWorker
+from conveyor.gateway.config import parse_config
 from conveyor.gateway.multipart import MAX_FORM_BYTES, MultipartError, read_form
+from conveyor.gateway.picker import Breaker, Pool, Replica
 
 BOUNDARY = b"BB"
 
@@ -61,3 +69,40 @@ def test_unknown_after_names_what_it_looked_for(tmp_path):
             store.list_files("a", after="file-nope")
     finally:
         store.close()
+
+
+def _lines(*models: str) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"{m}-{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": m, "prompt": "x", "max_tokens": 2}}).encode() + b"\n"
+                    for i, m in enumerate(models))
+
+
+def test_lines_of_a_model_with_room_are_not_hidden_behind_others(tmp_path):
+    """40 lines for a model scaled to zero, then 10 for a served one: the served model's lines were never sent
+    while the first 2 x max_in_flight pending lines all named the other (20 s of a live run: none done)."""
+    cfg = parse_config({"models": [{"name": "m", "replicas": []}, {"name": "dead", "replicas": []}],
+                        "tenants": [{"name": "t", "api_key_sha256": hashlib.sha256(b"k").hexdigest()}],
+                        "batch": {"max_in_flight": 4}})
+
+    async def go() -> None:
+        gw = Gateway(cfg)
+        for name in ("m", "dead"):
+            pool = Pool(name, 8, client=None)
+            gw.pools[name], gw.queues[name] = pool, ModelQueue(name, pool, 16, 0.5, 60.0)
+        gw.pools["m"].replicas["r1"] = Replica("r1", Breaker(3, 5.0), started=True)
+        store = BatchStore(tmp_path / "b.sqlite3")
+        f = store.create_file("t", "in.jsonl", "batch", io.BytesIO(_lines(*["dead"] * 40, *["m"] * 10)))
+        batch = store.create_batch("t", f["id"], "/v1/completions", "24h", 86400.0, None,
+                                   LinePolicy({"m": None, "dead": None}, 100))
+        worker = BatchWorker(gw, store)
+        await worker._fill(store.active_batches()[0], {"m": 3, "dead": 0})
+        assert worker.in_flight[batch["id"]] == {40, 41, 42}  # the first three lines of m
+        assert [x.idx for x in store.pending_lines(batch["id"], 2, {40}, ["m"])] == [41, 42]
+        await worker.stop()  # the lines in flight are cancelled: they stay queued
+        assert len(store.pending_lines(batch["id"], 100)) == 50
+        store.close()
+        for pool in gw.pools.values():
+            await pool.close()
+        await gw.client.aclose()
+
+    asyncio.run(go())

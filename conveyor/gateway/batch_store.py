@@ -26,7 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -442,12 +442,17 @@ class BatchStore:
                                     "WHERE status IN ('in_progress', 'cancelling') ORDER BY n").fetchall()
         return [dict(r) for r in rows]
 
-    def pending_lines(self, batch_id: str, limit: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[Line]:
+    def pending_lines(self, batch_id: str, limit: int, exclude: set[int] | frozenset[int] = frozenset(),
+                      models: Collection[str] | None = None) -> list[Line]:
         """Up to `limit` lines of the batch not answered yet, in input order, skipping the indices in `exclude`
-        (the caller's lines in flight)."""
+        (the caller's lines in flight) and, when `models` is given, the lines whose body.model is not in it (lines
+        of a model that can take none now must not hide the lines of another behind them)."""
         out: list[Line] = []
+        only = None if models is None else json.dumps(sorted(models))
         cur = self._conn().execute("SELECT idx, custom_id, url, body, est_tokens FROM lines "
-                                   "WHERE batch_id=? AND state='queued' ORDER BY idx", (batch_id,))
+                                   "WHERE batch_id=? AND state='queued' AND (? IS NULL OR json_extract(body, "
+                                   "'$.model') IN (SELECT value FROM json_each(?))) ORDER BY idx",
+                                   (batch_id, only, only))
         for r in cur:
             if len(out) >= limit:
                 break

@@ -181,7 +181,10 @@ class BatchWorker:
         if self.tenants.setdefault(tenant.name, Backoff()).paused(time.monotonic()):
             return
         inflight = self.in_flight.setdefault(batch["id"], set())
-        lines = await self._db(self.store.pending_lines, batch["id"], self.cap * 2, set(inflight))
+        models = self._names_with_room(room)
+        if not models:
+            return
+        lines = await self._db(self.store.pending_lines, batch["id"], self.cap * 2, set(inflight), models)
         for line in lines:
             name = self._model_of(line)
             if room.get(name, 0) <= 0:
@@ -193,9 +196,18 @@ class BatchWorker:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
+    def _names_with_room(self, room: dict[str, int]) -> list[str]:
+        """The model names a line may give (names, aliases, `auto`) whose pool may take a line now."""
+        cfg = self.gateway.cfg
+        names = [n for m in cfg.models for n in (m.name, *m.aliases)] + ["auto"]
+        return [n for n in names if room.get(self._pool_of(n), 0) > 0]
+
     def _model_of(self, line: Line) -> str:
         """The pool a line goes to (its model's name; `auto`: the large model), UNKNOWN for a model not configured."""
-        cfg, name = self.gateway.cfg, line.body.get("model")
+        return self._pool_of(line.body.get("model"))
+
+    def _pool_of(self, name: str | None) -> str:
+        cfg = self.gateway.cfg
         if name == "auto" and cfg.auto_route is not None:
             name = cfg.auto_route.large
         model = cfg.model(name) if isinstance(name, str) else None
