@@ -109,3 +109,28 @@ def test_batch_lines_leave_the_tenants_per_minute_budget_alone():
         await gw.client.aclose()
 
     asyncio.run(go())
+
+
+def test_a_line_that_fails_while_others_pass_is_given_up(tmp_path):
+    """A line whose every attempt fails at the replica (it outlives the read timeout) ends in the error file on its
+    third failure once other lines of its model were answered meanwhile; a replica failing everything is waited out
+    (never recorded), however long."""
+    from conveyor.gateway.batch_store import Line
+    from conveyor.gateway.batch_worker import LINE_MAX_FAILURES, ModelState
+
+    async def go() -> None:
+        gw, pool, _, worker = _one_replica(tmp_path, {}, 4)
+        st, bad = ModelState(window=4), Line("batch_x", 3, "c3", "/v1/completions", {"model": "m"}, 10)
+        for _ in range(2 * LINE_MAX_FAILURES):  # nothing else answered: a replica fault, retried
+            assert not worker._given_up(st, bad, "upstream_error")
+        other = Line("batch_x", 4, "c4", "/v1/completions", {"model": "m"}, 10)
+        assert not worker._given_up(st, other, "upstream_error")
+        st.answered += 1  # another line of the model was answered after this one's first failure
+        assert not worker._given_up(st, other, "upstream_error")
+        assert worker._given_up(st, other, "upstream_error")  # its third failure: final
+        assert worker._given_up(st, bad, "upstream_error")
+        assert not worker._given_up(st, Line("batch_x", 5, "c5", "/v1/completions", {}, 1), "rejected")
+        await pool.close()
+        await gw.client.aclose()
+
+    asyncio.run(go())

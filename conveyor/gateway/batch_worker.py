@@ -23,7 +23,9 @@ When a model gets a new line (the backoff rule), per model:
   the window is halved and the model paused for an exponential backoff with full jitter (BACKOFF_BASE_S doubling up
   to BACKOFF_MAX_S; a success resets it). A 429 (batch lines are outside the tenant's per-minute limits, so only a
   replica's own) pauses that tenant's batches the same way, not the model. Any other answer (2xx, 4xx, and a 429
-  `request_too_large`) is final and goes to the output or error file.
+  `request_too_large`) is final and goes to the output or error file; so is a line's LINE_MAX_FAILURES-th replica
+  failure when other lines of its model were answered in between (that line, not the replica, is at fault: e.g. it
+  outlives the gateway's read timeout).
 
 Exactly once: `record_result` stores only the first answer of a line. After a crash the queued lines are picked up
 again; a line that was in flight is sent again, and whichever answer is recorded first is the only one kept.
@@ -54,6 +56,7 @@ MIN_PASS_S = 0.02  # and at most this often: lines that end together are refille
 CUT_EVERY_S = 1.0  # the window is halved at most this often (replica metrics are scraped every 0.5 s)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+LINE_MAX_FAILURES = 3  # a line's upstream errors, with its model's other lines answered meanwhile, that make it final
 UNKNOWN = "unknown"  # a line whose model is not configured (any more): it waits (a reload may bring it) or expires
 
 
@@ -96,6 +99,7 @@ class ModelState:
     backoff: Backoff = field(default_factory=Backoff)
     last_cut: float = -1e9
     held: str | None = None  # why no line may start now (counted once per hold in batch_backoffs)
+    answered: int = 0  # lines of this model with a final answer (since the gateway started)
 
 
 @dataclass
@@ -105,6 +109,8 @@ class BatchWorker:
     models: dict[str, ModelState] = field(default_factory=dict)
     in_flight: dict[str, set[int]] = field(default_factory=dict)  # batch id → line indices at replicas
     tenants: dict[str, Backoff] = field(default_factory=dict)  # rate-limited tenants
+    # (batch id, line idx) -> (its upstream errors, its model's `answered` at the first): see _given_up
+    strikes: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
     # the worker's store calls run here; stop() waits for them, so the store is never closed under a running call
     threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "batch-worker"))
@@ -266,9 +272,11 @@ class BatchWorker:
                 self.metrics.batch_backoffs.labels(reason).inc()
                 self.tenants.setdefault(tenant.name, Backoff()).fail()
                 return
-            if reason is not None:
+            if reason is not None and not self._given_up(st, line, reason):
                 self._backoff(st, reason)
                 return
+            self.strikes.pop((line.batch_id, line.idx), None)
+            st.answered += 1
             if await self._db(self.store.record_result, line.batch_id, line.idx, status, body, rid):
                 outcome = "completed" if 200 <= status < 300 else "failed"
                 self.metrics.batch_lines.labels(name, outcome).inc()
@@ -282,6 +290,17 @@ class BatchWorker:
             st.in_flight -= 1
             self.in_flight[line.batch_id].discard(line.idx)
             self.wake.set()
+
+    def _given_up(self, st: ModelState, line: Line, reason: str) -> bool:
+        """Whether a replica failure of this line is final after all: its LINE_MAX_FAILURES-th upstream error while
+        other lines of its model were answered in between (the line itself fails, e.g. it outlives the gateway's
+        read timeout; a replica that fails every line is a fault to wait out, never recorded)."""
+        if reason != "upstream_error":
+            return False
+        key = (line.batch_id, line.idx)
+        count, answered_then = self.strikes.get(key, (0, st.answered))
+        self.strikes[key] = (count + 1, answered_then)
+        return count + 1 >= LINE_MAX_FAILURES and st.answered > answered_then
 
     def _backoff(self, st: ModelState, reason: str) -> None:
         self.metrics.batch_backoffs.labels(reason).inc()
