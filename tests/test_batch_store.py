@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from conveyor.gateway.batch_store import (BatchStore, BatchStoreError, LimitExceeded, LinePolicy, NotFound,
-                                          estimate_tokens)
+                                          StorageFull, estimate_tokens)
 
 CHAT = "/v1/chat/completions"
 POLICY = LinePolicy({"m": None, "m-alias": 8}, max_lines=100)
@@ -102,6 +102,18 @@ def test_unusable_inputs(store):
     with pytest.raises(BatchStoreError, match="more than 2 requests"):
         _batch(store, _jsonl(*(_line(str(i)) for i in range(3))), policy=LinePolicy({"m": None}, max_lines=2))
     assert store.counts()["batches"]["failed"] == 4 and sum(store.counts()["batches"].values()) == 4
+
+
+def test_a_tenants_files_are_bounded_by_max_tenant_bytes(store):
+    """One tenant cannot fill the disk that every tenant's batches need; a refused upload stores nothing."""
+    store.create_file("a", "1.jsonl", "batch", io.BytesIO(b"x" * 600), max_tenant_bytes=1000)
+    with pytest.raises(StorageFull) as e:
+        store.create_file("a", "2.jsonl", "batch", io.BytesIO(b"y" * 500), max_tenant_bytes=1000)
+    assert e.value.param == "file" and e.value.code == "storage_limit_exceeded"
+    assert [f["filename"] for f in store.list_files("a")["data"]] == ["1.jsonl"]
+    store.create_file("b", "3.jsonl", "batch", io.BytesIO(b"z" * 900), max_tenant_bytes=1000)  # per tenant
+    store.delete_file("a", store.list_files("a")["data"][0]["id"])
+    store.create_file("a", "2.jsonl", "batch", io.BytesIO(b"y" * 500), max_tenant_bytes=1000)  # room again
 
 
 def test_token_estimate_and_the_queued_tokens_limit(store):

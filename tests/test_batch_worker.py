@@ -11,7 +11,7 @@ import pytest
 from conveyor.gateway.admission import ModelQueue, Waiter
 from conveyor.gateway.app import Gateway
 from conveyor.gateway.batch_store import BatchStore
-from conveyor.gateway.batch_worker import BatchWorker, retry_reason
+from conveyor.gateway.batch_worker import SHARED_FOR_S, BatchWorker, retry_reason
 from conveyor.gateway.config import parse_config
 from conveyor.gateway.picker import Breaker, Pool, Replica
 
@@ -81,6 +81,10 @@ def test_the_window_narrows_while_interactive_requests_run(tmp_path):
         assert worker._room("m") == 1  # the shared window does not shrink with the interactive load itself
         worker._state("m").in_flight = 4
         assert worker._room("m") == 0  # over the shared window: lines already running finish, none starts
+        r.in_flight = worker._state("m").in_flight = 2
+        assert worker._room("m") == 1  # the interactive request ended, but steady traffic comes back: still shared
+        worker._state("m").interactive_at -= SHARED_FOR_S
+        assert worker._room("m") == 6  # none seen for SHARED_FOR_S: the whole window again
         await pool.close()
         await gw.client.aclose()
 

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 import conveyor.gateway.app as gateway_app
 from conveyor.gateway.batch_store import (ENDPOINTS, BatchStore, BatchStoreError, LimitExceeded, LinePolicy,
-                                          NotFound)
+                                          NotFound, StorageFull)
 from conveyor.gateway.config import TenantConfig
 from conveyor.gateway.multipart import FileTooLarge, MultipartError, boundary_of, read_form
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body
@@ -91,6 +91,8 @@ def _store_reject(e: BatchStoreError) -> gateway_app._Reject:
         return _reject(404, "not_found", e.message, e.code, e.param)
     if isinstance(e, LimitExceeded):
         return _reject(429, "batch_queued_tokens", e.message, e.code, e.param)
+    if isinstance(e, StorageFull):
+        return _reject(429, "batch_storage", e.message, e.code, e.param)
     return _reject(400, "bad_request", e.message, e.code, e.param)
 
 
@@ -151,7 +153,8 @@ class BatchAPI:
                 if form.filename is None:
                     raise _reject(400, "bad_request", "the form needs a `file` part", "missing_file", "file")
                 spool.seek(0)
-                obj = await self._store(self.store.create_file, tenant.name, form.filename, purpose, spool)
+                obj = await self._store(self.store.create_file, tenant.name, form.filename, purpose, spool,
+                                        max_tenant_bytes=self.gw.cfg.batch.max_tenant_bytes)
             return JSONResponse(obj)
         return await self._serve(request, work)
 

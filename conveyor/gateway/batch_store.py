@@ -93,6 +93,10 @@ class LimitExceeded(BatchStoreError):
     """The tenant's batch_queued_tokens would be exceeded."""
 
 
+class StorageFull(BatchStoreError):
+    """The tenant's stored files would pass batch.max_tenant_bytes."""
+
+
 @dataclass(frozen=True)
 class Line:
     """One request of a batch, ready to dispatch: body is the request's JSON object (with its `model`)."""
@@ -236,11 +240,19 @@ class BatchStore:
 
     # ---- files ---------------------------------------------------------------------------------------------------
     def create_file(self, tenant: str, filename: str, purpose: str, content: BinaryIO, *,
-                    now: float | None = None) -> dict:
-        """Store `content` (read to its end, CHUNK_BYTES at a time) as a new file of `tenant`; its file object."""
+                    now: float | None = None, max_tenant_bytes: int | None = None) -> dict:
+        """Store `content` (read to its end, CHUNK_BYTES at a time) as a new file of `tenant`; its file object.
+        StorageFull (nothing stored) when the tenant's files, this one and batch outputs included, would pass
+        `max_tenant_bytes`."""
         file_id = "file-" + secrets.token_hex(12)
         with self._write() as c:
             size = self._put_chunks(c, file_id, iter(lambda: content.read(CHUNK_BYTES), b""))
+            if max_tenant_bytes is not None:
+                held = c.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant=?", (tenant,)).fetchone()[0]
+                if held + size > max_tenant_bytes:
+                    raise StorageFull(f"storage limit reached: your files hold {held} bytes and this one has {size}; "
+                                      f"at most {max_tenant_bytes} bytes are kept per tenant (delete files with "
+                                      "DELETE /v1/files/{id})", "file", "storage_limit_exceeded")
             c.execute("INSERT INTO files(id, tenant, filename, purpose, bytes, created_at) VALUES (?,?,?,?,?,?)",
                       (file_id, tenant, filename, purpose, size, int(now if now is not None else time.time())))
             return file_object(self._file_row(c, tenant, file_id))

@@ -11,7 +11,8 @@ runs when a line ends or every POLL_S.
 When a model gets a new line (the backoff rule), per model:
 - at most `window` of its lines in flight; the window starts at `batch.max_in_flight` and grows by one per line
   answered, up to it (additive increase); while other (interactive) requests are in flight at the model's
-  replicas, at most `batch.max_in_flight_shared` (every running sequence slows every step on a CPU);
+  replicas, and for SHARED_FOR_S after they were last seen there (steady traffic comes back), at most
+  `batch.max_in_flight_shared` (every running sequence slows every step on a CPU);
 - none is sent while an interactive request waits in the model's dispatch queue (`interactive_waiting`), or a
   replica's fresh /metrics shows requests waiting in its engine queue (`replica_busy`): interactive traffic needs the
   capacity. The window is then halved (at most once per CUT_EVERY_S), down to 1 (multiplicative decrease); lines
@@ -56,6 +57,7 @@ MIN_PASS_S = 0.02  # and at most this often: lines that end together are refille
 CUT_EVERY_S = 1.0  # the window is halved at most this often (replica metrics are scraped every 0.5 s)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+SHARED_FOR_S = 10.0  # the shared window holds this long after other requests were last seen at a model's replicas
 LINE_MAX_FAILURES = 3  # a line's upstream errors, with its model's other lines answered meanwhile, that make it final
 UNKNOWN = "unknown"  # a line whose model is not configured (any more): it waits (a reload may bring it) or expires
 
@@ -100,6 +102,7 @@ class ModelState:
     last_cut: float = -1e9
     held: str | None = None  # why no line may start now (counted once per hold in batch_backoffs)
     answered: int = 0  # lines of this model with a final answer (since the gateway started)
+    interactive_at: float = -1e9  # monotonic: when other requests were last seen in flight at its replicas
 
 
 @dataclass
@@ -241,8 +244,10 @@ class BatchWorker:
         if any(now - r.metrics_at <= METRICS_MAX_AGE_S and r.metrics.get("waiting", 0) > 0 for r in routable):
             return self._hold(st, "replica_busy", 0, cut=True)
         free = sum(max(0, pool.max_in_flight - r.in_flight) for r in routable)
-        interactive = sum(r.in_flight for r in routable) - st.in_flight  # the gateway's other requests there
-        window = min(st.window, self.gateway.cfg.batch.max_in_flight_shared) if interactive > 0 else st.window
+        if sum(r.in_flight for r in routable) > st.in_flight:  # the gateway's other requests are there
+            st.interactive_at = now
+        shared = now - st.interactive_at < SHARED_FOR_S
+        window = min(st.window, self.gateway.cfg.batch.max_in_flight_shared) if shared else st.window
         return self._hold(st, None, min(window - st.in_flight, free))
 
     def _hold(self, st: ModelState, reason: str | None, room: int, cut: bool = False) -> int:

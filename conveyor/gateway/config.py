@@ -127,6 +127,8 @@ class BatchConfig(_Strict):
     db_path: str | None = None  # the SQLite file; default <cache dir>/gateway-batches.sqlite3
     max_file_bytes: Count = 200_000_000  # per uploaded file, as OpenAI's
     max_lines: Count = 50_000  # requests per batch, as OpenAI's
+    max_tenant_bytes: Count = 10_000_000_000  # stored files per tenant (uploads and batch outputs): a full disk stops
+    # every tenant's batches
     max_in_flight: Count = 16  # per model: batch lines at replicas at once (the worker's cap)
     # ... and while interactive requests are in flight at the model's replicas: on a CPU every running sequence
     # slows every step, so a batch that keeps 16 lines running doubles interactive TTFT p95 (bench/README.md)
