@@ -126,13 +126,14 @@ def estimate_tokens(endpoint: str, body: dict, default_max_tokens: int | None) -
     if endpoint == "/v1/chat/completions":
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
-        prompt = math.ceil(sum(map(_message_chars, messages)) / 4) + 4 * len(messages)
+        prompt, sequences = math.ceil(sum(map(_message_chars, messages)) / 4) + 4 * len(messages), 1
     else:
-        prompt = _prompt_tokens(body.get("prompt", ""))
+        prompts = _prompts(body.get("prompt", ""))
+        prompt, sequences = sum(map(_prompt_tokens, prompts)), max(1, len(prompts))
     limit = next((v for v in (body.get("max_completion_tokens"), body.get("max_tokens"), default_max_tokens)
                   if _is_count(v)), DEFAULT_COMPLETION_TOKENS[endpoint])
     n = body.get("n") if _is_count(body.get("n")) and body.get("n") > 0 else 1
-    return min(MAX_EST_TOKENS, max(1, prompt + limit * n))
+    return min(MAX_EST_TOKENS, max(1, prompt + limit * n * sequences))  # every prompt of a completion generates
 
 
 def _is_count(v) -> bool:
@@ -148,11 +149,15 @@ def _message_chars(message) -> int:
     return 0
 
 
-def _prompt_tokens(prompt) -> int:
-    """A string, a list of token ids, or a list of either (several prompts)."""
-    prompts = prompt if isinstance(prompt, list) and not all(_is_count(t) for t in prompt) else [prompt]
-    return sum(len(p) if isinstance(p, list) and all(_is_count(t) for t in p)
-               else math.ceil(len(p if isinstance(p, str) else json.dumps(p)) / 4) for p in prompts)
+def _prompts(prompt) -> list:
+    """A completion's prompts: a string, a list of token ids, or a list of either (several prompts)."""
+    return prompt if isinstance(prompt, list) and not all(_is_count(t) for t in prompt) else [prompt]
+
+
+def _prompt_tokens(p) -> int:
+    """One prompt's tokens: its ids, else its characters / 4."""
+    return len(p) if isinstance(p, list) and all(_is_count(t) for t in p) else \
+        math.ceil(len(p if isinstance(p, str) else json.dumps(p)) / 4)
 
 
 def file_object(row: sqlite3.Row) -> dict:
