@@ -25,8 +25,8 @@ When a model gets a new line (the backoff rule), per model:
   to BACKOFF_MAX_S; a success resets it). A 429 (batch lines are outside the tenant's per-minute limits, so only a
   replica's own) pauses that tenant's batches the same way, not the model. Any other answer (2xx, 4xx, and a 429
   `request_too_large`) is final and goes to the output or error file; so is a line's LINE_MAX_FAILURES-th replica
-  failure when other lines of its model were answered in between (that line, not the replica, is at fault: e.g. it
-  outlives the gateway's read timeout).
+  failure when other lines of its model were answered in between and none failed beside it (that line, not the
+  replica, is at fault: e.g. it outlives the gateway's read timeout; a crash fails all the lines in flight).
 
 Exactly once: `record_result` stores only the first answer of a line. After a crash the queued lines are picked up
 again; a line that was in flight is sent again, and whichever answer is recorded first is the only one kept.
@@ -102,6 +102,7 @@ class ModelState:
     last_cut: float = -1e9
     held: str | None = None  # why no line may start now (counted once per hold in batch_backoffs)
     answered: int = 0  # lines of this model with a final answer (since the gateway started)
+    failed: int = 0  # retryable answers to this model's lines but 429s (since the gateway started)
     interactive_at: float = -1e9  # monotonic: when other requests were last seen in flight at its replicas
 
 
@@ -112,8 +113,9 @@ class BatchWorker:
     models: dict[str, ModelState] = field(default_factory=dict)
     in_flight: dict[str, set[int]] = field(default_factory=dict)  # batch id → line indices at replicas
     tenants: dict[str, Backoff] = field(default_factory=dict)  # rate-limited tenants
-    # (batch id, line idx) -> (its upstream errors, its model's `answered` at the first): see _given_up
-    strikes: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # (batch id, line idx) -> (its upstream errors that came alone, its model's `answered` at the first, the
+    # model's `failed` just after its latest error if that came alone, else None): see _given_up
+    strikes: dict[tuple[str, int], tuple[int, int, int | None]] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
     # the worker's store calls run here; stop() waits for them, so the store is never closed under a running call
     threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "batch-worker"))
@@ -179,6 +181,7 @@ class BatchWorker:
                 await self._fill(b, room)
         active = {b["id"] for b in batches}
         self.in_flight = {b: idx for b, idx in self.in_flight.items() if idx or b in active}
+        self.strikes = {k: v for k, v in self.strikes.items() if k[0] in active}  # ended batches' lines: never again
         busy = {b for b, idx in self.in_flight.items() if idx}
         await self._db(self.store.finalize_ready, None, busy)
         self.metrics.batch_lines_in_flight.set(sum(map(len, self.in_flight.values())))
@@ -270,6 +273,7 @@ class BatchWorker:
         st = self._state(name)
         rid = f"{line.batch_id}-{line.idx}-{uuid.uuid4().hex[:12]}"  # a new id per attempt (a resend is visible)
         deadline = time.monotonic() + max(0.0, batch["expires_at"] - time.time())
+        failed_before = st.failed
         try:
             status, body = await self.gateway.dispatch_line(tenant, line.url, line.body, rid, deadline)
             reason = retry_reason(status, body)
@@ -277,7 +281,7 @@ class BatchWorker:
                 self.metrics.batch_backoffs.labels(reason).inc()
                 self.tenants.setdefault(tenant.name, Backoff()).fail()
                 return
-            if reason is not None and not self._given_up(st, line, reason):
+            if reason is not None and not self._given_up(st, line, reason, failed_before):
                 self._backoff(st, reason)
                 return
             self.strikes.pop((line.batch_id, line.idx), None)
@@ -296,16 +300,24 @@ class BatchWorker:
             self.in_flight[line.batch_id].discard(line.idx)
             self.wake.set()
 
-    def _given_up(self, st: ModelState, line: Line, reason: str) -> bool:
-        """Whether a replica failure of this line is final after all: its LINE_MAX_FAILURES-th upstream error while
-        other lines of its model were answered in between (the line itself fails, e.g. it outlives the gateway's
-        read timeout; a replica that fails every line is a fault to wait out, never recorded)."""
+    def _given_up(self, st: ModelState, line: Line, reason: str, failed_before: int | None = None) -> bool:
+        """Whether a retryable answer of this line is final after all: its LINE_MAX_FAILURES-th upstream error
+        while other lines of its model were answered in between (the line itself fails, e.g. it outlives the
+        gateway's read timeout; a replica that fails every line is a fault to wait out, never recorded).
+        `failed_before`: the model's `failed` when this attempt was sent (None: now). A failure counts only when
+        it came alone: no other line of the model had a retryable answer from this attempt's start until the
+        line's next attempt (a replica that crashes fails every line it runs at once: those lines are not at
+        fault); the latest failure is counted on trust, its successor not being sent yet."""
+        failed_before = st.failed if failed_before is None else failed_before
+        alone = st.failed == failed_before
+        st.failed += 1
         if reason != "upstream_error":
             return False
         key = (line.batch_id, line.idx)
-        count, answered_then = self.strikes.get(key, (0, st.answered))
-        self.strikes[key] = (count + 1, answered_then)
-        return count + 1 >= LINE_MAX_FAILURES and st.answered > answered_then
+        count, answered_then, mark = self.strikes.get(key, (0, st.answered, None))
+        count += mark == failed_before  # its previous failure was alone until this attempt was sent
+        self.strikes[key] = (count, answered_then, st.failed if alone else None)
+        return alone and count + 1 >= LINE_MAX_FAILURES and st.answered > answered_then
 
     def _backoff(self, st: ModelState, reason: str) -> None:
         self.metrics.batch_backoffs.labels(reason).inc()
