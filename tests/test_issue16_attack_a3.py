@@ -86,3 +86,17 @@ def test_lines_failing_together_are_not_at_fault(tmp_path):
         worker.store.close()
 
     asyncio.run(go())
+
+
+def test_a_tenant_with_many_batches_gets_no_more_turns(tmp_path):
+    """Batch lines skip the per-minute limits, so the worker's turns are what shares the spare capacity between
+    tenants: a tenant that splits its work into nine batches is served first as often as one with a single batch
+    (each pass fills the free room from the first batches in turn: rotating over batches gave it 9 passes in 10)."""
+    gw, _, worker = _crashing_replica_gateway(tmp_path)
+    live = [{"id": f"a{i}", "tenant": "a"} for i in range(9)] + [{"id": "b0", "tenant": "b"}]
+    firsts = [worker._in_turn(live)[0]["tenant"] for _ in range(10)]
+    assert firsts.count("b") == 5 and firsts.count("a") == 5
+    assert [b["id"] for b in worker._in_turn(live) if b["tenant"] == "a"] == [f"a{i}" for i in range(9)]  # oldest first
+    assert [b["id"] for b in worker._in_turn(live[:2])] == ["a0", "a1"]
+    asyncio.run(gw.client.aclose())
+    worker.store.close()

@@ -1,9 +1,10 @@
 """The batch worker: feeds the lines of in-progress batches to the replicas at class `batch`, in the capacity
 interactive traffic leaves idle, and records each answer exactly once.
 
-One asyncio task in the gateway. Each pass reads the active batches (oldest first, a rotating start for fairness),
-takes their queued lines that are not in flight, and sends each through `Gateway.dispatch_line` (routing, rate
-limits, the dispatch queue, replica pick, failover, settlement: the HTTP path, at class `batch`). Cancelling batches
+One asyncio task in the gateway. Each pass reads the active batches (tenant by tenant from a rotating start, each
+tenant's oldest first: a tenant's many batches get no more turns than another's one), takes their queued lines that
+are not in flight, and sends each through `Gateway.dispatch_line` (routing, the dispatch queue, replica pick,
+failover, settlement: the HTTP path, at class `batch`, outside the per-minute rate limits). Cancelling batches
 get no new line, nor do lines whose tenant or model was removed from the config (they wait for a reload, or
 expire). Then `finalize_ready` ends the batches that are done, expired, or cancelling with no line in flight. A pass
 runs when a line ends or every POLL_S.
@@ -119,7 +120,7 @@ class BatchWorker:
     tasks: set[asyncio.Task] = field(default_factory=set)
     # the worker's store calls run here; stop() waits for them, so the store is never closed under a running call
     threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "batch-worker"))
-    turn: int = 0  # rotates which batch is served first
+    turn: int = 0  # rotates which tenant's batches are served first
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     stopping: bool = False
@@ -173,9 +174,8 @@ class BatchWorker:
         batches = await self._db(self.store.active_batches)
         live = [b for b in batches if b["status"] == "in_progress" and b["expires_at"] > time.time()]
         if live:
-            self.turn = (self.turn + 1) % len(live)
             room = {name: self._room(name) for name in self.gateway.pools}
-            for b in live[self.turn:] + live[:self.turn]:
+            for b in self._in_turn(live):
                 if sum(room.values()) <= 0:
                     break
                 await self._fill(b, room)
@@ -185,6 +185,14 @@ class BatchWorker:
         busy = {b for b, idx in self.in_flight.items() if idx}
         await self._db(self.store.finalize_ready, None, busy)
         self.metrics.batch_lines_in_flight.set(sum(map(len, self.in_flight.values())))
+
+    def _in_turn(self, live: list[dict]) -> list[dict]:
+        """The batches in the order this pass serves them: tenant by tenant from a start that rotates each pass,
+        each tenant's oldest first (a tenant with many batches gets no more turns than one with a single batch)."""
+        tenants = list(dict.fromkeys(b["tenant"] for b in live))
+        self.turn = (self.turn + 1) % len(tenants)
+        rank = {t: i for i, t in enumerate(tenants[self.turn:] + tenants[:self.turn])}
+        return sorted(live, key=lambda b: rank[b["tenant"]])  # stable: oldest first within a tenant
 
     async def _fill(self, batch: dict, room: dict[str, int]) -> None:
         tenant = next((t for t in self.gateway.cfg.tenants if t.name == batch["tenant"]), None)
