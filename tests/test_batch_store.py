@@ -116,6 +116,26 @@ def test_a_tenants_files_are_bounded_by_max_tenant_bytes(store):
     store.create_file("a", "2.jsonl", "batch", io.BytesIO(b"y" * 500), max_tenant_bytes=1000)  # room again
 
 
+def test_batches_copies_of_their_lines_count_toward_max_tenant_bytes(store):
+    """A batch keeps its own copy of its input's lines: twenty batches of one file (then deleted) must not store
+    twenty times the limit."""
+    limit = 8000
+    policy = LinePolicy({"m": None}, max_lines=100, max_tenant_bytes=limit)
+    f = store.create_file("a", "in.jsonl", "batch", io.BytesIO(_jsonl(_line("x", pad="p" * 1500))),
+                          max_tenant_bytes=limit)
+    made = 0
+    with pytest.raises(StorageFull) as e:
+        for _ in range(20):
+            store.create_batch("a", f["id"], CHAT, "24h", 86400.0, None, policy)
+            made += 1
+    assert e.value.param == "input_file_id" and 1 <= made < 20
+    assert store.tenant_bytes("a") <= limit
+    held = store.tenant_bytes("a")
+    store.delete_file("a", f["id"])
+    assert store.tenant_bytes("a") == held - f["bytes"]  # the batches' lines still count
+    assert store.tenant_bytes("b") == 0
+
+
 def test_token_estimate_and_the_queued_tokens_limit(store):
     assert estimate_tokens("/v1/completions", {"prompt": "x" * 40, "max_tokens": 5, "n": 2}, None) == 10 + 10
     assert estimate_tokens("/v1/completions", {"prompt": [1, 2, 3]}, None) == 3 + 16

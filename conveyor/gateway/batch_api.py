@@ -231,7 +231,7 @@ class BatchAPI:
         models = {n: m.default_max_tokens for m in cfg.models for n in (m.name, *m.aliases) if cfg.may_use(tenant, n)}
         if cfg.auto_route is not None and cfg.may_use(tenant, "auto"):
             models["auto"] = None
-        return LinePolicy(models, cfg.batch.max_lines, tenant.batch_queued_tokens)
+        return LinePolicy(models, cfg.batch.max_lines, tenant.batch_queued_tokens, cfg.batch.max_tenant_bytes)
 
     async def _json_body(self, request: Request) -> dict:
         try:

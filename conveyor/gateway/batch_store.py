@@ -116,6 +116,7 @@ class LinePolicy:
     models: dict[str, int | None]
     max_lines: int
     queued_tokens_limit: int | None = None
+    max_tenant_bytes: int | None = None  # the tenant's stored bytes (see BatchStore.tenant_bytes); None: unlimited
 
 
 def estimate_tokens(endpoint: str, body: dict, default_max_tokens: int | None) -> int:
@@ -247,20 +248,34 @@ class BatchStore:
     def create_file(self, tenant: str, filename: str, purpose: str, content: BinaryIO, *,
                     now: float | None = None, max_tenant_bytes: int | None = None) -> dict:
         """Store `content` (read to its end, CHUNK_BYTES at a time) as a new file of `tenant`; its file object.
-        StorageFull (nothing stored) when the tenant's files, this one and batch outputs included, would pass
+        StorageFull (nothing stored) when the tenant's stored bytes (tenant_bytes) and this file would pass
         `max_tenant_bytes`."""
         file_id = "file-" + secrets.token_hex(12)
         with self._write() as c:
             size = self._put_chunks(c, file_id, iter(lambda: content.read(CHUNK_BYTES), b""))
-            if max_tenant_bytes is not None:
-                held = c.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant=?", (tenant,)).fetchone()[0]
-                if held + size > max_tenant_bytes:
-                    raise StorageFull(f"storage limit reached: your files hold {held} bytes and this one has {size}; "
-                                      f"at most {max_tenant_bytes} bytes are kept per tenant (delete files with "
-                                      "DELETE /v1/files/{id})", "file", "storage_limit_exceeded")
+            self._check_storage(c, tenant, size, max_tenant_bytes, "file")
             c.execute("INSERT INTO files(id, tenant, filename, purpose, bytes, created_at) VALUES (?,?,?,?,?,?)",
                       (file_id, tenant, filename, purpose, size, int(now if now is not None else time.time())))
             return file_object(self._file_row(c, tenant, file_id))
+
+    def _check_storage(self, c: sqlite3.Connection, tenant: str, adding: int, limit: int | None, param: str) -> None:
+        if limit is None:
+            return
+        held = self.tenant_bytes(tenant, c)
+        if held + adding > limit:
+            raise StorageFull(f"storage limit reached: you store {held} bytes and this needs {adding} more; at most "
+                              f"{limit} bytes are kept per tenant (batch.max_tenant_bytes); delete files with "
+                              "DELETE /v1/files/{id}", param, "storage_limit_exceeded")
+
+    def tenant_bytes(self, tenant: str, c: sqlite3.Connection | None = None) -> int:
+        """What `tenant` stores: its files (uploads and batch outputs) and its batches' copies of their lines (bodies
+        and answers, kept with the batch even after its input file is deleted)."""
+        c = c or self._conn()
+        files = c.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant=?", (tenant,)).fetchone()[0]
+        lines = c.execute("SELECT COALESCE(SUM(LENGTH(CAST(l.body AS BLOB)) + COALESCE(LENGTH(CAST(l.result AS BLOB)), "
+                          "0)), 0) FROM lines l JOIN batches b ON l.batch_id = b.id WHERE b.tenant=?",
+                          (tenant,)).fetchone()[0]
+        return files + lines
 
     def _put_chunks(self, c: sqlite3.Connection, file_id: str, chunks: Iterator[bytes]) -> int:
         size = 0
@@ -319,7 +334,8 @@ class BatchStore:
         """A batch of the lines of `tenant`'s file `input_file_id`, in_progress (or failed when no line is usable:
         `errors` says why). Invalid lines are recorded answered with an error (see _check_line). Raises NotFound
         (no such file), BatchStoreError (a file that is not purpose `batch`, more than policy.max_lines lines),
-        LimitExceeded (the tenant's queued batch tokens would pass policy.queued_tokens_limit)."""
+        LimitExceeded (the tenant's queued batch tokens would pass policy.queued_tokens_limit), StorageFull (its
+        stored bytes and the lines' copy, about the file's size, would pass policy.max_tenant_bytes)."""
         assert endpoint in ENDPOINTS, endpoint
         now = int(now if now is not None else time.time())
         batch_id = "batch_" + secrets.token_hex(16)
@@ -334,6 +350,7 @@ class BatchStore:
             self._file_row(c, tenant, input_file_id, "input_file_id")  # still there
             if status == "in_progress":  # the rows again, streamed into the table: never all in memory
                 self._check_limit(c, tenant, queued_tokens, policy.queued_tokens_limit)
+                self._check_storage(c, tenant, f["bytes"], policy.max_tenant_bytes, "input_file_id")
                 c.executemany("INSERT INTO lines VALUES (?,?,?,?,?,?,?,?,?)",
                               (row for row, _ in self._rows(c, batch_id, input_file_id, endpoint, policy)))
                 bad = c.execute("SELECT COUNT(*) FROM lines WHERE batch_id=? AND state='error'",
