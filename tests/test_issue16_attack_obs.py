@@ -132,8 +132,9 @@ def test_run_batch_ctrl_c_exits_1_with_its_message_and_the_rest_resumes(tmp_path
     src.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                                        "body": {"prompt": f"p {i}", "max_tokens": 32, "ignore_eos": True}}) + "\n"
                            for i in range(200)))
+    # one line at a time, so the interrupt lands mid-run (200 lines at once could all finish before it arrived)
     cmd = [sys.executable, "-m", "conveyor.cli", "run-batch", "-i", str(src), "-o", str(out), "--model", "demo",
-           "--num-kv-blocks", "2048", "--disable-tqdm"]
+           "--num-kv-blocks", "2048", "--disable-tqdm", "--max-concurrency", "1"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 120
     while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
