@@ -135,7 +135,10 @@ def test_run_batch_ctrl_c_exits_1_with_its_message_and_the_rest_resumes(tmp_path
     # one line at a time, so the interrupt lands mid-run (200 lines at once could all finish before it arrived)
     cmd = [sys.executable, "-m", "conveyor.cli", "run-batch", "-i", str(src), "-o", str(out), "--model", "demo",
            "--num-kv-blocks", "2048", "--disable-tqdm", "--max-concurrency", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # SIGINT back to its default in the child: a suite started in the background (`scripts/test &`) runs with it
+    # ignored, and a Python started so never raises KeyboardInterrupt
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
