@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -147,8 +148,8 @@ def summarize(windows: list[dict]) -> dict:
 
 
 def _median(xs: list[float | None]) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
-    return None if not xs else (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2)
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def main() -> int:
