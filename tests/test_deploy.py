@@ -232,7 +232,14 @@ def run_one_line_batch(client: openai.OpenAI) -> None:
     """A batch of one completion through the Batch API, waited for (its line counts in the batch metrics)."""
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
             "body": {"model": "demo", "prompt": "Hi", "max_tokens": 2}}
-    file = client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
+    deadline = time.monotonic() + 30
+    while True:  # a tenant at max_concurrent 1 gets its slot back once the gateway has seen its last stream close
+        try:
+            file = client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the tenant's concurrency slot was never freed"
+            time.sleep(0.1)
     batch = client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
     deadline = time.monotonic() + 60
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
