@@ -252,12 +252,17 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from conveyor.http_limits import timed_h11
+    from conveyor.http_limits import event_loop, timed_http
 
     # the app reads bodies itself, with the same deadline and an answer per request (read_body); the protocol's body
     # deadline is the backstop for a body nobody reads any more (the request was answered early, e.g. 413)
-    timeout = gateway.cfg.client_read_timeout_s
-    http = timed_h11(timeout, body_timeout=2 * timeout, on_timeout=gateway.client_timed_out)
+    cfg = gateway.cfg
+    try:
+        http = timed_http(cfg.http, cfg.client_read_timeout_s, 2 * cfg.client_read_timeout_s, gateway.client_timed_out)
+        loop = event_loop(cfg.loop)
+    except ValueError as e:
+        print(f"error: {a.config}: {e}", file=sys.stderr)
+        return 2
 
     class ExitZeroServer(uvicorn.Server):
         """SIGTERM / Ctrl-C: uvicorn's graceful stop, then exit 0. uvicorn's own handler re-raises the signal once
@@ -269,7 +274,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
             self.should_exit = True
 
     config = uvicorn.Config(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False,
-                            log_level=a.log_level, timeout_graceful_shutdown=5, http=http)
+                            log_level=a.log_level, timeout_graceful_shutdown=5, http=http, loop=loop)
     ExitZeroServer(config).run()
     return 0
 

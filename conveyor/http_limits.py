@@ -9,12 +9,17 @@ its head or body a byte at a time holds the connection for as long as it likes.
   ending), its body within `body_timeout` of its head. Past a deadline it answers 408 in OpenAI's error JSON (if
   part of a request came and no response is under way) and closes the connection; the app sees a disconnect.
   Malformed HTTP gets OpenAI's error JSON too, instead of uvicorn's plain text.
+- `timed_httptools(...)`: the same deadlines and answers for uvicorn's httptools protocol (a faster parser).
+- `timed_http(parser, ...)` / `event_loop(loop)`: the protocol class and the uvicorn `loop=` for a configured
+  `http` ("auto" | "h11" | "httptools") and `loop` ("auto" | "asyncio" | "uvloop"); "auto" picks httptools and
+  uvloop when they are installed, else h11 and asyncio.
 - `read_body(chunks, max_bytes, timeout_s)`: read a request body incrementally in the app, stopping at `max_bytes`
   (nothing beyond it is buffered) or when the whole body has not arrived within `timeout_s`.
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -140,3 +145,127 @@ def timed_h11(read_timeout: float, body_timeout: float | None = None,
     return type("TimedH11Protocol", (TimedH11Protocol,),
                 {"read_timeout": read_timeout, "body_timeout": body_timeout or read_timeout,
                  "on_timeout": staticmethod(on_timeout) if on_timeout else None})
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+if _installed("httptools"):
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+else:  # the fallback is h11 (timed_http)
+    HttpToolsProtocol = asyncio.Protocol  # type: ignore[misc,assignment]
+
+
+class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    """HttpToolsProtocol plus the read deadlines and error answers of TimedH11Protocol. httptools reports a
+    request's phases through parser callbacks (message begin, headers complete, message complete) where h11 has
+    states, so the phase is kept here: "head" (reading the next request's head), "body", or None (a request is
+    in and being answered)."""
+
+    read_timeout: float = 30.0
+    body_timeout: float = 30.0
+    on_timeout: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._reading: str | None = None
+        self._head_begun = False  # a byte of the next request's head arrived
+        super().connection_made(transport)
+        self._arm("head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm("body")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._cancel()
+        self._reading = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if self._reading == "body":  # a pipelined request whose body waited for this response: a fresh deadline
+            self._arm("body")
+        elif self._reading is None and self.cycle.response_complete:
+            self._arm("head")
+
+    def _arm(self, phase: str) -> None:
+        self._cancel()
+        self._reading = phase
+        if phase == "head":
+            self._head_begun = False
+        if not self.transport.is_closing():
+            timeout = self.read_timeout if phase == "head" else self.body_timeout
+            self._deadline = self.loop.call_later(timeout, self._expired)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        reading_head = self._reading == "head"
+        started = self._head_begun if reading_head else not self.cycle.response_started
+        if started:  # an idle connection is closed quietly, as keep-alive does
+            what = "headers" if reading_head else "body"
+            self.transport.write(raw_error(408, "Request Timeout", "timeout_error", "request_timeout",
+                                           f"the request {what} did not arrive within "
+                                           f"{self.read_timeout if reading_head else self.body_timeout:g} s"))
+        self.logger.info("closed a connection: request %s not received in time", "head" if reading_head else "body")
+        self.transport.close()
+        if started and reading_head and self.on_timeout is not None:
+            self.on_timeout()
+
+    def send_400_response(self, msg: str) -> None:  # malformed HTTP: OpenAI's error JSON, not plain text
+        self._cancel()
+        if self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
+            self.transport.write(raw_error(400, "Bad Request", "invalid_request_error", "invalid_http",
+                                           f"malformed HTTP request: {msg}"))
+        self.transport.close()
+
+
+def timed_httptools(read_timeout: float, body_timeout: float | None = None,
+                    on_timeout: Callable[[], None] | None = None) -> type[TimedHttpToolsProtocol]:
+    """As timed_h11, for httptools (which must be installed)."""
+    assert _installed("httptools"), "httptools is not installed"
+    assert read_timeout > 0 and (body_timeout is None or body_timeout > 0), (read_timeout, body_timeout)
+    return type("TimedHttpToolsProtocol", (TimedHttpToolsProtocol,),
+                {"read_timeout": read_timeout, "body_timeout": body_timeout or read_timeout,
+                 "on_timeout": staticmethod(on_timeout) if on_timeout else None})
+
+
+def timed_http(parser: str, read_timeout: float, body_timeout: float | None = None,
+               on_timeout: Callable[[], None] | None = None) -> type[asyncio.Protocol]:
+    """The uvicorn `http=` protocol for `parser` ("auto": httptools when installed, else h11; "h11"; "httptools"),
+    with the read deadlines of timed_h11. Raises ValueError for an unknown parser or httptools not installed."""
+    if parser == "auto":
+        parser = "httptools" if _installed("httptools") else "h11"
+    if parser == "h11":
+        return timed_h11(read_timeout, body_timeout, on_timeout)
+    if parser == "httptools" and _installed("httptools"):
+        return timed_httptools(read_timeout, body_timeout, on_timeout)
+    raise ValueError(f"http parser {parser!r} is not available (h11, or httptools when installed)")
+
+
+def event_loop(loop: str) -> str:
+    """uvicorn's `loop=` for `loop` ("auto": uvloop when installed, else asyncio; "asyncio"; "uvloop"). Raises
+    ValueError for an unknown loop, or uvloop not installed."""
+    if loop == "auto":
+        return "uvloop" if _installed("uvloop") else "asyncio"
+    if loop == "asyncio" or (loop == "uvloop" and _installed("uvloop")):
+        return loop
+    raise ValueError(f"event loop {loop!r} is not available (asyncio, or uvloop when installed)")

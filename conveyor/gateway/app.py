@@ -42,7 +42,7 @@ from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelC
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Pool, affinity_key
-from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens
+from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, prompt_floor
@@ -81,9 +81,7 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, config_path: str | None = None, tracing: Tracing | None = None) -> None:
         self.cfg, self.config_path, self.tracing = cfg, config_path, tracing
         self.metrics = GatewayMetrics()
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512), trust_env=False)
+        self.client = upstream_client(cfg)
         self.forwarder = Forwarder(cfg, self.client, self.metrics, tracing)
         self.limiter = self._limiter(cfg)
         self.pools: dict[str, Pool] = {}

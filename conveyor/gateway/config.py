@@ -135,11 +135,23 @@ class BatchConfig(_Strict):
     max_in_flight_shared: Count = 4
 
 
+class OverloadConfig(_Strict):
+    """The gateway's own limit (overload.py): past it, new requests get a 503 with Retry-After at once, before their
+    body is read. /health and /metrics are never refused."""
+    # HTTP requests inside one gateway process at once, streams included. None: derived from RLIMIT_NOFILE (raised
+    # to its hard limit at start): two descriptors per stream, a quarter (at most 1024) kept for everything else
+    max_open_requests: Count | None = None
+    max_event_loop_lag_s: Positive = 0.5  # refuse while the event loop runs this late (seconds)
+    lag_interval_s: Positive = 0.05  # how often the lag is measured
+    retry_after_s: Count = 1  # the Retry-After header of a refusal
+
+
 class GatewayConfig(_Strict):
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     tenants: Annotated[list[TenantConfig], Field(min_length=1)]
     auto_route: AutoRoute | None = None
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    overload: OverloadConfig = Field(default_factory=OverloadConfig)
     redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
     ratelimit_on_redis_error: Literal["open", "closed"] = "open"  # Redis down: admit unchecked, or 503
     admin_api_key_sha256: Hex64 | None = None
@@ -162,6 +174,14 @@ class GatewayConfig(_Strict):
     max_body_bytes: Count = 4 << 20
     tokenize_max_chars: Count = 65_536  # prompt text tokenized exactly; the rest is estimated at the same ratio
     tokenizer_threads: Count = 2  # token counting runs in this many threads, off the event loop
+    # read at start (a reload keeps the running ones): the event loop and HTTP parser (uvicorn's --loop, --http;
+    # "auto": uvloop and httptools when installed), and the connection pool to the replicas
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    http: Literal["auto", "h11", "httptools"] = "auto"
+    # connections to all replicas at once, each kept alive for the next request (every open stream holds one);
+    # a request that finds none free within upstream_pool_timeout_s is answered 503 upstream_busy
+    upstream_max_connections: Count = 10_000
+    upstream_pool_timeout_s: Positive = 5.0
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:

@@ -315,6 +315,15 @@ class Forwarder:
         return 502, error_body(502, "the replica refused the gateway's credentials", "upstream_auth_failed"), {}
 
 
+def upstream_client(cfg: GatewayConfig) -> httpx.AsyncClient:
+    """The client every request to a replica goes through: one pool of up to cfg.upstream_max_connections, all of
+    them kept alive (every open stream holds one, so a smaller keep-alive bound would reconnect under load)."""
+    n = cfg.upstream_max_connections
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s, pool=cfg.upstream_pool_timeout_s),
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), trust_env=False)
+
+
 def total_tokens(usage: dict) -> int:
     """A replica's usage.total_tokens, or 0 when it is not a sane count."""
     n = usage.get("total_tokens")
