@@ -94,6 +94,7 @@ class Gateway:
         self.background: set[asyncio.Task] = set()
         self.batch_store: BatchStore | None = None  # opened at start (_lifespan)
         self.batch_worker: BatchWorker | None = None  # started with the store
+        self.overload = Overload(cfg.overload, raise_nofile_limit())  # the gateway's own limit (overload.py)
         self.app = self._build_app()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -114,6 +115,7 @@ class Gateway:
         app.add_api_route("/admin/replicas/drain", self.admin_drain, methods=["POST"])
         app.add_api_route("/admin/replicas", self.admin_remove, methods=["DELETE"])
         batch_api.install(app, self)
+        app.add_middleware(OverloadGuard, overload=self.overload, on_refuse=self._overloaded)
         return app
 
     @contextlib.asynccontextmanager
@@ -124,12 +126,14 @@ class Gateway:
         self.batch_store = await asyncio.to_thread(BatchStore, self.cfg.batch.db_path or default_path())
         self.batch_worker = BatchWorker(self, self.batch_store)
         self.batch_worker.start()
+        self.overload.lag.start()
         loop = asyncio.get_running_loop()
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         yield
         if self.config_path is not None:
             loop.remove_signal_handler(signal.SIGHUP)
+        self.overload.lag.stop()
         await self.batch_worker.stop()  # its lines in flight stay queued in the store
         for pool in self.pools.values():
             await pool.close()
@@ -164,6 +168,7 @@ class Gateway:
     def apply(self, cfg: GatewayConfig) -> None:
         """Make pools and queues match cfg. Replicas added through the admin API are kept."""
         self.cfg = self.forwarder.cfg = cfg
+        self.overload.apply(cfg.overload)
         ic = self.idempotency
         ic.window_s, ic.max_entries, ic.max_bytes = (cfg.idempotency_window_s, cfg.idempotency_max_entries,
                                                      cfg.idempotency_max_bytes)
@@ -211,6 +216,9 @@ class Gateway:
             m.in_flight.labels(name).set(sum(r.in_flight for r in pool.replicas.values()))
             for state, n in pool.states().items():
                 m.replicas.labels(name, state).set(n)
+        m.open_requests.set(self.overload.open)
+        m.max_open_requests.set(self.overload.max_open)
+        m.event_loop_lag.set(self.overload.lag.lag)
         if self.batch_worker is not None:
             await self.batch_worker.refresh_metrics()
         text = generate_latest(m.registry)
@@ -673,6 +681,11 @@ class Gateway:
         self.metrics.requests.labels("unknown", "none", "408").inc()
         access_log.info(json.dumps({"event": "access", "request_id": None, "tenant": None, "tenant_class": "none",
                                     "model": "unknown", "status": 408, "reason": "client_timeout"}))
+
+    def _overloaded(self, reason: str, rid: str) -> None:
+        """A request refused by the gateway's own limit (overload.py), before it was read: counted and logged."""
+        self.metrics.rejections.labels("unknown", "none", reason).inc()
+        self._access_log(Ctx(rid=rid, started=time.monotonic()), 503, None, reason)
 
     def _access_log(self, ctx: Ctx, status: int, flight: Flight | None, reason: str | None = None) -> None:
         """One access-log line and one count in requests_total per request, whichever paths it went through."""

@@ -41,6 +41,13 @@ class GatewayMetrics:
                                      "settled", ["tenant_class"], registry=r)
         self.cpu_jobs = Gauge(p + "cpu_jobs", "Body parses and token counts queued or running off the event loop",
                               registry=r)
+        # the gateway's own limit (overload.py); set when /metrics is scraped
+        self.open_requests = Gauge(p + "open_requests", "HTTP requests inside this gateway process (streams "
+                                   "included; /health and /metrics not counted)", registry=r)
+        self.max_open_requests = Gauge(p + "max_open_requests", "The open requests past which new ones are "
+                                       "refused with 503 (reason overloaded_open_requests)", registry=r)
+        self.event_loop_lag = Gauge(p + "event_loop_lag_seconds", "How late the event loop's periodic timer fired; "
+                                    "new requests are refused while it is above max_event_loop_lag_s", registry=r)
         self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
                                            "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
                                            registry=r)

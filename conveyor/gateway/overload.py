@@ -1,0 +1,158 @@
+"""The gateway's own limit: past it, a new request is refused at once with a 503, `Retry-After` and OpenAI's error
+JSON (code `gateway_overloaded`), before any of its body is read, parsed or sent to Redis.
+
+Two signals of this process, checked per request:
+- open requests: HTTP requests inside the app now (a stream counts until its last byte). Each stream holds two file
+  descriptors (the client's socket and its upstream connection), so the default limit is derived from
+  RLIMIT_NOFILE, whose soft limit is raised to the hard one at start (`raise_nofile_limit`).
+- event-loop lag: how late a periodic timer fires (`LagMonitor`). A loop that runs late delays every chunk of every
+  open stream; new requests are refused while it is above the threshold, so the streams already admitted keep
+  their pace instead of every request timing out together.
+
+`/health` and `/metrics` are never refused nor counted: operators must see an overloaded gateway.
+"""
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from conveyor.gateway.config import OverloadConfig
+from conveyor.gateway.proxy import error_body
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+EXEMPT_PATHS = frozenset({"/health", "/metrics"})
+OPEN_REQUESTS, EVENT_LOOP_LAG = "overloaded_open_requests", "overloaded_event_loop_lag"  # rejection reasons
+_MESSAGES = {OPEN_REQUESTS: "the gateway holds as many open requests as it can carry; retry shortly",
+             EVENT_LOOP_LAG: "the gateway is running behind (event-loop lag); retry shortly"}
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (to fs.nr_open when the hard one is unlimited);
+    returns the soft limit in force afterwards (unchanged when the raise is not allowed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else _nr_open()
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return soft if soft != resource.RLIM_INFINITY else want
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def default_max_open(nofile: int) -> int:
+    """Requests one process can hold open within `nofile` descriptors: two each (client socket, upstream
+    connection), after keeping a quarter of them, at most 1024, for everything else (the listening socket, idle
+    pooled connections, health checks and scrapes, Redis, the batch store, logs)."""
+    assert nofile >= 1
+    return max(1, (nofile - min(1024, nofile // 4)) // 2)
+
+
+class LagMonitor:
+    """How late this process's event loop runs, in seconds. A timer is set every `interval_s`; `lag` is how late
+    the last one fired, or how overdue the pending one is now when that is more (a loop behind a long backlog of
+    callbacks shows it before the timer gets its turn)."""
+
+    def __init__(self, interval_s: float) -> None:
+        assert interval_s > 0
+        self.interval_s = interval_s
+        self.last = 0.0
+        self._due: float | None = None  # time.monotonic() at which the pending timer should fire
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Start measuring on the running loop (call from a coroutine or callback)."""
+        assert self._timer is None, "already started"
+        self._arm(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._due, self.last = None, None, 0.0
+
+    @property
+    def lag(self) -> float:
+        if self._due is None:
+            return 0.0
+        return max(self.last, time.monotonic() - self._due)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = time.monotonic() + self.interval_s
+        self._timer = loop.call_later(self.interval_s, self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.last = max(0.0, time.monotonic() - self._due)
+        self._arm(loop)
+
+
+class Overload:
+    """This process's load and the rule for refusing: `open` requests at most `max_open`, event-loop lag at most
+    `max_lag_s` seconds. `nofile`: the descriptor limit the default max_open is derived from."""
+
+    def __init__(self, cfg: OverloadConfig, nofile: int) -> None:
+        self.nofile, self.open, self.lag = nofile, 0, LagMonitor(cfg.lag_interval_s)
+        self.apply(cfg)
+
+    def apply(self, cfg: OverloadConfig) -> None:
+        """Take new limits (config reload); the requests open stay counted."""
+        self.max_open = cfg.max_open_requests or default_max_open(self.nofile)
+        self.max_lag_s, self.retry_after_s, self.lag.interval_s = (cfg.max_event_loop_lag_s, cfg.retry_after_s,
+                                                                   cfg.lag_interval_s)
+
+    def refusal(self) -> str | None:
+        """The reason to refuse a new request now (OPEN_REQUESTS, EVENT_LOOP_LAG), or None to admit it."""
+        if self.open >= self.max_open:
+            return OPEN_REQUESTS
+        if self.lag.lag > self.max_lag_s:
+            return EVENT_LOOP_LAG
+        return None
+
+
+class OverloadGuard:
+    """Pure ASGI middleware in front of the gateway's app: counts the HTTP requests inside it and refuses a new one
+    when `overload.refusal()` names a reason; `on_refuse(reason, request_id)` counts and logs each refusal."""
+
+    def __init__(self, app: ASGIApp, overload: Overload, on_refuse: Callable[[str, str], None]) -> None:
+        self.app, self.overload, self.on_refuse = app, overload, on_refuse
+        self._bodies = {r: error_body(503, m, "gateway_overloaded").encode() for r, m in _MESSAGES.items()}
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        o = self.overload
+        reason = o.refusal()
+        if reason is not None:
+            await self._refuse(send, reason)
+            return
+        o.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            o.open -= 1
+            assert o.open >= 0
+
+    async def _refuse(self, send, reason: str) -> None:
+        """503 without reading the body; `connection: close` frees the client's socket too."""
+        rid = uuid.uuid4().hex
+        self.on_refuse(reason, rid)
+        body = self._bodies[reason]
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+            (b"retry-after", b"%d" % self.overload.retry_after_s), (b"connection", b"close"),
+            (b"x-request-id", rid.encode())]})
+        await send({"type": "http.response.body", "body": body})
