@@ -41,6 +41,7 @@ from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelC
                                      replica_url)
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.metrics import GatewayMetrics
+from conveyor.gateway.overload import Overload, OverloadGuard, raise_nofile_limit
 from conveyor.gateway.picker import Pool, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
