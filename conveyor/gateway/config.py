@@ -154,6 +154,10 @@ class GatewayConfig(_Strict):
     overload: OverloadConfig = Field(default_factory=OverloadConfig)
     redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
     ratelimit_on_redis_error: Literal["open", "closed"] = "open"  # Redis down: admit unchecked, or 503
+    # gateway processes sharing redis_url (shared.py): each publishes its state this often, and one not heard from
+    # for redis_heartbeat_ttl_s is presumed dead (its concurrency slots and its share of the replicas are freed)
+    redis_sync_interval_s: Annotated[float, Field(gt=0, le=5)] = 0.1
+    redis_heartbeat_ttl_s: Positive = 3.0
     admin_api_key_sha256: Hex64 | None = None
     cold_start_timeout_s: Positive = 60.0  # how long a request waits for a model with no usable replica
     shed_batch_queue_ratio: Annotated[float, Field(ge=0, le=1)] = 0.5  # batch is shed once a queue is this full
@@ -210,6 +214,9 @@ class GatewayConfig(_Strict):
                 if getattr(self.auto_route, side) not in model_names:
                     raise ValueError(f"auto_route.{side}: must name a model in models "
                                      f"({', '.join(sorted(model_names))})")
+        if self.redis_heartbeat_ttl_s < 3 * self.redis_sync_interval_s:
+            raise ValueError("redis_heartbeat_ttl_s: must be at least 3 × redis_sync_interval_s (a process "
+                             "presumed dead while it is alive loses its slots)")
         if self.admin_api_key_sha256 is not None:
             self.admin_api_key_sha256 = self.admin_api_key_sha256.lower()
         return self
