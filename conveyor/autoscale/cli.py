@@ -47,6 +47,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="ray actuator: cluster address (default: start local)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="ray actuator: CPUs each replica reserves")
     p.add_argument("--num-gpus", type=float, default=0.0, help="ray actuator: GPUs each replica reserves")
+    p.add_argument("--ray-scheduling-strategy", default="SPREAD", choices=["SPREAD", "DEFAULT"],
+                   help="ray actuator: SPREAD replicas over the nodes (one node's loss takes as few as it can), or "
+                        "Ray's DEFAULT (fill the local node first)")
     add_policy_args(p)
     sub = p.add_subparsers(dest="autoscale_command")
     s = sub.add_parser("simulate", help="replay a trace against modeled replicas; compare with baselines")
@@ -151,7 +154,8 @@ def make_actuator(a: argparse.Namespace, gateway):
         from conveyor.autoscale.ray_actuator import RayActuator
 
         ray.init(address=a.ray_address, ignore_reinit_error=True)
-        return RayActuator(gateway, serve_args, num_cpus=a.num_cpus, num_gpus=a.num_gpus, **kw)
+        return RayActuator(gateway, serve_args, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
+                           scheduling_strategy=a.ray_scheduling_strategy, **kw)
     from conveyor.autoscale.local import LocalActuator
 
     return LocalActuator(gateway, serve_args, log_dir=a.log_dir, **kw)
