@@ -62,6 +62,9 @@ class ReplicaServer:
         """{url, node_id (Ray's hex id of the node it runs on), pid (the server's), actor_pid}."""
         return self.placement
 
+    def url(self) -> str:
+        return self.placement["url"]
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
