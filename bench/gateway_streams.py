@@ -62,17 +62,20 @@ def _event(obj: dict) -> bytes:
 
 
 class FakeUpstream:
-    """An OpenAI-ish completions server that streams `seconds` chunks, one a second, then usage and [DONE]."""
+    """An OpenAI-ish completions server: a request's `max_tokens` chunks (`seconds` without one), one a second
+    from the first, then the usage chunk and [DONE] a second after the last. Every request streams."""
 
     def __init__(self, seconds: int) -> None:
-        base = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": "fake"}
+        self.base = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": "fake"}
         self.seconds = seconds
-        self.tick = _event({**base, "choices": [{"index": 0, "text": "x", "finish_reason": None}]})
-        usage = {"prompt_tokens": 4, "completion_tokens": seconds, "total_tokens": 4 + seconds}
-        self.tail = (_event({**base, "choices": [], "usage": usage}) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        self.tick = _event({**self.base, "choices": [{"index": 0, "text": "x", "finish_reason": None}]})
         models = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model",
                                                          "max_model_len": 4096}]}).encode()
         self.plain = {b"/health": b"", b"/metrics": b"", b"/v1/models": models}
+
+    def tail(self, n: int) -> bytes:
+        usage = {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}
+        return _event({**self.base, "choices": [], "usage": usage}) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -83,21 +86,21 @@ class FakeUpstream:
                 for line in head.split(b"\r\n"):
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
-                if length:
-                    await reader.readexactly(length)
+                body = await reader.readexactly(length) if length else b""
                 if path in self.plain:
                     body = self.plain[path]
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                                  % (len(body), body))
                     continue
+                n = json.loads(body).get("max_tokens") or self.seconds
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n" + self.tick)
-                for _ in range(self.seconds - 1):
+                for i in range(n):
                     await asyncio.sleep(1.0)
-                    writer.write(self.tick)
-                await asyncio.sleep(1.0)
-                writer.write(self.tail)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+                    if writer.is_closing():  # the client left
+                        return
+                    writer.write(self.tick if i < n - 1 else self.tail(n))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
             writer.close()
@@ -116,32 +119,34 @@ def run_fake_upstream(port: int, seconds: int) -> None:
 # ---- the load generator ------------------------------------------------------------------------------------------
 async def one_stream(port: int, request: bytes, timeout: float) -> tuple:
     """One request on its own connection → (outcome, status, seconds to the first event or to the refusal,
-    Retry-After present). Outcomes: completed, refused, error, timeout."""
+    Retry-After present). Outcomes: completed, refused, error, timeout; a timeout's status says where it stalled
+    (connect, head: no response head yet, first: no event yet, body: events but no [DONE])."""
     t0 = time.perf_counter()
-    writer = None
+    writer, phase = None, "connect"
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(request)
+            phase = "head"
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
             if status != 200:
                 return ("refused" if status == 503 else "error", status, time.perf_counter() - t0,
                         b"\r\nretry-after:" in head.lower())
-            first, done, tail = None, False, b""
+            first, done, tail, phase = None, False, b"", "first"
             while True:
                 data = await reader.read(65536)
                 if not data:
                     return ("completed" if done else "error", 200, first, False)
                 seen = tail + data
                 if first is None and b"data: {" in seen:
-                    first = time.perf_counter() - t0
+                    first, phase = time.perf_counter() - t0, "body"
                 done = done or b"data: [DONE]" in seen
                 if done and seen.endswith(b"0\r\n\r\n"):
                     return ("completed", 200, first, False)
                 tail = seen[-16:]
     except TimeoutError:
-        return ("timeout", 0, None, False)
+        return ("timeout", phase, None, False)
     except (OSError, asyncio.IncompleteReadError, ValueError) as e:
         return ("error", type(e).__name__, None, False)
     finally:
@@ -168,7 +173,8 @@ def run_loader() -> None:
             await asyncio.sleep(max(0.0, plan["start"] + offset - time.time()))
             return (kind, *await one_stream(port, requests[kind], plan["timeout"]))
         return await asyncio.gather(*(at(o, p, k) for o, p, k in plan["streams"]))
-    json.dump(asyncio.run(go()), sys.stdout)
+    results = asyncio.run(go())
+    json.dump({"results": results, "cpu_s": time.process_time()}, sys.stdout)
 
 
 # ---- measuring processes -------------------------------------------------------------------------------------------
@@ -222,24 +228,30 @@ def machine_busy() -> tuple[int, int]:
 
 class Sampler(threading.Thread):
     """Once a second: the gateway's peak RSS (summed over its processes) and, from its /metrics, the highest open
-    requests and event-loop lag it reported."""
+    requests and event-loop lag it reported; also how long the slowest scrape took and how many failed (a gateway
+    whose loop is far behind cannot report its lag: the scrape itself shows it)."""
 
     def __init__(self, pid: int, url: str) -> None:
         super().__init__(daemon=True)
         self.pid, self.url, self.stop = pid, url, threading.Event()
-        self.rss = self.lag = self.open = 0.0
+        self.rss = self.lag = self.open = self.scrape_max = 0.0
+        self.scrape_failed = 0
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
             self.rss = max(self.rss, rss_mb(tree(self.pid)))
+            t0 = time.perf_counter()
             try:
-                for s in samples(httpx.get(self.url + "/metrics", timeout=2).text):
+                text = httpx.get(self.url + "/metrics", timeout=5).text
+                self.scrape_max = max(self.scrape_max, time.perf_counter() - t0)
+                for s in samples(text):
                     if s.name == "conveyor_gateway_event_loop_lag_seconds":
                         self.lag = max(self.lag, s.value)
                     elif s.name == "conveyor_gateway_open_requests":
                         self.open = max(self.open, s.value)
             except httpx.HTTPError:
-                pass
+                self.scrape_failed += 1
+                self.scrape_max = max(self.scrape_max, time.perf_counter() - t0)
 
 
 # ---- one run -------------------------------------------------------------------------------------------------------
@@ -273,7 +285,8 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
     sampler.start()
     gw_pids = tree(gw_pid)
     cpu0, m0, t0 = cpu_s(gw_pids), machine_busy(), time.perf_counter()
-    results = [r for p in procs for r in json.loads(p.stdout.read())]
+    outs = [json.loads(p.stdout.read()) for p in procs]
+    results = [r for out in outs for r in out["results"]]
     wall = time.perf_counter() - t0
     cpu1, m1 = cpu_s(tree(gw_pid)), machine_busy()
     sampler.stop.set()
@@ -282,7 +295,9 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
         p.wait()
     return summarize(results, {"gw_cpu_pct": 100 * (cpu1 - cpu0) / wall, "gw_rss_mb": sampler.rss,
                                "machine_pct": 100 * (1 - (m1[1] - m0[1]) / max(1, m1[0] - m0[0])),
-                               "max_lag_s": sampler.lag, "max_open": sampler.open, "wall_s": wall})
+                               "max_lag_s": sampler.lag, "max_open": sampler.open, "wall_s": wall,
+                               "scrape_max_s": sampler.scrape_max, "scrape_failed": sampler.scrape_failed,
+                               "loader_cpu_pct": 100 * sum(o["cpu_s"] for o in outs) / wall})
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -296,10 +311,11 @@ def summarize(results: list, extra: dict) -> dict:
     count = lambda rs, o: sum(1 for r in rs if r[1] == o)
     refused = [r for r in gw if r[1] == "refused"]
     ttft = lambda rs: [r[3] for r in rs if r[1] == "completed" and r[3] is not None]
-    errors: dict[str, int] = {}
+    errors: dict[str, int] = {}  # errors by status or exception, timeouts by where they stalled
     for r in gw:
-        if r[1] == "error":
-            errors[str(r[2])] = errors.get(str(r[2]), 0) + 1
+        if r[1] in ("error", "timeout"):
+            kind = f"{r[1]} {r[2]}"
+            errors[kind] = errors.get(kind, 0) + 1
     return {"gateway": len(gw), "completed": count(gw, "completed"), "refused": len(refused),
             "retry_after": sum(1 for r in refused if r[4]), "refusal_p50_ms": _pct([r[3] for r in refused], 0.5),
             "refusal_max_ms": _pct([r[3] for r in refused], 1.0), "errors": count(gw, "error"), "error_kinds": errors,
@@ -377,20 +393,21 @@ def print_table(a, rows: list[tuple]) -> None:
           f"{a.stream_seconds} s, {a.direct_share:.0%} direct, timeout {a.timeout:g} s, {a.loaders} loader processes, "
           f"{os.cpu_count()} CPUs")
     print("| streams | guard | completed | refused (Retry-After) | refusal p50 / max ms | errors | timeouts | "
-          "TTFT p50 / p99 ms gw | direct | added p50 / p99 | gw CPU % | gw RSS MB | max lag s | max open | "
-          "machine CPU % |")
-    print("|" + "---|" * 15)
+          "TTFT p50 / p99 ms gw | direct | added p50 / p99 | gw CPU % | gw RSS MB | max lag s | slowest /metrics s "
+          "(failed) | max open | loaders CPU % | machine CPU % |")
+    print("|" + "---|" * 17)
     for n, guard, r in rows:
         print(f"| {n} | {'on' if guard else 'off'} | {r['completed']}/{r['gateway']} | {r['refused']} "
               f"({r['retry_after']}) | {r['refusal_p50_ms']:.0f} / {r['refusal_max_ms']:.0f} | {r['errors']} | "
               f"{r['timeouts']} | {r['ttft_gw_p50']:.1f} / {r['ttft_gw_p99']:.1f} | {r['ttft_direct_p50']:.1f} / "
               f"{r['ttft_direct_p99']:.1f} ({r['direct_completed']}/{r['direct']}) | "
               f"{r['ttft_gw_p50'] - r['ttft_direct_p50']:+.1f} / {r['ttft_gw_p99'] - r['ttft_direct_p99']:+.1f} | "
-              f"{r['gw_cpu_pct']:.0f} | {r['gw_rss_mb']:.0f} | {r['max_lag_s']:.2f} | {r['max_open']:.0f} | "
-              f"{r['machine_pct']:.0f} |")
+              f"{r['gw_cpu_pct']:.0f} | {r['gw_rss_mb']:.0f} | {r['max_lag_s']:.2f} | {r['scrape_max_s']:.2f} "
+              f"({r['scrape_failed']}) | {r['max_open']:.0f} | "
+              f"{r['loader_cpu_pct']:.0f} | {r['machine_pct']:.0f} |")
     kinds = {k for _, _, r in rows for k in r["error_kinds"]}
     if kinds:
-        print("errors by kind: " + "; ".join(f"{n}/{'on' if g else 'off'}: {r['error_kinds']}" for n, g, r in rows
+        print("errors and timeouts by kind: " + "; ".join(f"{n}/{'on' if g else 'off'}: {r['error_kinds']}" for n, g, r in rows
                                              if r["error_kinds"]))
 
 
