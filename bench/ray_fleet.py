@@ -89,13 +89,7 @@ class RayNode:
         return out
 
     def stop(self) -> None:
-        """SIGTERM the leader (it stops what it started), then SIGKILL whatever is left of its session."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
+        """SIGKILL every process of its session: a throwaway cluster needs no graceful stop."""
         for p in self.processes():
             try:
                 os.kill(p.pid, signal.SIGKILL)
@@ -161,10 +155,11 @@ class LocalRayCluster:
                                 "--include-dashboard", "false", "--dashboard-port", str(free_port())],
                        self.env, self.root / "head.log")
         self.nodes.append(head)
-        head.wait_started(timeout_s)
+        # at once: the worker waits for the head's GCS to answer
         worker = RayNode("worker", ["--address", self.address, "--num-cpus", str(self.worker_cpus),
                                     "--resources", '{"fleet_worker": 1}'], self.env, self.root / "worker.log")
         self.nodes.append(worker)
+        head.wait_started(timeout_s)
         worker.wait_started(timeout_s)
 
     @property
@@ -183,6 +178,7 @@ class LocalRayCluster:
 
 # ---- gateway and autoscaler --------------------------------------------------------------------------------------
 def start_gateway(root: Path, health_interval_s: float) -> tuple[subprocess.Popen, str]:
+    """The gateway process and its URL, at once (wait_gateway waits until it answers)."""
     sha = lambda k: hashlib.sha256(k.encode()).hexdigest()  # noqa: E731
     cfg = {"models": [{"name": MODEL, "upstream_model": "demo", "replicas": []}],
            "tenants": [{"name": "load", "api_key_sha256": sha(TENANT_KEY), "class": "interactive",
@@ -195,9 +191,11 @@ def start_gateway(root: Path, health_interval_s: float) -> tuple[subprocess.Pope
     log = open(root / "gateway.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path), "--host",
                              "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_gateway(root: Path, proc: subprocess.Popen, url: str) -> None:
     wait_healthy(proc, url, 60, (root / "gateway.log").read_text, ok=lambda status: status < 500)
-    return proc, url
 
 
 def start_autoscaler(root: Path, cluster: LocalRayCluster, gateway: str, replicas: int) -> subprocess.Popen:
@@ -311,9 +309,10 @@ def run(cfg: Config, root: Path) -> dict:
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.monotonic()
-        cluster.start()
-        gw, gateway = start_gateway(root, cfg.health_interval_s)
+        gw, gateway = start_gateway(root, cfg.health_interval_s)  # starts while the cluster does
         procs.append(gw)
+        cluster.start()
+        wait_gateway(root, gw, gateway)
         procs.append(start_autoscaler(root, cluster, gateway, cfg.replicas))
         return scenario(cfg, root, cluster, gateway, procs[-1], t0)
     finally:
@@ -362,7 +361,8 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
             "completed": out.completed, "cut": out.cut, "lost": len(out.lost), "lost_why": out.lost[:10],
             "retried": int(retries(gateway) - retries0),
             "servers_gone_s": round(t_servers_gone - t_kill, 2), "dropped_s": round(t_dropped - t_kill, 2),
-            "restored_s": round(t_restored - t_kill, 2), "autoscaler_alive": autoscaler.poll() is None}
+            "restored_s": round(t_restored - t_kill, 2), "autoscaler_alive": autoscaler.poll() is None,
+            "sessions": [node.proc.pid for node in cluster.nodes]}
 
 
 def where(cluster: LocalRayCluster, root: Path, urls: list[str]) -> dict[str, dict]:

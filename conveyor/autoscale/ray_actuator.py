@@ -43,12 +43,12 @@ class ReplicaServer:
     The death signal fires when the forking *thread* exits: a default (non-threaded, non-async) actor runs its
     constructor and methods on the worker's main thread, which lives as long as the actor."""
 
-    def __init__(self, serve_args: list[str]) -> None:
+    def __init__(self, serve_args: list[str], env: dict[str, str]) -> None:
         import ray
 
         ctx = ray.get_runtime_context()
         port = free_port("0.0.0.0")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
         self.proc = subprocess.Popen(serve_command(port, serve_args, host="0.0.0.0"), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
@@ -97,13 +97,14 @@ class RayActuator(Actuator):
         self.ray = ray
         self.serve_args = list(serve_args)
         self.ping_timeout_s = ping_timeout_s
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(num_cpus))))}
+        # the server's environment, not the actor's runtime_env: an actor with the job's own runtime_env can start
+        # in one of the workers Ray keeps warm, a second or two sooner when a lost replica is replaced
+        self.serve_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(num_cpus))))}
         self.actor_cls = ray.remote(ReplicaServer).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy,
-            max_restarts=0, runtime_env={"env_vars": env})
+            num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy, max_restarts=0)
 
     def _launch(self, replica_id: str) -> dict:
-        actor = self.actor_cls.remote(self.serve_args)
+        actor = self.actor_cls.remote(self.serve_args, self.serve_env)
         return {"actor": actor, "info_ref": actor.info.remote(), "info": None, "ping": None, "ping_at": 0.0,
                 "dead": False}
 

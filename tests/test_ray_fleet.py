@@ -1,0 +1,52 @@
+"""A fleet on a real two-node Ray cluster (a head and a worker, each its own `ray start`), one node lost under load:
+`bench/ray_fleet.py`'s scenario, short. `conveyor autoscale --actuator ray` spreads two replicas over both nodes
+and registers them with a gateway; streaming clients run through the gateway while the worker's raylet is
+SIGKILLed. Nothing that had not started streaming may be lost, the lost node's servers must die with it, and the
+autoscaler must restore the capacity on the surviving node. No timings are checked.
+
+About 40 s on 2 cores (two Ray nodes, three replica start-ups), most of it waiting for processes to start.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "ray_fleet.py"
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    spec = importlib.util.spec_from_file_location("bench_ray_fleet", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_a_node_lost_under_load_loses_no_request_and_its_capacity_comes_back(fleet, tmp_path):
+    cfg = fleet.Config(replicas=2, concurrency=4, max_tokens=24, warmup_s=2.0, after_s=1.0, head_cpus=2,
+                       worker_cpus=1)
+    r = fleet.run(cfg, tmp_path)
+    # placed on both nodes: by Ray's node ids, and by the node whose session holds each server process
+    before = r["before"]
+    assert sorted(p["node"] for p in before.values()) == ["head", "worker"], before
+    assert len({p["node_id"] for p in before.values()}) == 2 and all(p["node_id"] for p in before.values())
+    head_id = next(p["node_id"] for p in before.values() if p["node"] == "head")
+    # under load: every request answered whole, or cut with an error event after it had started streaming
+    assert r["sent_before_kill"] > 0 and r["completed"] > r["sent_before_kill"]
+    assert r["lost"] == 0, r["lost_why"]
+    assert r["sent"] == r["completed"] + r["cut"]
+    # the lost node's servers died with it (the run waited for that), the gateway dropped them, and the
+    # autoscaler put the capacity back on the surviving node
+    assert len(r["lost_replicas"]) == 1
+    after = r["after"]
+    assert len(after) == 2 and not set(after) & set(r["lost_replicas"]), after
+    assert all(p["node"] == "head" and p["node_id"] == head_id for p in after.values()), after
+    assert r["autoscaler_alive"]
+    # and nothing of either node is left running
+    assert not [p for p in fleet.all_processes() if p.sid in r["sessions"] and p.state != "Z"]
