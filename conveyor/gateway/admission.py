@@ -5,6 +5,9 @@ estimated cost c (prompt + max_tokens) gets the start tag S = max(V, F_tenant) a
 where V is the start tag of the request dispatched last in its class. Dispatch takes the smallest (class, S). A tenant
 that floods only pushes its own tags ahead; a tenant using less than its share arrives with S = V and goes next.
 Tags are corrected by the actual usage when a request ends, and rolled back for a request that leaves the queue.
+
+With several gateway processes (shared.py) a tenant waiting in k processes is weighed w / k in each (`spread`), and
+the process's share of the replicas comes from shared.py (the pool's quota); the queue publishes its `backlog()`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Waiter:
     cls: str
     cost: int
     weight: float = 1.0
+    spread: int = 1  # gateway processes this tenant waits in (shared.py): its weight here is weight / spread
     affinity: str | None = None
     deadline: float | None = None  # monotonic
     enqueued: float = field(default_factory=time.monotonic)
@@ -46,16 +50,35 @@ class FairQueue:
         self.finish: dict[tuple[str, str], float] = {}
         self.seq = itertools.count()
         self.size = 0
+        self.waiting: dict[tuple[str, str], int] = {}  # (class, tenant) → requests queued
+        self.weights: dict[tuple[str, str], float] = {}  # (class, tenant) → its configured weight
 
     def __len__(self) -> int:
         return self.size
 
     def push(self, w: Waiter) -> float:
         start = max(self.vtime[w.cls], self.finish.get((w.cls, w.tenant), 0.0))
-        self.finish[(w.cls, w.tenant)] = start + w.cost / w.weight
+        self.finish[(w.cls, w.tenant)] = start + w.cost * w.spread / w.weight
         heapq.heappush(self.heap, (CLASSES.index(w.cls), start, next(self.seq), w))
         self.size += 1
+        key = (w.cls, w.tenant)
+        self.waiting[key] = self.waiting.get(key, 0) + 1
+        self.weights[key] = w.weight
         return start
+
+    def _left(self, w: Waiter) -> None:
+        self.size -= 1
+        key = (w.cls, w.tenant)
+        self.waiting[key] -= 1
+        if not self.waiting[key]:
+            del self.waiting[key], self.weights[key]
+
+    def backlog(self) -> dict[str, dict[str, float]]:
+        """class → tenant → weight, for the tenants with requests queued."""
+        out: dict[str, dict[str, float]] = {}
+        for (cls, tenant), weight in self.weights.items():
+            out.setdefault(cls, {})[tenant] = weight
+        return out
 
     def peek(self) -> Waiter | None:
         while self.heap and self.heap[0][3].removed:
@@ -67,21 +90,21 @@ class FairQueue:
             return None
         rank, start, _, w = heapq.heappop(self.heap)
         self.vtime[w.cls] = max(self.vtime[w.cls], start)
-        self.size -= 1
+        self._left(w)
         return w
 
     def remove(self, w: Waiter) -> None:
         """Lazy removal (deadline passed, client gone); the tenant is not charged for it."""
         assert not w.removed
         w.removed = True
-        self.size -= 1
+        self._left(w)
         self.charge(w, -w.cost)
 
     def charge(self, w: Waiter, tokens: float) -> None:
         """Correct the tenant's finish tag by `tokens` more (or fewer) than the estimate."""
         key = (w.cls, w.tenant)
         if key in self.finish:
-            self.finish[key] = max(self.vtime[w.cls], self.finish[key] + tokens / w.weight)
+            self.finish[key] = max(self.vtime[w.cls], self.finish[key] + tokens * w.spread / w.weight)
 
 
 class ModelQueue:
@@ -93,6 +116,7 @@ class ModelQueue:
         self.max_queue, self.shed_batch_ratio, self.cold_start_timeout_s = (max_queue, shed_batch_ratio,
                                                                             cold_start_timeout_s)
         self.queue = FairQueue()
+        self.spread: dict[tuple[str, str], int] = {}  # (class, tenant) → processes it waits in (shared.py)
         pool.on_capacity = self.pump
 
     def __len__(self) -> int:
@@ -106,6 +130,7 @@ class ModelQueue:
         if not len(self.queue) and (replica := self.pool.acquire(w.affinity, w.cost)) is not None:
             return replica
         self._shed(w)
+        w.spread = self.spread.get((w.cls, w.tenant), 1)
         w.future = asyncio.get_running_loop().create_future()
         self.queue.push(w)
         self.pump()

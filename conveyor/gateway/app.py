@@ -46,6 +46,7 @@ from conveyor.gateway.picker import Pool, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
+from conveyor.gateway.shared import SharedState, detach
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, prompt_floor
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body, valid_request_id
 from conveyor.tracing import Tracing, end_gateway_span, start_gateway_span
@@ -72,6 +73,7 @@ class Ctx:
     headers: dict[str, str] = field(default_factory=dict)
     span: Span | None = None  # its tracing span; None: tracing off
     batch_line: bool = False  # a Batch API line: outside the tenant's per-minute limits (see _reserve)
+    shared: SharedState | None = None  # the store that also counts its slot, across gateway processes
 
     @property
     def tenant_class(self) -> str:
@@ -85,6 +87,7 @@ class Gateway:
         self.client = upstream_client(cfg)
         self.forwarder = Forwarder(cfg, self.client, self.metrics, tracing)
         self.limiter = self._limiter(cfg)
+        self.shared: SharedState | None = None  # with redis_url: slots and the replicas' split across processes
         self.pools: dict[str, Pool] = {}
         self.queues: dict[str, ModelQueue] = {}
         self.concurrent: dict[str, int] = {}  # tenant → slots held
@@ -128,6 +131,7 @@ class Gateway:
         self.batch_worker = BatchWorker(self, self.batch_store)
         self.batch_worker.start()
         self.overload.lag.start()
+        self._share(self.cfg)
         loop = asyncio.get_running_loop()
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -139,6 +143,8 @@ class Gateway:
         for pool in self.pools.values():
             await pool.close()
         await self.limiter.close()
+        if self.shared is not None:
+            await self.shared.close()
         await self.client.aclose()
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.batch_store.close()
@@ -148,6 +154,19 @@ class Gateway:
             return MemoryLimiter()
         return RedisLimiter(cfg.redis_url, on_error=cfg.ratelimit_on_redis_error,
                             on_fallback=lambda op: self.metrics.ratelimit_fallbacks.labels(op).inc())
+
+    def _share(self, cfg: GatewayConfig) -> None:
+        """Start sharing slots and capacity through cfg.redis_url (none: stop, every limit back to this process)."""
+        if self.shared is not None:
+            self._spawn(self.shared.close())
+            detach(self.pools.values(), self.queues.values())
+        self.shared = None
+        if cfg.redis_url:
+            self.shared = SharedState(cfg.redis_url, cfg.redis_heartbeat_ttl_s, cfg.redis_sync_interval_s,
+                                      cfg.ratelimit_on_redis_error,
+                                      lambda: {n: (self.pools[n], self.queues[n]) for n in self.pools},
+                                      lambda op: self.metrics.shared_fallbacks.labels(op).inc())
+            self.shared.start()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file. In-flight and queued requests are untouched; a bad file is ignored."""
@@ -159,7 +178,11 @@ class Gateway:
         if (cfg.redis_url, cfg.ratelimit_on_redis_error) != (self.cfg.redis_url, self.cfg.ratelimit_on_redis_error):
             old, self.limiter = self.limiter, self._limiter(cfg)
             self._spawn(old.close())
+        shared = ("redis_url", "ratelimit_on_redis_error", "redis_heartbeat_ttl_s", "redis_sync_interval_s")
+        reshare = any(getattr(cfg, k) != getattr(self.cfg, k) for k in shared)
         self.apply(cfg)
+        if reshare:  # slots taken before are released through the SharedState that took them (Ctx.shared)
+            self._share(cfg)
         loop = asyncio.get_running_loop()
         for m in cfg.models:  # a new tokenizer loads in the pool, not on the first request's event loop turn
             self._spawn(loop.run_in_executor(self.cpu, load_tokenizer, m.tokenizer))
@@ -431,13 +454,27 @@ class Gateway:
         return tenant
 
     async def _take_slot(self, ctx: Ctx, tenant: TenantConfig) -> None:
+        """One of the tenant's max_concurrent slots: in this process, then (with redis_url) across all of them."""
         if self.concurrent.get(tenant.name, 0) >= tenant.max_concurrent:
-            decision = await self.limiter.acquire(tenant, 0, take=False)
-            raise _Reject(429, "concurrency", f"too many concurrent requests (max {tenant.max_concurrent})",
-                          "concurrency_limit_exceeded", {**decision.headers(), "retry-after": "1"})
+            raise await self._concurrency_limited(tenant)
         self.concurrent[tenant.name] = self.concurrent.get(tenant.name, 0) + 1  # no await since the check
         self.metrics.slots.labels(tenant.cls).inc()
-        ctx.slot = True
+        ctx.slot = True  # held here from now on: a refusal below gives it back in _guarded
+        if (shared := self.shared) is None:
+            return
+        taken = await shared.take_slot(tenant.name, tenant.max_concurrent)
+        if taken:
+            ctx.shared = shared
+        elif taken is False:
+            raise await self._concurrency_limited(tenant)
+        elif shared.on_error == "closed":  # Redis unreachable; "open": this process's own count decided
+            raise _Reject(503, "concurrency_unavailable", "the concurrency-limit store is unavailable; retry "
+                          "shortly", "concurrency_unavailable", {"retry-after": "1"})
+
+    async def _concurrency_limited(self, tenant: TenantConfig) -> _Reject:
+        decision = await self.limiter.acquire(tenant, 0, take=False)
+        return _Reject(429, "concurrency", f"too many concurrent requests (max {tenant.max_concurrent})",
+                       "concurrency_limit_exceeded", {**decision.headers(), "retry-after": "1"})
 
     async def _reserve(self, ctx: Ctx, tenant: TenantConfig, cost: int) -> None:
         if ctx.batch_line:  # as OpenAI's batch tier: bounded by batch_queued_tokens and the worker's window instead,
@@ -462,6 +499,9 @@ class Gateway:
             if not self.concurrent[tenant.name]:
                 del self.concurrent[tenant.name]
             self.metrics.slots.labels(tenant.cls).dec()
+            if ctx.shared is not None:
+                ctx.shared.release_slot(tenant.name)
+                ctx.shared = None
         if ctx.reserved:
             ctx.reserved = False
             self.metrics.reserved_tokens.labels(tenant.cls).dec(ctx.cost)

@@ -51,6 +51,9 @@ class GatewayMetrics:
         self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
                                            "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
                                            registry=r)
+        self.shared_fallbacks = Counter(p + "shared_state_fallbacks", "Operations on the state shared by gateway "
+                                        "processes that fell back because Redis was unreachable (op: slot_acquire, "
+                                        "slot_release, sync)", ["op"], registry=r)
         # per-tenant series: a registry of their own, served only to a scrape with the admin key (one tenant must
         # not read another's name or usage from /metrics)
         self.tenant_registry = CollectorRegistry()

@@ -1,5 +1,7 @@
 """Replica pools: health (active /health checks, passive ejection, a circuit breaker per replica), load (this
-gateway's in-flight tokens plus the replica's own /metrics, used only when under a second old) and prefix affinity."""
+gateway's in-flight tokens plus the replica's own /metrics, used only when under a second old) and prefix affinity.
+With several gateway processes (shared.py) a pool has a quota (requests this process may have in flight) and each
+replica's cap counts the other processes' requests there (`others`); without, neither limits anything."""
 from __future__ import annotations
 
 import asyncio
@@ -68,6 +70,7 @@ class Replica:
     draining: bool = False
     in_flight: int = 0
     in_flight_tokens: int = 0
+    others: int = 0  # other gateway processes' requests here, as they last published them (shared.py)
     served: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_at: float = -1e9
@@ -117,6 +120,8 @@ class Pool:
         self.headers: dict[str, str] = {}  # the replicas' credentials, for health checks and scrapes
         self.upstream_model = model  # the name the replicas serve it under
         self.last_max_model_len: int | None = None  # the latest a replica reported (kept when it goes away)
+        self.in_flight = 0  # this process's requests at the replicas (removed ones included)
+        self.quota: int | None = None  # this process's share of the replicas (shared.py); None: no limit
 
     # ---- membership (config, SIGHUP reload, admin API) -----------------------------------------------------------
     def add(self, url: str, source: str = "config") -> Replica:
@@ -168,9 +173,11 @@ class Pool:
     # ---- picking -------------------------------------------------------------------------------------------------
     def acquire(self, affinity: str | None, cost: int, exclude: tuple[Replica, ...] = (),
                 ignore_cap: bool = False) -> Replica | None:
+        if not ignore_cap and self.quota is not None and self.in_flight >= self.quota:
+            return None
         now = time.monotonic()
         cands = [r for r in self.replicas.values() if r.routable(now) and r not in exclude
-                 and (ignore_cap or r.in_flight < self.max_in_flight)]
+                 and (ignore_cap or r.in_flight + r.others < self.max_in_flight)]
         if not cands:
             return None
         loads = {r.url: r.load(now) for r in cands}
@@ -184,6 +191,7 @@ class Pool:
             if len(self.affinity) > 100_000:
                 self.affinity.popitem(last=False)
         best.in_flight += 1
+        self.in_flight += 1
         best.in_flight_tokens += cost
         best.breaker.on_dispatch()
         return best
@@ -191,8 +199,9 @@ class Pool:
     def release(self, r: Replica, cost: int, ok: bool | None) -> None:
         """ok: True success, False a failure to count against the replica, None neither."""
         r.in_flight -= 1
+        self.in_flight -= 1
         r.in_flight_tokens -= cost
-        assert r.in_flight >= 0 and r.in_flight_tokens >= 0
+        assert r.in_flight >= 0 and r.in_flight_tokens >= 0 and self.in_flight >= 0
         if ok is True:
             r.served += 1
             r.breaker.success()

@@ -1,0 +1,259 @@
+"""State shared by gateway processes through Redis (conveyor/gateway/shared.py): two real gateway processes, one
+real redis-server, one slow fake upstream with a small capacity that records how many requests it holds at once."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from server_process import free_port, wait_until
+from test_gateway_hardening import Gateway, Redis
+
+CAP = 3  # the replica's max_in_flight_per_replica
+TOKEN_S = 0.04  # the fake upstream's time per generated token
+KEYS = {n: f"shared-key-{n}" for n in ("x", "a", "b", "c")}
+
+
+class SlowUpstream:
+    """An OpenAI-ish completions server generating one token every TOKEN_S; `peak` is the most requests it held
+    at once since the last reset()."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.now = self.peak = 0
+        self.server = uvicorn.Server(uvicorn.Config(self.app, port=self.port, log_level="warning", lifespan="off",
+                                                    interface="asgi3"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 10, "the fake upstream")
+
+    def reset(self) -> None:
+        self.peak = self.now
+
+    async def app(self, scope, receive, send) -> None:
+        path = scope["path"]
+        if path == "/health":
+            return await _send(send, 200, b"{}")
+        if path == "/v1/models":
+            return await _send(send, 200, json.dumps({"data": [{"id": "m", "max_model_len": 4096}]}).encode())
+        if path != "/v1/completions":
+            return await _send(send, 404, b"{}")
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        req = json.loads(body)
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        held = [True]
+        work = asyncio.ensure_future(self._generate(send, req["max_tokens"], req.get("stream", False), held))
+        gone = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)  # a client gone: abort it
+        finally:
+            work.cancel()
+            gone.cancel()
+            self._leave(held)
+
+    def _leave(self, held: list[bool]) -> None:
+        """Once per request, before its last bytes go (the gateway may send the next one as soon as they arrive)."""
+        if held[0]:
+            held[0] = False
+            self.now -= 1
+
+    async def _generate(self, send, n: int, stream: bool, held: list[bool]) -> None:
+        usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+        if not stream:
+            await asyncio.sleep(n * TOKEN_S)
+            self._leave(held)
+            return await _send(send, 200, json.dumps({"id": "x", "object": "text_completion", "choices": [
+                {"index": 0, "text": "a" * n, "finish_reason": "length"}], "usage": usage}).encode())
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(n):
+            await asyncio.sleep(TOKEN_S)
+            chunk = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "a"}], "usage": None}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                        "more_body": True})
+        self._leave(held)
+        tail = f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": tail.encode()})
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+async def _disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def config(upstream: SlowUpstream, redis_port: int, **kw) -> dict:
+    tenants = [{"name": n, "api_key_sha256": hashlib.sha256(k.encode()).hexdigest(), "requests_per_minute": 100_000,
+                "tokens_per_minute": 100_000_000, "max_concurrent": 2 if n == "x" else 64} for n, k in KEYS.items()]
+    return {"models": [{"name": "m", "replicas": [upstream.url], "max_in_flight_per_replica": CAP,
+                        "max_queue": 1000}],
+            "tenants": tenants, "redis_url": f"redis://127.0.0.1:{redis_port}/0", "redis_heartbeat_ttl_s": 1.0,
+            "health_interval_s": 0.5, **kw}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shared")
+    upstream = SlowUpstream()
+    redis = Redis(free_port())
+    gws: list[Gateway] = []
+    try:
+        cfg = config(upstream, redis.port)
+        with ThreadPoolExecutor(2) as ex:
+            gws = list(ex.map(lambda i: Gateway(cfg, str(tmp / f"gw{i}.yaml")), range(2)))
+        for g in gws:
+            wait_until(lambda g=g: g.states("m") == ["healthy"], what="the replica healthy")
+        yield upstream, redis, gws, tmp
+    finally:
+        for g in gws:
+            g.stop()
+        redis.stop()
+        upstream.stop()
+
+
+def body(n: int, stream: bool = False) -> dict:
+    return {"model": "m", "prompt": "hi", "max_tokens": n, "stream": stream}
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[tenant]}"}
+
+
+class OpenStream:
+    """A streamed completion held open until close(): its concurrency slot stays taken."""
+
+    def __init__(self, gw: Gateway, tenant: str) -> None:
+        self.client = httpx.Client(timeout=30)
+        self.cm = self.client.stream("POST", gw.url + "/v1/completions", json=body(500, stream=True),
+                                     headers=auth(tenant))
+        self.resp = self.cm.__enter__()
+        assert self.resp.status_code == 200, self.resp.read()
+        self.chunks = self.resp.iter_raw()  # kept: a dropped iterator would close the response
+        next(self.chunks)  # streaming: at the replica
+
+    def close(self) -> None:
+        self.cm.__exit__(None, None, None)
+        self.client.close()
+
+
+def post(gw: Gateway, tenant: str, n: int = 1) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/completions", json=body(n), headers=auth(tenant), timeout=30)
+
+
+def slots_in_redis(redis: Redis, tenant: str) -> dict[bytes, bytes]:
+    import redis as redis_py
+    return redis_py.Redis(port=redis.port).hgetall(f"conveyor:shared:slots:{tenant}")
+
+
+def test_max_concurrent_holds_across_gateways_and_frees_on_release(stack):
+    _, redis, (g1, g2), _ = stack
+    held = [OpenStream(g1, "x"), OpenStream(g2, "x")]
+    try:
+        for g in (g1, g2):  # each gateway holds one of x's two slots: the third is refused on either
+            r = post(g, "x")
+            assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert sorted(slots_in_redis(redis, "x").values()) == [b"1", b"1"]
+        held.pop(0).close()  # g1's slot comes back (released without the client waiting): g2 may take it
+        wait_until(lambda: len(slots_in_redis(redis, "x")) == 1, 10, "the released slot")
+        held.append(OpenStream(g2, "x"))
+        assert post(g1, "x").status_code == 429
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: not slots_in_redis(redis, "x"), 10, "every slot back")
+    assert post(g1, "x").status_code == 200
+
+
+def test_a_dead_gateways_slots_are_freed_after_the_ttl(stack):
+    upstream, redis, (g1, _), tmp = stack
+    g3 = Gateway(config(upstream, redis.port), str(tmp / "gw3.yaml"))
+    held = [OpenStream(g1, "x")]
+    try:
+        held.append(OpenStream(g3, "x"))
+        assert post(g1, "x").status_code == 429
+        os.kill(g3.proc.pid, signal.SIGKILL)  # no goodbye: its slot stays in Redis until its heartbeat is stale
+        g3.proc.wait(10)
+        t0 = time.monotonic()
+        wait_until(lambda: post(g1, "x").status_code == 200, 10, "the dead gateway's slot freed")
+        assert time.monotonic() - t0 < 5  # the TTL is 1 s
+    finally:
+        for s in held:
+            s.close()
+        g3.stop()
+
+
+def _closed_loop(gw: Gateway, tenant: str, until: float, done: list) -> None:
+    """Send 8-token completions back to back until `until`; append (tenant, end time, tokens) per answer."""
+    with httpx.Client(timeout=60) as c:
+        while time.monotonic() < until:
+            r = c.post(gw.url + "/v1/completions", json=body(8), headers=auth(tenant))
+            assert r.status_code == 200, r.text
+            done.append((tenant, time.monotonic(), r.json()["usage"]["total_tokens"]))
+
+
+def test_three_backlogged_tenants_on_two_gateways_get_a_third_each_and_the_replica_is_not_overcommitted(stack):
+    upstream, _, (g1, g2), _ = stack
+    wait_until(lambda: upstream.now == 0, 10, "the upstream idle")
+    upstream.reset()
+    done: list = []
+    t0 = time.monotonic()
+    until = t0 + 7
+    senders = [(g1, "a"), (g1, "c"), (g2, "b")] * 4  # 4 clients each: every tenant always has requests queued
+    with ThreadPoolExecutor(len(senders)) as ex:
+        for f in [ex.submit(_closed_loop, g, t, until, done) for g, t in senders]:
+            f.result()
+    # per-process queues would split the replica 3 + 3 (g2 alone serving b: half of all tokens) and hold 6 at once
+    assert upstream.peak <= CAP, upstream.peak  # one replica: the processes' quotas never sum to more
+    served = {t: sum(n for who, at, n in done if who == t and at > t0 + 1.5) for t in "abc"}
+    total = sum(served.values())
+    assert total > 0
+    shares = {t: served[t] / total for t in "abc"}
+    assert all(0.25 <= s <= 0.42 for s in shares.values()), shares  # a third each; b alone would be 0.5
+
+
+def test_redis_killed_falls_back_counted_and_requests_are_answered(stack):
+    upstream, redis, (g1, g2), _ = stack
+    redis.stop()
+    try:
+        for g in (g1, g2):
+            for _ in range(3):
+                assert post(g, "x").status_code == 200  # on_error "open": each gateway's own count decides
+        held = [OpenStream(g1, "x"), OpenStream(g1, "x")]
+        try:
+            assert post(g1, "x").status_code == 429  # max_concurrent still holds within the process
+        finally:
+            for s in held:
+                s.close()
+        for g in (g1, g2):
+            assert g.metric("conveyor_gateway_shared_state_fallbacks_total", op="slot_acquire") >= 3
+            assert g.metric("conveyor_gateway_shared_state_fallbacks_total", op="sync") >= 1
+            assert g.logs().count('"shared_state_down"') == 1
+    finally:
+        stack_redis = Redis(redis.port)  # back, empty: the gateways sync again and rewrite what they hold
+        redis.proc = stack_redis.proc
+    for g in (g1, g2):
+        wait_until(lambda g=g: g.logs().count('"shared_state_recovered"') == 1, 10, "the store back")
+    assert post(g1, "x").status_code == 200
