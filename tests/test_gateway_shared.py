@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -16,6 +17,8 @@ import pytest
 import uvicorn
 from server_process import free_port, wait_until
 from test_gateway_hardening import Gateway, Redis
+
+from conveyor.gateway.shared import View, apportion, split, targets
 
 CAP = 3  # the replica's max_in_flight_per_replica
 TOKEN_S = 0.04  # the fake upstream's time per generated token
@@ -257,3 +260,60 @@ def test_redis_killed_falls_back_counted_and_requests_are_answered(stack):
     for g in (g1, g2):
         wait_until(lambda g=g: g.logs().count('"shared_state_recovered"') == 1, 10, "the store back")
     assert post(g1, "x").status_code == 200
+
+
+# ---- the split itself, in-process: syncs in a random order with views one sync old --------------------------------
+def _simulate(seed: int, steps: int = 3000) -> None:
+    """Three processes, a random backlog each, requests dispatched up to the quota and finishing at random; each
+    sync publishes and reads as the Lua script does (Redis runs them one at a time)."""
+    rng = random.Random(seed)
+    cap = rng.randint(1, 12)
+    gids = ["g0", "g1", "g2"]
+    quota, claim, n = dict.fromkeys(gids, 0), dict.fromkeys(gids, 0), dict.fromkeys(gids, 0)
+    backlog = {g: {} for g in gids}
+    published: dict[str, View] = {}
+    for _ in range(steps):
+        g = rng.choice(gids)
+        act = rng.random()
+        if act < 0.4:  # sync: publish, then read the others' last published views
+            published[g] = View(g, {"r": n[g]}, backlog[g], max(quota[g], claim[g]))
+            views = [View(g, {"r": n[g]}, backlog[g], published[g].quota)]
+            views += [v for o, v in published.items() if o != g]
+            s = split(views, g, cap, quota[g], claim[g])
+            quota[g], claim[g] = s.quota, s.claim
+        elif act < 0.6:  # its tenants change
+            backlog[g] = {c: {t: 1.0} for c, t in rng.sample([("interactive", "a"), ("interactive", "b"),
+                                                             ("batch", "c")], rng.randint(0, 2))}
+        elif act < 0.8 and backlog[g]:
+            n[g] = max(n[g], quota[g])  # dispatches up to its quota
+        else:
+            n[g] = max(0, n[g] - rng.randint(0, 2))
+        assert sum(quota.values()) <= cap and sum(n.values()) <= cap, (quota, n, cap)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_quotas_never_sum_past_the_capacity_whatever_the_order_of_syncs(seed):
+    _simulate(seed)
+
+
+def test_targets_give_each_backlogged_tenant_its_weight_and_interactive_first():
+    views = [View("g1", {}, {"interactive": {"a": 1.0, "x": 1.0}}), View("g2", {}, {"interactive": {"x": 1.0}}),
+             View("g3", {"r": 2}, {"batch": {"c": 1.0}}), View("g4", {"r": 1}, {})]
+    # a: 1, x: 1 over two processes (1/2 in each); g3's batch gets nothing new, g4 (no queue) keeps its one
+    assert targets(views, 9) == {"g1": 6, "g2": 2, "g3": 0, "g4": 1}
+    assert split(views, "g2", 9, 0, 0).spread == {("interactive", "a"): 2, ("interactive", "x"): 2,
+                                                  ("batch", "c"): 2}
+    idle = [View("g1", {"r": 1}, {}), View("g2", {}, {})]
+    assert targets(idle, 5) == {"g1": 3, "g2": 2}  # the free room, split evenly
+    assert apportion(4, {"a": 2.0, "b": 1.0}) == {"a": 3, "b": 1} and apportion(0, {"a": 1.0}) == {"a": 0}
+
+
+def test_a_quota_grows_only_after_its_claim_is_published_and_shrinks_at_once():
+    views = [View("g1", {}, {"interactive": {"a": 1.0}}, 0), View("g2", {"r": 4}, {}, 4)]
+    s = split(views, "g1", 6, 0, 0)
+    assert (s.quota, s.claim) == (0, 2)  # claimed, not taken yet
+    s = split(views, "g1", 6, 0, 2)
+    assert (s.quota, s.claim) == (2, 2)
+    views[1] = View("g2", {"r": 4}, {"interactive": {"b": 1.0}}, 4)
+    s = split(views, "g2", 6, 4, 4)
+    assert s.quota == 3  # its target now: shrinks at once (its requests finish, it sends no new ones)

@@ -17,20 +17,27 @@ release during an outage, an acquire whose client left mid-call, a process presu
 the tenant dirty; the next sync with nothing in flight for it rewrites the field to what the process really holds.
 Redis unreachable: `ratelimit_on_redis_error` decides — open: the process-local count alone, closed: 503.
 
-Fair capacity split. Each sync publishes, per model, the process's in-flight requests per replica and its backlog
-(per class, the tenants waiting and their weights), and reads every live process's. Every process then computes the
-same split of the model's capacity C (the routable replicas' max_in_flight_per_replica):
-  - no backlog anywhere: each process may add an equal share of the free room to what it has in flight;
+Fair capacity split. Each sync publishes, per model, the process's in-flight requests per replica, its backlog (per
+class, the tenants waiting and their weights) and its quota, and reads every live process's. Each process computes
+the same fair targets for the model's capacity C (the routable replicas' max_in_flight_per_replica, summed):
+  - no backlog anywhere: what each has in flight plus an equal share of the free room;
   - otherwise, in the highest class with a backlog (interactive before batch): a tenant t waiting in k_t processes
-    counts w_t / k_t in each; a backlogged process's quota is C, less what idle processes have in flight, times its
-    tenants' weight over all backlogged tenants' weight (largest remainder, whole requests). A process with an
-    empty queue keeps only what it has in flight; one whose backlog is only of a lower class gets nothing new.
-  So each tenant gets w_t / sum(w) of the model globally; the local queue weighs tenant t by w_t / k_t (the local
-  fair queue then splits the process's quota as the global rule does).
-A replica's own cap counts the others' published in-flight requests. Both are approximate by one sync: a new
-backlog or freed room is used within one interval (work-conserving then), and a replica can be overcommitted by at
-most what the other processes dispatched to it since their last publish (their quota growth in one interval).
-Redis unreachable: each process takes C / (live processes last seen), and the same fraction of each replica.
+    counts w_t / k_t in each; a backlogged process's target is C, less what the processes with an empty queue have
+    in flight, times its tenants' weight over all backlogged tenants' weight (largest remainder, whole requests).
+    A process with an empty queue keeps what it has in flight; one whose backlog is only of a lower class gets 0.
+  So each tenant gets w_t / sum(w) of the model globally, and the local fair queue weighs tenant t by w_t / k_t
+  (`spread`), splitting the process's quota as the global rule does.
+A process's quota (pool.quota: what it may have in flight) above its target shrinks at once. Below, it grows in two
+steps: a sync *claims* a share of the room nobody holds (a process holds the larger of its in-flight requests and its
+published quota), and the next sync, once the claim is published, takes at most the claim and what the others'
+published values leave. A quota never exceeds what its process last published, and Redis runs the syncs one at a
+time, so whoever grows sees every claim made before: the quotas never sum to more than C (while the processes
+agree on C and none alive is presumed dead). Costs: a new backlog or
+freed room is used within about two intervals (work-conserving then), and no Redis call on the dispatch path.
+Per replica, a process counts the others' published in-flight requests there (Replica.others); with one replica
+the quota bound is exact, with several a replica can exceed its cap by what others dispatched to it since their
+last publish (the model's total never exceeds C). A retry on another replica ignores caps, as without Redis.
+Redis unreachable: each process takes ceil(C / live processes last seen), and that fraction of each replica.
 """
 from __future__ import annotations
 
