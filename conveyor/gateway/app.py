@@ -468,8 +468,8 @@ class Gateway:
         elif taken is False:
             raise await self._concurrency_limited(tenant)
         elif shared.on_error == "closed":  # Redis unreachable; "open": this process's own count decided
-            raise _Reject(503, "concurrency_unavailable", "the concurrency-limit store is unavailable; retry "
-                          "shortly", "concurrency_unavailable", {"retry-after": "1"})
+            raise _Reject(503, "ratelimit_unavailable", "the rate-limit store is unavailable; retry shortly",
+                          "ratelimit_unavailable", {"retry-after": "1"})
 
     async def _concurrency_limited(self, tenant: TenantConfig) -> _Reject:
         decision = await self.limiter.acquire(tenant, 0, take=False)
