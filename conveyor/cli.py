@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import time
 
@@ -229,7 +230,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 1 if async_engine.error is not None else 0
 
 
-def cmd_gateway(a: argparse.Namespace) -> int:
+def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
+                runs_batches: bool = True) -> int:
+    """`conveyor gateway`: one process serving on --host/--port; with --workers N > 1 the supervisor of N worker
+    processes (conveyor/gateway/workers.py), each of which calls this with the shared listening `sock` (its logging
+    already set up) and runs the batch worker only if `runs_batches`."""
     import signal
 
     import uvicorn
@@ -239,7 +244,11 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     from conveyor.server.logs import setup_json_logging
     from conveyor.tracing import GATEWAY_SERVICE, init_tracing
 
-    setup_json_logging(getattr(logging, a.log_level.upper()))
+    if sock is None:
+        setup_json_logging(getattr(logging, a.log_level.upper()))
+        if a.workers > 1:
+            from conveyor.gateway.workers import supervise
+            return supervise(a)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is the access log's job
     try:
         # a client's traceparent is continued, but whether the request is recorded is the gateway's decision
@@ -248,7 +257,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
         print(f"error: --otlp-traces-endpoint: {e}", file=sys.stderr)
         return 2
     try:
-        gateway = build_gateway(a.config, tracing)
+        gateway = build_gateway(a.config, tracing, runs_batches)
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -275,7 +284,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 
     config = uvicorn.Config(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False,
                             log_level=a.log_level, timeout_graceful_shutdown=5, http=http, loop=loop)
-    ExitZeroServer(config).run()
+    ExitZeroServer(config).run(sockets=None if sock is None else [sock])
     return 0
 
 
@@ -332,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8080, action=Bounded, lo=0, hi=65535)
     gw.add_argument("--log-level", default="info")
+    gw.add_argument("--workers", type=int, default=1, action=Bounded, lo=1, hi=1024,
+                    help="gateway processes sharing the listening socket (Linux; more than 1 needs redis_url in the "
+                         "config); default 1")
     gw.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
                     help="export OpenTelemetry traces over OTLP/HTTP to this collector URL (as on `serve`); off by "
                          "default")

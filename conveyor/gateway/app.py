@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from opentelemetry.trace import Span
 from starlette.requests import ClientDisconnect
@@ -40,7 +40,7 @@ from conveyor.gateway.budget import budget, check_fits, least_limit
 from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
                                      replica_url)
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
-from conveyor.gateway.metrics import GatewayMetrics
+from conveyor.gateway.metrics import REFRESH_S, GatewayMetrics, multiprocess_dir
 from conveyor.gateway.overload import Overload, OverloadGuard, raise_nofile_limit
 from conveyor.gateway.picker import Pool, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
@@ -81,8 +81,11 @@ class Ctx:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, config_path: str | None = None, tracing: Tracing | None = None) -> None:
-        self.cfg, self.config_path, self.tracing = cfg, config_path, tracing
+    def __init__(self, cfg: GatewayConfig, config_path: str | None = None, tracing: Tracing | None = None,
+                 runs_batches: bool = True) -> None:
+        """runs_batches=False: the Batch API is served but this process runs no batch worker (with --workers N,
+        one worker process runs it: its exactly-once rules assume one dispatcher)."""
+        self.cfg, self.config_path, self.tracing, self.runs_batches = cfg, config_path, tracing, runs_batches
         self.metrics = GatewayMetrics()
         self.client = upstream_client(cfg)
         self.forwarder = Forwarder(cfg, self.client, self.metrics, tracing)
@@ -129,7 +132,9 @@ class Gateway:
             await asyncio.to_thread(load_tokenizer, m.tokenizer)
         self.batch_store = await asyncio.to_thread(BatchStore, self.cfg.batch.db_path or default_path())
         self.batch_worker = BatchWorker(self, self.batch_store)
-        self.batch_worker.start()
+        if self.runs_batches:
+            self.batch_worker.start()
+        refresher = asyncio.create_task(self._refresh_loop()) if multiprocess_dir() else None
         self.overload.lag.start()
         self._share(self.cfg)
         loop = asyncio.get_running_loop()
@@ -139,6 +144,8 @@ class Gateway:
         if self.config_path is not None:
             loop.remove_signal_handler(signal.SIGHUP)
         self.overload.lag.stop()
+        if refresher is not None:
+            refresher.cancel()
         await self.batch_worker.stop()  # its lines in flight stay queued in the store
         for pool in self.pools.values():
             await pool.close()
@@ -234,6 +241,12 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         """Prometheus text; the per-tenant series only for `Authorization: Bearer <admin key>`."""
+        await self._refresh_metrics()
+        admin = key_matches(bearer_key(request.headers.get("authorization")), self.cfg.admin_api_key_sha256)
+        return Response(self.metrics.render(admin), media_type=CONTENT_TYPE_LATEST)
+
+    async def _refresh_metrics(self) -> None:
+        """Set the gauges read from this process's state (and the batch store's counts)."""
         m = self.metrics
         for name, pool in self.pools.items():
             m.queued.labels(name).set(len(self.queues[name]))
@@ -245,10 +258,15 @@ class Gateway:
         m.event_loop_lag.set(self.overload.lag.lag)
         if self.batch_worker is not None:
             await self.batch_worker.refresh_metrics()
-        text = generate_latest(m.registry)
-        if key_matches(bearer_key(request.headers.get("authorization")), self.cfg.admin_api_key_sha256):
-            text += generate_latest(m.tenant_registry)
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def _refresh_loop(self) -> None:
+        """With --workers N: a scrape reads every worker's gauges, so each worker keeps its own fresh."""
+        while True:
+            try:
+                await self._refresh_metrics()
+            except Exception as e:  # e.g. the batch store busy: the next turn tries again
+                log.warning(json.dumps({"event": "metrics_refresh_failed", "error": f"{type(e).__name__}: {e}"}))
+            await asyncio.sleep(REFRESH_S)
 
     async def models(self, request: Request) -> Response:
         """The models this tenant may use, aliases and `auto` included."""
@@ -879,9 +897,10 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def build_gateway(config_path: str, tracing: Tracing | None = None) -> Gateway:
+def build_gateway(config_path: str, tracing: Tracing | None = None,
+                  runs_batches: bool = True) -> Gateway:
     """The gateway of a config file. Raises ConfigError, or OSError when the file or the batch store cannot be
     opened (the store is opened here once, so that a bad batch.db_path is an error at start, not in the app)."""
     cfg = load_config(config_path)
     BatchStore(cfg.batch.db_path or default_path()).close()
-    return Gateway(cfg, config_path, tracing)
+    return Gateway(cfg, config_path, tracing, runs_batches)

@@ -1,9 +1,22 @@
 """Gateway metrics (prefix conveyor_gateway_). Labels: model, tenant class, status, reason, replica state, and the
-configured tenant name on the usage counter only (served to admin scrapes only) — never API keys or request ids."""
+configured tenant name on the usage counter only (served to admin scrapes only) — never API keys or request ids.
+
+With `conveyor gateway --workers N` each worker process writes its series to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, chosen when prometheus_client is first imported) and a scrape of any worker
+renders all of them merged: counters and histograms summed over the workers (a dead worker's included), gauges by
+their multiprocess_mode over the living workers — what requests hold is summed, the event-loop lag is the worst
+worker's, and views every worker has of the same thing (replica states, the shared batch store) are the most recent
+write. Gauges set from process state are refreshed every REFRESH_S by each worker (see Gateway._refresh_loop)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import glob
+import os
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+_SUM, _MAX, _LATEST = "livesum", "livemax", "livemostrecent"  # gauges' multiprocess_mode
+REFRESH_S = 1.0
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -32,22 +45,31 @@ class GatewayMetrics:
                                               ["model"], registry=r)
         self.upstream_requests = Counter(p + "upstream_requests", "Requests sent to replicas (attempts)",
                                          ["model"], registry=r)
-        self.queued = Gauge(p + "queued_requests", "Requests waiting in the dispatch queue", ["model"], registry=r)
-        self.in_flight = Gauge(p + "in_flight_requests", "Requests at replicas", ["model"], registry=r)
-        self.replicas = Gauge(p + "replicas", "Replicas by state", ["model", "state"], registry=r)
+        self.queued = Gauge(p + "queued_requests", "Requests waiting in the dispatch queue", ["model"], registry=r,
+                            multiprocess_mode=_SUM)
+        self.in_flight = Gauge(p + "in_flight_requests", "Requests at replicas", ["model"], registry=r,
+                               multiprocess_mode=_SUM)
+        self.replicas = Gauge(p + "replicas", "Replicas by state", ["model", "state"], registry=r,
+                              multiprocess_mode=_LATEST)  # each worker checks every replica itself
         self.slots = Gauge(p + "concurrency_slots", "Tenants' concurrency slots held (max_concurrent)",
-                           ["tenant_class"], registry=r)
+                           ["tenant_class"], registry=r, multiprocess_mode=_SUM)
         self.reserved_tokens = Gauge(p + "reserved_tokens", "Rate-limit tokens reserved by requests not yet "
-                                     "settled", ["tenant_class"], registry=r)
+                                     "settled", ["tenant_class"], registry=r, multiprocess_mode=_SUM)
+        self.workers = Gauge(p + "workers", "Gateway worker processes running (--workers)", registry=r,
+                             multiprocess_mode=_SUM)
+        self.workers.set(1)
         self.cpu_jobs = Gauge(p + "cpu_jobs", "Body parses and token counts queued or running off the event loop",
-                              registry=r)
+                              registry=r, multiprocess_mode=_SUM)
         # the gateway's own limit (overload.py); set when /metrics is scraped
         self.open_requests = Gauge(p + "open_requests", "HTTP requests inside this gateway process (streams "
-                                   "included; /health and /metrics not counted)", registry=r)
+                                   "included; /health and /metrics not counted)", registry=r,
+                                   multiprocess_mode=_SUM)
         self.max_open_requests = Gauge(p + "max_open_requests", "The open requests past which new ones are "
-                                       "refused with 503 (reason overloaded_open_requests)", registry=r)
+                                       "refused with 503 (reason overloaded_open_requests)", registry=r,
+                                       multiprocess_mode=_SUM)
         self.event_loop_lag = Gauge(p + "event_loop_lag_seconds", "How late the event loop's periodic timer fired; "
-                                    "new requests are refused while it is above max_event_loop_lag_s", registry=r)
+                                    "new requests are refused while it is above max_event_loop_lag_s", registry=r,
+                                    multiprocess_mode=_MAX)
         self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
                                            "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
                                            registry=r)
@@ -67,13 +89,24 @@ class GatewayMetrics:
         self.batch_lines = Counter(p + "batch_lines", "Batch lines answered by the worker (outcome: completed = "
                                    "2xx, failed = a final error)", ["model", "outcome"], registry=r)
         self.batch_lines_queued = Gauge(p + "batch_lines_queued", "Batch lines not answered yet, across "
-                                        "in-progress and cancelling batches", registry=r)
+                                        "in-progress and cancelling batches", registry=r, multiprocess_mode=_LATEST)
         self.batch_lines_in_flight = Gauge(p + "batch_lines_in_flight", "Batch lines sent by the worker and not "
-                                           "answered yet", registry=r)
-        self.batches = Gauge(p + "batches", "Batches by status", ["status"], registry=r)
+                                           "answered yet", registry=r, multiprocess_mode=_SUM)
+        self.batches = Gauge(p + "batches", "Batches by status", ["status"], registry=r, multiprocess_mode=_LATEST)
         self.batch_backoffs = Counter(p + "batch_backoffs", "Times the batch worker held back a model's lines "
                                       "(reason: interactive_waiting, replica_busy, rejected, rate_limited, "
                                       "upstream_error, deadline, store_error)", ["reason"], registry=r)
+
+    def render(self, admin: bool) -> bytes:
+        """Prometheus text of every series, the per-tenant ones only when `admin`; with --workers N, merged over
+        the worker processes."""
+        path = multiprocess_dir()
+        if path is None:
+            text = generate_latest(self.registry)
+            return text + generate_latest(self.tenant_registry) if admin else text
+        tenant_names = {m.name for m in self.tenant_registry.collect()}
+        merged = MultiProcessCollector.merge(glob.glob(os.path.join(path, "*.db")), accumulate=True)
+        return generate_latest(_Families([m for m in merged if admin or m.name not in tenant_names]))
 
     def count_usage(self, tenant: str, usage: dict) -> None:
         """Add one response's OpenAI `usage` (prompt_tokens, completion_tokens) to the tenant's counters; fields
@@ -82,3 +115,18 @@ class GatewayMetrics:
             n = usage.get(key)
             if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
                 self.tenant_tokens.labels(tenant, kind).inc(n)
+
+
+class _Families:
+    """Metric families already collected, in the shape generate_latest reads (a registry's collect())."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+def multiprocess_dir() -> str | None:
+    """The folder of the worker processes' metric files (set by the --workers supervisor), or None: one process."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
