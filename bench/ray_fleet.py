@@ -123,6 +123,13 @@ def all_processes() -> list[Proc]:
     return out
 
 
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    values = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def running(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
@@ -290,8 +297,13 @@ class Config:
     restore_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        assert self.replicas >= 2 and self.concurrency >= 1 and self.max_tokens >= 1
-        assert self.head_cpus >= self.replicas, "the head must have room for the whole fleet after the loss"
+        if self.replicas < 2 or self.concurrency < 1 or self.max_tokens < 1 or self.worker_cpus < 1:
+            raise ValueError("--replicas must be at least 2, --concurrency, --max-tokens and --worker-cpus at least 1")
+        if self.head_cpus < self.replicas:
+            raise ValueError("--head-cpus must be at least --replicas: the head needs room for the whole fleet "
+                             "once the worker is lost")
+        if min(self.warmup_s, self.after_s) < 0 or min(self.health_interval_s, self.restore_timeout_s) <= 0:
+            raise ValueError("durations must not be negative (--health-interval-s, --restore-timeout-s: positive)")
 
 
 def wait_for(cond, timeout_s: float, what: str, logs=lambda: "") -> float:
@@ -340,6 +352,7 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
     out, stop = Outcomes(), threading.Event()
     loader = threading.Thread(target=asyncio.run, args=(load(gateway, cfg.concurrency, cfg.max_tokens, stop, out),))
     loader.start()
+    t_load, cpu0 = time.monotonic(), cpu_times()
     try:
         time.sleep(cfg.warmup_s)
         sent_before_kill = out.sent
@@ -355,9 +368,12 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
     finally:
         stop.set()
         loader.join(120)
+    load_s, cpu1 = time.monotonic() - t_load, cpu_times()
     after = where(cluster, root, healthy(admin, gateway))
     return {"config": cfg.__dict__, "setup_s": round(setup_s, 1), "before": before, "after": after,
             "lost_replicas": on_worker, "sent": out.sent, "sent_before_kill": sent_before_kill,
+            "load_s": round(load_s, 1), "completed_per_s": round(out.completed / load_s, 1),
+            "cpu_busy": round((cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1.0), 3), "cpus": os.cpu_count(),
             "completed": out.completed, "cut": out.cut, "lost": len(out.lost), "lost_why": out.lost[:10],
             "retried": int(retries(gateway) - retries0),
             "servers_gone_s": round(t_servers_gone - t_kill, 2), "dropped_s": round(t_dropped - t_kill, 2),
@@ -378,6 +394,8 @@ def format_table(r: dict) -> str:
                                           for u, p in r["before"].items())),
             ("replicas after", ", ".join(f"{u} on {p['node']} ({(p['node_id'] or '?')[:8]})"
                                          for u, p in r["after"].items())),
+            ("load", f"{r['load_s']} s, {r['completed_per_s']} completed/s, machine CPU "
+                     f"{r['cpu_busy']:.0%} busy of {r['cpus']} cores"),
             ("requests sent", r["sent"]), ("  completed", r["completed"]),
             ("  cut after their first event", r["cut"]), ("  lost", r["lost"]),
             ("  retried on another replica", r["retried"]),
@@ -397,7 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--keep", default=None, metavar="DIR", help="run in DIR and keep its logs (default: a temp dir)")
     a = p.parse_args(argv)
-    cfg = Config(**{k: getattr(a, k) for k in defaults.__dict__})
+    try:
+        cfg = Config(**{k: getattr(a, k) for k in defaults.__dict__})
+    except ValueError as e:
+        p.error(str(e))
     if a.keep:
         result = run(cfg, Path(a.keep))
     else:
