@@ -480,14 +480,13 @@ class Gateway:
         ctx.slot = True  # held here from now on: a refusal below gives it back in _guarded
         if (shared := self.shared) is None:
             return
+        # None: Redis unreachable, this process's own count decided (with ratelimit_on_redis_error "closed" the
+        # rate limits refuse the request next, 503 ratelimit_unavailable)
         taken = await shared.take_slot(tenant.name, tenant.max_concurrent)
         if taken:
             ctx.shared = shared
         elif taken is False:
             raise await self._concurrency_limited(tenant)
-        elif shared.on_error == "closed":  # Redis unreachable; "open": this process's own count decided
-            raise _Reject(503, "ratelimit_unavailable", "the rate-limit store is unavailable; retry shortly",
-                          "ratelimit_unavailable", {"retry-after": "1"})
 
     async def _concurrency_limited(self, tenant: TenantConfig) -> _Reject:
         decision = await self.limiter.acquire(tenant, 0, take=False)
