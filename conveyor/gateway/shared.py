@@ -15,7 +15,8 @@ the fields of dead processes, sum the rest, take one if under max_concurrent. Re
 (nothing waits for it). A process that crashed frees its slots after the TTL. Ops that could not reach Redis (a
 release during an outage, an acquire whose client left mid-call, a process presumed dead during a long pause) mark
 the tenant dirty; the next sync with nothing in flight for it rewrites the field to what the process really holds.
-Redis unreachable: `ratelimit_on_redis_error` decides — open: the process-local count alone, closed: 503.
+Redis unreachable: the process's own count alone decides (with ratelimit_on_redis_error "closed" the rate limits,
+checked next, refuse the request with a 503).
 
 Fair capacity split. Each sync publishes, per model, the process's in-flight requests per replica, its backlog (per
 class, the tenants waiting and their weights) and its quota, and reads every live process's. Each process computes
