@@ -50,3 +50,10 @@ def test_a_node_lost_under_load_loses_no_request_and_its_capacity_comes_back(fle
     assert r["autoscaler_alive"]
     # and nothing of either node is left running
     assert not [p for p in fleet.all_processes() if p.sid in r["sessions"] and p.state != "Z"]
+
+
+def test_an_unknown_scheduling_strategy_is_refused_before_any_actor_starts():
+    from conveyor.autoscale.ray_actuator import RayActuator
+
+    with pytest.raises(ValueError, match="SPREAD, DEFAULT"):
+        RayActuator(None, ["--model", "demo"], scheduling_strategy="PACK")
