@@ -119,36 +119,37 @@ def run_fake_upstream(port: int, seconds: int) -> None:
 # ---- the load generator ------------------------------------------------------------------------------------------
 async def one_stream(port: int, request: bytes, timeout: float) -> tuple:
     """One request on its own connection → (outcome, status, seconds to the first event or to the refusal,
-    Retry-After present). Outcomes: completed, refused, error, timeout; a timeout's status says where it stalled
+    Retry-After present, seconds to connect). Outcomes: completed, refused, error, timeout; a timeout's status says where it stalled
     (connect, head: no response head yet, first: no event yet, body: events but no [DONE])."""
     t0 = time.perf_counter()
-    writer, phase = None, "connect"
+    writer, phase, connected = None, "connect", None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            connected = time.perf_counter() - t0
             writer.write(request)
             phase = "head"
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
             if status != 200:
                 return ("refused" if status == 503 else "error", status, time.perf_counter() - t0,
-                        b"\r\nretry-after:" in head.lower())
+                        b"\r\nretry-after:" in head.lower(), connected)
             first, done, tail, phase = None, False, b"", "first"
             while True:
                 data = await reader.read(65536)
                 if not data:
-                    return ("completed" if done else "error", 200, first, False)
+                    return ("completed" if done else "error", 200, first, False, connected)
                 seen = tail + data
                 if first is None and b"data: {" in seen:
                     first, phase = time.perf_counter() - t0, "body"
                 done = done or b"data: [DONE]" in seen
                 if done and seen.endswith(b"0\r\n\r\n"):
-                    return ("completed", 200, first, False)
+                    return ("completed", 200, first, False, connected)
                 tail = seen[-16:]
     except TimeoutError:
-        return ("timeout", phase, None, False)
+        return ("timeout", phase, None, False, connected)
     except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-        return ("error", type(e).__name__, None, False)
+        return ("error", type(e).__name__, None, False, connected)
     finally:
         if writer is not None:
             writer.close()
@@ -220,6 +221,16 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the kernel for the listening socket on `port` to accept them (IPv4 loopback)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    return 0
+
+
 def machine_busy() -> tuple[int, int]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -227,22 +238,25 @@ def machine_busy() -> tuple[int, int]:
 
 
 class Sampler(threading.Thread):
-    """Once a second: the gateway's peak RSS (summed over its processes) and, from its /metrics, the highest open
-    requests and event-loop lag it reported; also how long the slowest scrape took and how many failed (a gateway
-    whose loop is far behind cannot report its lag: the scrape itself shows it)."""
+    """Twice a second: the gateway's peak RSS (summed over its processes), the longest accept queue of its
+    listening socket, and, from its /metrics (over a connection opened before the load), the highest open requests
+    and event-loop lag it reported; also how long the slowest scrape took and how many failed."""
 
     def __init__(self, pid: int, url: str) -> None:
         super().__init__(daemon=True)
         self.pid, self.url, self.stop = pid, url, threading.Event()
         self.rss = self.lag = self.open = self.scrape_max = 0.0
-        self.scrape_failed = 0
+        self.scrape_failed = self.backlog = 0
+        self.client = httpx.Client(timeout=5, trust_env=False)  # connected before the load: never in the backlog
 
     def run(self) -> None:
-        while not self.stop.wait(1.0):
+        port = int(self.url.rsplit(":", 1)[1])
+        while not self.stop.wait(0.5):
             self.rss = max(self.rss, rss_mb(tree(self.pid)))
+            self.backlog = max(self.backlog, accept_queue(port))
             t0 = time.perf_counter()
             try:
-                text = httpx.get(self.url + "/metrics", timeout=5).text
+                text = self.client.get(self.url + "/metrics").text
                 self.scrape_max = max(self.scrape_max, time.perf_counter() - t0)
                 for s in samples(text):
                     if s.name == "conveyor_gateway_event_loop_lag_seconds":
@@ -267,6 +281,21 @@ def plan_streams(n: int, ramp: float, direct_share: float, gw_port: int, up_port
     return plans
 
 
+def warm_up(client: httpx.Client, gw: str, model: str) -> None:
+    """A few short streams through the gateway first: its first request pays one-time costs (lazy imports, first
+    validation) that are no part of the load."""
+    done = 0
+    for _ in range(40):
+        r = client.post(gw + "/v1/completions", headers={"authorization": f"Bearer {KEY}"},
+                        json={"model": model, "prompt": "warm up", "max_tokens": 1, "stream": True})
+        assert r.status_code in (200, 503), r.text  # 503: the gateway, just started, is still catching up
+        done += r.status_code == 200
+        if done == 3:
+            return
+        time.sleep(0.1 if r.status_code == 200 else 0.5)
+    raise RuntimeError("the gateway refused its warm-up requests for 20 s")
+
+
 def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_tokens: int) -> dict:
     port = lambda url: int(url.rsplit(":", 1)[1])
     plans = plan_streams(n, a.ramp, a.direct_share, port(gw), [port(u) for u in ups], a.loaders)
@@ -281,6 +310,7 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
         p.stdin.close()
         procs.append(p)
     sampler = Sampler(gw_pid, gw)
+    warm_up(sampler.client, gw, model)
     time.sleep(max(0.0, start - time.time()))
     sampler.start()
     gw_pids = tree(gw_pid)
@@ -297,6 +327,7 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
                                "machine_pct": 100 * (1 - (m1[1] - m0[1]) / max(1, m1[0] - m0[0])),
                                "max_lag_s": sampler.lag, "max_open": sampler.open, "wall_s": wall,
                                "scrape_max_s": sampler.scrape_max, "scrape_failed": sampler.scrape_failed,
+                               "accept_queue": sampler.backlog,
                                "loader_cpu_pct": 100 * sum(o["cpu_s"] for o in outs) / wall})
 
 
@@ -322,7 +353,8 @@ def summarize(results: list, extra: dict) -> dict:
             "timeouts": count(gw, "timeout"), "direct": len(direct), "direct_completed": count(direct, "completed"),
             "direct_failed": len(direct) - count(direct, "completed"),
             "ttft_gw_p50": _pct(ttft(gw), 0.5), "ttft_gw_p99": _pct(ttft(gw), 0.99),
-            "ttft_direct_p50": _pct(ttft(direct), 0.5), "ttft_direct_p99": _pct(ttft(direct), 0.99), **extra}
+            "ttft_direct_p50": _pct(ttft(direct), 0.5), "ttft_direct_p99": _pct(ttft(direct), 0.99),
+            "connect_gw_p99": _pct([r[5] for r in gw if r[5] is not None], 0.99), **extra}
 
 
 # ---- processes -----------------------------------------------------------------------------------------------------
@@ -394,8 +426,8 @@ def print_table(a, rows: list[tuple]) -> None:
           f"{os.cpu_count()} CPUs")
     print("| streams | guard | completed | refused (Retry-After) | refusal p50 / max ms | errors | timeouts | "
           "TTFT p50 / p99 ms gw | direct | added p50 / p99 | gw CPU % | gw RSS MB | max lag s | slowest /metrics s "
-          "(failed) | max open | loaders CPU % | machine CPU % |")
-    print("|" + "---|" * 17)
+          "(failed) | max open | max accept queue | connect p99 ms | loaders CPU % | machine CPU % |")
+    print("|" + "---|" * 19)
     for n, guard, r in rows:
         print(f"| {n} | {'on' if guard else 'off'} | {r['completed']}/{r['gateway']} | {r['refused']} "
               f"({r['retry_after']}) | {r['refusal_p50_ms']:.0f} / {r['refusal_max_ms']:.0f} | {r['errors']} | "
@@ -403,7 +435,7 @@ def print_table(a, rows: list[tuple]) -> None:
               f"{r['ttft_direct_p99']:.1f} ({r['direct_completed']}/{r['direct']}) | "
               f"{r['ttft_gw_p50'] - r['ttft_direct_p50']:+.1f} / {r['ttft_gw_p99'] - r['ttft_direct_p99']:+.1f} | "
               f"{r['gw_cpu_pct']:.0f} | {r['gw_rss_mb']:.0f} | {r['max_lag_s']:.2f} | {r['scrape_max_s']:.2f} "
-              f"({r['scrape_failed']}) | {r['max_open']:.0f} | "
+              f"({r['scrape_failed']}) | {r['max_open']:.0f} | {r['accept_queue']} | {r['connect_gw_p99']:.0f} | "
               f"{r['loader_cpu_pct']:.0f} | {r['machine_pct']:.0f} |")
     kinds = {k for _, _, r in rows for k in r["error_kinds"]}
     if kinds:
