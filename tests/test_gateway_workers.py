@@ -1,0 +1,205 @@
+"""`conveyor gateway --workers 2`: the supervisor and its worker processes, end to end (a real `conveyor serve --model
+demo` replica, a real redis-server, the gateway as separate processes)."""
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import yaml
+from server_process import GatewayProcess, ServerProcess, free_port, wait_until
+
+from conveyor.cli import build_parser
+from conveyor.gateway.workers import StartError, check_and_listen
+from conveyor.prometheus_text import samples
+
+KEY, ADMIN = "key-w", "admin-w"
+
+
+def sha(key: str) -> str:
+    import hashlib
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def config(replica_url: str, redis_port: int | None, db_path: str, aliases: list[str] = ()) -> dict:
+    cfg = {"models": [{"name": "demo", "replicas": [replica_url], "tokenizer": "demo", "aliases": list(aliases)}],
+           "tenants": [{"name": "w", "api_key_sha256": sha(KEY)}], "admin_api_key_sha256": sha(ADMIN),
+           "batch": {"db_path": db_path}}
+    if redis_port is not None:
+        cfg["redis_url"] = f"redis://127.0.0.1:{redis_port}/0"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A redis-server, a demo replica, and the config of a gateway using both."""
+    tmp = tmp_path_factory.mktemp("workers")
+    redis_server = shutil.which("redis-server")
+    assert redis_server, "redis-server is not installed (scripts/setup installs it with apt-get)"
+    redis_port = free_port()
+    redis = subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    replica = ServerProcess()
+    try:
+        yield {"tmp": tmp, "replica": replica, "redis_port": redis_port,
+               "cfg": config(replica.base_url, redis_port, str(tmp / "batches.sqlite3"))}
+    finally:
+        replica.stop()
+        redis.terminate()
+        redis.wait()
+
+
+def write(path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gateway(env):
+    path = write(env["tmp"] / "gateway.yaml", env["cfg"])
+    tmpdir = env["tmp"] / "tmpdir"  # where the supervisor makes its metrics folder
+    tmpdir.mkdir()
+    gw = GatewayProcess(path, "--workers", "2", env={"TMPDIR": str(tmpdir)})
+    gw.config_path, gw.tmpdir = path, tmpdir
+    try:
+        wait_until(lambda: metric(gw, "conveyor_gateway_workers") == 2, 60, "both workers up")
+        yield gw
+    finally:
+        gw.stop()
+
+
+def metric(gw: GatewayProcess, name: str, auth: str | None = None, **labels: str) -> float | None:
+    headers = {"authorization": f"Bearer {auth}"} if auth else {}
+    text = httpx.get(f"{gw.base_url}/metrics", headers=headers, timeout=10).text
+    found = [s.value for s in samples(text) if s.name == name and labels.items() <= s.labels.items()]
+    return sum(found) if found else None
+
+
+def events(gw: GatewayProcess, event: str) -> list[dict]:
+    lines = (json.loads(line) for line in gw.logs().splitlines() if line.startswith("{"))
+    return [e for e in lines if e.get("event") == event]
+
+
+def complete(gw: GatewayProcess, model: str = "demo") -> int:
+    """One completion on a new connection (so that any worker may accept it); its status."""
+    r = httpx.post(f"{gw.base_url}/v1/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=60,
+                   json={"model": model, "prompt": "hello", "max_tokens": 2})
+    return r.status_code
+
+
+def worker_pids(gw: GatewayProcess) -> dict[int, int]:
+    """worker index → pid of its latest process, from the supervisor's log."""
+    return {e["worker"]: e["pid"] for e in events(gw, "worker_started")}
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie left to a parent that does not reap counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[:2] == ["State:", "Z"] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_bad_workers_value_exits_2(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["gateway", "--config", "gateway.yaml", f"--workers={value}"])
+    assert e.value.code == 2
+    assert "--workers" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_what_the_supervisor_refuses_before_starting_workers(env, gateway):
+    no_redis = write(env["tmp"] / "no-redis.yaml", {**env["cfg"], "redis_url": None})
+    out = subprocess.run([sys.executable, "-m", "conveyor.cli", "gateway", "--config", no_redis, "--port", "0",
+                          "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --workers 2 needs redis_url in ") and out.stderr.count("\n") == 1
+    cases = {"--port": (str(gateway.port), f"cannot listen on 127.0.0.1:{gateway.port}: Address already in use"),
+             "--otlp-traces-endpoint": ("grpc://x", "--otlp-traces-endpoint: 'grpc://x' is not an http(s)://")}
+    for flag, (value, message) in cases.items():
+        a = build_parser().parse_args(["gateway", "--config", gateway.config_path, "--workers", "2", flag, value])
+        with pytest.raises(StartError, match=re.escape(message)):
+            check_and_listen(a)
+
+
+def test_both_workers_serve_and_metrics_are_summed(gateway):
+    before = metric(gateway, "conveyor_gateway_requests_total", status="200") or 0
+    with ThreadPoolExecutor(6) as ex:
+        statuses = list(ex.map(lambda _: complete(gateway), range(30)))
+    assert statuses == [200] * 30
+    served = {e["worker"] for e in events(gateway, "access") if e.get("status") == 200}
+    assert served == {0, 1}, served  # each log line names its worker
+    # a scrape lands on either worker and shows the whole gateway
+    for _ in range(4):
+        assert metric(gateway, "conveyor_gateway_requests_total", status="200") == before + 30
+        assert metric(gateway, "conveyor_gateway_upstream_latency_seconds_count") >= before + 30
+        assert metric(gateway, "conveyor_gateway_workers") == 2
+        assert metric(gateway, "conveyor_gateway_concurrency_slots") == 0
+    assert metric(gateway, "conveyor_gateway_tenant_tokens_total") is None  # the admin key only
+    assert metric(gateway, "conveyor_gateway_tenant_tokens_total", ADMIN, tenant="w", kind="generation") >= 60
+
+
+def test_sighup_reloads_every_worker(env, gateway):
+    pids = worker_pids(gateway)
+    reloaded = len(events(gateway, "config_reloaded"))
+    write(env["tmp"] / "gateway.yaml", config(env["replica"].base_url, env["redis_port"],
+                                             str(env["tmp"] / "batches.sqlite3"), aliases=["tiny"]))
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(events(gateway, "config_reloaded")) >= reloaded + 2, 20, "both workers reloaded")
+    assert {e["pid"] for e in events(gateway, "config_reloaded")[reloaded:]} == set(pids.values())
+    assert [complete(gateway, "tiny") for _ in range(8)] == [200] * 8
+
+
+def test_killed_worker_is_restarted_while_requests_go_on(gateway):
+    before = metric(gateway, "conveyor_gateway_requests_total", status="200")
+    victim = worker_pids(gateway)[1]
+    os.kill(victim, signal.SIGKILL)
+    statuses = [complete(gateway) for _ in range(10)]  # answered by worker 0 meanwhile (the socket is shared)
+    assert statuses == [200] * 10
+    wait_until(lambda: worker_pids(gateway)[1] != victim, 20, "worker 1 restarted")
+    exited = events(gateway, "worker_exited")[-1]
+    assert (exited["worker"], exited["pid"], exited["returncode"]) == (1, victim, -signal.SIGKILL)
+    wait_until(lambda: metric(gateway, "conveyor_gateway_workers") == 2, 60, "the new worker 1 up")
+    # the dead worker's counts stay in the sums
+    assert metric(gateway, "conveyor_gateway_requests_total", status="200") >= before + 10
+    assert gateway.proc.poll() is None
+
+
+def test_sigterm_stops_every_worker_and_exits_0(gateway):
+    pids = list(worker_pids(gateway).values())
+    assert len(os.listdir(gateway.tmpdir)) == 1  # its metrics folder
+    gateway.proc.send_signal(signal.SIGTERM)
+    assert gateway.proc.wait(30) == 0
+    assert all(gone(p) for p in pids)
+    assert events(gateway, "gateway_stopped")[-1]["exit_code"] == 0
+    assert os.listdir(gateway.tmpdir) == []  # removed
+
+
+def test_workers_die_with_a_killed_supervisor(env):
+    path = write(env["tmp"] / "gateway2.yaml", {**env["cfg"], "batch": {"db_path": str(env["tmp"] / "b2.sqlite3")}})
+    log = env["tmp"] / "gateway2.log"
+    with open(log, "w") as out:  # not waiting for /health: the workers are killed while their app starts
+        proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", path, "--port", "0",
+                                 "--workers", "2"], stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TMPDIR=str(env["tmp"])))  # its metrics folder stays there
+    try:
+        def started() -> int:  # workers past their setup (uvicorn's first line)
+            return log.read_text().count('"Started server process')
+        wait_until(lambda: started() == 2, 60, "both workers started")
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        pids = [e["pid"] for e in lines if e.get("event") == "worker_started"]
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: all(gone(p) for p in pids), 30, "no worker left")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
