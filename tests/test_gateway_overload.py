@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ from server_process import GatewayProcess, free_port, wait_healthy, wait_until
 
 from conveyor.gateway.app import Gateway
 from conveyor.gateway.config import ConfigError, parse_config
-from conveyor.gateway.overload import EVENT_LOOP_LAG, LagMonitor, Overload, default_max_open, raise_nofile_limit
+from conveyor.gateway.overload import (ACCEPT_QUEUE, EVENT_LOOP_LAG, AcceptQueue, Overload, default_max_open,
+                                       raise_nofile_limit)
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "gateway_streams.py")
 KEYS = {"a": "overload-key-a", "cap": "overload-key-cap"}
@@ -199,6 +201,25 @@ def test_a_lagging_gateway_refuses_with_503_but_answers_health(tmp_path):
     assert gw.overload.open == 0
 
 
+def test_connections_waiting_to_be_accepted_are_seen_and_refused_for():
+    overload = Overload(parse_config(config("http://127.0.0.1:9", "/tmp")).overload, 1024)
+    overload.max_accept_queue = 2
+    before = AcceptQueue().length()  # this process's other listening sockets, if any
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
+        clients = [socket.create_connection(server.getsockname()) for _ in range(3)]  # the kernel completes them
+        accepted: list[socket.socket] = []
+        try:
+            assert overload.accept_queue.length() == before + 3
+            assert overload.refusal() == ACCEPT_QUEUE
+            accepted = [server.accept()[0] for _ in range(3)]
+            assert overload.accept_queue.length() == before
+            assert overload.refusal() is None
+        finally:
+            for c in clients + accepted:
+                c.close()
+            overload.stop()
+
+
 def test_the_default_limit_comes_from_the_descriptor_limit_raised_to_its_hard_one():
     soft = raise_nofile_limit()
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
@@ -212,6 +233,7 @@ def test_the_default_limit_comes_from_the_descriptor_limit_raised_to_its_hard_on
     ({"max_open_requests": 0}, "overload.max_open_requests: Input should be greater than or equal to 1"),
     ({"max_event_loop_lag_s": 0}, "overload.max_event_loop_lag_s: Input should be greater than 0"),
     ({"retry_after_s": 1.5}, "overload.retry_after_s: Input should be a valid integer"),
+    ({"max_accept_queue": 0}, "overload.max_accept_queue: Input should be greater than or equal to 1"),
     ({"max_lag": 1}, "overload.max_lag: unknown field"),
 ])
 def test_bad_overload_config_is_named(overload, error):

@@ -135,7 +135,7 @@ class Gateway:
         if self.runs_batches:
             self.batch_worker.start()
         refresher = asyncio.create_task(self._refresh_loop()) if multiprocess_dir() else None
-        self.overload.lag.start()
+        self.overload.start()
         self._share(self.cfg)
         loop = asyncio.get_running_loop()
         if self.config_path is not None:
@@ -143,7 +143,7 @@ class Gateway:
         yield
         if self.config_path is not None:
             loop.remove_signal_handler(signal.SIGHUP)
-        self.overload.lag.stop()
+        self.overload.stop()
         if refresher is not None:
             refresher.cancel()
         await self.batch_worker.stop()  # its lines in flight stay queued in the store
@@ -256,6 +256,7 @@ class Gateway:
         m.open_requests.set(self.overload.open)
         m.max_open_requests.set(self.overload.max_open)
         m.event_loop_lag.set(self.overload.lag.lag)
+        m.accept_queue.set(self.overload.accept_queue.length())
         if self.batch_worker is not None:
             await self.batch_worker.refresh_metrics()
 

@@ -143,6 +143,9 @@ class OverloadConfig(_Strict):
     max_open_requests: Count | None = None
     max_event_loop_lag_s: Positive = 0.5  # refuse while the event loop runs this late (seconds)
     lag_interval_s: Positive = 0.05  # how often the lag is measured
+    # refuse while more connections than this wait in the kernel to be accepted (a process short of CPU falls
+    # behind there first, unseen by its event loop); None: not checked
+    max_accept_queue: Count | None = 256
     retry_after_s: Count = 1  # the Retry-After header of a refusal
 
 

@@ -70,6 +70,9 @@ class GatewayMetrics:
         self.event_loop_lag = Gauge(p + "event_loop_lag_seconds", "How late the event loop's periodic timer fired; "
                                     "new requests are refused while it is above max_event_loop_lag_s", registry=r,
                                     multiprocess_mode=_MAX)
+        self.accept_queue = Gauge(p + "accept_queue", "Connections waiting in the kernel to be accepted by the "
+                                  "gateway's listening socket; new requests are refused while it is above "
+                                  "max_accept_queue", registry=r, multiprocess_mode=_MAX)
         self.ratelimit_fallbacks = Counter(p + "ratelimit_fallbacks", "Rate-limit operations that fell back "
                                            "because Redis was unreachable (op: acquire, peek, refund)", ["op"],
                                            registry=r)

@@ -1,20 +1,27 @@
 """The gateway's own limit: past it, a new request is refused at once with a 503, `Retry-After` and OpenAI's error
 JSON (code `gateway_overloaded`), before any of its body is read, parsed or sent to Redis.
 
-Two signals of this process, checked per request:
+Three signals of this process, checked per request:
 - open requests: HTTP requests inside the app now (a stream counts until its last byte). Each stream holds two file
   descriptors (the client's socket and its upstream connection), so the default limit is derived from
   RLIMIT_NOFILE, whose soft limit is raised to the hard one at start (`raise_nofile_limit`).
 - event-loop lag: how late a periodic timer fires (`LagMonitor`). A loop that runs late delays every chunk of every
   open stream; new requests are refused while it is above the threshold, so the streams already admitted keep
   their pace instead of every request timing out together.
+- the accept queue: connections the kernel holds for this process's listening sockets, not accepted yet
+  (`AcceptQueue`). A process short of CPU falls behind there first, where its event loop cannot see them: at 5,000
+  arriving streams they waited seconds in a queue of up to 2,048 (the listen backlog) while the lag looked small.
+  Refusing while the queue is long drains it at the cost of a refusal, so what is refused is refused soon.
 
 `/health` and `/metrics` are never refused nor counted: operators must see an overloaded gateway.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
+import socket
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -27,9 +34,13 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 EXEMPT_PATHS = frozenset({"/health", "/metrics"})
-OPEN_REQUESTS, EVENT_LOOP_LAG = "overloaded_open_requests", "overloaded_event_loop_lag"  # rejection reasons
+# rejection reasons
+OPEN_REQUESTS, EVENT_LOOP_LAG, ACCEPT_QUEUE = ("overloaded_open_requests", "overloaded_event_loop_lag",
+                                              "overloaded_accept_queue")
 _MESSAGES = {OPEN_REQUESTS: "the gateway holds as many open requests as it can carry; retry shortly",
-             EVENT_LOOP_LAG: "the gateway is running behind (event-loop lag); retry shortly"}
+             EVENT_LOOP_LAG: "the gateway is running behind (event-loop lag); retry shortly",
+             ACCEPT_QUEUE: "the gateway is running behind (connections waiting to be accepted); retry shortly"}
+_TCPI_UNACKED = 24  # offset of tcp_info.tcpi_unacked: for a listening socket, its accept queue's length (Linux)
 
 
 def raise_nofile_limit() -> int:
@@ -99,26 +110,93 @@ class LagMonitor:
         self._arm(loop)
 
 
+class AcceptQueue:
+    """The connections waiting to be accepted on this process's listening TCP sockets. The sockets are found on
+    first use (the server listens only after the app's startup) among the process's descriptors, and kept as
+    duplicates; on a system without TCP_INFO (not Linux) the length is always 0."""
+
+    def __init__(self) -> None:
+        self._socks: list[socket.socket] | None = None
+
+    def length(self) -> int:
+        """Connections queued now, summed over the listening sockets."""
+        if self._socks is None:
+            self._socks = _listening_sockets()
+        total = 0
+        for s in self._socks:
+            try:
+                total += struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104),
+                                            _TCPI_UNACKED)[0]
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        for s in self._socks or ():
+            s.close()
+        self._socks = None
+
+
+def _listening_sockets() -> list[socket.socket]:
+    """Duplicates of this process's listening TCP sockets (none where /proc or TCP_INFO is missing)."""
+    if not hasattr(socket, "TCP_INFO"):
+        return []
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+    found: list[socket.socket] = []
+    for fd in fds:
+        if any(fd == s.fileno() for s in found):  # a duplicate made here took a number still to be looked at
+            continue
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket, or closed meanwhile
+            continue
+        try:
+            if (s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM
+                    and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                found.append(s.dup())
+        except OSError:
+            pass
+        finally:
+            s.detach()  # the descriptor stays its owner's
+    return found
+
+
 class Overload:
     """This process's load and the rule for refusing: `open` requests at most `max_open`, event-loop lag at most
-    `max_lag_s` seconds. `nofile`: the descriptor limit the default max_open is derived from."""
+    `max_lag_s` seconds, at most `max_accept_queue` connections waiting to be accepted (None: not checked).
+    `nofile`: the descriptor limit the default max_open is derived from."""
 
     def __init__(self, cfg: OverloadConfig, nofile: int) -> None:
-        self.nofile, self.open, self.lag = nofile, 0, LagMonitor(cfg.lag_interval_s)
+        self.nofile, self.open, self.lag, self.accept_queue = nofile, 0, LagMonitor(cfg.lag_interval_s), AcceptQueue()
         self.apply(cfg)
+
+    def start(self) -> None:
+        """Start measuring the event loop's lag (on the running loop)."""
+        self.lag.start()
+
+    def stop(self) -> None:
+        self.lag.stop()
+        self.accept_queue.close()
 
     def apply(self, cfg: OverloadConfig) -> None:
         """Take new limits (config reload); the requests open stay counted."""
         self.max_open = cfg.max_open_requests or default_max_open(self.nofile)
         self.max_lag_s, self.retry_after_s, self.lag.interval_s = (cfg.max_event_loop_lag_s, cfg.retry_after_s,
                                                                    cfg.lag_interval_s)
+        self.max_accept_queue = cfg.max_accept_queue
 
     def refusal(self) -> str | None:
-        """The reason to refuse a new request now (OPEN_REQUESTS, EVENT_LOOP_LAG), or None to admit it."""
+        """The reason to refuse a new request now (OPEN_REQUESTS, EVENT_LOOP_LAG, ACCEPT_QUEUE), or None to admit
+        it."""
         if self.open >= self.max_open:
             return OPEN_REQUESTS
         if self.lag.lag > self.max_lag_s:
             return EVENT_LOOP_LAG
+        if self.max_accept_queue is not None and self.accept_queue.length() > self.max_accept_queue:
+            return ACCEPT_QUEUE
         return None
 
 
