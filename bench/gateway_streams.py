@@ -371,18 +371,36 @@ def start_fake(seconds: int, log: str) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def gateway_config(tmp: str, model: str, ups: list[str], guard: bool, a) -> str:
-    overload = {} if guard else {"max_open_requests": 10_000_000, "max_event_loop_lag_s": 1e9}
-    if guard and a.max_lag is not None:
-        overload["max_event_loop_lag_s"] = a.max_lag
-    if guard and a.max_open is not None:
-        overload["max_open_requests"] = a.max_open
+def start_redis() -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server for the state gateway workers share (`--workers` > 1 needs one)."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def gateway_config(tmp: str, model: str, ups: list[str], guard: bool, a, redis_url: str | None) -> str:
+    overload = {} if guard else {"max_open_requests": 10_000_000, "max_event_loop_lag_s": 1e9,
+                                 "max_accept_queue": None}
+    if guard:
+        for key, value in (("max_event_loop_lag_s", a.max_lag), ("max_open_requests", a.max_open),
+                           ("max_accept_queue", a.max_accept_queue)):
+            if value is not None:
+                overload[key] = value
     cfg = {"models": [{"name": model, "replicas": ups, "max_in_flight_per_replica": 100_000, "max_queue": 100_000,
                        **({"tokenizer": "demo"} if model == "demo" else {})}],
            "tenants": [{"name": "bench", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
                         "requests_per_minute": 1e9, "tokens_per_minute": 1e12, "max_concurrent": 1_000_000}],
            "overload": overload, "batch": {"db_path": os.path.join(tmp, "batches.sqlite3")},
-           "client_read_timeout_s": 120.0}
+           "client_read_timeout_s": 120.0, **({"redis_url": redis_url} if redis_url else {})}
     path = os.path.join(tmp, f"gateway-{'guard' if guard else 'noguard'}.yaml")
     with open(path, "w") as f:
         json.dump(cfg, f)  # JSON is YAML
@@ -391,8 +409,10 @@ def gateway_config(tmp: str, model: str, ups: list[str], guard: bool, a) -> str:
 
 def bench(a) -> list[tuple]:
     tmp = tempfile.mkdtemp(prefix="gw-streams-")
-    fakes, servers, rows = [], [], []
+    fakes, servers, rows, redis_proc, redis_url = [], [], [], None, None
     try:
+        if a.workers > 1:
+            redis_proc, redis_url = start_redis()
         if a.upstream == "fake":
             fakes = [start_fake(a.stream_seconds, os.path.join(tmp, f"fake{i}.log")) for i in range(2)]
             ups, model, max_tokens = [u for _, u in fakes], "fake", a.stream_seconds
@@ -403,7 +423,7 @@ def bench(a) -> list[tuple]:
         for n in a.streams:
             for guard in guards:
                 extra = ("--workers", str(a.workers)) if a.workers > 1 else ()
-                gw = GatewayProcess(gateway_config(tmp, model, ups, guard, a), "--log-level", "warning", *extra)
+                gw = GatewayProcess(gateway_config(tmp, model, ups, guard, a, redis_url), "--log-level", "warning", *extra)
                 try:
                     time.sleep(1.5)  # the pools' first health checks
                     rows.append((n, guard, run_load(a, n, gw.base_url, ups, gw.proc.pid, model, max_tokens)))
@@ -414,7 +434,7 @@ def bench(a) -> list[tuple]:
     finally:
         for s in servers:
             s.stop()
-        for p, _ in fakes:
+        for p in [p for p, _ in fakes] + ([redis_proc] if redis_proc else []):
             p.terminate()
             p.wait(10)
     return rows
@@ -455,7 +475,11 @@ def main() -> int:
                    help="the gateway's overload guard (off: its limits set out of reach)")
     p.add_argument("--max-lag", type=float, default=None, help="overload.max_event_loop_lag_s (default: the config's)")
     p.add_argument("--max-open", type=int, default=None, help="overload.max_open_requests (default: from the fds)")
-    p.add_argument("--workers", type=int, default=1, help="gateway processes (`conveyor gateway --workers N`)")
+    p.add_argument("--max-accept-queue", type=int, default=None,
+                   help="overload.max_accept_queue (default: the config's)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway processes (`conveyor gateway --workers N`, sharing state in a redis-server started "
+                        "for the run)")
     p.add_argument("--upstream", choices=["fake", "demo"], default="fake")
     p.add_argument("--demo-tokens", type=int, default=16, help="max_tokens per stream against the demo replicas")
     p.add_argument("--fake-upstream", type=int, default=None, help=argparse.SUPPRESS)
