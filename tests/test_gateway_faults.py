@@ -19,6 +19,7 @@ import uvicorn
 from server_process import ServerProcess, free_port
 
 from conveyor.gateway import app as app_module
+from conveyor.gateway import upstream
 from conveyor.gateway.admission import ModelQueue
 from conveyor.gateway.app import Gateway
 from conveyor.gateway.config import parse_config
@@ -115,30 +116,24 @@ def is_openai_error(r: httpx.Response, status: int) -> None:
 
 
 def cut_after_first_line(monkeypatch) -> None:
-    """Upstream responses (not the test client's own) break after their first event."""
-    real = httpx.Response.aiter_lines
+    """Upstream responses break after their first whole event."""
+    real = upstream.Response.__aiter__
 
     async def cut(self):
-        n = 0
-        upstream = self.request.url.path.startswith("/v1/") and "x-request-id" in self.request.headers
-        async for line in real(self):
-            if line and upstream:
-                n += 1
-                if n > 1:
-                    raise httpx.ReadError("injected: connection lost mid-stream")
-            yield line
-    monkeypatch.setattr(httpx.Response, "aiter_lines", cut)
+        seen = b""
+        async for piece in real(self):
+            if b"\n\n" in seen:
+                raise upstream.RemoteProtocolError("injected: connection lost mid-stream")
+            seen += piece
+            yield piece
+    monkeypatch.setattr(upstream.Response, "__aiter__", cut)
 
 
 def cut_body(monkeypatch) -> None:
-    """Upstream non-streamed responses (not the test client's own) break while their body is read."""
-    real = httpx.Response.aread
-
+    """Upstream non-streamed responses break while their body is read."""
     async def cut(self):
-        if self.request.url.path.startswith("/v1/") and "x-request-id" in self.request.headers:
-            raise httpx.ReadError("injected: connection lost while reading the body")
-        return await real(self)
-    monkeypatch.setattr(httpx.Response, "aread", cut)
+        raise upstream.RemoteProtocolError("injected: connection lost while reading the body")
+    monkeypatch.setattr(upstream.Response, "read", cut)
 
 
 # (name, how to inject, the request, what the client gets)
@@ -151,9 +146,10 @@ STAGES = [
     ("rate_limit", lambda gw, mp: mp.setattr(gw.limiter, "acquire", aboom), SMALL, 500),
     ("queue", lambda gw, mp: mp.setattr(ModelQueue, "admit", aboom), SMALL, 500),
     ("queue_stream", lambda gw, mp: mp.setattr(ModelQueue, "admit", aboom), STREAM, 500),
-    ("connect", lambda gw, mp: mp.setattr(gw.client, "send", aboom), SMALL, 500),
+    ("connect", lambda gw, mp: mp.setattr(gw.forwarder.upstream, "post", aboom), SMALL, 500),
     ("connect_refused", lambda gw, mp: mp.setattr(
-        gw.client, "send", lambda *a, **k: (_ for _ in ()).throw(httpx.ConnectError("injected"))), SMALL, 502),
+        gw.forwarder.upstream, "post", lambda *a, **k: (_ for _ in ()).throw(upstream.ConnectError("injected"))),
+     SMALL, 502),
     ("mid_body_shared", lambda gw, mp: cut_body(mp), SHARED, 502),
     ("respond", lambda gw, mp: mp.setattr(app_module, "_client_wait", aboom), SMALL, 500),
     ("respond_stream", lambda gw, mp: mp.setattr(app_module, "_client_wait", aboom), STREAM, 500),

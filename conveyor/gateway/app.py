@@ -88,7 +88,7 @@ class Gateway:
         self.cfg, self.config_path, self.tracing, self.runs_batches = cfg, config_path, tracing, runs_batches
         self.metrics = GatewayMetrics()
         self.client = upstream_client(cfg)
-        self.forwarder = Forwarder(cfg, self.client, self.metrics, tracing)
+        self.forwarder = Forwarder(cfg, self.metrics, tracing)
         self.limiter = self._limiter(cfg)
         self.shared: SharedState | None = None  # with redis_url: slots and the replicas' split across processes
         self.pools: dict[str, Pool] = {}
@@ -153,6 +153,7 @@ class Gateway:
         if self.shared is not None:
             await self.shared.close()
         await self.client.aclose()
+        await self.forwarder.aclose()
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.batch_store.close()
 

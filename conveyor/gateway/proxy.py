@@ -25,12 +25,13 @@ from conveyor.gateway.admission import ModelQueue, Rejected, Waiter
 from conveyor.gateway.config import GatewayConfig
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Replica
+from conveyor.gateway.upstream import ConnectError, PoolTimeout, RemoteProtocolError, Upstream, UpstreamError
 from conveyor.tracing import Tracing, end_upstream_span, phase, start_upstream_span, traceparent_headers
 
 log = logging.getLogger("conveyor.gateway")
 
 DONE = "data: [DONE]\n\n"
-_NULL_USAGE = ', "usage": null}'
+_NULL_USAGE = b', "usage": null}'
 MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its error is returned
 
 
@@ -46,10 +47,12 @@ class Flight:
     def __init__(self, stream: bool) -> None:
         self.stream = stream
         self.status: int | None = None  # known once the response may start: first event, or the whole body
-        self.chunks: list[str] = []  # SSE events, or the one response body
+        # a stream: the replica's SSE bytes as they came, each piece one or more whole events (forwarded as they
+        # are); else the one response body
+        self.chunks: list = []
         # the gateway always asks for usage; a client that did not gets each event as the replica would have sent
-        # it then: without `usage`, and without the usage-only chunk (None)
-        self.plain: dict[int, str | None] = {}
+        # it then: without `usage`, and without the usage-only event (made when such a client first reads a piece)
+        self.plain: dict[int, bytes] = {}
         self.usage: dict | None = None
         self.headers: dict[str, str] = {}
         self.done = False
@@ -62,6 +65,7 @@ class Flight:
         self.subscribers = 0
         self.task: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        self._tail = b""  # the start of an event whose end has not arrived yet
 
     @property
     def complete(self) -> bool:
@@ -73,36 +77,54 @@ class Flight:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def push_raw(self, data: bytes) -> None:
+        """Bytes of the replica's SSE stream as they arrived (any boundaries): the whole events in them go out at
+        once, as they are; the start of an event waits for its end."""
+        if self._tail:
+            data = self._tail + data
+        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4)
+        if end < 2:
+            self._tail = data
+            return
+        part, self._tail = (data, b"") if end == len(data) else (data[:end], data[end:])
+        self._append(part)
+
+    def end_raw(self) -> None:
+        """The replica's stream ended: a last event without its blank line still counts."""
+        tail, self._tail = self._tail, b""
+        if tail.strip():
+            self._append(tail.rstrip(b"\r\n") + b"\n\n")
+
     def push_event(self, line: str) -> None:
-        if line == "data: [DONE]":
+        """One event of the gateway's own (an error, `data: [DONE]`): `line` without its blank line."""
+        self._append(line.encode() + b"\n\n")
+
+    def _append(self, part: bytes) -> None:
+        # an event's data is one line of JSON, which escapes line breaks: "data: [DONE]" after one starts a line
+        if part.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in part:
             self.saw_done = True
-        elif '"usage"' in line and line.startswith("data: {"):
-            self._read_usage(line)
+        if b'"usage"' in part and part.count(b'"usage"') != part.count(b'"usage": null'):
+            self._read_usage(part)
         if self.status is None:
             self.status = 200
-        self.chunks.append(line + "\n\n")
+        self.chunks.append(part)
         self._notify()
 
-    def _read_usage(self, line: str) -> None:
-        """Keep the event's usage, and the event without it for clients that did not ask for usage."""
-        i = len(self.chunks)
-        if line.endswith(_NULL_USAGE):  # the common case, without parsing: the last top-level key, null
-            self.plain[i] = line[:-len(_NULL_USAGE)] + "}\n\n"
-            return
-        try:
-            obj = json.loads(line[6:])
-        except ValueError:  # not ours to judge: pass it through
-            return
-        if not isinstance(obj, dict) or "usage" not in obj:
-            return
-        if isinstance(obj["usage"], dict):
-            self.usage = obj["usage"]
-        if obj.get("choices") == []:
-            self.plain[i] = None
-        else:
-            self.plain[i] = "data: " + json.dumps({k: v for k, v in obj.items() if k != "usage"}) + "\n\n"
+    def _read_usage(self, part: bytes) -> None:
+        """Keep the last usage object in these events (not ours to judge when it is not JSON: passed on as is)."""
+        for event in _events(part):
+            obj = _usage_event(event)
+            if obj is not None and isinstance(obj["usage"], dict):
+                self.usage = obj["usage"]
 
-    def finish(self, status: int | None = None, body: str | None = None, headers: dict | None = None) -> None:
+    def _plain(self, i: int) -> bytes:
+        """Piece i for a client that did not ask for usage."""
+        p = self.plain.get(i)
+        if p is None:
+            p = self.plain[i] = _without_usage(self.chunks[i])
+        return p
+
+    def finish(self, status: int | None = None, body: str | bytes | None = None, headers: dict | None = None) -> None:
         if self.status is None:
             self.status = status or 502
             self.chunks = [body if body is not None else error_body(502, "no response")]
@@ -126,18 +148,18 @@ class Flight:
             await ev.wait()
         return self.status or 502
 
-    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, include_usage: bool) -> AsyncIterator[bytes]:
         """Every event from the first; those that arrived together go out in one write."""
         i = 0
         while True:
             ev = self._changed
             n = len(self.chunks)
             if i < n:
-                out = self.chunks[i:n] if include_usage else \
-                    [c for j in range(i, n) if (c := self.plain.get(j, self.chunks[j])) is not None]
+                out = self.chunks[i:n] if include_usage else [self._plain(j) for j in range(i, n)]
                 i = n
+                out = out[0] if len(out) == 1 else b"".join(out)
                 if out:
-                    yield "".join(out)
+                    yield out
             if self.done and i >= len(self.chunks):
                 return
             await ev.wait()
@@ -156,6 +178,40 @@ class Flight:
             self.task.cancel()
 
 
+def _events(part: bytes) -> list[bytes]:
+    """The events of a piece of SSE (each without its blank line)."""
+    return [e for e in part.replace(b"\r\n", b"\n").split(b"\n\n") if e]
+
+
+def _usage_event(event: bytes) -> dict | None:
+    """The JSON object of an event `data: {...}` that has a `usage` key, else None."""
+    if not event.startswith(b"data: {") or b'"usage"' not in event:
+        return None
+    try:
+        obj = json.loads(event[6:])
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and "usage" in obj else None
+
+
+def _without_usage(part: bytes) -> bytes:
+    """The events of `part` as the replica would have sent them without include_usage: `usage` dropped, and the
+    usage-only event (no choices) dropped. The common case needs no parsing: usage null, the last top-level key."""
+    if b'"usage"' not in part:
+        return part
+    if part.count(b'"usage"') == part.count(_NULL_USAGE + b"\n\n"):
+        return part.replace(_NULL_USAGE + b"\n\n", b"}\n\n")
+    out = []
+    for event in _events(part):
+        if event.endswith(_NULL_USAGE):
+            out.append(event[:-len(_NULL_USAGE)] + b"}")
+        elif (obj := _usage_event(event)) is None:
+            out.append(event)
+        elif obj.get("choices") != []:
+            out.append(b"data: " + json.dumps({k: v for k, v in obj.items() if k != "usage"}).encode())
+    return b"".join(e + b"\n\n" for e in out)
+
+
 @dataclass
 class Call:
     """What a flight sends: the body is final (upstream model name, include_usage for streams)."""
@@ -172,9 +228,14 @@ class Call:
 
 
 class Forwarder:
-    def __init__(self, cfg: GatewayConfig, client: httpx.AsyncClient, metrics: GatewayMetrics,
-                 tracing: Tracing | None = None) -> None:
-        self.cfg, self.client, self.metrics, self.tracing = cfg, client, metrics, tracing
+    def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics, tracing: Tracing | None = None) -> None:
+        self.cfg, self.metrics, self.tracing = cfg, metrics, tracing
+        # sized at start: a reload keeps it
+        self.upstream = Upstream(cfg.upstream_max_connections, cfg.connect_timeout_s, cfg.read_timeout_s,
+                                 cfg.upstream_pool_timeout_s)
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
 
     async def run(self, flight: Flight, call: Call) -> None:
         m = self.metrics
@@ -256,42 +317,41 @@ class Forwarder:
         (the request never reached the replica) or "failed" (it did, and failed before the first event). `span`:
         this attempt's tracing span, sent as the request's traceparent (None: tracing off)."""
         self.metrics.upstream_requests.labels(call.model).inc()
-        req = self.client.build_request("POST", replica.url + call.path, content=call.body,
-                                        headers={"content-type": "application/json",
-                                                 "x-request-id": call.request_id, **call.headers,
-                                                 **(traceparent_headers(span) if span is not None else {})})
+        headers = {"content-type": "application/json", "x-request-id": call.request_id, **call.headers}
+        if span is not None:
+            headers.update(traceparent_headers(span))
         try:
-            resp = await self.client.send(req, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            resp = await self.upstream.post(replica.url, call.path, call.body, headers)
+        except ConnectError as e:
             return False, "unsent", (502, error_body(502, f"replica unreachable ({type(e).__name__})",
                                                      "upstream_unreachable"), {})
-        except httpx.PoolTimeout:  # our own connection pool is exhausted: not the replica's fault
+        except PoolTimeout:  # our own connection pool is exhausted: not the replica's fault
             return None, "unsent", (503, error_body(503, "the gateway has no free upstream connection",
                                                     "upstream_busy"), {"retry-after": "1"})
-        except httpx.HTTPError as e:
+        except UpstreamError as e:
             return None, "failed", (502, error_body(502, f"replica failed ({type(e).__name__})",
                                                     "upstream_failed"), {})
         try:
             if resp.status_code >= 500:
-                body = _openai_error(resp.status_code, (await resp.aread()).decode(errors="replace"))
+                body = _openai_error(resp.status_code, (await resp.read()).decode(errors="replace"))
                 headers = {"retry-after": resp.headers["retry-after"]} if "retry-after" in resp.headers else {}
                 return None, "failed", (resp.status_code, body, headers)
             if resp.status_code in (401, 403):
-                await resp.aread()
+                await resp.read()
                 return None, "failed", self._auth_failed(call, replica, resp.status_code)
             if resp.status_code != 200 or not call.stream:
-                body = (await resp.aread()).decode(errors="replace")
+                body = await resp.read()
                 flight.finish(resp.status_code, body if resp.status_code == 200 else
-                              _openai_error(resp.status_code, body))
+                              _openai_error(resp.status_code, body.decode(errors="replace")))
                 return True, "done", last  # a 4xx is the request's fault, never the replica's
-            async for line in resp.aiter_lines():
-                if line:
-                    flight.push_event(line)
+            async for piece in resp:
+                flight.push_raw(piece)
+            flight.end_raw()
             if not flight.saw_done:
-                raise httpx.RemoteProtocolError("stream ended without [DONE]")
+                raise RemoteProtocolError("stream ended without [DONE]")
             flight.finish()
             return True, "done", last
-        except httpx.HTTPError as e:
+        except UpstreamError as e:
             if not flight.chunks:
                 return None, "failed", (502, error_body(502, f"replica failed ({type(e).__name__})",
                                                         "upstream_failed"), {})
@@ -303,7 +363,7 @@ class Forwarder:
             flight.finish()
             return None, "done", last
         finally:
-            await resp.aclose()
+            resp.close()
 
     def _auth_failed(self, call: Call, replica: Replica, status: int) -> tuple[int, str, dict]:
         """The replica refused the gateway's own key (its 401/403): a misconfiguration (the model's
@@ -316,12 +376,10 @@ class Forwarder:
 
 
 def upstream_client(cfg: GatewayConfig) -> httpx.AsyncClient:
-    """The client every request to a replica goes through: one pool of up to cfg.upstream_max_connections, all of
-    them kept alive (every open stream holds one, so a smaller keep-alive bound would reconnect under load)."""
-    n = cfg.upstream_max_connections
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s, pool=cfg.upstream_pool_timeout_s),
-        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), trust_env=False)
+    """The client of the pools' health checks and /metrics scrapes (requests go through Forwarder.upstream)."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
+                             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024),
+                             trust_env=False)
 
 
 def total_tokens(usage: dict) -> int:
