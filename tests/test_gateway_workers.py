@@ -147,6 +147,29 @@ def test_both_workers_serve_and_metrics_are_summed(gateway):
     assert metric(gateway, "conveyor_gateway_tenant_tokens_total", ADMIN, tenant="w", kind="generation") >= 60
 
 
+def test_batches_run_in_worker_0_only(gateway):
+    import openai
+    client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0)
+    lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "demo", "prompt": f"line {i}", "max_tokens": 2}} for i in range(4)]
+    file = client.files.create(file=("in.jsonl", "\n".join(map(json.dumps, lines)).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+
+    def status() -> str:  # a new connection each time: served by either worker from the shared store
+        r = httpx.get(f"{gateway.base_url}/v1/batches/{batch.id}", headers={"authorization": f"Bearer {KEY}"})
+        return r.json()["status"]
+    wait_until(lambda: status() == "completed", 60, "the batch completed")
+    sent = [e["worker"] for e in events(gateway, "access") if e.get("tenant_class") == "batch"]
+    assert len(sent) == 4 and set(sent) == {0}, sent
+
+
+def test_other_platforms_refuse_workers(gateway, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    a = build_parser().parse_args(["gateway", "--config", gateway.config_path, "--workers", "2"])
+    with pytest.raises(StartError, match="--workers 2 needs Linux"):
+        check_and_listen(a)
+
+
 def test_sighup_reloads_every_worker(env, gateway):
     pids = worker_pids(gateway)
     reloaded = len(events(gateway, "config_reloaded"))
