@@ -9,9 +9,9 @@ Three signals of this process, checked per request:
   open stream; new requests are refused while it is above the threshold, so the streams already admitted keep
   their pace instead of every request timing out together.
 - the accept queue: connections the kernel holds for this process's listening sockets, not accepted yet
-  (`AcceptQueue`). A process short of CPU falls behind there first, where its event loop cannot see them: at 5,000
-  arriving streams they waited seconds in a queue of up to 2,048 (the listen backlog) while the lag looked small.
-  Refusing while the queue is long drains it at the cost of a refusal, so what is refused is refused soon.
+  (`AcceptQueue`). A process short of CPU falls behind there first, where its event loop cannot see them: with
+  5,000 streams arriving they waited several seconds in a queue of up to 2,048 (the listen backlog), far longer than
+  the loop's own lag (at most ~1.4 s). Refusing while the queue is long drains it at the cost of a refusal.
 
 `/health` and `/metrics` are never refused nor counted: operators must see an overloaded gateway.
 """
