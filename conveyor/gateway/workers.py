@@ -5,8 +5,9 @@ URL) and binds the socket, so a bad config or a busy port is one line and exit 2
 (`python -m conveyor.gateway.workers`), each a whole gateway (uvicorn and the app, conveyor.cli.cmd_gateway)
 accepting on the inherited socket, and watches them:
 - a worker that exits is started again after a backoff (RESTART_BASE_S doubling up to RESTART_MAX_S, back to the
-  base once a worker ran RESTART_RESET_S), each exit logged; a first worker that refuses its configuration (exit 2:
-  something only a worker checks) ends the gateway with exit 2 instead;
+  base once a worker ran RESTART_RESET_S), each exit logged; a worker's first process that fails to start (exit 2:
+  it refused the config, something only a worker checks; exit 3: uvicorn's startup failure, e.g. a tokenizer that
+  cannot be loaded) ends the gateway with that status instead: every restart would fail the same way;
 - SIGTERM / SIGINT: SIGTERM to every worker (uvicorn's graceful stop: open requests get 5 s), SIGKILL to one still
   running after STOP_TIMEOUT_S; exit 0. A second SIGINT is passed on (a worker then stops waiting for its requests);
 - SIGHUP is passed on: each worker re-reads the config file;
@@ -57,6 +58,7 @@ TICK_S = 0.1  # how often the supervisor looks at its workers
 BACKLOG = 2048  # uvicorn's default
 SPEC_ENV = "CONVEYOR_GATEWAY_WORKER"  # the worker's flags as JSON (not in argv: `ps` shows argv)
 PR_SET_PDEATHSIG = 1
+START_FAILURES = (2, 3)  # a worker's exit status when cmd_gateway refused the config / uvicorn's app startup failed
 
 
 class StartError(Exception):
@@ -64,8 +66,8 @@ class StartError(Exception):
 
 
 def supervise(a: argparse.Namespace) -> int:
-    """Run `conveyor gateway` flags `a` as a supervisor of a.workers processes until SIGTERM/SIGINT (0), or 2 when it
-    cannot start (one line on stderr)."""
+    """Run `conveyor gateway` flags `a` as a supervisor of a.workers processes until SIGTERM/SIGINT (0); 2 when it
+    cannot start (one line on stderr), or a worker's status when its first start failed (START_FAILURES)."""
     assert a.workers > 1, a.workers
     try:
         sock = check_and_listen(a)
@@ -190,9 +192,10 @@ class Supervisor:
         if rc is None:
             return
         mark_process_dead(slot.proc.pid, self.metrics_dir)
-        if rc == 2 and slot.restarts == 0:  # its first start refused the configuration: so would every restart
-            log.error(json.dumps({"event": "worker_refused_config", "worker": slot.index, "pid": slot.proc.pid}))
-            self.exit_code, self.stopping = 2, True
+        if rc in START_FAILURES and slot.restarts == 0:  # its first start failed: so would every restart
+            log.error(json.dumps({"event": "worker_start_failed", "worker": slot.index, "pid": slot.proc.pid,
+                                  "returncode": rc}))
+            self.exit_code, self.stopping = rc, True
             self._send(signal.SIGTERM)
             return
         ran_s = now - slot.started
