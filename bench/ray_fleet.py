@@ -11,8 +11,10 @@
   --warmup-s the worker's raylet is SIGKILLed; the run waits until the gateway has --replicas healthy replicas again
   (none of them the lost ones), keeps the load --after-s longer, then lets the clients finish.
 * Every request is classified: `completed` (200, `data: [DONE]`, no error event), `cut` (200, events, then an
-  error event: it had started streaming when its replica died), `lost` (anything else: a refusal, a broken or
-  hung stream, a transport error). `retried` is the gateway's conveyor_gateway_retries_total over the run.
+  error event: it had started streaming when its replica died), `shed` (a 503 + Retry-After from the gateway's own
+  overload limit, --max-event-loop-lag-s: this machine's cores are shared), `lost` (anything else: another
+  refusal, a broken or hung stream, a transport error). `retried`: the gateway's conveyor_gateway_retries_total
+  over the run (attempts repeated on another replica before the first event).
 
     .venv/bin/python bench/ray_fleet.py [--replicas 2 --concurrency 8 --warmup-s 10 --after-s 20]
 """
@@ -184,14 +186,14 @@ class LocalRayCluster:
 
 
 # ---- gateway and autoscaler --------------------------------------------------------------------------------------
-def start_gateway(root: Path, health_interval_s: float) -> tuple[subprocess.Popen, str]:
+def start_gateway(root: Path, health_interval_s: float, max_lag_s: float) -> tuple[subprocess.Popen, str]:
     """The gateway process and its URL, at once (wait_gateway waits until it answers)."""
     sha = lambda k: hashlib.sha256(k.encode()).hexdigest()  # noqa: E731
     cfg = {"models": [{"name": MODEL, "upstream_model": "demo", "replicas": []}],
            "tenants": [{"name": "load", "api_key_sha256": sha(TENANT_KEY), "class": "interactive",
                         "requests_per_minute": 1_000_000, "max_concurrent": 10_000}],
            "admin_api_key_sha256": sha(ADMIN_KEY), "cold_start_timeout_s": 120,
-           "health_interval_s": health_interval_s}
+           "health_interval_s": health_interval_s, "overload": {"max_event_loop_lag_s": max_lag_s}}
     path = root / "gateway.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     port = free_port()
@@ -239,11 +241,12 @@ def retries(gateway: str) -> float:
 class Outcomes:
     completed: int = 0
     cut: int = 0
+    shed: int = 0  # refused at once by the gateway's own overload limit (503, code gateway_overloaded)
     lost: list[str] = field(default_factory=list)  # why, one entry per lost request
 
     @property
     def sent(self) -> int:
-        return self.completed + self.cut + len(self.lost)
+        return self.completed + self.cut + self.shed + len(self.lost)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int, out: Outcomes) -> None:
@@ -252,7 +255,11 @@ async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int, out:
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                out.lost.append(f"{r.status_code} {(await r.aread())[:200]!r}")
+                text = (await r.aread())[:300]
+                if r.status_code == 503 and b'"gateway_overloaded"' in text and "retry-after" in r.headers:
+                    out.shed += 1
+                else:
+                    out.lost.append(f"{r.status_code} {text!r}")
                 return
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
@@ -294,6 +301,9 @@ class Config:
     head_cpus: int = 3  # room on the surviving node for the lost replicas
     worker_cpus: int = 1
     health_interval_s: float = 0.5
+    # the gateway's own overload limit: the replicas, clients and the gateway share this machine's cores, so the
+    # default 0.5 s would shed for reasons that have nothing to do with the lost node (sheds are counted apart)
+    max_event_loop_lag_s: float = 5.0
     restore_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
@@ -302,8 +312,10 @@ class Config:
         if self.head_cpus < self.replicas:
             raise ValueError("--head-cpus must be at least --replicas: the head needs room for the whole fleet "
                              "once the worker is lost")
-        if min(self.warmup_s, self.after_s) < 0 or min(self.health_interval_s, self.restore_timeout_s) <= 0:
-            raise ValueError("durations must not be negative (--health-interval-s, --restore-timeout-s: positive)")
+        if min(self.warmup_s, self.after_s) < 0 or \
+                min(self.health_interval_s, self.restore_timeout_s, self.max_event_loop_lag_s) <= 0:
+            raise ValueError("durations must not be negative (--health-interval-s, --restore-timeout-s, "
+                             "--max-event-loop-lag-s: positive)")
 
 
 def wait_for(cond, timeout_s: float, what: str, logs=lambda: "") -> float:
@@ -321,7 +333,7 @@ def run(cfg: Config, root: Path) -> dict:
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.monotonic()
-        gw, gateway = start_gateway(root, cfg.health_interval_s)  # starts while the cluster does
+        gw, gateway = start_gateway(root, cfg.health_interval_s, cfg.max_event_loop_lag_s)  # while the cluster starts
         procs.append(gw)
         cluster.start()
         wait_gateway(root, gw, gateway)
@@ -374,7 +386,8 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
             "lost_replicas": on_worker, "sent": out.sent, "sent_before_kill": sent_before_kill,
             "load_s": round(load_s, 1), "completed_per_s": round(out.completed / load_s, 1),
             "cpu_busy": round((cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1.0), 3), "cpus": os.cpu_count(),
-            "completed": out.completed, "cut": out.cut, "lost": len(out.lost), "lost_why": out.lost[:10],
+            "completed": out.completed, "cut": out.cut, "shed": out.shed, "lost": len(out.lost),
+            "lost_why": out.lost[:10],
             "retried": int(retries(gateway) - retries0),
             "servers_gone_s": round(t_servers_gone - t_kill, 2), "dropped_s": round(t_dropped - t_kill, 2),
             "restored_s": round(t_restored - t_kill, 2), "autoscaler_alive": autoscaler.poll() is None,
@@ -397,7 +410,8 @@ def format_table(r: dict) -> str:
             ("load", f"{r['load_s']} s, {r['completed_per_s']} completed/s, machine CPU "
                      f"{r['cpu_busy']:.0%} busy of {r['cpus']} cores"),
             ("requests sent", r["sent"]), ("  completed", r["completed"]),
-            ("  cut after their first event", r["cut"]), ("  lost", r["lost"]),
+            ("  cut after their first event", r["cut"]), ("  shed by the gateway's overload limit", r["shed"]),
+            ("  lost", r["lost"]),
             ("  retried on another replica", r["retried"]),
             ("kill → lost servers exited", f"{r['servers_gone_s']} s"),
             ("kill → gateway dropped them", f"{r['dropped_s']} s"),

@@ -4,7 +4,8 @@ and registers them with a gateway; streaming clients run through the gateway whi
 SIGKILLed. Nothing that had not started streaming may be lost, the lost node's servers must die with it, and the
 autoscaler must restore the capacity on the surviving node. No timings are checked.
 
-About 40 s on 2 cores (two Ray nodes, three replica start-ups), most of it waiting for processes to start.
+Slow: 40-70 s on this 2-core machine (two Ray nodes and three replica start-ups, most of it waiting for processes
+to start), so it is excluded from the default run: `pytest -m slow tests/test_ray_fleet.py`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def fleet():
     del sys.modules[spec.name]
 
 
+@pytest.mark.slow
 def test_a_node_lost_under_load_loses_no_request_and_its_capacity_comes_back(fleet, tmp_path):
     cfg = fleet.Config(replicas=2, concurrency=4, max_tokens=24, warmup_s=2.0, after_s=1.0, head_cpus=2,
                        worker_cpus=1)
@@ -39,7 +41,7 @@ def test_a_node_lost_under_load_loses_no_request_and_its_capacity_comes_back(fle
     head_id = next(p["node_id"] for p in before.values() if p["node"] == "head")
     # under load: every request answered whole, or cut with an error event after it had started streaming
     assert r["sent_before_kill"] > 0 and r["completed"] > r["sent_before_kill"]
-    assert r["lost"] == 0, r["lost_why"]
+    assert r["lost"] == 0 and r["shed"] == 0, r["lost_why"]
     assert r["sent"] == r["completed"] + r["cut"]
     # the lost node's servers died with it (the run waited for that), the gateway dropped them, and the
     # autoscaler put the capacity back on the surviving node

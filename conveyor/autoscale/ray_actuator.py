@@ -25,6 +25,7 @@ from conveyor.autoscale.local import free_port, serve_command
 log = logging.getLogger("conveyor.autoscale")
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node
 SCHEDULING_STRATEGIES = ("SPREAD", "DEFAULT")
 
 
@@ -86,7 +87,7 @@ class RayActuator(Actuator):
 
     def __init__(self, gateway: GatewayAdmin | None, serve_args: list[str], num_cpus: float = 1.0,
                  num_gpus: float = 0.0, scheduling_strategy: str = "SPREAD", ping_timeout_s: float = 5.0,
-                 **kw) -> None:
+                 suspect_node_s: float = 60.0, **kw) -> None:
         import ray
 
         if scheduling_strategy not in SCHEDULING_STRATEGIES:
@@ -96,15 +97,22 @@ class RayActuator(Actuator):
         super().__init__(gateway, **kw)
         self.ray = ray
         self.serve_args = list(serve_args)
-        self.ping_timeout_s = ping_timeout_s
+        self.ping_timeout_s, self.suspect_node_s = ping_timeout_s, suspect_node_s
+        self.suspect: dict[str, float] = {}  # node id → when a replica's actor was lost there
         # the server's environment, not the actor's runtime_env: an actor with the job's own runtime_env can start
         # in one of the workers Ray keeps warm, a second or two sooner when a lost replica is replaced
         self.serve_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(num_cpus))))}
-        self.actor_cls = ray.remote(ReplicaServer).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy, max_restarts=0)
+        self.actor_cls = ray.remote(ReplicaServer)
+        self.actor_options = dict(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy,
+                                  max_restarts=0)
 
     def _launch(self, replica_id: str) -> dict:
-        actor = self.actor_cls.remote(self.serve_args, self.serve_env)
+        options = dict(self.actor_options)
+        avoid = self._nodes_to_avoid()
+        if avoid:
+            options["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(avoid)})"}
+            log.info("replica %s avoids node(s) %s (a replica there was lost)", replica_id, ", ".join(avoid))
+        actor = self.actor_cls.options(**options).remote(self.serve_args, self.serve_env)
         return {"actor": actor, "info_ref": actor.info.remote(), "info": None, "ping": None, "ping_at": 0.0,
                 "dead": False}
 
@@ -116,6 +124,17 @@ class RayActuator(Actuator):
         h["info"] = self.ray.get(h["info_ref"])
         log.info("replica %s placed on node %s at %s", replica.id, h["info"]["node_id"], h["info"]["url"])
         return h["info"]["url"]
+
+    def _nodes_to_avoid(self) -> list[str]:
+        """Nodes where a replica's actor was lost in the last `suspect_node_s`: Ray counts such a node alive, with
+        the lost replica's room free, until its health checks fail (seconds to tens of seconds), and would place
+        the replacement there. Avoided only while another live node exists, so a one-node cluster still refills."""
+        now = time.monotonic()
+        self.suspect = {n: t for n, t in self.suspect.items() if now - t < self.suspect_node_s}
+        if not self.suspect:
+            return []
+        others = [n for n in self.ray.nodes() if n["Alive"] and n["NodeID"] not in self.suspect]
+        return sorted(self.suspect) if others else []
 
     def node_id(self, replica: Replica) -> str | None:
         """The Ray node the replica runs on; None until it is placed."""
@@ -129,14 +148,18 @@ class RayActuator(Actuator):
         if h["ping"] is None:
             h["ping"], h["ping_at"] = h["actor"].alive.remote(), time.monotonic()
         ready, _ = self.ray.wait([h["ping"]], timeout=0)
+        lost = False  # the actor itself is gone (not only its server): its node is suspect
         if not ready:
-            alive = time.monotonic() - h["ping_at"] < self.ping_timeout_s
+            lost = time.monotonic() - h["ping_at"] >= self.ping_timeout_s
+            alive = not lost
         else:
             try:
                 alive = self.ray.get(h["ping"])
             except self.ray.exceptions.RayError:  # the actor (or its node) died
-                alive = False
+                alive, lost = False, True
             h["ping"] = None
+        if lost:
+            self.suspect[h["info"]["node_id"]] = time.monotonic()
         h["dead"] = not alive
         return alive
 
