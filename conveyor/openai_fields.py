@@ -18,13 +18,24 @@ def as_openai_reads(fields: dict[str, Any], data: Any) -> Any:
         key = info.alias if info.alias in data else name
         if key not in data:
             continue
-        kinds = _types_of(info.annotation)
+        kinds = _kinds(info)
         value = data[key]
         if value is None and type(None) not in kinds:
             del data[key]
         elif isinstance(value, float) and value.is_integer() and int in kinds and float not in kinds:
             data[key] = int(value)
     return data
+
+
+_KINDS: dict[int, tuple[Any, set[Any]]] = {}  # id(field info) → (the field info, kept alive; its types)
+
+
+def _kinds(info: Any) -> set[Any]:
+    """_types_of(info.annotation), worked out once per field (per request it was ~8% of the gateway's CPU)."""
+    hit = _KINDS.get(id(info))
+    if hit is None or hit[0] is not info:
+        hit = _KINDS[id(info)] = (info, _types_of(info.annotation))
+    return hit[1]
 
 
 def _types_of(annotation: Any) -> set[Any]:
