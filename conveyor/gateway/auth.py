@@ -26,15 +26,28 @@ def key_matches(key: str | None, key_sha256: str | None) -> bool:
 
 
 def find_tenant(authorization: str | None, tenants: list[TenantConfig]) -> TenantConfig | None:
+    """The tenant whose key is the bearer token, else None. O(1) in the number of tenants: the presented key is
+    hashed once and looked up by its hash; the one compare with a stored hash is constant-time (a miss compares
+    against a dummy, so a hit and a miss do the same work)."""
     key = bearer_key(authorization)
     if key is None:
         return None
     digest = hash_key(key)
-    found = None
-    for t in tenants:  # no early exit: the time taken does not depend on which tenant matched
-        if hmac.compare_digest(digest, t.api_key_sha256):
-            found = t
-    return found
+    found = _index(tenants).get(digest)
+    ok = hmac.compare_digest(digest, found.api_key_sha256 if found is not None else _NO_KEY)
+    return found if ok and found is not None else None
+
+
+_NO_KEY = "0" * 64  # no key hashes to this (it is not a sha256 anyone knows a preimage of)
+_INDEX: tuple[list[TenantConfig] | None, dict[str, TenantConfig]] = (None, {})
+
+
+def _index(tenants: list[TenantConfig]) -> dict[str, TenantConfig]:
+    """Key hash → tenant, built once per tenants list (a config reload brings a new list)."""
+    global _INDEX
+    if _INDEX[0] is not tenants:
+        _INDEX = (tenants, {t.api_key_sha256: t for t in tenants})
+    return _INDEX[1]
 
 
 def tenant_cache_salt(tenant: str, client_salt: str | None) -> str:
