@@ -26,7 +26,6 @@ import asyncio
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,8 +118,8 @@ def run_fake_upstream(port: int, seconds: int) -> None:
 # ---- the load generator ------------------------------------------------------------------------------------------
 async def one_stream(port: int, request: bytes, timeout: float) -> tuple:
     """One request on its own connection → (outcome, status, seconds to the first event or to the refusal,
-    Retry-After present, seconds to connect). Outcomes: completed, refused, error, timeout; a timeout's status says where it stalled
-    (connect, head: no response head yet, first: no event yet, body: events but no [DONE])."""
+    Retry-After present, seconds to connect). Outcomes: completed, refused, error, timeout; a timeout's status says
+    where it stalled (connect, head: no response head yet, first: no event yet, body: events but no [DONE])."""
     t0 = time.perf_counter()
     writer, phase, connected = None, "connect", None
     try:
@@ -321,6 +320,7 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
     cpu1, m1 = cpu_s(tree(gw_pid)), machine_busy()
     sampler.stop.set()
     sampler.join()
+    reasons = refusal_reasons(sampler.client.get(gw + "/metrics").text)
     for p in procs:
         p.wait()
     return summarize(results, {"gw_cpu_pct": 100 * (cpu1 - cpu0) / wall, "gw_rss_mb": sampler.rss,
@@ -328,7 +328,18 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
                                "max_lag_s": sampler.lag, "max_open": sampler.open, "wall_s": wall,
                                "scrape_max_s": sampler.scrape_max, "scrape_failed": sampler.scrape_failed,
                                "accept_queue": sampler.backlog,
-                               "loader_cpu_pct": 100 * sum(o["cpu_s"] for o in outs) / wall})
+                               "loader_cpu_pct": 100 * sum(o["cpu_s"] for o in outs) / wall,
+                               "reasons": reasons})
+
+
+def refusal_reasons(metrics: str) -> dict[str, int]:
+    """The gateway's own refusals by reason, from conveyor_gateway_rejections_total."""
+    out: dict[str, int] = {}
+    for s in samples(metrics):
+        reason = s.labels.get("reason", "")
+        if s.name == "conveyor_gateway_rejections_total" and reason.startswith("overloaded_"):
+            out[reason[len("overloaded_"):]] = out.get(reason[len("overloaded_"):], 0) + int(s.value)
+    return out
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -423,7 +434,8 @@ def bench(a) -> list[tuple]:
         for n in a.streams:
             for guard in guards:
                 extra = ("--workers", str(a.workers)) if a.workers > 1 else ()
-                gw = GatewayProcess(gateway_config(tmp, model, ups, guard, a, redis_url), "--log-level", "warning", *extra)
+                cfg = gateway_config(tmp, model, ups, guard, a, redis_url)
+                gw = GatewayProcess(cfg, "--log-level", "warning", *extra)
                 try:
                     time.sleep(1.5)  # the pools' first health checks
                     rows.append((n, guard, run_load(a, n, gw.base_url, ups, gw.proc.pid, model, max_tokens)))
@@ -442,25 +454,30 @@ def bench(a) -> list[tuple]:
 
 def print_table(a, rows: list[tuple]) -> None:
     print(f"# {a.upstream} upstream x2, {a.workers} gateway process(es), arrivals over {a.ramp:g} s, streams open "
-          f"{a.stream_seconds} s, {a.direct_share:.0%} direct, timeout {a.timeout:g} s, {a.loaders} loader processes, "
-          f"{os.cpu_count()} CPUs")
-    print("| streams | guard | completed | refused (Retry-After) | refusal p50 / max ms | errors | timeouts | "
-          "TTFT p50 / p99 ms gw | direct | added p50 / p99 | gw CPU % | gw RSS MB | max lag s | slowest /metrics s "
-          "(failed) | max open | max accept queue | connect p99 ms | loaders CPU % | machine CPU % |")
-    print("|" + "---|" * 19)
+          f"{a.stream_seconds} s, {a.direct_share:.0%} direct, timeout {a.timeout:g} s, {a.loaders} loader "
+          f"processes, {os.cpu_count()} CPUs")
+    print("| streams | guard | completed | refused (with Retry-After) | refused for | refusal p50 / max ms | errors | "
+          "timeouts | TTFT p50 / p99 ms: gateway | direct | added |")
+    print("|" + "---|" * 11)
     for n, guard, r in rows:
+        reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) or "-"
         print(f"| {n} | {'on' if guard else 'off'} | {r['completed']}/{r['gateway']} | {r['refused']} "
-              f"({r['retry_after']}) | {r['refusal_p50_ms']:.0f} / {r['refusal_max_ms']:.0f} | {r['errors']} | "
-              f"{r['timeouts']} | {r['ttft_gw_p50']:.1f} / {r['ttft_gw_p99']:.1f} | {r['ttft_direct_p50']:.1f} / "
-              f"{r['ttft_direct_p99']:.1f} ({r['direct_completed']}/{r['direct']}) | "
-              f"{r['ttft_gw_p50'] - r['ttft_direct_p50']:+.1f} / {r['ttft_gw_p99'] - r['ttft_direct_p99']:+.1f} | "
-              f"{r['gw_cpu_pct']:.0f} | {r['gw_rss_mb']:.0f} | {r['max_lag_s']:.2f} | {r['scrape_max_s']:.2f} "
-              f"({r['scrape_failed']}) | {r['max_open']:.0f} | {r['accept_queue']} | {r['connect_gw_p99']:.0f} | "
-              f"{r['loader_cpu_pct']:.0f} | {r['machine_pct']:.0f} |")
-    kinds = {k for _, _, r in rows for k in r["error_kinds"]}
-    if kinds:
-        print("errors and timeouts by kind: " + "; ".join(f"{n}/{'on' if g else 'off'}: {r['error_kinds']}" for n, g, r in rows
-                                             if r["error_kinds"]))
+              f"({r['retry_after']}) | {reasons} | {r['refusal_p50_ms']:.0f} / {r['refusal_max_ms']:.0f} | "
+              f"{r['errors']} | {r['timeouts']} | {r['ttft_gw_p50']:.1f} / {r['ttft_gw_p99']:.1f} | "
+              f"{r['ttft_direct_p50']:.1f} / {r['ttft_direct_p99']:.1f} | "
+              f"{r['ttft_gw_p50'] - r['ttft_direct_p50']:+.1f} / {r['ttft_gw_p99'] - r['ttft_direct_p99']:+.1f} |")
+    print()
+    print("| streams | guard | gateway CPU % of a core | RSS MB | max open | max lag s | slowest /metrics s "
+          "(failed) | max accept queue | connect p99 ms | loaders CPU % | machine CPU % |")
+    print("|" + "---|" * 11)
+    for n, guard, r in rows:
+        print(f"| {n} | {'on' if guard else 'off'} | {r['gw_cpu_pct']:.0f} | {r['gw_rss_mb']:.0f} | "
+              f"{r['max_open']:.0f} | {r['max_lag_s']:.2f} | {r['scrape_max_s']:.2f} ({r['scrape_failed']}) | "
+              f"{r['accept_queue']} | {r['connect_gw_p99']:.0f} | {r['loader_cpu_pct']:.0f} | "
+              f"{r['machine_pct']:.0f} |")
+    failed = [(n, g, r["error_kinds"]) for n, g, r in rows if r["error_kinds"]]
+    if failed:
+        print("errors and timeouts by kind: " + "; ".join(f"{n}/{'on' if g else 'off'}: {k}" for n, g, k in failed))
 
 
 def main() -> int:
