@@ -35,12 +35,12 @@ class Waiter:
     cls: str
     cost: int
     weight: float = 1.0
-    spread: int = 1  # gateway processes this tenant waits in (shared.py): its weight here is weight / spread
     affinity: str | None = None
     deadline: float | None = None  # monotonic
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
     removed: bool = False
+    spread: int = 1  # gateway processes this tenant waits in (shared.py): its weight here is weight / spread
 
 
 class FairQueue:
