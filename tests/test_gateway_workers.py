@@ -17,6 +17,7 @@ import yaml
 from server_process import GatewayProcess, ServerProcess, free_port, wait_until
 
 from conveyor.cli import build_parser
+from conveyor.gateway.shared_idempotency import claim_key
 from conveyor.gateway.workers import StartError, check_and_listen
 from conveyor.prometheus_text import samples
 
@@ -168,6 +169,42 @@ def test_other_platforms_refuse_workers(gateway, monkeypatch):
     a = build_parser().parse_args(["gateway", "--config", gateway.config_path, "--workers", "2"])
     with pytest.raises(StartError, match="--workers 2 needs Linux"):
         check_and_listen(a)
+
+
+def test_idempotency_key_across_workers(env, gateway):
+    import redis
+
+    def call(key: str, prompt: str = "idem") -> httpx.Response:  # a new connection: either worker
+        return httpx.post(f"{gateway.base_url}/v1/completions", timeout=60, json={
+            "model": "demo", "prompt": prompt, "max_tokens": 3}, headers={"authorization": f"Bearer {KEY}",
+                                                                          "idempotency-key": key})
+
+    def worker_of(r: httpx.Response) -> int:
+        rid = r.headers["x-request-id"]
+        wait_until(lambda: any(e["request_id"] == rid for e in events(gateway, "access")), 10, "its access line")
+        return next(e["worker"] for e in events(gateway, "access") if e["request_id"] == rid)
+
+    first = call("k1")
+    assert first.status_code == 200
+    ran = worker_of(first)
+    for _ in range(60):  # retries until one reaches the other worker: its answer comes from Redis
+        again = call("k1")
+        assert again.status_code == 200 and again.headers["x-conveyor-joined"] == "idempotent"
+        assert again.json()["id"] == first.json()["id"]
+        if worker_of(again) != ran:
+            break
+    else:
+        pytest.fail("no retry reached the other worker")
+    assert call("k1", prompt="another request").status_code == 422  # on either worker
+    # a key another process is running (its claim planted: the same request's hash, still running) → 409
+    r = redis.Redis(port=env["redis_port"])
+    done = next(json.loads(r.get(k)) for k in r.scan_iter("conveyor:idem:*"))
+    r.set(claim_key("w", "k2"), json.dumps({"h": done["h"], "state": "running", "id": "elsewhere"}), px=30_000)
+    busy = call("k2")
+    assert busy.status_code == 409 and busy.headers["retry-after"] == "1", busy.text
+    assert busy.json()["error"]["code"] == "idempotency_key_in_use"
+    r.delete(claim_key("w", "k2"))
+    assert call("k2").status_code == 200
 
 
 def test_sighup_reloads_every_worker(env, gateway):

@@ -40,6 +40,7 @@ from conveyor.gateway.budget import budget, check_fits, least_limit
 from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelConfig, TenantConfig, load_config,
                                      replica_url)
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
+from conveyor.gateway.shared_idempotency import RETRY_AFTER_S, Claim, SharedIdempotency
 from conveyor.gateway.metrics import REFRESH_S, GatewayMetrics, multiprocess_dir
 from conveyor.gateway.overload import Overload, OverloadGuard, raise_nofile_limit
 from conveyor.gateway.picker import Pool, affinity_key
@@ -90,6 +91,7 @@ class Gateway:
         self.client = upstream_client(cfg)
         self.forwarder = Forwarder(cfg, self.metrics, tracing)
         self.limiter = self._limiter(cfg)
+        self.shared_idempotency = self._shared_idempotency(cfg)  # with redis_url: Idempotency-Keys across processes
         self.shared: SharedState | None = None  # with redis_url: slots and the replicas' split across processes
         self.pools: dict[str, Pool] = {}
         self.queues: dict[str, ModelQueue] = {}
@@ -150,6 +152,8 @@ class Gateway:
         for pool in self.pools.values():
             await pool.close()
         await self.limiter.close()
+        if self.shared_idempotency is not None:
+            await self.shared_idempotency.close()
         if self.shared is not None:
             await self.shared.close()
         await self.client.aclose()
@@ -162,6 +166,12 @@ class Gateway:
             return MemoryLimiter()
         return RedisLimiter(cfg.redis_url, on_error=cfg.ratelimit_on_redis_error,
                             on_fallback=lambda op: self.metrics.ratelimit_fallbacks.labels(op).inc())
+
+    def _shared_idempotency(self, cfg: GatewayConfig) -> SharedIdempotency | None:
+        if not cfg.redis_url:
+            return None
+        return SharedIdempotency(cfg.redis_url, cfg.idempotency_window_s,
+                                 lambda op: self.metrics.shared_fallbacks.labels(f"idempotency_{op}").inc())
 
     def _share(self, cfg: GatewayConfig) -> None:
         """Start sharing slots and capacity through cfg.redis_url (none: stop, every limit back to this process)."""
@@ -186,6 +196,10 @@ class Gateway:
         if (cfg.redis_url, cfg.ratelimit_on_redis_error) != (self.cfg.redis_url, self.cfg.ratelimit_on_redis_error):
             old, self.limiter = self.limiter, self._limiter(cfg)
             self._spawn(old.close())
+        if cfg.redis_url != self.cfg.redis_url:  # claims held meanwhile expire in the old Redis
+            old_idem, self.shared_idempotency = self.shared_idempotency, self._shared_idempotency(cfg)
+            if old_idem is not None:
+                self._spawn(old_idem.close())
         shared = ("redis_url", "ratelimit_on_redis_error", "redis_heartbeat_ttl_s", "redis_sync_interval_s")
         reshare = any(getattr(cfg, k) != getattr(self.cfg, k) for k in shared)
         self.apply(cfg)
@@ -204,6 +218,8 @@ class Gateway:
         ic = self.idempotency
         ic.window_s, ic.max_entries, ic.max_bytes = (cfg.idempotency_window_s, cfg.idempotency_max_entries,
                                                      cfg.idempotency_max_bytes)
+        if self.shared_idempotency is not None:
+            self.shared_idempotency.window_s = cfg.idempotency_window_s
         for m in cfg.models:
             pool = self.pools.get(m.name)
             if pool is None:
@@ -357,10 +373,41 @@ class Gateway:
             ctx.joined = "idempotent"
             ctx.headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
             return await self._respond(request, ctx, flight, parsed.stream, parsed.include_usage, path)
-        flight = await self._launch(ctx, tenant, model, parsed, path)
+        shared, claim = self.shared_idempotency, None
+        if idem and shared is not None:
+            claim = await shared.claim(tenant.name, idem, request_hash)
+            if claim.state != "run":
+                return await self._claimed_elsewhere(ctx, tenant, claim)
+        try:
+            flight = await self._launch(ctx, tenant, model, parsed, path)
+        except BaseException:
+            if claim is not None:
+                self._spawn(shared.settle(tenant.name, idem, claim, None))
+            raise
         if idem:
             self.idempotency.put(tenant.name, idem, request_hash, flight)
+        if claim is not None:
+            self._spawn(shared.follow(tenant.name, idem, claim, flight))
         return await self._respond(request, ctx, flight, parsed.stream, parsed.include_usage, path)
+
+    async def _claimed_elsewhere(self, ctx: Ctx, tenant: TenantConfig, claim: Claim) -> Response:
+        """An Idempotency-Key another gateway process has: its stored answer replayed, or a 409 while it runs (or
+        a 422 when it was used with another request); raises _Reject for the refusals."""
+        if claim.state == "mismatch":
+            raise _Reject(422, "idempotency_mismatch", "this Idempotency-Key was used with a different request",
+                          "idempotency_key_reused")
+        if claim.state == "running":
+            raise _Reject(409, "idempotency_in_progress", "a request with this Idempotency-Key is still running; "
+                          f"retry in {RETRY_AFTER_S}s", "idempotency_key_in_use", {"retry-after": str(RETRY_AFTER_S)})
+        assert claim.state == "done", claim.state
+        self.metrics.idempotent_replays.labels(ctx.model).inc()
+        ctx.joined = "idempotent"
+        headers = (await self.limiter.acquire(tenant, 0, take=False)).headers()
+        self._release(ctx, 0)
+        self._access_log(ctx, claim.status, None)
+        return Response(claim.body, status_code=claim.status, media_type="application/json",
+                        headers={**headers, **claim.headers, "x-request-id": ctx.rid, "x-conveyor-model": ctx.model,
+                                 "x-conveyor-joined": "idempotent"})
 
     async def _launch(self, ctx: Ctx, tenant: TenantConfig, model: ModelConfig, parsed: Parsed, path: str) -> Flight:
         """Count the prompt, refuse what the replica surely would, reserve the tokens, then join an identical

@@ -78,7 +78,8 @@ class GatewayMetrics:
                                            registry=r)
         self.shared_fallbacks = Counter(p + "shared_state_fallbacks", "Operations on the state shared by gateway "
                                         "processes that fell back because Redis was unreachable (op: slot_acquire, "
-                                        "slot_release, sync)", ["op"], registry=r)
+                                        "slot_release, sync, idempotency_claim, idempotency_renew, "
+                                        "idempotency_settle)", ["op"], registry=r)
         # per-tenant series: a registry of their own, served only to a scrape with the admin key (one tenant must
         # not read another's name or usage from /metrics)
         self.tenant_registry = CollectorRegistry()
