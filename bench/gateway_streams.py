@@ -297,8 +297,10 @@ def warm_up(client: httpx.Client, gw: str, model: str) -> None:
 
 def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_tokens: int) -> dict:
     port = lambda url: int(url.rsplit(":", 1)[1])
+    sampler = Sampler(gw_pid, gw)
+    warm_up(sampler.client, gw, model)
     plans = plan_streams(n, a.ramp, a.direct_share, port(gw), [port(u) for u in ups], a.loaders)
-    start = time.time() + 2.0
+    start = time.time() + 2.0  # the loaders' start, the same for all of them
     requests = {"gateway": request_bytes(model, KEY, max_tokens).decode("latin-1"),
                 "direct": request_bytes(model, None, max_tokens).decode("latin-1")}
     procs = []
@@ -308,8 +310,6 @@ def run_load(a, n: int, gw: str, ups: list[str], gw_pid: int, model: str, max_to
                                   "requests": requests}).encode())
         p.stdin.close()
         procs.append(p)
-    sampler = Sampler(gw_pid, gw)
-    warm_up(sampler.client, gw, model)
     time.sleep(max(0.0, start - time.time()))
     sampler.start()
     gw_pids = tree(gw_pid)
