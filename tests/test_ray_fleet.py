@@ -36,20 +36,20 @@ def test_a_node_lost_under_load_loses_no_request_and_its_capacity_comes_back(fle
     r = fleet.run(cfg, tmp_path)
     # placed on both nodes: by Ray's node ids, and by the node whose session holds each server process
     before = r["before"]
-    assert sorted(p["node"] for p in before.values()) == ["head", "worker"], before
-    assert len({p["node_id"] for p in before.values()}) == 2 and all(p["node_id"] for p in before.values())
+    assert sorted(p["node"] for p in before.values()) == ["head", "worker"], r
+    assert len({p["node_id"] for p in before.values()}) == 2 and all(p["node_id"] for p in before.values()), r
     head_id = next(p["node_id"] for p in before.values() if p["node"] == "head")
     # under load: every request answered whole, or cut with an error event after it had started streaming
-    assert r["sent_before_kill"] > 0 and r["completed"] > r["sent_before_kill"]
-    assert r["lost"] == 0 and r["shed"] == 0, r["lost_why"]
-    assert r["sent"] == r["completed"] + r["cut"]
+    assert r["sent_before_kill"] > 0 and r["completed"] > r["sent_before_kill"], r
+    assert r["lost"] == 0 and r["shed"] == 0, r
+    assert r["sent"] == r["completed"] + r["cut"], r
     # the lost node's servers died with it (the run waited for that), the gateway dropped them, and the
     # autoscaler put the capacity back on the surviving node
-    assert len(r["lost_replicas"]) == 1
+    assert len(r["lost_replicas"]) == 1, r
     after = r["after"]
-    assert len(after) == 2 and not set(after) & set(r["lost_replicas"]), after
-    assert all(p["node"] == "head" and p["node_id"] == head_id for p in after.values()), after
-    assert r["autoscaler_alive"]
+    assert len(after) == 2 and not set(after) & set(r["lost_replicas"]), r
+    assert all(p["node"] == "head" and p["node_id"] == head_id for p in after.values()), r
+    assert r["autoscaler_alive"], r
     # and nothing of either node is left running
     assert not [p for p in fleet.all_processes() if p.sid in r["sessions"] and p.state != "Z"]
 
