@@ -2,6 +2,7 @@
 demo` replica, a real redis-server, the gateway as separate processes)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import os
@@ -17,7 +18,7 @@ import yaml
 from server_process import GatewayProcess, ServerProcess, free_port, wait_until
 
 from conveyor.cli import build_parser
-from conveyor.gateway.shared_idempotency import claim_key
+from conveyor.gateway.shared_idempotency import Claim, claim_key
 from conveyor.gateway.workers import StartError, check_and_listen
 from conveyor.prometheus_text import samples
 
@@ -205,6 +206,43 @@ def test_idempotency_key_across_workers(env, gateway):
     assert busy.json()["error"]["code"] == "idempotency_key_in_use"
     r.delete(claim_key("w", "k2"))
     assert call("k2").status_code == 200
+
+
+def test_idempotency_claims_settle_by_outcome(env):
+    from conveyor.gateway.proxy import Flight
+    from conveyor.gateway.shared_idempotency import SharedIdempotency
+
+    def ended(status: int, body: bytes, stream: bool = False) -> Flight:
+        f = Flight(stream)
+        f.status, f.chunks, f.done = status, [body], True
+        return f
+
+    async def run() -> None:
+        fallbacks: list[str] = []
+        shared = SharedIdempotency(f"redis://127.0.0.1:{env['redis_port']}/0", 60, fallbacks.append)
+        try:
+            for i, (flight, kept) in enumerate([(ended(200, b'{"id": "x"}'), True), (ended(500, b"{}"), False),
+                                                (ended(200, b"data: [DONE]", stream=True), False), (None, False)]):
+                claim = await shared.claim("t", f"unit-{i}", "h")
+                assert claim.state == "run" and claim.owner
+                assert (await shared.claim("t", f"unit-{i}", "h")).state == "running"
+                assert (await shared.claim("t", f"unit-{i}", "other")).state == "mismatch"
+                await shared.settle("t", f"unit-{i}", claim, flight)
+                again = await shared.claim("t", f"unit-{i}", "h")
+                assert again.state == ("done" if kept else "run"), (i, again)
+                if kept:
+                    assert (again.status, again.body) == (200, b'{"id": "x"}')
+            assert fallbacks == []
+        finally:
+            await shared.close()
+        down = SharedIdempotency(f"redis://127.0.0.1:{free_port()}/0", 60, fallbacks.append)
+        try:  # Redis unreachable: run unclaimed (as one process), counted
+            assert (await down.claim("t", "k", "h")) == Claim("run")
+            assert (await down.claim("t", "k", "h")) == Claim("run")  # within RETRY_S: Redis not even asked
+            assert fallbacks == ["claim", "claim"]
+        finally:
+            await down.close()
+    asyncio.run(run())
 
 
 def test_sighup_reloads_every_worker(env, gateway):
