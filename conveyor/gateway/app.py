@@ -529,13 +529,11 @@ class Gateway:
         ctx.slot = True  # held here from now on: a refusal below gives it back in _guarded
         if (shared := self.shared) is None:
             return
-        # None: Redis unreachable, this process's own count decided (with ratelimit_on_redis_error "closed" the
-        # rate limits refuse the request next, 503 ratelimit_unavailable)
-        taken = await shared.take_slot(tenant.name, tenant.max_concurrent)
-        if taken:
-            ctx.shared = shared
-        elif taken is False:
+        # None: Redis unreachable, this process's own count decided (the slot is written to Redis once it is back;
+        # with ratelimit_on_redis_error "closed" the rate limits refuse the request next, 503 ratelimit_unavailable)
+        if await shared.take_slot(tenant.name, tenant.max_concurrent) is False:
             raise await self._concurrency_limited(tenant)
+        ctx.shared = shared
 
     async def _concurrency_limited(self, tenant: TenantConfig) -> _Reject:
         decision = await self.limiter.acquire(tenant, 0, take=False)

@@ -13,8 +13,9 @@ A process not heard from for `redis_heartbeat_ttl_s` is presumed dead: what it p
 Concurrency slots. Per tenant a hash with one field per process: the slots it holds. Acquire is one Lua script: drop
 the fields of dead processes, sum the rest, take one if under max_concurrent. Release decrements in the background
 (nothing waits for it). A process that crashed frees its slots after the TTL. Ops that could not reach Redis (a
-release during an outage, an acquire whose client left mid-call, a process presumed dead during a long pause) mark
-the tenant dirty; the next sync with nothing in flight for it rewrites the field to what the process really holds.
+slot taken or released during an outage, an acquire whose client left mid-call, a process presumed dead during a
+long pause) mark the tenant dirty; the next sync with nothing in flight for it rewrites the field to what the
+process really holds, so slots taken during an outage count once Redis is back.
 Redis unreachable: the process's own count alone decides (with ratelimit_on_redis_error "closed" the rate limits,
 checked next, refuse the request with a 503).
 
@@ -239,7 +240,8 @@ class SharedState:
     # ---- concurrency slots ---------------------------------------------------------------------------------------
     async def take_slot(self, tenant: str, max_concurrent: int) -> bool | None:
         """One of the tenant's max_concurrent slots across all live processes: True taken, False all held
-        elsewhere, None Redis unreachable (the caller applies on_error; nothing was taken)."""
+        elsewhere, None Redis unreachable: taken on this process's own count (checked by the caller), and written
+        to Redis once it is back. True or None: release_slot it when the request ends."""
         self.pending[tenant] += 1
         try:
             out = await self._call(self._acquire, [self._slots_key(tenant), self.prefix + "live"],
@@ -249,15 +251,15 @@ class SharedState:
             raise
         finally:
             self._done(tenant)
+        if out is None or out[0]:
+            self.held[tenant] = self.held.get(tenant, 0) + 1
         if out is None:
             self.dirty.add(tenant)
             return None
-        if out[0]:
-            self.held[tenant] = self.held.get(tenant, 0) + 1
         return bool(out[0])
 
     def release_slot(self, tenant: str) -> None:
-        """Give back a slot take_slot returned True for; the Redis update runs in the background."""
+        """Give back a slot take_slot returned True or None for; the Redis update runs in the background."""
         self.held[tenant] -= 1
         assert self.held[tenant] >= 0
         if not self.held[tenant]:
