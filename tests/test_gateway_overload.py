@@ -20,8 +20,8 @@ from server_process import GatewayProcess, free_port, wait_healthy, wait_until
 
 from conveyor.gateway.app import Gateway
 from conveyor.gateway.config import ConfigError, parse_config
-from conveyor.gateway.overload import (ACCEPT_QUEUE, EVENT_LOOP_LAG, AcceptQueue, Overload, default_max_open,
-                                       raise_nofile_limit)
+from conveyor.gateway.overload import (ACCEPT_QUEUE, EVENT_LOOP_LAG, SUSTAINED_TICKS, AcceptQueue, Overload,
+                                       default_max_open, raise_nofile_limit)
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "gateway_streams.py")
 KEYS = {"a": "overload-key-a", "cap": "overload-key-cap"}
@@ -153,30 +153,42 @@ def test_requests_refused_for_other_reasons_hold_nothing(gw):
     wait_until(lambda: idle(gw), what="no open request at the end")
 
 
+async def stall(times: int, seconds: float = 0.25) -> None:
+    """Block the running loop `times` times, letting it turn once in between (its lag timer then fires, late)."""
+    for _ in range(times):
+        time.sleep(seconds)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+
 def test_the_lag_monitor_sees_a_loop_blocked_by_a_callback():
     async def run() -> tuple:
         overload = Overload(parse_config(config("http://127.0.0.1:9", "/tmp")).overload, 1024)
-        overload.max_lag_s = 0.1
+        overload.max_lag_s = 0.15
         mon = overload.lag
         mon.interval_s = 0.02
-        mon.start()
-        await asyncio.sleep(0.1)
+        overload.start()
+        await asyncio.sleep(0.2)
         seen = []
 
-        def block() -> None:  # a callback that holds the loop: every timer after it fires late
+        def block() -> None:  # a callback that holds the loop: the timer due meanwhile fires late
             time.sleep(0.3)
             seen.append((mon.lag, overload.refusal()))
         asyncio.get_running_loop().call_soon(block)
         await asyncio.sleep(0.01)
+        once = overload.refusal()  # one stall (a GC pause, a descheduled process) refuses nothing
+        await stall(2 * SUSTAINED_TICKS)  # a loop that stays behind: refused
+        behind = (mon.sustained, overload.refusal())
         for _ in range(500):  # the timer runs on time again: the lag falls back, requests are admitted
             await asyncio.sleep(0.01)
             if overload.refusal() is None:
                 break
         after = overload.refusal()
-        mon.stop()
-        return seen, after, mon.lag
-    seen, after, stopped = asyncio.run(run())
-    assert seen[0][0] >= 0.25 and seen[0][1] == EVENT_LOOP_LAG
+        overload.stop()
+        return seen, once, behind, after, mon.lag
+    seen, once, behind, after, stopped = asyncio.run(run())
+    assert seen[0][0] >= 0.25 and seen[0][1] is None and once is None
+    assert behind[0] >= 0.2 and behind[1] == EVENT_LOOP_LAG
     assert after is None and stopped == 0.0
 
 
@@ -187,7 +199,7 @@ def test_a_lagging_gateway_refuses_with_503_but_answers_health(tmp_path):
     async def run() -> tuple:
         async with gw.app.router.lifespan_context(gw.app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(gw.app), base_url="http://gw") as c:
-                time.sleep(0.3)  # the event loop stalls
+                await stall(2 * SUSTAINED_TICKS)  # the event loop stays behind
                 refused = await c.post("/v1/completions", json=body(1),
                                        headers={"authorization": f"Bearer {KEYS['a']}"})
                 health = await c.get("/health")

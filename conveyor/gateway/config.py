@@ -141,7 +141,7 @@ class OverloadConfig(_Strict):
     # HTTP requests inside one gateway process at once, streams included. None: derived from RLIMIT_NOFILE (raised
     # to its hard limit at start): two descriptors per stream, a quarter (at most 1024) kept for everything else
     max_open_requests: Count | None = None
-    max_event_loop_lag_s: Positive = 0.5  # refuse while the event loop runs this late (seconds)
+    max_event_loop_lag_s: Positive = 0.5  # refuse while the event loop runs this late (seconds; 3 timers in a row)
     lag_interval_s: Positive = 0.05  # how often the lag is measured
     # refuse while more connections than this wait in the kernel to be accepted (a process short of CPU falls
     # behind there first, unseen by its event loop); None: not checked

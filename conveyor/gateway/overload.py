@@ -6,8 +6,9 @@ Three signals of this process, checked per request:
   descriptors (the client's socket and its upstream connection), so the default limit is derived from
   RLIMIT_NOFILE, whose soft limit is raised to the hard one at start (`raise_nofile_limit`).
 - event-loop lag: how late a periodic timer fires (`LagMonitor`). A loop that runs late delays every chunk of every
-  open stream; new requests are refused while it is above the threshold, so the streams already admitted keep
-  their pace instead of every request timing out together.
+  open stream; new requests are refused while it stays above the threshold (SUSTAINED_TICKS timers in a row: one
+  stall, a GC pause or the process descheduled on a busy machine, refuses nothing), so the streams already
+  admitted keep their pace instead of every request timing out together.
 - the accept queue: connections the kernel holds for this process's listening sockets, not accepted yet
   (`AcceptQueue`). A process short of CPU falls behind there first, where its event loop cannot see them: with
   5,000 streams arriving they waited several seconds in a queue of up to 2,048 (the listen backlog), far longer than
@@ -18,6 +19,7 @@ Three signals of this process, checked per request:
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import resource
 import socket
@@ -40,6 +42,7 @@ OPEN_REQUESTS, EVENT_LOOP_LAG, ACCEPT_QUEUE = ("overloaded_open_requests", "over
 _MESSAGES = {OPEN_REQUESTS: "the gateway holds as many open requests as it can carry; retry shortly",
              EVENT_LOOP_LAG: "the gateway is running behind (event-loop lag); retry shortly",
              ACCEPT_QUEUE: "the gateway is running behind (connections waiting to be accepted); retry shortly"}
+SUSTAINED_TICKS = 3  # the lag counts for refusing once this many timers in a row fired late
 _TCPI_UNACKED = 24  # offset of tcp_info.tcpi_unacked: for a listening socket, its accept queue's length (Linux)
 
 
@@ -76,12 +79,14 @@ def default_max_open(nofile: int) -> int:
 class LagMonitor:
     """How late this process's event loop runs, in seconds. A timer is set every `interval_s`; `lag` is how late
     the last one fired, or how overdue the pending one is now when that is more (a loop behind a long backlog of
-    callbacks shows it before the timer gets its turn)."""
+    callbacks shows it before the timer gets its turn); `sustained` is the least lateness of the last
+    SUSTAINED_TICKS timers (0 until that many fired): high only while the loop stays behind."""
 
     def __init__(self, interval_s: float) -> None:
         assert interval_s > 0
         self.interval_s = interval_s
         self.last = 0.0
+        self.recent: collections.deque[float] = collections.deque(maxlen=SUSTAINED_TICKS)
         self._due: float | None = None  # time.monotonic() at which the pending timer should fire
         self._timer: asyncio.TimerHandle | None = None
 
@@ -94,6 +99,7 @@ class LagMonitor:
         if self._timer is not None:
             self._timer.cancel()
         self._timer, self._due, self.last = None, None, 0.0
+        self.recent.clear()
 
     @property
     def lag(self) -> float:
@@ -101,12 +107,17 @@ class LagMonitor:
             return 0.0
         return max(self.last, time.monotonic() - self._due)
 
+    @property
+    def sustained(self) -> float:
+        return min(self.recent) if len(self.recent) == SUSTAINED_TICKS else 0.0
+
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         self._due = time.monotonic() + self.interval_s
         self._timer = loop.call_later(self.interval_s, self._fire, loop)
 
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
         self.last = max(0.0, time.monotonic() - self._due)
+        self.recent.append(self.last)
         self._arm(loop)
 
 
@@ -165,8 +176,8 @@ def _listening_sockets() -> list[socket.socket]:
 
 
 class Overload:
-    """This process's load and the rule for refusing: `open` requests at most `max_open`, event-loop lag at most
-    `max_lag_s` seconds, at most `max_accept_queue` connections waiting to be accepted (None: not checked).
+    """This process's load and the rule for refusing: `open` requests at most `max_open`, sustained event-loop lag
+    at most `max_lag_s` seconds, at most `max_accept_queue` connections waiting to be accepted (None: not checked).
     `nofile`: the descriptor limit the default max_open is derived from."""
 
     def __init__(self, cfg: OverloadConfig, nofile: int) -> None:
@@ -193,7 +204,7 @@ class Overload:
         it."""
         if self.open >= self.max_open:
             return OPEN_REQUESTS
-        if self.lag.lag > self.max_lag_s:
+        if self.lag.sustained > self.max_lag_s:
             return EVENT_LOOP_LAG
         if self.max_accept_queue is not None and self.accept_queue.length() > self.max_accept_queue:
             return ACCEPT_QUEUE
