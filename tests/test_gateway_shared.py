@@ -240,26 +240,26 @@ def test_three_backlogged_tenants_on_two_gateways_get_a_third_each_and_the_repli
 def test_redis_killed_falls_back_counted_and_requests_are_answered(stack):
     upstream, redis, (g1, g2), _ = stack
     redis.stop()
+    held: list[OpenStream] = []
     try:
         for g in (g1, g2):
             for _ in range(3):
                 assert post(g, "x").status_code == 200  # on_error "open": each gateway's own count decides
         held = [OpenStream(g1, "x"), OpenStream(g1, "x")]
-        try:
-            assert post(g1, "x").status_code == 429  # max_concurrent still holds within the process
-        finally:
-            for s in held:
-                s.close()
+        assert post(g1, "x").status_code == 429  # max_concurrent still holds within the process
         for g in (g1, g2):
             assert g.metric("conveyor_gateway_shared_state_fallbacks_total", op="slot_acquire") >= 3
             assert g.metric("conveyor_gateway_shared_state_fallbacks_total", op="sync") >= 1
             assert g.logs().count('"shared_state_down"') == 1
+        redis.proc = Redis(redis.port).proc  # back, empty: the gateways sync again and rewrite what they hold
+        for g in (g1, g2):
+            wait_until(lambda g=g: g.logs().count('"shared_state_recovered"') == 1, 10, "the store back")
+        wait_until(lambda: list(slots_in_redis(redis, "x").values()) == [b"2"], 10, "the outage's slots counted")
+        assert post(g2, "x").status_code == 429  # g2 sees the slots g1 took while Redis was down
     finally:
-        stack_redis = Redis(redis.port)  # back, empty: the gateways sync again and rewrite what they hold
-        redis.proc = stack_redis.proc
-    for g in (g1, g2):
-        wait_until(lambda g=g: g.logs().count('"shared_state_recovered"') == 1, 10, "the store back")
-    assert post(g1, "x").status_code == 200
+        for h in held:
+            h.close()
+    wait_until(lambda: post(g2, "x").status_code == 200, 10, "the slots back")
 
 
 # ---- the split itself, in-process: syncs in a random order with views one sync old --------------------------------
