@@ -31,7 +31,8 @@ def sha(key: str) -> str:
 
 
 def config(replica_url: str, redis_port: int | None, db_path: str, aliases: list[str] = ()) -> dict:
-    cfg = {"models": [{"name": "demo", "replicas": [replica_url], "tokenizer": "demo", "aliases": list(aliases)}],
+    # no tokenizer (prompt tokens estimated): each worker starts without loading one
+    cfg = {"models": [{"name": "demo", "replicas": [replica_url], "aliases": list(aliases)}],
            "tenants": [{"name": "w", "api_key_sha256": sha(KEY)}], "admin_api_key_sha256": sha(ADMIN),
            "batch": {"db_path": db_path}}
     if redis_port is not None:
@@ -284,14 +285,14 @@ def test_sigterm_stops_every_worker_and_exits_0(gateway):
 def test_workers_die_with_a_killed_supervisor(env):
     path = write(env["tmp"] / "gateway2.yaml", {**env["cfg"], "batch": {"db_path": str(env["tmp"] / "b2.sqlite3")}})
     log = env["tmp"] / "gateway2.log"
-    with open(log, "w") as out:  # not waiting for /health: the workers are killed while their app starts
+    with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", path, "--port", "0",
                                  "--workers", "2"], stdout=out, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, TMPDIR=str(env["tmp"])))  # its metrics folder stays there
     try:
-        def started() -> int:  # workers past their setup (uvicorn's first line)
-            return log.read_text().count('"Started server process')
-        wait_until(lambda: started() == 2, 60, "both workers started")
+        def serving() -> int:  # workers whose app is up: the kernel's SIGTERM (PR_SET_PDEATHSIG) reaches uvicorn
+            return log.read_text().count('"Application startup complete')
+        wait_until(lambda: serving() == 2, 60, "both workers serving")
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         pids = [e["pid"] for e in lines if e.get("event") == "worker_started"]
         proc.kill()
