@@ -10,6 +10,8 @@
 * The load: --concurrency closed-loop clients streaming completions of --max-tokens through the gateway. After
   --warmup-s the worker's raylet is SIGKILLed; the run waits until the gateway has --replicas healthy replicas again
   (none of them the lost ones), keeps the load --after-s longer, then lets the clients finish.
+* --loss freeze-node instead SIGSTOPs every process of the worker node (a power cut or partition: its sockets stay
+  open, nothing is reset), which shows what a gateway does with streams whose replica went silent.
 * Every request is classified: `completed` (200, `data: [DONE]`, no error event), `cut` (200, events, then an
   error event: it had started streaming when its replica died), `shed` (a 503 + Retry-After from the gateway's own
   overload limit, --max-event-loop-lag-s: this machine's cores are shared), `lost` (anything else: another
@@ -304,11 +306,14 @@ class Config:
     # the gateway's own overload limit: the replicas, clients and the gateway share this machine's cores, so the
     # default 0.5 s would shed for reasons that have nothing to do with the lost node (sheds are counted apart)
     max_event_loop_lag_s: float = 5.0
+    loss: str = "kill-raylet"  # or freeze-node: SIGSTOP every process of the worker node
     restore_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
         if self.replicas < 2 or self.concurrency < 1 or self.max_tokens < 1 or self.worker_cpus < 1:
             raise ValueError("--replicas must be at least 2, --concurrency, --max-tokens and --worker-cpus at least 1")
+        if self.loss not in ("kill-raylet", "freeze-node"):
+            raise ValueError("--loss must be kill-raylet or freeze-node")
         if self.head_cpus < self.replicas:
             raise ValueError("--head-cpus must be at least --replicas: the head needs room for the whole fleet "
                              "once the worker is lost")
@@ -369,9 +374,14 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
         time.sleep(cfg.warmup_s)
         sent_before_kill = out.sent
         t_kill = time.monotonic()
-        os.kill(cluster.worker.raylet().pid, signal.SIGKILL)
-        t_servers_gone = wait_for(lambda: not any(running(p) for p in worker_pids), 60,
-                                  "the lost node's servers to exit")
+        if cfg.loss == "kill-raylet":
+            os.kill(cluster.worker.raylet().pid, signal.SIGKILL)
+            t_servers_gone = wait_for(lambda: not any(running(p) for p in worker_pids), 60,
+                                      "the lost node's servers to exit")
+        else:  # freeze-node: every process of the node stops at once, its sockets open (no RST, as a power cut)
+            for p in cluster.worker.processes():
+                os.kill(p.pid, signal.SIGSTOP)
+            t_servers_gone = float("nan")
         t_dropped = wait_for(lambda: not set(on_worker) & set(healthy(admin, gateway)), cfg.restore_timeout_s,
                              "the gateway to drop the lost replicas", logs)
         t_restored = wait_for(lambda: len(healthy(admin, gateway)) == cfg.replicas, cfg.restore_timeout_s,
@@ -413,6 +423,7 @@ def format_table(r: dict) -> str:
             ("  cut after their first event", r["cut"]), ("  shed by the gateway's overload limit", r["shed"]),
             ("  lost", r["lost"]),
             ("  retried on another replica", r["retried"]),
+            ("loss", r["config"]["loss"]),
             ("kill → lost servers exited", f"{r['servers_gone_s']} s"),
             ("kill → gateway dropped them", f"{r['dropped_s']} s"),
             ("kill → capacity restored", f"{r['restored_s']} s")]
