@@ -10,7 +10,10 @@ to start), so it is excluded from the default run: `pytest -m slow tests/test_ra
 from __future__ import annotations
 
 import importlib.util
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,25 @@ def test_an_unknown_scheduling_strategy_is_refused_before_any_actor_starts():
 
     with pytest.raises(ValueError, match="SPREAD, DEFAULT"):
         RayActuator(None, ["--model", "demo"], scheduling_strategy="PACK")
+
+
+def test_a_replica_server_dies_with_the_thread_that_started_it():
+    """The actor's child is armed with PR_SET_PDEATHSIG: started from a thread that then exits, it is SIGKILLed;
+    started from one that lives on (the actor's main thread), it runs."""
+    from conveyor.autoscale.ray_actuator import die_with_parent
+
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    started: list[subprocess.Popen] = []
+    t = threading.Thread(target=lambda: started.append(subprocess.Popen(["sleep", "60"],
+                                                                        preexec_fn=die_with_parent())))
+    t.start()
+    t.join()
+    orphan = started[0]
+    kept = subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent())
+    try:
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert kept.poll() is None
+    finally:
+        kept.kill()
+        kept.wait()

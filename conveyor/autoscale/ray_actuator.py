@@ -5,7 +5,8 @@ nodes (SPREAD by default: one node's loss takes as few replicas as it can), and 
 stays pending — the demand Ray's own autoscaler adds nodes for. The server runs as a child process of the actor
 (not in the actor's own process) so that stopping it is a SIGTERM that drains like any `conveyor serve`, and a
 crashed server is seen as a dead replica. The child is killed by the kernel when the actor's process dies
-(PR_SET_PDEATHSIG), so a lost node (its raylet and workers gone) takes its servers with it, as a machine would.
+(PR_SET_PDEATHSIG; Ray 2.60 also kills a dead worker's children, the signal keeps that true where Ray does not),
+so a lost node (its raylet and workers gone) takes its servers with it, as a machine would.
 
 Liveness is checked without blocking the control loop: one ping per replica is in flight at a time, and a replica
 whose ping has not come back within `ping_timeout_s` is dead — its node is gone, or too far gone to serve.
@@ -17,7 +18,9 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 from conveyor.autoscale.actuator import Actuator, GatewayAdmin, Replica
 from conveyor.autoscale.local import free_port, serve_command
@@ -29,13 +32,19 @@ NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node
 SCHEDULING_STRATEGIES = ("SPREAD", "DEFAULT")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the thread that forked it exits (Linux; elsewhere a no-op)."""
-    if not os.uname().sysname == "Linux":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGKILL the child when the thread that forked it exits (None off Linux).
+    libc is loaded here, in the parent: the child of a threaded process should do as little as it can before exec."""
+    if sys.platform != "linux":
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before the signal was armed: it would never come
+            os.kill(os.getpid(), signal.SIGKILL)
+    return arm
 
 
 class ReplicaServer:
@@ -52,10 +61,7 @@ class ReplicaServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
         self.proc = subprocess.Popen(serve_command(port, serve_args, host="0.0.0.0"), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-        if os.getppid() == 1:  # our own parent died before the signal was armed: nothing would stop the server
-            self.proc.kill()
-            raise RuntimeError("the actor's parent exited while the server started")
+                                     preexec_fn=die_with_parent())
         self.placement = {"url": f"http://{ray.util.get_node_ip_address()}:{port}", "node_id": ctx.get_node_id(),
                           "pid": self.proc.pid, "actor_pid": os.getpid()}
 
@@ -121,7 +127,10 @@ class RayActuator(Actuator):
         ready, _ = self.ray.wait([h["info_ref"]], timeout=0)  # pending while Ray has no node with room for it
         if not ready:
             return None
-        h["info"] = self.ray.get(h["info_ref"])
+        try:
+            h["info"] = self.ray.get(h["info_ref"])
+        except self.ray.exceptions.RayError:  # it died starting: the next _alive says so
+            return None
         log.info("replica %s placed on node %s at %s", replica.id, h["info"]["node_id"], h["info"]["url"])
         return h["info"]["url"]
 
