@@ -93,12 +93,18 @@ class RayNode:
         return out
 
     def stop(self) -> None:
-        """SIGKILL every process of its session: a throwaway cluster needs no graceful stop."""
-        for p in self.processes():
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL every process of its session (again, should one have forked meanwhile): a throwaway cluster
+        needs no graceful stop."""
+        for _ in range(10):
+            left = self.processes()
+            if not left:
+                break
+            for p in left:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
         self.proc.wait()
 
 
@@ -199,9 +205,9 @@ def start_gateway(root: Path, health_interval_s: float, max_lag_s: float) -> tup
     path = root / "gateway.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     port = free_port()
-    log = open(root / "gateway.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "gateway.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "gateway", "--config", str(path), "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -216,8 +222,8 @@ def start_autoscaler(root: Path, cluster: LocalRayCluster, gateway: str, replica
            "--serve-args", shlex.join(serve), "--interval", "0.5", "--startup-timeout", "120",
            "--min-replicas", str(replicas), "--max-replicas", str(replicas)]
     env = dict(cluster.env, CONVEYOR_ADMIN_KEY=ADMIN_KEY)
-    log = open(root / "autoscale.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(root / "autoscale.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def placements(root: Path) -> dict[str, dict]:
@@ -343,7 +349,8 @@ def run(cfg: Config, root: Path) -> dict:
         cluster.start()
         wait_gateway(root, gw, gateway)
         procs.append(start_autoscaler(root, cluster, gateway, cfg.replicas))
-        return scenario(cfg, root, cluster, gateway, procs[-1], t0)
+        with httpx.Client(timeout=5, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+            return scenario(cfg, root, cluster, gateway, admin, procs[-1], t0)
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -355,10 +362,9 @@ def run(cfg: Config, root: Path) -> dict:
         cluster.stop()
 
 
-def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, autoscaler: subprocess.Popen,
-             t0: float) -> dict:
+def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, admin: httpx.Client,
+             autoscaler: subprocess.Popen, t0: float) -> dict:
     logs = lambda: (root / "autoscale.log").read_text()[-4000:]  # noqa: E731
-    admin = httpx.Client(timeout=5, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     wait_for(lambda: len(healthy(admin, gateway)) == cfg.replicas and autoscaler.poll() is None, 240,
              "the first replicas", logs)
     setup_s = time.monotonic() - t0
@@ -381,7 +387,7 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
         else:  # freeze-node: every process of the node stops at once, its sockets open (no RST, as a power cut)
             for p in cluster.worker.processes():
                 os.kill(p.pid, signal.SIGSTOP)
-            t_servers_gone = float("nan")
+            t_servers_gone = None  # they do not exit: they hang
         t_dropped = wait_for(lambda: not set(on_worker) & set(healthy(admin, gateway)), cfg.restore_timeout_s,
                              "the gateway to drop the lost replicas", logs)
         t_restored = wait_for(lambda: len(healthy(admin, gateway)) == cfg.replicas, cfg.restore_timeout_s,
@@ -399,7 +405,8 @@ def scenario(cfg: Config, root: Path, cluster: LocalRayCluster, gateway: str, au
             "completed": out.completed, "cut": out.cut, "shed": out.shed, "lost": len(out.lost),
             "lost_why": out.lost[:10],
             "retried": int(retries(gateway) - retries0),
-            "servers_gone_s": round(t_servers_gone - t_kill, 2), "dropped_s": round(t_dropped - t_kill, 2),
+            "servers_gone_s": None if t_servers_gone is None else round(t_servers_gone - t_kill, 2),
+            "dropped_s": round(t_dropped - t_kill, 2),
             "restored_s": round(t_restored - t_kill, 2), "autoscaler_alive": autoscaler.poll() is None,
             "sessions": [node.proc.pid for node in cluster.nodes]}
 
@@ -424,7 +431,8 @@ def format_table(r: dict) -> str:
             ("  lost", r["lost"]),
             ("  retried on another replica", r["retried"]),
             ("loss", r["config"]["loss"]),
-            ("kill → lost servers exited", f"{r['servers_gone_s']} s"),
+            ("kill → lost servers exited", "never (frozen)" if r["servers_gone_s"] is None
+             else f"{r['servers_gone_s']} s"),
             ("kill → gateway dropped them", f"{r['dropped_s']} s"),
             ("kill → capacity restored", f"{r['restored_s']} s")]
     width = max(len(k) for k, _ in rows)
