@@ -249,6 +249,10 @@ def test_idempotency_claims_settle_by_outcome(env):
 def test_sighup_reloads_every_worker(env, gateway):
     pids = worker_pids(gateway)
     reloaded = len(events(gateway, "config_reloaded"))
+    write(env["tmp"] / "gateway.yaml", config(env["replica"].base_url, None, str(env["tmp"] / "batches.sqlite3")))
+    gateway.proc.send_signal(signal.SIGHUP)  # without redis_url: the supervisor keeps it from the workers
+    wait_until(lambda: events(gateway, "config_reload_refused"), 20, "the reload refused")
+    assert "needs redis_url" in events(gateway, "config_reload_refused")[-1]["error"]
     write(env["tmp"] / "gateway.yaml", config(env["replica"].base_url, env["redis_port"],
                                              str(env["tmp"] / "batches.sqlite3"), aliases=["tiny"]))
     gateway.proc.send_signal(signal.SIGHUP)

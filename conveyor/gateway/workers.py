@@ -10,7 +10,8 @@ accepting on the inherited socket, and watches them:
   cannot be loaded) ends the gateway with that status instead: every restart would fail the same way;
 - SIGTERM / SIGINT: SIGTERM to every worker (uvicorn's graceful stop: open requests get 5 s), SIGKILL to one still
   running after STOP_TIMEOUT_S; exit 0. A second SIGINT is passed on (a worker then stops waiting for its requests);
-- SIGHUP is passed on: each worker re-reads the config file;
+- SIGHUP: the supervisor reads the config file first; if it loads and still has `redis_url`, SIGHUP is passed on
+  and each worker re-reads it (else the workers keep theirs, and the refusal is logged);
 - workers die with the supervisor: each asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG) and
   exits at once if the supervisor is gone already.
 
@@ -128,6 +129,7 @@ class Supervisor:
         self.a, self.sock, self.metrics_dir = a, sock, metrics_dir
         self.slots = [Slot(i) for i in range(a.workers)]
         self.stopping = False
+        self.reload_pending = False
         self.interrupts = 0
         self.exit_code = 0
 
@@ -144,14 +146,16 @@ class Supervisor:
             now = time.monotonic()
             for slot in self.slots:
                 self._watch(slot, now)
+            if self.reload_pending:
+                self.reload_pending = False
+                self._reload()
             time.sleep(TICK_S)
         self._stop_all()
         return self.exit_code
 
     def _on_signal(self, sig: int, frame) -> None:
         if sig == signal.SIGHUP:
-            log.info(json.dumps({"event": "config_reload_forwarded", "workers": len(self._live())}))
-            self._send(signal.SIGHUP)
+            self.reload_pending = True  # the main loop checks the file (not in a signal handler)
             return
         self.interrupts += sig == signal.SIGINT
         if not self.stopping:
@@ -160,6 +164,19 @@ class Supervisor:
             self._send(signal.SIGTERM)
         elif sig == signal.SIGINT and self.interrupts > 1:
             self._send(signal.SIGINT)  # the second Ctrl-C: workers stop waiting for open connections
+
+    def _reload(self) -> None:
+        """SIGHUP: pass it on to the workers if the config file loads and keeps redis_url."""
+        try:
+            cfg = load_config(self.a.config)
+            why = None if cfg.redis_url else f"--workers {len(self.slots)} needs redis_url"
+        except (OSError, ConfigError) as e:
+            why = str(e)
+        if why is not None:
+            log.error(json.dumps({"event": "config_reload_refused", "error": why}))
+            return
+        log.info(json.dumps({"event": "config_reload_forwarded", "workers": len(self._live())}))
+        self._send(signal.SIGHUP)
 
     def _live(self) -> list[subprocess.Popen]:
         return [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
