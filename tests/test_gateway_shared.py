@@ -18,6 +18,7 @@ import uvicorn
 from server_process import free_port, wait_until
 from test_gateway_hardening import Gateway, Redis
 
+from conveyor.gateway.admission import FairQueue, Waiter
 from conveyor.gateway.shared import View, apportion, split, targets
 
 CAP = 3  # the replica's max_in_flight_per_replica
@@ -317,3 +318,17 @@ def test_a_quota_grows_only_after_its_claim_is_published_and_shrinks_at_once():
     views[1] = View("g2", {"r": 4}, {"interactive": {"b": 1.0}}, 4)
     s = split(views, "g2", 6, 4, 4)
     assert s.quota == 3  # its target now: shrinks at once (its requests finish, it sends no new ones)
+
+
+def test_the_local_queue_weighs_a_tenant_waiting_in_two_processes_by_half_and_publishes_its_backlog():
+    q = FairQueue()
+    for _ in range(6):
+        q.push(Waiter("x", "interactive", 100, spread=2))  # x waits in another process too
+        q.push(Waiter("a", "interactive", 100))
+    q.push(Waiter("c", "batch", 10, weight=3.0))
+    assert q.backlog() == {"interactive": {"x": 1.0, "a": 1.0}, "batch": {"c": 3.0}}
+    order = [q.pop().tenant for _ in range(6)]
+    assert order.count("a") == 4 and order.count("x") == 2, order  # here a gets twice x's share
+    while len(q):
+        q.pop()
+    assert q.backlog() == {}
