@@ -181,7 +181,6 @@ class Gateway:
         self.shared = None
         if cfg.redis_url:
             self.shared = SharedState(cfg.redis_url, cfg.redis_heartbeat_ttl_s, cfg.redis_sync_interval_s,
-                                      cfg.ratelimit_on_redis_error,
                                       lambda: {n: (self.pools[n], self.queues[n]) for n in self.pools},
                                       lambda op: self.metrics.shared_fallbacks.labels(op).inc())
             self.shared.start()

@@ -186,15 +186,14 @@ class SharedState:
 
     RETRY_S = 1.0  # after a failure Redis is left alone this long: operations fall back at once
 
-    def __init__(self, url: str, ttl_s: float, interval_s: float, on_error: str,
-                 models: Callable[[], dict], on_fallback: Callable[[str], None],
-                 prefix: str = "conveyor:shared:") -> None:
+    def __init__(self, url: str, ttl_s: float, interval_s: float, models: Callable[[], dict],
+                 on_fallback: Callable[[str], None], prefix: str = "conveyor:shared:") -> None:
         import redis.asyncio as redis
 
-        assert on_error in ("open", "closed") and ttl_s > interval_s > 0
+        assert ttl_s > interval_s > 0
         self.client = redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.gid = uuid.uuid4().hex[:16]
-        self.ttl_s, self.interval_s, self.on_error = ttl_s, interval_s, on_error
+        self.ttl_s, self.interval_s = ttl_s, interval_s
         self.models, self.on_fallback, self.prefix = models, on_fallback, prefix
         self.held: dict[str, int] = {}  # tenant → slots counted in Redis for this process
         self.pending: Counter[str] = Counter()  # tenant → slot operations in flight
@@ -221,7 +220,7 @@ class SharedState:
             except Exception as e:  # noqa: BLE001 - any Redis failure: the fallback
                 if self.down_since is None:
                     self.down_since = now
-                    log.warning(json.dumps({"event": "shared_state_down", "fallback": self.on_error,
+                    log.warning(json.dumps({"event": "shared_state_down", "fallback": "this process's own counts",
                                             "error": f"{type(e).__name__}: {e}"[:300]}))
                 self.retry_at = now + self.RETRY_S
             else:
