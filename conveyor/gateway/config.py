@@ -95,7 +95,7 @@ class TenantConfig(_Strict):
     cls: Literal["interactive", "batch"] = Field("interactive", alias="class")
     requests_per_minute: Positive = 600
     tokens_per_minute: Positive = 1_000_000
-    max_concurrent: Count = 64  # per gateway process
+    max_concurrent: Count = 64  # per gateway process; with redis_url, across all of them
     burst: Annotated[float, Field(ge=1)] | None = None  # request bucket capacity (default: requests_per_minute)
     weight: Positive = 1.0  # share within its class
     default_timeout_s: Positive | None = None  # deadline when the request has no X-Request-Timeout
