@@ -167,7 +167,9 @@ def _listening_sockets() -> list[socket.socket]:
         try:
             if (s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM
                     and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                found.append(s.dup())
+                # not s.dup(): it copies s's timeout (None: blocking) onto the shared file description, which
+                # turned the server's own listening socket blocking (the event loop then hung in accept())
+                found.append(socket.socket(fileno=os.dup(fd)))
         except OSError:
             pass
         finally:
