@@ -82,10 +82,11 @@ class Flight:
         once, as they are; the start of an event waits for its end."""
         if self._tail:
             data = self._tail + data
-        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4)
-        if end < 2:
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        if lf < 0 and crlf < 0:
             self._tail = data
             return
+        end = max(lf + 2, crlf + 4 if crlf >= 0 else 0)
         part, self._tail = (data, b"") if end == len(data) else (data[:end], data[end:])
         self._append(part)
 
