@@ -25,6 +25,7 @@ from conveyor.gateway.overload import (ACCEPT_QUEUE, EVENT_LOOP_LAG, SUSTAINED_T
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "gateway_streams.py")
 KEYS = {"a": "overload-key-a", "cap": "overload-key-cap"}
+ADMIN_KEY = "overload-admin-key"
 
 
 def tenant(name: str, **kw) -> dict:
@@ -57,7 +58,8 @@ def upstream():
 def gw(upstream, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overload")
     path = tmp / "gateway.yaml"
-    path.write_text(json.dumps(config(upstream, str(tmp), overload={"max_open_requests": 2, "retry_after_s": 2})))
+    path.write_text(json.dumps(config(upstream, str(tmp), overload={"max_open_requests": 2, "retry_after_s": 2},
+                                      admin_api_key_sha256=hashlib.sha256(ADMIN_KEY.encode()).hexdigest())))
     g = GatewayProcess(str(path))
     wait_until(lambda: httpx.get(f"{g.base_url}/health", timeout=5).json()["models"]["fake"]["healthy"] == 1,
                what="the upstream healthy")
@@ -132,6 +134,28 @@ def test_the_request_over_the_limit_is_refused_at_once_while_health_and_metrics_
     rest = Held(gw, max_tokens=1).finish()  # a new request passes once there is room, and runs to its end
     assert "data: [DONE]" in rest
     wait_until(lambda: idle(gw), what="no open request after a stream ended")
+
+
+def test_the_admin_api_is_served_while_the_gateway_is_overloaded(gw, upstream):
+    held = [Held(gw), Held(gw)]
+    try:
+        assert post(gw, body(1)).status_code == 503
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        extra = {"model": "fake", "url": "http://127.0.0.1:9"}
+        r = httpx.post(f"{gw.base_url}/admin/replicas", json=extra, headers=admin, timeout=10)
+        assert r.status_code == 200, r.text
+        urls = [x["url"] for x in httpx.get(f"{gw.base_url}/admin/replicas", headers=admin,
+                                            timeout=10).json()["models"]["fake"]]
+        assert sorted(urls) == sorted([upstream, extra["url"]])
+        assert httpx.request("DELETE", f"{gw.base_url}/admin/replicas", json=extra, headers=admin,
+                             timeout=10).status_code == 200
+        # without the admin key: its own 401, not the overload's 503
+        assert httpx.get(f"{gw.base_url}/admin/replicas", timeout=10).status_code == 401
+        assert open_requests(gw) == 2  # admin calls are not counted among the open requests
+    finally:
+        for h in held:
+            h.close()
+    wait_until(lambda: idle(gw), what="no open request after the clients left")
 
 
 def test_requests_refused_for_other_reasons_hold_nothing(gw):

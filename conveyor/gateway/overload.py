@@ -14,7 +14,8 @@ Three signals of this process, checked per request:
   5,000 streams arriving they waited several seconds in a queue of up to 2,048 (the listen backlog), far longer than
   the loop's own lag (at most ~1.4 s). Refusing while the queue is long drains it at the cost of a refusal.
 
-`/health` and `/metrics` are never refused nor counted: operators must see an overloaded gateway.
+`/health`, `/metrics` and the admin API (`/admin/...`, admin key only) are never refused nor counted: operators
+must see an overloaded gateway, and be able to add capacity to it.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 EXEMPT_PATHS = frozenset({"/health", "/metrics"})
+EXEMPT_PREFIX = "/admin/"  # the admin API (admin key only): adding capacity to an overloaded gateway must work
 # rejection reasons
 OPEN_REQUESTS, EVENT_LOOP_LAG, ACCEPT_QUEUE = ("overloaded_open_requests", "overloaded_event_loop_lag",
                                               "overloaded_accept_queue")
@@ -222,7 +224,7 @@ class OverloadGuard:
         self._bodies = {r: error_body(503, m, "gateway_overloaded").encode() for r, m in _MESSAGES.items()}
 
     async def __call__(self, scope: Scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or scope["path"].startswith(EXEMPT_PREFIX):
             await self.app(scope, receive, send)
             return
         o = self.overload
