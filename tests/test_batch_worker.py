@@ -91,6 +91,24 @@ def test_the_window_narrows_while_interactive_requests_run(tmp_path):
     asyncio.run(go())
 
 
+def test_lines_fit_this_process_s_share_of_the_replicas(tmp_path):
+    """With several gateway processes (shared.py) only what this process may dispatch is room: its quota of the
+    model, and each replica's slots less the other processes' requests there."""
+    async def go() -> None:
+        gw, pool, r, worker = _one_replica(tmp_path, {"max_in_flight": 8}, 6)
+        assert worker._room("m") == 6
+        pool.quota = 2  # this process's share of the model
+        assert worker._room("m") == 2
+        pool.quota, r.others = 6, 5  # the other processes hold 5 of the replica's 6 slots
+        assert worker._room("m") == 1
+        pool.quota, r.others = 0, 0  # no share yet (before the first syncs)
+        assert worker._room("m") == 0
+        await pool.close()
+        await gw.client.aclose()
+
+    asyncio.run(go())
+
+
 def test_batch_lines_leave_the_tenants_per_minute_budget_alone():
     """A tenant's own batch must not use up the rate limits of its interactive requests (the batch tier is bounded
     by batch_queued_tokens instead)."""

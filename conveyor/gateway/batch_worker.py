@@ -254,8 +254,12 @@ class BatchWorker:
         routable = [r for r in pool.replicas.values() if r.routable(now)]
         if any(now - r.metrics_at <= METRICS_MAX_AGE_S and r.metrics.get("waiting", 0) > 0 for r in routable):
             return self._hold(st, "replica_busy", 0, cut=True)
-        free = sum(max(0, pool.max_in_flight - r.in_flight) for r in routable)
-        if sum(r.in_flight for r in routable) > st.in_flight:  # the gateway's other requests are there
+        # what this process may dispatch: the replicas' room (other gateway processes' requests there included)
+        # within its share of the model (shared.py); a line past it would only wait in the dispatch queue
+        free = sum(max(0, pool.max_in_flight - r.in_flight - r.others) for r in routable)
+        if pool.quota is not None:
+            free = min(free, pool.quota - pool.in_flight)
+        if sum(r.in_flight + r.others for r in routable) > st.in_flight:  # the gateway's other requests are there
             st.interactive_at = now
         shared = now - st.interactive_at < SHARED_FOR_S
         window = min(st.window, self.gateway.cfg.batch.max_in_flight_shared) if shared else st.window
