@@ -9,7 +9,8 @@ its head or body a byte at a time holds the connection for as long as it likes.
   ending), its body within `body_timeout` of its head. Past a deadline it answers 408 in OpenAI's error JSON (if
   part of a request came and no response is under way) and closes the connection; the app sees a disconnect.
   Malformed HTTP gets OpenAI's error JSON too, instead of uvicorn's plain text.
-- `timed_httptools(...)`: the same deadlines and answers for uvicorn's httptools protocol (a faster parser).
+- `timed_httptools(...)`: the same deadlines and answers for uvicorn's httptools protocol (a faster parser), and
+  a bound on a request's head (MAX_HEAD_BYTES, h11's own; httptools has none): past it 431 and close.
 - `timed_http(parser, ...)` / `event_loop(loop)`: the protocol class and the uvicorn `loop=` for a configured
   `http` ("auto" | "h11" | "httptools") and `loop` ("auto" | "asyncio" | "uvloop"); "auto" picks httptools and
   uvloop when they are installed, else h11 and asyncio.
@@ -29,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+MAX_HEAD_BYTES = 16 * 1024  # a request's head: h11's own bound (max_incomplete_event_size), kept with httptools
 
 
 def valid_request_id(rid: str) -> bool:
@@ -171,8 +173,21 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type
         self._deadline: asyncio.TimerHandle | None = None
         self._reading: str | None = None
         self._head_begun = False  # a byte of the next request's head arrived
+        self._head_bytes = 0  # bytes received while reading the next request's head
         super().connection_made(transport)
         self._arm("head")
+
+    def data_received(self, data: bytes) -> None:
+        # httptools buffers a head (and one header's value) whatever its size: bounded here, as h11 bounds it
+        if self._reading == "head":
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._reading == "head" and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._cancel()
+            self.transport.write(raw_error(431, "Request Header Fields Too Large", "invalid_request_error",
+                                           "request_header_fields_too_large",
+                                           f"the request head exceeds {MAX_HEAD_BYTES} bytes"))
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
@@ -204,7 +219,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type
         self._cancel()
         self._reading = phase
         if phase == "head":
-            self._head_begun = False
+            self._head_begun, self._head_bytes = False, 0
         if not self.transport.is_closing():
             timeout = self.read_timeout if phase == "head" else self.body_timeout
             self._deadline = self.loop.call_later(timeout, self._expired)

@@ -1,0 +1,73 @@
+"""Faults found attacking issue 17's work as a new user would (helper A): each test failed before its fix."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import uvicorn
+from server_process import free_port
+
+from conveyor.http_limits import timed_h11, timed_httptools
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _ok(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+# ---- huge request heads: httptools (the default parser) buffered any size -------------------------------------------
+@pytest.mark.parametrize("make, status", [(timed_h11, 400), (timed_httptools, 431)], ids=["h11", "httptools"])
+def test_a_huge_request_head_is_refused_and_not_buffered(make, status):
+    """A client streaming header lines (or one endless header value) fast, within the head deadline: refused with
+    OpenAI's error JSON and the connection closed once the head passes ~16 KiB, not held in memory."""
+    async def send_head(port: int, head: bytes, then: bytes, n: int) -> tuple[bytes, int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        sent = 0
+        try:
+            for _ in range(n):
+                writer.write(then)
+                sent += len(then)
+                await writer.drain()
+            writer.write(b"\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        got = b""
+        try:
+            async with asyncio.timeout(3):
+                while chunk := await reader.read(65536):
+                    got += chunk
+        except (TimeoutError, ConnectionError):
+            pass
+        writer.close()
+        return got, sent
+
+    async def main():
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(_ok, host="127.0.0.1", port=port, log_config=None, lifespan="off",
+                                               http=make(10)))
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        fine = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * 8000, b"", 0)
+        lines = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\n", b"x-a: " + b"a" * 4000 + b"\r\n", 5000)
+        value = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\nx-a: ", b"a" * 4000, 5000)
+        server.should_exit = True
+        await task
+        return fine, lines, value
+
+    fine, lines, value = run(main())
+    assert fine[0].startswith(b"HTTP/1.1 200"), fine[0][:100]
+    for got, sent in (lines, value):
+        assert sent < 4 << 20  # the connection was closed long before the 20 MB were sent
+        if got:  # else the close reset the connection (unread bytes) before the client read the answer
+            assert got.startswith(b"HTTP/1.1 %d" % status), got[:100]
+            assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
