@@ -49,8 +49,11 @@ class GatewayAdmin:
         return int(self._call("POST", "/admin/replicas/drain", json={"model": self.model, "url": url})
                    .get("in_flight", 0))
 
-    def remove(self, url: str) -> None:
-        self._call("DELETE", "/admin/replicas", json={"model": self.model, "url": url})
+    def remove(self, url: str, abort_in_flight: bool = False) -> None:
+        """abort_in_flight: the replica is dead — the gateway cuts its requests at once (retried elsewhere before
+        their first event) instead of waiting for them."""
+        self._call("DELETE", "/admin/replicas", json={"model": self.model, "url": url,
+                                                      "abort_in_flight": abort_in_flight})
 
     def in_flight(self) -> dict[str, int]:
         return {r["url"]: int(r.get("in_flight", 0)) for r in self.replicas()}
@@ -114,7 +117,7 @@ class Actuator:
         in_flight = None
         for r in list(self.list()):
             if not self._alive(r):
-                self._stop(r, "exited")
+                self._stop(r, "exited", dead=True)
             elif r.state == "starting":
                 self._poll_starting(r)
             elif r.state == "draining":
@@ -142,10 +145,11 @@ class Actuator:
         except httpx.HTTPError:
             return False
 
-    def _stop(self, r: Replica, why: str, grace_s: float = 30.0) -> None:
+    def _stop(self, r: Replica, why: str, grace_s: float = 30.0, dead: bool = False) -> None:
+        """dead: its requests at the gateway are cut (a frozen node sends no RST: they would hang), not awaited."""
         if self.gateway and r.url and r.state in ("ready", "draining"):
             try:
-                self.gateway.remove(r.url)
+                self.gateway.remove(r.url, abort_in_flight=dead)
             except httpx.HTTPError as e:
                 log.warning("replica %s: gateway remove failed: %s", r.id, e)
         self._terminate(r, grace_s)

@@ -43,7 +43,7 @@ from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.shared_idempotency import RETRY_AFTER_S, Claim, SharedIdempotency
 from conveyor.gateway.metrics import REFRESH_S, GatewayMetrics, multiprocess_dir
 from conveyor.gateway.overload import Overload, OverloadGuard, raise_nofile_limit
-from conveyor.gateway.picker import Pool, affinity_key
+from conveyor.gateway.picker import Pool, Replica, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
@@ -816,7 +816,7 @@ class Gateway:
         if not key_matches(bearer_key(request.headers.get("authorization")), self.cfg.admin_api_key_sha256):
             raise _Reject(401, "auth", "admin endpoints need the admin API key", "invalid_api_key")
 
-    async def _admin_target(self, request: Request) -> tuple[Pool, str]:
+    async def _admin_target(self, request: Request) -> tuple[Pool, str, dict]:
         self._admin_check(request)
         try:
             body = json.loads(await read_body(request.stream(), 64 << 10, self.cfg.client_read_timeout_s))
@@ -830,47 +830,81 @@ class Gateway:
         model = self.cfg.model(name)
         if model is None or model.name not in self.pools:
             raise _Reject(404, "model_not_found", f"the model {name!r} does not exist", "model_not_found")
-        return self.pools[model.name], url
+        return self.pools[model.name], url, body
 
     async def admin_list(self, request: Request) -> Response:
+        """Every replica; in_flight: the requests there from all gateway processes (the others' as of the last
+        sync, with redis_url)."""
         try:
             self._admin_check(request)
         except _Reject as e:
             return self._reject(Ctx(rid=uuid.uuid4().hex, started=time.monotonic()), e)
         now = time.monotonic()
         return JSONResponse({"models": {name: [{"url": r.url, "label": replica_label(r.url), "state": r.state(now),
-                                                "in_flight": r.in_flight}
+                                                "in_flight": r.in_flight + r.others}
                                                for r in pool.replicas.values()]
                                         for name, pool in self.pools.items()}})
 
     async def _admin(self, request: Request, action) -> Response:
         ctx = Ctx(rid=uuid.uuid4().hex, started=time.monotonic())
         try:
-            pool, url = await self._admin_target(request)
-            return await action(pool, url)
+            pool, url, body = await self._admin_target(request)
+            return await action(pool, url, body)
         except _Reject as e:
             return self._reject(ctx, e)
 
     async def admin_add(self, request: Request) -> Response:
-        async def add(pool: Pool, url: str) -> Response:
-            r = pool.add(url, "admin")
+        async def add(pool: Pool, url: str, body: dict) -> Response:
+            r = await self._change(pool, url, "active")
             log.info(json.dumps({"event": "replica_added", "model": pool.model, "replica": url}))
             return JSONResponse({"model": pool.model, "url": url, "state": r.state(time.monotonic())})
         return await self._admin(request, add)
 
     async def admin_drain(self, request: Request) -> Response:
-        return await self._admin(request, lambda pool, url: self._retire(pool, url, "draining", pool.drain))
+        return await self._admin(request, lambda pool, url, body: self._retire(pool, url, "draining", False))
 
     async def admin_remove(self, request: Request) -> Response:
-        return await self._admin(request, lambda pool, url: self._retire(pool, url, "removed", pool.remove))
+        """Body: {"model", "url", "abort_in_flight": false}; true (the replica is dead, e.g. its node froze): its
+        in-flight requests are cut at once — retried on another replica before their first event, else ended with
+        an error event — instead of finishing."""
+        async def remove(pool: Pool, url: str, body: dict) -> Response:
+            abort = body.get("abort_in_flight", False)
+            if not isinstance(abort, bool):
+                raise _Reject(400, "bad_request", "abort_in_flight must be true or false", param="abort_in_flight")
+            return await self._retire(pool, url, "removed", abort)
+        return await self._admin(request, remove)
 
-    async def _retire(self, pool: Pool, url: str, event: str, act) -> Response:
-        """Drain or remove a replica; its in-flight requests finish either way."""
-        r = act(url)
-        if r is None:
-            raise _Reject(404, "not_found", f"{url} is not a replica of {pool.model!r}", "replica_not_found")
-        log.info(json.dumps({"event": f"replica_{event}", "model": pool.model, "replica": url}))
-        return JSONResponse({"model": pool.model, "url": url, "in_flight": r.in_flight})
+    async def _retire(self, pool: Pool, url: str, state: str, abort: bool) -> Response:
+        """Drain or remove a replica."""
+        r = await self._change(pool, url, state, abort)
+        log.info(json.dumps({"event": f"replica_{state}", "model": pool.model, "replica": url,
+                             "abort_in_flight": abort}))
+        return JSONResponse({"model": pool.model, "url": url, "in_flight": r.in_flight + r.others if r else 0})
+
+    async def _change(self, pool: Pool, url: str, state: str, abort: bool = False) -> Replica | None:
+        """Apply an admin change (state: active, draining, removed) here and, with redis_url, in every gateway
+        process (written to Redis first: shared_replicas.py). Returns the replica (for a removal: as it was here,
+        None when only other processes had it). Raises _Reject: 404 a drain or removal of a replica no process
+        has, 503 Redis unreachable (nothing changed)."""
+        r = pool.replicas.get(url)
+        missing = _Reject(404, "not_found", f"{url} is not a replica of {pool.model!r}", "replica_not_found")
+        if self.shared is None:
+            if state == "active":
+                return pool.add(url, "admin")
+            if r is None:
+                raise missing
+            if state == "draining":
+                pool.drain(url)
+            else:
+                pool.remove(url, abort=abort)
+            return r
+        done = await self.shared.replicas.write(pool, url, state, abort)
+        if done is None:
+            raise _Reject(503, "shared_state_unavailable", "the gateway cannot reach the state its processes share "
+                          "(redis_url); nothing changed, retry", "shared_state_unavailable", {"retry-after": "1"})
+        if not done:
+            raise missing
+        return r if state == "removed" else pool.replicas[url]
 
 
 class _Reject(Exception):

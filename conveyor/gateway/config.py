@@ -168,6 +168,9 @@ class GatewayConfig(_Strict):
     retry_backoff_s: Annotated[float, Field(ge=0)] = 0.05  # base of the exponential backoff (with full jitter)
     connect_timeout_s: Positive = 2.0
     read_timeout_s: Positive = 600.0
+    # a stream from whose replica nothing arrived for this long (response head, events) is cut: retried on another
+    # replica before its first event, else ended with an error event and [DONE] (a silent replica: a frozen node)
+    stream_idle_timeout_s: Positive = 60.0
     client_read_timeout_s: Positive = 30.0  # a client's request headers, then its body, must arrive within this
     health_interval_s: Positive = 1.0
     scrape_interval_s: Positive = 0.5  # replica /metrics; older than 1 s is ignored by the picker

@@ -36,6 +36,9 @@ class GatewayMetrics:
         self.retries = Counter(p + "retries", "Attempts repeated on another replica", ["model"], registry=r)
         self.stream_errors = Counter(p + "stream_errors", "Streams cut by an upstream failure after their first "
                                      "byte", ["model"], registry=r)
+        self.upstream_cuts = Counter(p + "upstream_cuts", "Attempts the gateway cut at a replica (reason: "
+                                     "idle_timeout = nothing arrived for stream_idle_timeout_s, replica_dead = its "
+                                     "replica was removed with abort_in_flight)", ["model", "reason"], registry=r)
         self.coalesced = Counter(p + "coalesced", "Requests served by joining an identical in-flight generation",
                                  ["model"], registry=r)
         self.idempotent_replays = Counter(p + "idempotent_replays", "Requests answered from an earlier request "

@@ -75,6 +75,7 @@ class Replica:
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_at: float = -1e9
     max_model_len: int | None = None  # from its GET /v1/models, once it answered
+    attempts: set = field(default_factory=set)  # requests at it now, each with cut(reason) (proxy.Attempt)
 
     def state(self, now: float) -> str:
         if self.draining:
@@ -141,12 +142,16 @@ class Pool:
             r.draining = True
         return r
 
-    def remove(self, url: str) -> Replica | None:
-        """In-flight requests keep their Replica object and finish normally."""
+    def remove(self, url: str, abort: bool = False) -> Replica | None:
+        """In-flight requests keep their Replica object and finish normally; abort=True (the replica is dead): they
+        are cut at once, to be retried elsewhere (or end with an error event when already streaming)."""
         r = self.replicas.pop(url.rstrip("/"), None)
         task = self.tasks.pop(url.rstrip("/"), None)
         if task is not None:
             task.cancel()
+        if r is not None and abort:
+            for attempt in list(r.attempts):
+                attempt.cut("replica_dead")
         return r
 
     async def close(self) -> None:

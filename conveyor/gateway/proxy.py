@@ -8,6 +8,11 @@ replica (at most `max_retries` times, exponential backoff with full jitter), but
 and failed on both is not tried on a third, and only refused connections (and health checks) count against a
 replica's breaker — so no one request can take the fleet down. Once an event went out the stream is never
 replayed — the clients get an error event and `data: [DONE]`.
+
+Cuts: an attempt is cut by the gateway, the same way (retried before the first event, else the error event), when
+its replica is removed as dead (`Pool.remove(abort=True)`: a frozen node sends no RST, its requests would hang) and
+when a stream's replica sent nothing for `stream_idle_timeout_s`. A cut for a dead replica does not count as a
+failed delivery (the request was not at fault).
 """
 from __future__ import annotations
 
@@ -228,6 +233,41 @@ class Call:
     span: Span | None = None  # the gateway span of the client that started it (tracing); None: tracing off
 
 
+class Attempt:
+    """One try at a replica, which the gateway may cut: `cut(reason)` cancels its task (once). With `idle_s`, a
+    timer cuts it when nothing arrived for that long (`last`: when something last did; one timer, re-armed for what
+    is left, so nothing per piece but the store of `last`)."""
+
+    def __init__(self, idle_s: float | None) -> None:
+        self.idle_s = idle_s
+        self.task: asyncio.Task | None = None
+        self.reason: str | None = None
+        self.last = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def cut(self, reason: str) -> None:
+        if self.reason is None and self.task is not None and not self.task.done():
+            self.reason = reason
+            self.task.cancel()
+
+    def arm(self) -> None:
+        if self.idle_s is not None:
+            left = self.last + self.idle_s - time.monotonic()  # loop.time() may not be time.monotonic() (uvloop)
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, left), self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if time.monotonic() - self.last >= self.idle_s:
+            self.cut("idle_timeout")
+        else:
+            self.arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class Forwarder:
     def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics, tracing: Tracing | None = None) -> None:
         self.cfg, self.metrics, self.tracing = cfg, metrics, tracing
@@ -293,7 +333,7 @@ class Forwarder:
                     end_upstream_span(span, flight.status if outcome == "done" else last[0], outcome)
             if outcome == "done":
                 return
-            failed_after_send += outcome == "failed"
+            failed_after_send += outcome == "failed"  # "unsent" and "aborted" (its replica died) are not the request's
             if failed_after_send >= MAX_FAILED_DELIVERIES or len(tried) > self.cfg.max_retries:
                 flight.finish(*last)
                 return
@@ -310,6 +350,40 @@ class Forwarder:
 
     async def _attempt(self, flight: Flight, call: Call, replica: Replica, last: tuple, span: Span | None = None
                        ) -> tuple[bool | None, str, tuple]:
+        """_exchange, in a task of its own that a cut cancels (see the module doc); same result, outcome
+        "aborted" for a cut before the first event because its replica died."""
+        attempt = Attempt(self.cfg.stream_idle_timeout_s if call.stream else None)
+        attempt.task = asyncio.ensure_future(self._exchange(flight, call, replica, last, span, attempt))
+        replica.attempts.add(attempt)
+        attempt.arm()
+        try:
+            return await attempt.task
+        except asyncio.CancelledError:
+            if attempt.reason is None or asyncio.current_task().cancelling():
+                raise  # this flight itself is cancelled (its last client left)
+            return self._cut(flight, call, attempt.reason, last)
+        finally:
+            attempt.stop()
+            replica.attempts.discard(attempt)
+
+    def _cut(self, flight: Flight, call: Call, reason: str, last: tuple) -> tuple[bool | None, str, tuple]:
+        """The result of an attempt cut for `reason` (idle_timeout, replica_dead)."""
+        self.metrics.upstream_cuts.labels(call.model, reason).inc()
+        why = (f"nothing arrived from the replica for {self.cfg.stream_idle_timeout_s:g} s" if reason == "idle_timeout"
+               else "the replica was removed as dead")
+        if not flight.chunks:
+            return None, "failed" if reason == "idle_timeout" else "aborted", (
+                502, error_body(502, f"replica failed ({why})", "upstream_failed"), {})
+        self.metrics.stream_errors.labels(call.model).inc()
+        flight.cut = True
+        flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({why}); the response is "
+                                                "incomplete", "upstream_failed"))
+        flight.push_event(DONE.strip())
+        flight.finish()
+        return None, "done", last
+
+    async def _exchange(self, flight: Flight, call: Call, replica: Replica, last: tuple, span: Span | None,
+                        attempt: Attempt) -> tuple[bool | None, str, tuple]:
         """One try at one replica → (verdict for its breaker, outcome, the error to return if retries run out).
 
         Verdict: True it answered, False it refused the connection (a broken replica, whatever the request), None
@@ -346,6 +420,7 @@ class Forwarder:
                               _openai_error(resp.status_code, body.decode(errors="replace")))
                 return True, "done", last  # a 4xx is the request's fault, never the replica's
             async for piece in resp:
+                attempt.last = time.monotonic()
                 flight.push_raw(piece)
             flight.end_raw()
             if not flight.saw_done:

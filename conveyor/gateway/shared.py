@@ -40,6 +40,8 @@ Per replica, a process counts the others' published in-flight requests there (Re
 the quota bound is exact, with several a replica can exceed its cap by what others dispatched to it since their
 last publish (the model's total never exceeds C). A retry on another replica ignores caps, as without Redis.
 Redis unreachable: each process takes ceil(C / live processes last seen), and that fraction of each replica.
+
+Replicas managed through the admin API: shared_replicas.py, read at each sync after the split.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conveyor.gateway.config import CLASSES
+from conveyor.gateway.shared_replicas import SharedReplicas
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -207,6 +210,7 @@ class SharedState:
         self._acquire = self.client.register_script(_ACQUIRE)
         self._release = self.client.register_script(_RELEASE)
         self._sync = self.client.register_script(_SYNC)
+        self.replicas = SharedReplicas(self.client, self._call, prefix)
 
     # ---- Redis calls with the fallback ---------------------------------------------------------------------------
     async def _call(self, script, keys: list[str], args: list, op: str):
@@ -335,6 +339,7 @@ class SharedState:
             self.claims[m] = s.claim
             _apply(*models[m], s)
         self.live_seen = len(gids)
+        await self.replicas.sync({m: models[m][0] for m in names})
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
     def _spawn(self, coro) -> None:
