@@ -176,3 +176,36 @@ def test_a_frozen_replica_removed_as_dead_ends_its_requests_at_once(fleet):
     assert not any('"error"' in line for line in lines2)
     assert metric(gw, "conveyor_gateway_upstream_cuts_total", reason="replica_dead") == before + 2
     settled(gw, {a: "healthy"})
+
+
+def test_a_stream_from_a_silent_replica_is_cut_after_stream_idle_timeout_s(fleet):
+    """No autoscaler this time: b freezes and stays in the pool. Past stream_idle_timeout_s s1 (under way) ends with
+    an error event and [DONE], s2 (no event yet) is retried on a."""
+    gw, a, b, pb = fleet["gw"], fleet["a"], fleet["b"], fleet["pb"]
+    fleet["path"].write_text(yaml.safe_dump({**fleet["cfg"], "stream_idle_timeout_s": 3}))
+    reloads = len(events(gw, "config_reloaded"))
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(events(gw, "config_reloaded")) == reloads + 2, 20, "both workers reloaded")
+    admin(gw, "POST", "", url=b)
+    admin(gw, "POST", "/drain", url=a)
+    settled(gw, {a: "draining", b: "healthy"})
+    before = metric(gw, "conveyor_gateway_upstream_cuts_total", reason="idle_timeout")
+    out1: list = []
+    out2: list = []
+    t1, first1 = background(gw, 20, out1)
+    assert first1.wait(20)
+    os.kill(pb.pid, signal.SIGSTOP)
+    try:
+        t2, _ = background(gw, 2, out2)
+        wait_until(lambda: metric(gw, "conveyor_gateway_in_flight_requests") == 2, 10, "s2 at the frozen replica")
+        admin(gw, "POST", "", url=a)
+        t1.join(20)
+        t2.join(20)
+    finally:
+        os.kill(pb.pid, signal.SIGCONT)
+    (s1, lines1), (s2, lines2) = out1[0], out2[0]
+    assert s1 == 200 and lines1[-1] == "data: [DONE]"
+    assert "nothing arrived from the replica for 3 s" in json.loads(lines1[-2][6:])["error"]["message"]
+    assert s2 == 200 and lines2[-1] == "data: [DONE]" and len(lines2) == 3
+    assert not any('"error"' in line for line in lines2)
+    assert metric(gw, "conveyor_gateway_upstream_cuts_total", reason="idle_timeout") == before + 2
