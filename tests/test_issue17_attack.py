@@ -71,3 +71,27 @@ def test_a_huge_request_head_is_refused_and_not_buffered(make, status):
         if got:  # else the close reset the connection (unread bytes) before the client read the answer
             assert got.startswith(b"HTTP/1.1 %d" % status), got[:100]
             assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
+
+
+# ---- a replica's stream whose event never ends: held whole, and re-scanned per piece (quadratic) -------------------
+def test_an_event_without_end_from_the_replica_is_bounded():
+    """Past MAX_EVENT_BYTES without an event's end the replica's stream is malformed: RemoteProtocolError (the proxy
+    retries it elsewhere, or cuts the stream with an error event), not a buffer that grows for as long as the
+    replica sends (it was also joined and searched again per piece: 31 MiB took 19 s of the event loop)."""
+    from conveyor.gateway.proxy import MAX_EVENT_BYTES, Flight
+    from conveyor.gateway.upstream import RemoteProtocolError
+
+    flight = Flight(stream=True)
+    flight.push_raw(b'data: {"a": 1}\n\ndata: {"b": ')
+    piece = b"x" * 65536
+    with pytest.raises(RemoteProtocolError, match="event"):
+        for _ in range(MAX_EVENT_BYTES // len(piece) + 2):
+            flight.push_raw(piece)
+    assert flight.chunks == [b'data: {"a": 1}\n\n']
+
+    big = Flight(stream=True)  # a large event in many pieces, its end split across two of them, comes out whole
+    event = b'data: {"t": "' + b"y" * (MAX_EVENT_BYTES // 2) + b'"}'
+    pieces = [event[i:i + 65536] for i in range(0, len(event), 65536)] + [b"\r\n", b"\r\ndata: [DONE]\n", b"\n"]
+    for p in pieces:
+        big.push_raw(p)
+    assert big.chunks == [event + b"\r\n\r\n", b"data: [DONE]\n\n"] and big.saw_done

@@ -38,6 +38,7 @@ log = logging.getLogger("conveyor.gateway")
 DONE = "data: [DONE]\n\n"
 _NULL_USAGE = b', "usage": null}'
 MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its error is returned
+MAX_EVENT_BYTES = 16 << 20  # one SSE event of a replica (a token's chunk: a few KiB); past it, not SSE
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> str:
@@ -70,7 +71,9 @@ class Flight:
         self.subscribers = 0
         self.task: asyncio.Task | None = None
         self._changed = asyncio.Event()
-        self._tail = b""  # the start of an event whose end has not arrived yet
+        self._tail: list[bytes] = []  # the start of an event whose end has not arrived yet, as it arrived
+        self._tail_len = 0
+        self._edge = b""  # the tail's last 3 bytes: where an event's end split across two pieces begins
 
     @property
     def complete(self) -> bool:
@@ -84,20 +87,33 @@ class Flight:
 
     def push_raw(self, data: bytes) -> None:
         """Bytes of the replica's SSE stream as they arrived (any boundaries): the whole events in them go out at
-        once, as they are; the start of an event waits for its end."""
-        if self._tail:
-            data = self._tail + data
-        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        once, as they are; the start of an event waits for its end. Each byte is searched and joined once. Raises
+        RemoteProtocolError when an event grows past MAX_EVENT_BYTES (the replica is not sending SSE)."""
+        edge = self._edge
+        scan = edge + data if edge else data
+        lf, crlf = scan.rfind(b"\n\n"), scan.rfind(b"\r\n\r\n")
         if lf < 0 and crlf < 0:
-            self._tail = data
+            self._hold(data)
             return
-        end = max(lf + 2, crlf + 4 if crlf >= 0 else 0)
-        part, self._tail = (data, b"") if end == len(data) else (data[:end], data[end:])
+        end = max(lf + 2, crlf + 4 if crlf >= 0 else 0) - len(edge)
+        assert end > 0, end  # the tail holds no event's end (it was searched when it came)
+        part = b"".join([*self._tail, data[:end]]) if self._tail else data[:end]
+        self._tail, self._tail_len, self._edge = [], 0, b""
         self._append(part)
+        if end < len(data):
+            self._hold(data[end:])
+
+    def _hold(self, data: bytes) -> None:
+        self._tail.append(data)
+        self._tail_len += len(data)
+        self._edge = data[-3:] if len(data) >= 3 else (self._edge + data)[-3:]
+        if self._tail_len > MAX_EVENT_BYTES:
+            raise RemoteProtocolError(f"the replica sent an event longer than {MAX_EVENT_BYTES} bytes")
 
     def end_raw(self) -> None:
         """The replica's stream ended: a last event without its blank line still counts."""
-        tail, self._tail = self._tail, b""
+        tail = b"".join(self._tail)
+        self._tail, self._tail_len, self._edge = [], 0, b""
         if tail.strip():
             self._append(tail.rstrip(b"\r\n") + b"\n\n")
 
