@@ -857,7 +857,9 @@ class Gateway:
         async def add(pool: Pool, url: str, body: dict) -> Response:
             r = await self._change(pool, url, "active")
             log.info(json.dumps({"event": "replica_added", "model": pool.model, "replica": url}))
-            return JSONResponse({"model": pool.model, "url": url, "state": r.state(time.monotonic())})
+            # None: another process removed it again in the meantime (a newer change, applied here first)
+            return JSONResponse({"model": pool.model, "url": url,
+                                 "state": r.state(time.monotonic()) if r else "removed"})
         return await self._admin(request, add)
 
     async def admin_drain(self, request: Request) -> Response:
@@ -904,7 +906,7 @@ class Gateway:
                           "(redis_url); nothing changed, retry", "shared_state_unavailable", {"retry-after": "1"})
         if not done:
             raise missing
-        return r if state == "removed" else pool.replicas[url]
+        return r if state == "removed" else pool.replicas.get(url)
 
 
 class _Reject(Exception):

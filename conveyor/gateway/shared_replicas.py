@@ -120,6 +120,9 @@ class SharedReplicas:
         if out is None:
             return
         for m, pairs in zip(names, out):
+            urls = {u.decode() for u in pairs[::2]}
+            for key in [k for k in self.seen if k[0] == m and k[1] not in urls]:  # its removal expired
+                del self.seen[key]
             for url, raw in zip(pairs[::2], pairs[1::2]):
                 try:
                     change = parse(raw)
