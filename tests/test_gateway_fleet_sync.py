@@ -6,6 +6,7 @@ arrived for stream_idle_timeout_s: retried elsewhere before their first event, e
 the gateway with two workers."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ import pytest
 import yaml
 from server_process import GatewayProcess, free_port, wait_healthy, wait_until
 
+from conveyor.gateway.app import Gateway
+from conveyor.gateway.config import parse_config
 from conveyor.prometheus_text import samples
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "gateway_streams.py")
@@ -209,3 +212,27 @@ def test_a_stream_from_a_silent_replica_is_cut_after_stream_idle_timeout_s(fleet
     assert s2 == 200 and lines2[-1] == "data: [DONE]" and len(lines2) == 3
     assert not any('"error"' in line for line in lines2)
     assert metric(gw, "conveyor_gateway_upstream_cuts_total", reason="idle_timeout") == before + 2
+
+
+def test_an_admin_change_is_refused_while_redis_is_unreachable():
+    """Applied here but unknown to the other processes it would split the fleet: refused, nothing changed."""
+    async def go() -> None:
+        cfg = parse_config({"models": [{"name": "fake", "replicas": []}], "admin_api_key_sha256": sha(ADMIN),
+                            "tenants": [{"name": "t", "api_key_sha256": sha(KEY)}],
+                            "redis_url": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens there
+        gw = Gateway(cfg)
+        gw.apply(cfg)
+        gw._share(cfg)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw",
+                                         headers=ADMIN_AUTH) as c:
+                r = await c.post("/admin/replicas", json={"model": "fake", "url": "http://127.0.0.1:9"})
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "shared_state_unavailable"
+                assert gw.pools["fake"].replicas == {}
+        finally:
+            await gw.shared.close()
+            await gw.client.aclose()
+            gw.cpu.shutdown()
+
+    asyncio.run(go())
