@@ -95,3 +95,21 @@ def test_an_event_without_end_from_the_replica_is_bounded():
     for p in pieces:
         big.push_raw(p)
     assert big.chunks == [event + b"\r\n\r\n", b"data: [DONE]\n\n"] and big.saw_done
+
+
+# ---- redis_url: checked when the config loads, never echoed ----------------------------------------------------------
+@pytest.mark.parametrize("url", ["redis://:hunter2@127.0.0.1:notaport/0", "redis://:hunter2@[bad/0",
+                                 "redis://:hunter2@h:99999/0", "http://:hunter2@h/0", "redis://:hu/nter2@h/0"])
+def test_a_bad_redis_url_is_a_config_error_that_does_not_show_its_password(url):
+    """A redis_url the Redis client cannot parse crashed each gateway process with a traceback when it built its
+    clients (with --workers N, a restart loop, a worker at a time); the pattern's error printed the URL, password
+    and all."""
+    from conveyor.gateway.config import ConfigError, parse_config
+
+    base = {"models": [{"name": "m", "replicas": ["http://127.0.0.1:1"]}],
+            "tenants": [{"name": "t", "api_key_sha256": "0" * 64}]}
+    with pytest.raises(ConfigError, match="redis_url") as e:
+        parse_config({**base, "redis_url": url})
+    assert "hunter2" not in str(e.value) and "hu/" not in str(e.value)
+    for good in ("redis://:hunter2@127.0.0.1:6379/0", "rediss://u:p@h", "unix:///tmp/redis.sock"):
+        assert parse_config({**base, "redis_url": good}).redis_url == good

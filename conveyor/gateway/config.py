@@ -155,7 +155,7 @@ class GatewayConfig(_Strict):
     auto_route: AutoRoute | None = None
     batch: BatchConfig = Field(default_factory=BatchConfig)
     overload: OverloadConfig = Field(default_factory=OverloadConfig)
-    redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
+    redis_url: str | None = None  # may hold a password: checked by _redis_url, never quoted in an error
     ratelimit_on_redis_error: Literal["open", "closed"] = "open"  # Redis down: admit unchecked, or 503
     # gateway processes sharing redis_url (shared.py): each publishes its state this often, and one not heard from
     # for redis_heartbeat_ttl_s is presumed dead (its concurrency slots and its share of the replicas are freed)
@@ -192,6 +192,24 @@ class GatewayConfig(_Strict):
     # a request that finds none free within upstream_pool_timeout_s is answered 503 upstream_busy
     upstream_max_connections: Count = 10_000
     upstream_pool_timeout_s: Positive = 5.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        """Parsed as the Redis clients will parse it, so that a bad URL is refused at start (it crashed each
+        process as it built its clients); the error names no part of it, which may hold a password."""
+        if v is None:
+            return v
+        from redis.connection import parse_url
+
+        try:
+            ok = v.startswith(("redis://", "rediss://", "unix://")) and parse_url(v) is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("not a Redis URL the client can use (not shown: it may hold a password); expected "
+                             "redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path")
+        return v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
