@@ -113,3 +113,38 @@ def test_a_bad_redis_url_is_a_config_error_that_does_not_show_its_password(url):
     assert "hunter2" not in str(e.value) and "hu/" not in str(e.value)
     for good in ("redis://:hunter2@127.0.0.1:6379/0", "rediss://u:p@h", "unix:///tmp/redis.sock"):
         assert parse_config({**base, "redis_url": good}).redis_url == good
+
+
+# ---- the upstream pool: a waiter woken as it is cancelled took the wake-up with it ----------------------------------
+def test_room_handed_to_a_waiter_that_is_cancelled_goes_to_the_next_one():
+    """Two requests wait for the one upstream connection; it is freed and the first waiter's client leaves in the
+    same turn of the loop. The room must go to the second waiter, not be lost (it waited out its pool timeout and
+    got 503 upstream_busy with the pool free)."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_gateway_passthrough import Replica, client, head_and_rest, chunked
+
+    from conveyor.gateway import upstream
+
+    async def main():
+        head, rest = head_and_rest(chunked(b"x"))
+        rep = Replica(lambda n: [head, 0.2, rest])
+        url = await rep.start()
+        up = client(max_connections=1, pool_timeout_s=1.5)
+        first = await up.post(url, "/p", b"", {})
+        a = asyncio.create_task(up.post(url, "/p", b"", {}))
+        b = asyncio.create_task(up.post(url, "/p", b"", {}))
+        await asyncio.sleep(0.05)  # both wait for room
+        first.close()  # cut before its end: its place goes to the first waiter...
+        a.cancel()  # ...whose client leaves before it runs
+        try:
+            second = await b
+        except upstream.PoolTimeout:
+            pytest.fail("the freed connection was lost with the cancelled waiter")
+        assert await second.read() == b"x"
+        second.close()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        await up.aclose()
+        await rep.stop()
+    run(main())

@@ -284,11 +284,14 @@ class Upstream:
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await fut
-        except TimeoutError:
-            raise PoolTimeout(f"all {self.max_connections} upstream connections are busy") from None
-        finally:
-            if not fut.done():
+        except BaseException as e:
+            if fut.done() and not fut.cancelled():
+                self._wake_one()  # woken as its deadline or a cancel came: the room goes to the next waiter
+            else:
                 fut.cancel()
+            if isinstance(e, TimeoutError):
+                raise PoolTimeout(f"all {self.max_connections} upstream connections are busy") from None
+            raise
 
     async def _connect(self, origin: tuple) -> _Conn:
         scheme, host, port, _ = origin
