@@ -405,3 +405,35 @@ def test_an_exhausted_upstream_pool_is_a_quick_503_upstream_busy():
     gw = run(_through_gateway(rep, scenario, upstream_max_connections=1, upstream_pool_timeout_s=0.2,
                               max_retries=0))
     assert gw.concurrent == {} and gw.forwarder.upstream.open <= 1
+
+
+# ---- the hot routes past FastAPI -----------------------------------------------------------------------------------
+def test_hot_routes_take_only_an_exact_post_and_pass_the_rest_on():
+    from starlette.responses import PlainTextResponse
+
+    from conveyor.gateway.hot_routes import HotRoutes
+
+    async def handler(request) -> PlainTextResponse:
+        return PlainTextResponse(f"hot {request.url.path} " + (await request.body()).decode())
+
+    async def rest(scope, receive, send) -> None:  # what FastAPI would do with it
+        await PlainTextResponse(f"rest {scope['method']} {scope['path']}")(scope, receive, send)
+
+    async def call(method: str, path: str, root_path: str = "") -> bytes:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"body", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "method": method, "path": path, "root_path": root_path, "headers": [],
+                 "query_string": b"", "scheme": "http", "server": ("t", 80)}
+        await HotRoutes(rest, {"/v1/completions": handler})(scope, receive, send)
+        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    assert run(call("POST", "/v1/completions")) == b"hot /v1/completions body"
+    assert run(call("GET", "/v1/completions")) == b"rest GET /v1/completions"  # FastAPI's 405
+    assert run(call("POST", "/v1/completions/")) == b"rest POST /v1/completions/"  # its redirect
+    assert run(call("POST", "/v1/models")) == b"rest POST /v1/models"
+    assert run(call("POST", "/v1/completions", root_path="/gw")) == b"rest POST /v1/completions"

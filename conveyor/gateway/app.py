@@ -42,6 +42,7 @@ from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelC
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.shared_idempotency import RETRY_AFTER_S, Claim, SharedIdempotency
 from conveyor.gateway.metrics import REFRESH_S, GatewayMetrics, multiprocess_dir
+from conveyor.gateway.hot_routes import HotRoutes
 from conveyor.gateway.overload import Overload, OverloadGuard, raise_nofile_limit
 from conveyor.gateway.picker import Pool, Replica, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
@@ -108,7 +109,10 @@ class Gateway:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
-        app = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        # FastAPI's own OpenTelemetry off: the gateway traces itself (tracing.py); otherwise each request looks up
+        # the global providers just to find them unset
+        app = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                      telemetry={"tracing": False, "metrics": False, "logs": False})
         app.add_exception_handler(StarletteHTTPException, self._on_http_error)
         app.add_exception_handler(Exception, self._on_unexpected)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -124,6 +128,8 @@ class Gateway:
         app.add_api_route("/admin/replicas/drain", self.admin_drain, methods=["POST"])
         app.add_api_route("/admin/replicas", self.admin_remove, methods=["DELETE"])
         batch_api.install(app, self)
+        app.add_middleware(HotRoutes, routes={"/v1/completions": self.completions,  # inside the guard
+                                              "/v1/chat/completions": self.chat_completions})
         app.add_middleware(OverloadGuard, overload=self.overload, on_refuse=self._overloaded)
         return app
 
