@@ -148,3 +148,42 @@ def test_room_handed_to_a_waiter_that_is_cancelled_goes_to_the_next_one():
         await up.aclose()
         await rep.stop()
     run(main())
+
+
+# ---- shared state: a sync that fails every time froze the quotas (0 at start: the model locked out) -----------------
+@pytest.mark.parametrize("fault", ["peer_view", "split_raises"])
+def test_a_peer_view_that_does_not_parse_does_not_lock_the_model_out(fault, monkeypatch):
+    """Another process (an older or newer gateway in a rolling deploy, or a stray writer) publishes a view of the
+    model this process cannot read: every sync failed before applying any split, so the quota set at start (0)
+    stayed, and every request to the model waited in the queue until it timed out. A failing sync now falls back
+    as when Redis is unreachable (a share of the capacity, counted)."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import redis as redis_py
+    from test_gateway_hardening import Redis
+    from test_gateway_passthrough import Replica, _through_gateway, chunked, sse_stream
+
+    server = Redis(free_port())
+    try:
+        r = redis_py.Redis(port=server.port)
+        now = float(r.time()[0])
+        r.zadd("conveyor:shared:live", {"stranger": now + 3600})
+        r.hset("conveyor:shared:queue:m", "stranger", json.dumps({"format": 2}))
+        if fault == "split_raises":  # whatever else makes every sync fail (a bug): the fallback, not a frozen 0
+            from conveyor.gateway import shared
+
+            def broken(*a, **kw):
+                raise RuntimeError("a bug in the split")
+            monkeypatch.setattr(shared, "split", broken)
+        rep = Replica(lambda n: chunked(sse_stream(2)))
+
+        async def scenario(c) -> None:
+            resp = await c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2},
+                                timeout=5)
+            assert resp.status_code == 200, resp.text
+
+        gw = run(_through_gateway(rep, scenario, redis_url=f"redis://127.0.0.1:{server.port}/0",
+                                  cold_start_timeout_s=3.0))
+        assert gw.pools["m"].quota  # a share of the capacity, not the 0 it started with
+    finally:
+        server.stop()

@@ -299,14 +299,28 @@ class SharedState:
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.sync()
+                failing = False
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a sync loop that dies would freeze every quota
-                log.exception(json.dumps({"event": "shared_state_sync_error"}))
+            except Exception:  # noqa: BLE001 - nor a dead loop nor quotas frozen as they were (0 at start)
+                if not failing:
+                    log.exception(json.dumps({"event": "shared_state_sync_error",
+                                              "fallback": "this process's own counts"}))
+                failing = True
+                self.on_fallback("sync")
+                self._fall_back()
             await asyncio.sleep(self.interval_s)
+
+    def _fall_back(self) -> None:
+        """No split this time: each model's fallback share (see _apply_fallback)."""
+        models = self.models()
+        for m in models:
+            _apply_fallback(*models[m], self.live_seen)
+        self.claims.clear()  # back: quotas start again from what is published then
 
     async def sync(self) -> None:
         """Beat, publish this process's state of every model, read the others', apply the split."""
@@ -317,9 +331,7 @@ class SharedState:
                                [self.gid, self.ttl_s, *(json.dumps([v.in_flight, v.backlog, v.quota]) for v in
                                                         mine.values())], "sync")
         if out is None:
-            for m in names:
-                _apply_fallback(*models[m], self.live_seen)
-            self.claims.clear()  # back: quotas start again from what is published then
+            self._fall_back()
             return
         if out[0]:  # presumed dead (or new): whatever this process held may have been dropped
             self.dirty.update(self.held)
@@ -331,9 +343,8 @@ class SharedState:
             for g, raw in zip(pairs[::2], pairs[1::2]):
                 g = g.decode()
                 gids.add(g)
-                if g != self.gid:
-                    in_flight, backlog, quota = json.loads(raw)
-                    views.append(View(g, in_flight, backlog, quota))
+                if g != self.gid and (view := _peer_view(g, raw)) is not None:
+                    views.append(view)
             pool = models[m][0]
             s = split(views, self.gid, _capacity(pool), pool.quota or 0, self.claims.get(m, 0))
             self.claims[m] = s.claim
@@ -362,6 +373,21 @@ class SharedState:
         except Exception:  # noqa: BLE001 - unreachable: the TTL frees it all
             pass
         await self.client.aclose()
+
+
+def _peer_view(gid: str, raw: bytes) -> View | None:
+    """Another process's published view of a model; None when it is not one this version reads (a process of
+    another version in a rolling deploy): left out of the split, as if that process had no share."""
+    try:
+        in_flight, backlog, quota = json.loads(raw)
+    except ValueError:
+        return None
+    if not (isinstance(in_flight, dict) and all(isinstance(n, int) and n >= 0 for n in in_flight.values())
+            and isinstance(backlog, dict) and all(isinstance(ts, dict) and all(
+                isinstance(w, int | float) and w > 0 for w in ts.values()) for ts in backlog.values())
+            and (quota is None or isinstance(quota, int) and quota >= 0)):
+        return None
+    return View(gid, in_flight, backlog, quota)
 
 
 def _own_view(gid: str, pool, queue, claim: int) -> View:
