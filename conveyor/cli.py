@@ -288,6 +288,9 @@ def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
     return 0
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # logging's and uvicorn's alike
+
+
 def build_parser() -> argparse.ArgumentParser:
     from conveyor.vllm_flags import Bounded
 
@@ -323,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send a request's head, and then its body (else 408 and close)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, action=Bounded, lo=0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     s.add_argument("--lenient-request-fields", action="store_true",
                    help="ignore unknown request fields (logged at debug) instead of answering 400")
     s.add_argument("--enable-log-requests", dest="log_requests", action=argparse.BooleanOptionalAction,
@@ -340,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", required=True, help="gateway YAML (reloaded on SIGHUP)")
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8080, action=Bounded, lo=0, hi=65535)
-    gw.add_argument("--log-level", default="info")
+    gw.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     gw.add_argument("--workers", type=int, default=1, action=Bounded, lo=1, hi=1024,
                     help="gateway processes sharing the listening socket (Linux; more than 1 needs redis_url in the "
                          "config); default 1")

@@ -187,3 +187,15 @@ def test_a_peer_view_that_does_not_parse_does_not_lock_the_model_out(fault, monk
         assert gw.pools["m"].quota  # a share of the capacity, not the 0 it started with
     finally:
         server.stop()
+
+
+# ---- --log-level: a traceback for a level that does not exist ----------------------------------------------------------
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_an_unknown_log_level_is_one_line_and_exit_2(command, capsys):
+    from conveyor.cli import build_parser
+
+    extra = ["--model", "demo"] if command == "serve" else ["--config", "gw.yaml"]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, *extra, "--log-level", "bogus"])
+    assert e.value.code == 2 and "--log-level" in capsys.readouterr().err
+    assert build_parser().parse_args([command, *extra, "--log-level", "DEBUG"]).log_level == "debug"
