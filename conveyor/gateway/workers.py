@@ -141,6 +141,8 @@ class Supervisor:
         log.info(json.dumps({"event": "gateway_listening", "host": host, "port": port, "workers": len(self.slots),
                              "supervisor_pid": os.getpid()}))
         for slot in self.slots:
+            if self.stopping:  # a stop signal came while they started: no more (the started ones have SIGTERM)
+                break
             self._start(slot)
         while not self.stopping:
             now = time.monotonic()
