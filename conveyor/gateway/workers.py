@@ -147,6 +147,8 @@ class Supervisor:
         while not self.stopping:
             now = time.monotonic()
             for slot in self.slots:
+                if self.stopping:  # as at start: no restart once a stop signal came
+                    break
                 self._watch(slot, now)
             if self.reload_pending:
                 self.reload_pending = False
