@@ -57,7 +57,8 @@ def test_a_huge_request_head_is_refused_and_not_buffered(make, status):
         task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.01)
-        fine = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * 8000, b"", 0)
+        fine = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-a: " + b"a" * 8000, b"",
+                               0)
         lines = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\n", b"x-a: " + b"a" * 4000 + b"\r\n", 5000)
         value = await send_head(port, b"GET / HTTP/1.1\r\nhost: x\r\nx-a: ", b"a" * 4000, 5000)
         server.should_exit = True
