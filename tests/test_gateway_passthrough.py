@@ -437,3 +437,48 @@ def test_hot_routes_take_only_an_exact_post_and_pass_the_rest_on():
     assert run(call("POST", "/v1/completions/")) == b"rest POST /v1/completions/"  # its redirect
     assert run(call("POST", "/v1/models")) == b"rest POST /v1/models"
     assert run(call("POST", "/v1/completions", root_path="/gw")) == b"rest POST /v1/completions"
+
+
+def test_event_stream_stops_when_the_client_goes_and_closes_once_however_it_ends():
+    from conveyor.gateway.sse import EventStream
+
+    async def scenario(disconnect_after: int | None, pieces: int, outside_cancel: bool = False):
+        log: list[str] = []
+        gone = asyncio.Event()
+
+        async def events():
+            try:
+                for i in range(pieces):
+                    await asyncio.sleep(0.01)
+                    yield b"data: %d\n\n" % i
+            finally:
+                log.append("finally")
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            log.append(message.get("body", b"start").decode() or "end")
+            if disconnect_after is not None and len(log) > disconnect_after:
+                gone.set()
+
+        stream = EventStream(events(), lambda: log.append("closed"), {"x-request-id": "r"})
+        task = asyncio.create_task(stream({"type": "http"}, receive, send))
+        if outside_cancel:
+            await asyncio.sleep(0.015)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.append("cancelled")
+        return log
+
+    whole = run(scenario(None, 2))
+    assert whole == ["start", "data: 0\n\n", "data: 1\n\n", "finally", "end", "closed"]
+    cut = run(scenario(1, 100))  # gone after the first piece: the iterator is stopped, nothing more is sent
+    assert cut == ["start", "data: 0\n\n", "finally", "closed"]
+    early = run(scenario(0, 100))  # gone with the head: the iterator may never start, on_close still runs
+    assert early[-1] == "closed" and early.count("closed") == 1 and "data: 1\n\n" not in early
+    outside = run(scenario(None, 100, outside_cancel=True))  # a cancel from outside is not swallowed
+    assert outside[-2:] == ["closed", "cancelled"] and "finally" in outside

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from opentelemetry.trace import Span
@@ -49,6 +49,7 @@ from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_to
 from conveyor.gateway.ratelimit import Decision, MemoryLimiter, RedisLimiter
 from conveyor.gateway.router import auto_route
 from conveyor.gateway.shared import SharedState, detach
+from conveyor.gateway.sse import EventStream
 from conveyor.gateway.tokens import count_prompt_tokens, load_tokenizer, prompt_floor
 from conveyor.http_limits import BodyTimeout, BodyTooLarge, read_body, valid_request_id
 from conveyor.tracing import Tracing, end_gateway_span, start_gateway_span
@@ -737,7 +738,7 @@ class Gateway:
                     final = 502 if flight.cut else 200
                 finally:
                     leave(final)
-            return _Stream(events(), lambda: leave(499), media_type="text/event-stream", headers=headers)
+            return EventStream(events(), lambda: leave(499), headers)
         flight.unsubscribe()
         content = flight.chunks[0]
         self._settle(ctx, flight, status)
@@ -931,21 +932,6 @@ def _no_model(name: str) -> _Reject:
 def _upstream_headers(model: ModelConfig) -> dict[str, str]:
     key = model.upstream_api_key
     return {"authorization": f"Bearer {key}"} if key else {}
-
-
-class _Stream(StreamingResponse):
-    """A streaming response that calls on_close() however it ends — even when the client is gone before the first
-    chunk, where the body generator would never start (and so never run its `finally`)."""
-
-    def __init__(self, content, on_close, **kw) -> None:
-        super().__init__(content, **kw)
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
 
 
 def _hash(obj) -> str:
