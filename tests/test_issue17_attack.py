@@ -242,3 +242,47 @@ def test_a_stop_signal_while_the_workers_start_starts_no_more(tmp_path, monkeypa
                 slot.proc.wait()
         sock.close()
     assert [slot.proc is not None for slot in sup.slots] == [True, False, False]
+
+
+# ---- shared slots: a release racing the rewrite of a dirty tenant's field left a slot counted for good ---------------
+def test_a_release_during_the_rewrite_of_a_dirty_field_is_not_lost():
+    """A tenant's field is dirty (an acquire whose client left mid-call, a Redis hiccup); the next sync rewrites it
+    to what the process holds. A release whose decrement reached Redis before that rewrite (the rewrite's
+    connection slower) was overwritten by the older count, and the tenant's field was marked clean: one slot counted
+    for ever, and with max_concurrent 1 the tenant refused in every process until this one restarted."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import redis as redis_py
+    from test_gateway_hardening import Redis
+
+    from conveyor.gateway.shared import SharedState
+
+    server = Redis(free_port())
+
+    async def main():
+        st = SharedState(f"redis://127.0.0.1:{server.port}/0", 3.0, 0.1, lambda: {}, lambda op: None)
+        assert await st.take_slot("t", 1) is True
+        st.dirty.add("t")  # as after an acquire cancelled mid-call
+        call = st._call
+
+        async def slow(script, keys, args, op):  # the rewrite's round trip is the slow one
+            if op == "sync":
+                await asyncio.sleep(0.1)
+            return await call(script, keys, args, op)
+        st._call = slow
+        rewrite = asyncio.create_task(st._resync())
+        await asyncio.sleep(0.02)  # it read the count (1) and is on its way
+        st.release_slot("t")  # the request ends: its decrement arrives first
+        await rewrite
+        st._call = call
+        await st._resync()  # a later sync: rewrites the field again if it may still be wrong
+        field = redis_py.Redis(port=server.port).hget("conveyor:shared:slots:t", st.gid)
+        assert field in (None, b"0"), field
+        assert await st.take_slot("t", 1) is True  # not locked out
+        st.release_slot("t")
+        await st.close()
+
+    try:
+        run(main())
+    finally:
+        server.stop()

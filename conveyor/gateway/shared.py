@@ -200,6 +200,7 @@ class SharedState:
         self.models, self.on_fallback, self.prefix = models, on_fallback, prefix
         self.held: dict[str, int] = {}  # tenant → slots counted in Redis for this process
         self.pending: Counter[str] = Counter()  # tenant → slot operations in flight
+        self.ops: Counter[str] = Counter()  # tenant → slot operations started, ever (see _resync)
         self.dirty: set[str] = set()  # tenants whose field may differ from `held`
         self.live_seen = 1  # processes alive at the last sync (this one included)
         self.claims: dict[str, int] = {}  # model → the quota claimed at the last sync (see split)
@@ -246,6 +247,7 @@ class SharedState:
         elsewhere, None Redis unreachable: taken on this process's own count (checked by the caller), and written
         to Redis once it is back. True or None: release_slot it when the request ends."""
         self.pending[tenant] += 1
+        self.ops[tenant] += 1
         try:
             out = await self._call(self._acquire, [self._slots_key(tenant), self.prefix + "live"],
                                    [self.gid, max_concurrent, self.ttl_s], "slot_acquire")
@@ -268,6 +270,7 @@ class SharedState:
         if not self.held[tenant]:
             del self.held[tenant]
         self.pending[tenant] += 1
+        self.ops[tenant] += 1
         self._spawn(self._decrement(tenant))
 
     async def _decrement(self, tenant: str) -> None:
@@ -285,10 +288,12 @@ class SharedState:
     async def _resync(self) -> None:
         """Rewrite the fields of dirty tenants with nothing in flight to what this process holds."""
         for tenant in [t for t in self.dirty if not self.pending[t]]:
-            n = self.held.get(tenant, 0)
+            n, ops = self.held.get(tenant, 0), self.ops[tenant]
             if await self._call(self._release, [self._slots_key(tenant)], [self.gid, "set", n], "sync") is None:
                 return
-            if not self.pending[tenant]:
+            # clean only if no slot operation started meanwhile: one that reached Redis before this write was
+            # overwritten by n (a release lost that way counted a slot for good); the next sync writes it again
+            if self.ops[tenant] == ops:
                 self.dirty.discard(tenant)
 
     # ---- capacity split ------------------------------------------------------------------------------------------
