@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -231,10 +232,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
-                runs_batches: bool = True) -> int:
+                runs_batches: bool = True, ready: Callable[[], None] | None = None) -> int:
     """`conveyor gateway`: one process serving on --host/--port; with --workers N > 1 the supervisor of N worker
     processes (conveyor/gateway/workers.py), each of which calls this with the shared listening `sock` (its logging
-    already set up) and runs the batch worker only if `runs_batches`."""
+    already set up), runs the batch worker only if `runs_batches`, and has `ready` called once it serves."""
     import signal
 
     import uvicorn
@@ -281,6 +282,11 @@ def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl-C: stop waiting for open connections
             self.should_exit = True
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and ready is not None:
+                ready()
 
     config = uvicorn.Config(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False,
                             log_level=a.log_level, timeout_graceful_shutdown=5, http=http, loop=loop)

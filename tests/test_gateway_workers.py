@@ -271,6 +271,9 @@ def test_killed_worker_is_restarted_while_requests_go_on(gateway):
     exited = events(gateway, "worker_exited")[-1]
     assert (exited["worker"], exited["pid"], exited["returncode"]) == (1, victim, -signal.SIGKILL)
     wait_until(lambda: metric(gateway, "conveyor_gateway_workers") == 2, 60, "the new worker 1 up")
+    # each process told the supervisor once it served (its readiness byte): the new worker 1 too
+    new = worker_pids(gateway)[1]
+    wait_until(lambda: new in {e["pid"] for e in events(gateway, "worker_serving")}, 20, "worker 1 serving")
     # the dead worker's counts stay in the sums
     assert metric(gateway, "conveyor_gateway_requests_total", status="200") >= before + 10
     assert gateway.proc.poll() is None

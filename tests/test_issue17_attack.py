@@ -286,3 +286,83 @@ def test_a_release_during_the_rewrite_of_a_dirty_field_is_not_lost():
         run(main())
     finally:
         server.stop()
+
+
+# ---- the supervisor: a worker that crashes before it serves was restarted for ever ------------------------------------
+def _supervisor(tmp_path, code: str, workers: int = 2):
+    """A Supervisor whose worker processes run `code` (python -c) instead of the gateway."""
+    import sys
+
+    import yaml
+
+    from conveyor.cli import build_parser
+    from conveyor.gateway import workers as w
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"name": "m", "replicas": ["http://127.0.0.1:1"]}],
+                                   "tenants": [{"name": "t", "api_key_sha256": "0" * 64}],
+                                   "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                                   "batch": {"db_path": str(tmp_path / "b.sqlite3")}}))
+    a = build_parser().parse_args(["gateway", "--config", str(cfg), "--workers", str(workers), "--port", "0"])
+    (tmp_path / "metrics").mkdir()
+    sup = w.Supervisor(a, w.listen("127.0.0.1", 0), str(tmp_path / "metrics"))
+    sup._command = lambda slot: [sys.executable, "-c", code]
+    return sup
+
+
+def _run_supervisor(sup, give_up_after_s: float) -> int:
+    """sup.run() in this (the main) thread; SIGTERM'd as by a person after give_up_after_s."""
+    import signal
+    import threading
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    timer = threading.Timer(give_up_after_s, sup._on_signal, (signal.SIGTERM, None))
+    timer.start()
+    try:
+        return sup.run()
+    finally:
+        timer.cancel()
+        for s, h in saved.items():
+            signal.signal(s, h)
+        for slot in sup.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.kill()
+                slot.proc.wait()
+        sup.sock.close()
+
+
+def test_a_worker_that_crashes_before_serving_ends_the_gateway(tmp_path, monkeypatch):
+    """A worker whose every start dies with a traceback (exit 1, not the 2/3 of a refused config) was restarted for
+    ever while the supervisor's socket kept accepting connections no worker served: clients hung. Now START_ATTEMPTS
+    such exits in a row end the gateway with exit 1 and one line saying why."""
+    from conveyor.gateway import workers as w
+
+    monkeypatch.setattr(w, "RESTART_BASE_S", 0.01)
+    monkeypatch.setattr(w, "RESTART_MAX_S", 0.05)
+    sup = _supervisor(tmp_path, "raise RuntimeError('broken at start')")
+    assert _run_supervisor(sup, give_up_after_s=20) == 1
+    assert sup.error is not None and "\n" not in sup.error
+    assert "exited before serving 5 times in a row (last exit status 1)" in sup.error
+    assert max(s.restarts for s in sup.slots) == w.START_ATTEMPTS - 1
+
+
+def test_a_worker_that_served_and_crashes_is_restarted(tmp_path, monkeypatch):
+    """A worker that said it serves (its readiness byte) and then exits is restarted, however often."""
+    from conveyor.gateway import workers as w
+
+    monkeypatch.setattr(w, "RESTART_BASE_S", 0.01)
+    monkeypatch.setattr(w, "RESTART_MAX_S", 0.05)
+    code = ("import json, os; spec = json.loads(os.environ['CONVEYOR_GATEWAY_WORKER']); "
+            "os.write(spec['ready_fd'], b'1'); raise SystemExit(1)")
+    sup = _supervisor(tmp_path, code, workers=2)
+    real = w.Supervisor._start
+
+    def start(self, slot):
+        real(self, slot)
+        if slot.restarts == 2 * w.START_ATTEMPTS:  # restarted well past the limit for ones that never served
+            self._on_signal(__import__("signal").SIGTERM, None)
+    monkeypatch.setattr(w.Supervisor, "_start", start)
+    assert _run_supervisor(sup, give_up_after_s=20) == 0
+    assert sup.error is None and max(s.restarts for s in sup.slots) == 2 * w.START_ATTEMPTS
+    assert all(s.ready_fd is None for s in sup.slots)
+

@@ -8,6 +8,10 @@ accepting on the inherited socket, and watches them:
   base once a worker ran RESTART_RESET_S), each exit logged; a worker's first process that fails to start (exit 2:
   it refused the config, something only a worker checks; exit 3: uvicorn's startup failure, e.g. a tokenizer that
   cannot be loaded) ends the gateway with that status instead: every restart would fail the same way;
+- a worker tells the supervisor it serves by writing one byte to a pipe once uvicorn's startup completed (it then
+  accepts on the socket). A worker whose processes exit before that START_ATTEMPTS times in a row, whatever their
+  status (a traceback is exit 1), ends the gateway with one line on stderr and exit 1: restarted for ever, it would
+  leave the socket accepting connections nobody serves. One that served and then exits is restarted as above;
 - SIGTERM / SIGINT: SIGTERM to every worker (uvicorn's graceful stop: open requests get 5 s), SIGKILL to one still
   running after STOP_TIMEOUT_S; exit 0. A second SIGINT is passed on (a worker then stops waiting for its requests);
 - SIGHUP: the supervisor reads the config file first; if it loads and still has `redis_url`, SIGHUP is passed on
@@ -60,6 +64,7 @@ BACKLOG = 2048  # uvicorn's default
 SPEC_ENV = "CONVEYOR_GATEWAY_WORKER"  # the worker's flags as JSON (not in argv: `ps` shows argv)
 PR_SET_PDEATHSIG = 1
 START_FAILURES = (2, 3)  # a worker's exit status when cmd_gateway refused the config / uvicorn's app startup failed
+START_ATTEMPTS = 5  # a worker's processes that exit before serving, in a row, before the gateway gives up
 
 
 class StartError(Exception):
@@ -77,7 +82,11 @@ def supervise(a: argparse.Namespace) -> int:
         return 2
     metrics_dir = tempfile.mkdtemp(prefix="conveyor-gateway-metrics-")
     try:
-        return Supervisor(a, sock, metrics_dir).run()
+        sup = Supervisor(a, sock, metrics_dir)
+        code = sup.run()
+        if sup.error is not None:
+            print(f"error: {sup.error}", file=sys.stderr)
+        return code
     finally:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -122,6 +131,9 @@ class Slot:
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float | None = None  # monotonic; set while it waits to be started again
+    ready_fd: int | None = None  # the read end of the current process's readiness pipe, until it said it serves
+    served: bool = False  # the current process said it serves
+    failed_starts: int = 0  # processes in a row that exited before serving
 
 
 class Supervisor:
@@ -132,6 +144,7 @@ class Supervisor:
         self.reload_pending = False
         self.interrupts = 0
         self.exit_code = 0
+        self.error: str | None = None  # why the gateway gave up, for supervise() to print
 
     def run(self) -> int:
         """Start the workers and keep them running until a stop signal; the exit status."""
@@ -192,32 +205,73 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    def _command(self, slot: Slot) -> list[str]:
+        return [sys.executable, "-m", "conveyor.gateway.workers", "--index", str(slot.index)]
+
     def _start(self, slot: Slot) -> None:
-        spec = {"fd": self.sock.fileno(), "parent_pid": os.getpid(), "index": slot.index,
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        spec = {"fd": self.sock.fileno(), "ready_fd": write_fd, "parent_pid": os.getpid(), "index": slot.index,
                 "args": {k: v for k, v in vars(self.a).items() if k != "func"}}
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir, **{SPEC_ENV: json.dumps(spec)})
-        cmd = [sys.executable, "-m", "conveyor.gateway.workers", "--index", str(slot.index)]
-        slot.proc = subprocess.Popen(cmd, env=env, pass_fds=(self.sock.fileno(),))
+        try:
+            slot.proc = subprocess.Popen(self._command(slot), env=env, pass_fds=(self.sock.fileno(), write_fd))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the worker holds the only write end: EOF once it exits
+        slot.ready_fd, slot.served = read_fd, False
         slot.started, slot.restart_at = time.monotonic(), None
         log.info(json.dumps({"event": "worker_started", "worker": slot.index, "pid": slot.proc.pid,
                              "restarts": slot.restarts}))
 
+    def _check_ready(self, slot: Slot) -> None:
+        """Read the worker's readiness byte if it came; the pipe is closed once it came or the worker exited."""
+        if slot.ready_fd is None:
+            return
+        try:
+            got = os.read(slot.ready_fd, 1)
+        except BlockingIOError:
+            return  # still starting
+        os.close(slot.ready_fd)
+        slot.ready_fd = None
+        if got:
+            slot.served, slot.failed_starts = True, 0
+            log.info(json.dumps({"event": "worker_serving", "worker": slot.index, "pid": slot.proc.pid}))
+
+    def _give_up(self, code: int, error: str | None) -> None:
+        self.exit_code, self.error, self.stopping = code, error, True
+        self._send(signal.SIGTERM)
+
     def _watch(self, slot: Slot, now: float) -> None:
-        """Notice a worker's exit (schedule its restart, or stop the gateway) and start it again when due."""
+        """Notice a worker's readiness and exit (schedule its restart, or stop the gateway) and start it again when
+        due."""
         if slot.restart_at is not None:
             if now >= slot.restart_at:
                 slot.restarts += 1
                 self._start(slot)
             return
         rc = slot.proc.poll()
+        self._check_ready(slot)  # after poll(): a byte written before the exit is read now
         if rc is None:
             return
+        self._check_ready(slot)  # EOF now if it never wrote (unless a child of it holds the write end)
+        if slot.ready_fd is not None:
+            os.close(slot.ready_fd)
+            slot.ready_fd = None
         mark_process_dead(slot.proc.pid, self.metrics_dir)
         if rc in START_FAILURES and slot.restarts == 0:  # its first start failed: so would every restart
             log.error(json.dumps({"event": "worker_start_failed", "worker": slot.index, "pid": slot.proc.pid,
                                   "returncode": rc}))
-            self.exit_code, self.stopping = rc, True
-            self._send(signal.SIGTERM)
+            self._give_up(rc, None)  # the worker printed why
+            return
+        slot.failed_starts += not slot.served
+        if slot.failed_starts >= START_ATTEMPTS:
+            log.error(json.dumps({"event": "worker_start_failed", "worker": slot.index, "pid": slot.proc.pid,
+                                  "returncode": rc, "attempts": slot.failed_starts}))
+            self._give_up(1, f"worker {slot.index} exited before serving {slot.failed_starts} times in a row (last "
+                             f"exit status {rc}); its output above says why")
             return
         ran_s = now - slot.started
         slot.backoff_s = RESTART_BASE_S if ran_s >= RESTART_RESET_S else min(RESTART_MAX_S, max(
@@ -238,6 +292,9 @@ class Supervisor:
             if slot.proc is not None:
                 slot.proc.wait()
                 mark_process_dead(slot.proc.pid, self.metrics_dir)
+            if slot.ready_fd is not None:
+                os.close(slot.ready_fd)
+                slot.ready_fd = None
         log.info(json.dumps({"event": "gateway_stopped", "exit_code": self.exit_code}))
 
 
@@ -280,7 +337,17 @@ def worker_main() -> int:
     from conveyor.cli import cmd_gateway
 
     sock = socket.socket(fileno=spec["fd"])
-    return cmd_gateway(a, sock=sock, runs_batches=spec["index"] == 0)
+    return cmd_gateway(a, sock=sock, runs_batches=spec["index"] == 0, ready=lambda: say_ready(spec["ready_fd"]))
+
+
+def say_ready(fd: int) -> None:
+    """Tell the supervisor this worker serves: one byte on its readiness pipe `fd`, then closed."""
+    try:
+        os.write(fd, b"1")
+    except OSError:
+        pass  # the supervisor is gone: PR_SET_PDEATHSIG stops this process
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":  # argv (--index I) is only there to tell the workers apart in `ps`
