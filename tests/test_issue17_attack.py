@@ -366,3 +366,37 @@ def test_a_worker_that_served_and_crashes_is_restarted(tmp_path, monkeypatch):
     assert sup.error is None and max(s.restarts for s in sup.slots) == 2 * w.START_ATTEMPTS
     assert all(s.ready_fd is None for s in sup.slots)
 
+
+# ---- a replica's whole (non-stream) body was read with no bound ------------------------------------------------------
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_replica_body_past_the_limit_is_a_502_and_its_connection_dropped(declared, monkeypatch):
+    """A replica answering a non-stream request with an endless body (or declaring a huge one): the gateway held all
+    of it in memory. Past MAX_RESPONSE_BYTES: 502 in OpenAI's JSON, the connection dropped, nothing held; retried
+    on another replica as any failure after the request was sent (here the one replica: 2 deliveries, then 502)."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_gateway_passthrough import Replica, _through_gateway
+
+    from conveyor.gateway import proxy
+
+    limit = 1 << 20
+    monkeypatch.setattr(proxy, "MAX_RESPONSE_BYTES", limit)
+    piece = b"x" * 65536
+    if declared:  # says 1 GiB, then sends slowly: refused on its head, not after reading
+        answer = [b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (1 << 30), piece, 30.0]
+    else:  # chunked with no end
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        answer = [head] + [b"%x\r\n%s\r\n" % (len(piece), piece), 0.001] * (4 * limit // len(piece)) + [30.0]
+    rep = Replica(lambda n: answer)
+
+    async def scenario(c) -> None:
+        r = await c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["code"] == "upstream_failed" and f"larger than {limit} bytes" in err["message"]
+        ok = await c.get("/metrics")  # the gateway is still fine
+        assert ok.status_code in (200, 401)
+
+    gw = run(_through_gateway(rep, scenario, max_retries=3))
+    assert rep.requests == proxy.MAX_FAILED_DELIVERIES
+    assert gw.forwarder.upstream.open == 0  # each connection dropped, none kept

@@ -30,7 +30,8 @@ from conveyor.gateway.admission import ModelQueue, Rejected, Waiter
 from conveyor.gateway.config import GatewayConfig
 from conveyor.gateway.metrics import GatewayMetrics
 from conveyor.gateway.picker import Replica
-from conveyor.gateway.upstream import ConnectError, PoolTimeout, RemoteProtocolError, Upstream, UpstreamError
+from conveyor.gateway.upstream import (ConnectError, PoolTimeout, RemoteProtocolError, Response, Upstream,
+                                       UpstreamError)
 from conveyor.tracing import Tracing, end_upstream_span, phase, start_upstream_span, traceparent_headers
 
 log = logging.getLogger("conveyor.gateway")
@@ -39,6 +40,11 @@ DONE = "data: [DONE]\n\n"
 _NULL_USAGE = b', "usage": null}'
 MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its error is returned
 MAX_EVENT_BYTES = 16 << 20  # one SSE event of a replica (a token's chunk: a few KiB); past it, not SSE
+MAX_RESPONSE_BYTES = 64 << 20  # a replica's whole body (non-stream answer, error); past it, 502 and the conn dropped
+
+
+class ResponseTooLarge(RemoteProtocolError):
+    """A replica's body past MAX_RESPONSE_BYTES (declared or as it arrived)."""
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> str:
@@ -424,14 +430,14 @@ class Forwarder:
                                                     "upstream_failed"), {})
         try:
             if resp.status_code >= 500:
-                body = _openai_error(resp.status_code, (await resp.read()).decode(errors="replace"))
+                body = _openai_error(resp.status_code, (await read_body(resp)).decode(errors="replace"))
                 headers = {"retry-after": resp.headers["retry-after"]} if "retry-after" in resp.headers else {}
                 return None, "failed", (resp.status_code, body, headers)
             if resp.status_code in (401, 403):
-                await resp.read()
+                await read_body(resp)
                 return None, "failed", self._auth_failed(call, replica, resp.status_code)
             if resp.status_code != 200 or not call.stream:
-                body = await resp.read()
+                body = await read_body(resp)
                 flight.finish(resp.status_code, body if resp.status_code == 200 else
                               _openai_error(resp.status_code, body.decode(errors="replace")))
                 return True, "done", last  # a 4xx is the request's fault, never the replica's
@@ -445,8 +451,8 @@ class Forwarder:
             return True, "done", last
         except UpstreamError as e:
             if not flight.chunks:
-                return None, "failed", (502, error_body(502, f"replica failed ({type(e).__name__})",
-                                                        "upstream_failed"), {})
+                why = str(e) if isinstance(e, ResponseTooLarge) else type(e).__name__
+                return None, "failed", (502, error_body(502, f"replica failed ({why})", "upstream_failed"), {})
             self.metrics.stream_errors.labels(call.model).inc()
             flight.cut = True
             flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({type(e).__name__}); "
@@ -472,6 +478,21 @@ def upstream_client(cfg: GatewayConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
                              limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024),
                              trust_env=False)
+
+
+async def read_body(resp: Response) -> bytes:
+    """A replica's whole body. Raises ResponseTooLarge as soon as it declares or sends more than MAX_RESPONSE_BYTES
+    (the caller's resp.close() then drops the connection), UpstreamError as resp does."""
+    declared = resp.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+        raise ResponseTooLarge(f"its response is larger than {MAX_RESPONSE_BYTES} bytes")
+    pieces, size = [], 0
+    async for piece in resp:
+        size += len(piece)
+        if size > MAX_RESPONSE_BYTES:
+            raise ResponseTooLarge(f"its response is larger than {MAX_RESPONSE_BYTES} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def total_tokens(usage: dict) -> int:
