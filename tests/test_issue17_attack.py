@@ -400,3 +400,60 @@ def test_a_replica_body_past_the_limit_is_a_502_and_its_connection_dropped(decla
     gw = run(_through_gateway(rep, scenario, max_retries=3))
     assert rep.requests == proxy.MAX_FAILED_DELIVERIES
     assert gw.forwarder.upstream.open == 0  # each connection dropped, none kept
+
+
+# ---- SSE without the optional space after "data:" ----------------------------------------------------------------------
+def _compact_stream() -> bytes:
+    """A replica's stream with no space after "data:" (valid SSE), usage as compact JSON, CRLF in one place."""
+    return (b'data:{"id":"c","choices":[{"index":0,"text":"a"}],"usage":null}\n\n'
+            b'data:{"id":"c","choices":[{"index":0,"text":"data:[DONE]"}],"usage":null}\r\n\r\n'
+            b'data:{"id":"c","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}\n\n'
+            b"data:[DONE]\n\n")
+
+
+def test_events_without_the_space_after_data_are_understood():
+    """`data:[DONE]` did not end the stream (the gateway cut it: "stream ended without [DONE]"), and `data:{...}`
+    usage events were neither read (the fair queue's charge, the usage metrics) nor dropped for a client that did not
+    ask for usage."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_gateway_passthrough import _read
+
+    from conveyor.gateway.proxy import Flight
+
+    flight = Flight(stream=True)
+    stream = _compact_stream()
+    flight.push_raw(stream[:90])
+    flight.push_raw(stream[90:])
+    assert flight.saw_done and flight.usage == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    flight.finish()
+    assert run(_read(flight, True)) == stream  # passed on as it came
+    plain = run(_read(flight, False))
+    assert b'"usage"' not in plain and plain.endswith(b"data:[DONE]\n\n")
+    events = [e for e in plain.replace(b"\r\n", b"\n").split(b"\n\n") if e]
+    assert [json.loads(e[5:])["choices"][0]["text"] for e in events[:-1]] == ["a", "data:[DONE]"]
+
+    inside = Flight(stream=True)  # the marker inside a text, or with a second space, is not the end
+    inside.push_raw(b'data:{"text":"x\\ndata:[DONE]"}\n\ndata:  [DONE]\n\n')
+    assert not inside.saw_done
+
+
+def test_a_stream_ended_by_data_colon_done_passes_the_gateway_whole():
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_gateway_passthrough import Replica, _through_gateway, chunked
+
+    stream = _compact_stream()
+    rep = Replica(lambda n: chunked(stream, pieces=4))
+
+    async def scenario(c) -> None:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 2, "stream": True}
+        for extra, expect_usage in (({"stream_options": {"include_usage": True}}, True), ({}, False)):
+            async with c.stream("POST", "/v1/completions", json={**body, **extra}) as r:
+                got = await r.aread()
+            assert r.status_code == 200
+            assert got.endswith(b"data:[DONE]\n\n") and b"error" not in got, got
+            assert (b'"total_tokens":4' in got) is expect_usage
+
+    run(_through_gateway(rep, scenario))
+    assert rep.requests == 2  # not retried, not cut

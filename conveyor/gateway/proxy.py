@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ log = logging.getLogger("conveyor.gateway")
 
 DONE = "data: [DONE]\n\n"
 _NULL_USAGE = b', "usage": null}'
+# the end of a stream as an event's line: SSE's space after "data:" is optional; an event's data is one line of
+# JSON, which escapes line breaks, so the marker inside a text never starts a line
+_DONE_LINE = re.compile(rb"(?:^|\n)data: ?\[DONE\]\r?(?:\n|$)")
 MAX_FAILED_DELIVERIES = 2  # replicas a request may reach and fail on before its error is returned
 MAX_EVENT_BYTES = 16 << 20  # one SSE event of a replica (a token's chunk: a few KiB); past it, not SSE
 MAX_RESPONSE_BYTES = 64 << 20  # a replica's whole body (non-stream answer, error); past it, 502 and the conn dropped
@@ -128,8 +132,7 @@ class Flight:
         self._append(line.encode() + b"\n\n")
 
     def _append(self, part: bytes) -> None:
-        # an event's data is one line of JSON, which escapes line breaks: "data: [DONE]" after one starts a line
-        if part.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in part:
+        if b"[DONE]" in part and _DONE_LINE.search(part):  # the plain search first: most pieces have no marker
             self.saw_done = True
         if b'"usage"' in part and part.count(b'"usage"') != part.count(b'"usage": null'):
             self._read_usage(part)
@@ -212,11 +215,11 @@ def _events(part: bytes) -> list[bytes]:
 
 
 def _usage_event(event: bytes) -> dict | None:
-    """The JSON object of an event `data: {...}` that has a `usage` key, else None."""
-    if not event.startswith(b"data: {") or b'"usage"' not in event:
+    """The JSON object of an event `data: {...}` (or `data:{...}`) that has a `usage` key, else None."""
+    if not event.startswith(b"data:") or b'"usage"' not in event:
         return None
     try:
-        obj = json.loads(event[6:])
+        obj = json.loads(event[5:])  # the optional space is JSON's whitespace
     except ValueError:
         return None
     return obj if isinstance(obj, dict) and "usage" in obj else None
