@@ -131,9 +131,10 @@ def cut_after_first_line(monkeypatch) -> None:
 
 def cut_body(monkeypatch) -> None:
     """Upstream non-streamed responses break while their body is read."""
-    async def cut(self):
+    async def cut(self):  # the proxy reads a body by its pieces (bounded: proxy.read_body)
         raise upstream.RemoteProtocolError("injected: connection lost while reading the body")
-    monkeypatch.setattr(upstream.Response, "read", cut)
+        yield b""  # an async generator, as Response.__aiter__ is
+    monkeypatch.setattr(upstream.Response, "__aiter__", cut)
 
 
 # (name, how to inject, the request, what the client gets)
