@@ -72,43 +72,22 @@ def raw_error(status: int, reason: str, kind: str, code: str, message: str) -> b
             b"content-length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body))
 
 
-class TimedH11Protocol(H11Protocol):
-    """H11Protocol plus one read deadline per phase of a request (its head, then its body); see the module doc."""
+class _ReadDeadlines:
+    """What the timed protocols share: the expiry of a read deadline and OpenAI-JSON answers to malformed HTTP. A
+    subclass arms `_deadline` per phase and says, in `_reading_state()`, whether it is reading a request's head
+    (else its body) and whether that phase has begun (a byte of the head arrived; the body's response not started)."""
 
-    read_timeout: float = 30.0  # seconds, for the head; set per server with timed_h11()
+    read_timeout: float = 30.0  # seconds, for the head; set per server with timed_h11() / timed_httptools()
     body_timeout: float = 30.0  # seconds, for the body
     on_timeout: Callable[[], None] | None = None  # called when a partly sent head is cut off (the app never saw it)
+    _deadline: asyncio.TimerHandle | None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._deadline: asyncio.TimerHandle | None = None
-        self._phase: tuple | None = None
-        super().connection_made(transport)
-        self._watch()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._watch()
+    def _reading_state(self) -> tuple[bool, bool]:
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
-        super().connection_lost(exc)
-
-    def _watch(self) -> None:
-        """Arm a fresh deadline whenever reading enters a new phase (a request's head, its body); drop it once the
-        request is in."""
-        state = self.conn.their_state
-        phase = (state, self.cycle)
-        if phase == self._phase:
-            return
-        self._phase = phase
-        self._cancel()
-        if state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
-            timeout = self.read_timeout if state is h11.IDLE else self.body_timeout
-            self._deadline = self.loop.call_later(timeout, self._expired)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _cancel(self) -> None:
         if self._deadline is not None:
@@ -119,8 +98,7 @@ class TimedH11Protocol(H11Protocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        reading_head = self.conn.their_state is h11.IDLE
-        started = bool(self.conn.trailing_data[0]) if reading_head else not self.cycle.response_started
+        reading_head, started = self._reading_state()
         if started:  # an idle connection is closed quietly, as keep-alive does: a 408 could cross a new request
             what = "headers" if reading_head else "body"
             self.transport.write(raw_error(408, "Request Timeout", "timeout_error", "request_timeout",
@@ -137,6 +115,41 @@ class TimedH11Protocol(H11Protocol):
             self.transport.write(raw_error(400, "Bad Request", "invalid_request_error", "invalid_http",
                                            f"malformed HTTP request: {msg}"))
         self.transport.close()
+
+
+class TimedH11Protocol(_ReadDeadlines, H11Protocol):
+    """H11Protocol plus one read deadline per phase of a request (its head, then its body); see the module doc."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase: tuple | None = None
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def _watch(self) -> None:
+        """Arm a fresh deadline whenever reading enters a new phase (a request's head, its body); drop it once the
+        request is in."""
+        state = self.conn.their_state
+        phase = (state, self.cycle)
+        if phase == self._phase:
+            return
+        self._phase = phase
+        self._cancel()
+        if state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            timeout = self.read_timeout if state is h11.IDLE else self.body_timeout
+            self._deadline = self.loop.call_later(timeout, self._expired)
+
+    def _reading_state(self) -> tuple[bool, bool]:
+        reading_head = self.conn.their_state is h11.IDLE
+        return reading_head, bool(self.conn.trailing_data[0]) if reading_head else not self.cycle.response_started
 
 
 def timed_h11(read_timeout: float, body_timeout: float | None = None,
@@ -159,15 +172,11 @@ else:  # the fallback is h11 (timed_http)
     HttpToolsProtocol = asyncio.Protocol  # type: ignore[misc,assignment]
 
 
-class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+class TimedHttpToolsProtocol(_ReadDeadlines, HttpToolsProtocol):  # type: ignore[misc,valid-type]
     """HttpToolsProtocol plus the read deadlines and error answers of TimedH11Protocol. httptools reports a
     request's phases through parser callbacks (message begin, headers complete, message complete) where h11 has
     states, so the phase is kept here: "head" (reading the next request's head), "body", or None (a request is
     in and being answered)."""
-
-    read_timeout: float = 30.0
-    body_timeout: float = 30.0
-    on_timeout: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -188,10 +197,6 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type
                                            "request_header_fields_too_large",
                                            f"the request head exceeds {MAX_HEAD_BYTES} bytes"))
             self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel()
-        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -224,33 +229,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type
             timeout = self.read_timeout if phase == "head" else self.body_timeout
             self._deadline = self.loop.call_later(timeout, self._expired)
 
-    def _cancel(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
 
-    def _expired(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing():
-            return
+    def _reading_state(self) -> tuple[bool, bool]:
         reading_head = self._reading == "head"
-        started = self._head_begun if reading_head else not self.cycle.response_started
-        if started:  # an idle connection is closed quietly, as keep-alive does
-            what = "headers" if reading_head else "body"
-            self.transport.write(raw_error(408, "Request Timeout", "timeout_error", "request_timeout",
-                                           f"the request {what} did not arrive within "
-                                           f"{self.read_timeout if reading_head else self.body_timeout:g} s"))
-        self.logger.info("closed a connection: request %s not received in time", "head" if reading_head else "body")
-        self.transport.close()
-        if started and reading_head and self.on_timeout is not None:
-            self.on_timeout()
-
-    def send_400_response(self, msg: str) -> None:  # malformed HTTP: OpenAI's error JSON, not plain text
-        self._cancel()
-        if self.cycle is None or not self.cycle.response_started or self.cycle.response_complete:
-            self.transport.write(raw_error(400, "Bad Request", "invalid_request_error", "invalid_http",
-                                           f"malformed HTTP request: {msg}"))
-        self.transport.close()
+        return reading_head, self._head_begun if reading_head else not self.cycle.response_started
 
 
 def timed_httptools(read_timeout: float, body_timeout: float | None = None,
