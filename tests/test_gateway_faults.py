@@ -119,12 +119,13 @@ def cut_after_first_line(monkeypatch) -> None:
     """Upstream responses break after their first whole event."""
     real = upstream.Response.__aiter__
 
-    async def cut(self):
+    async def cut(self):  # whatever the pieces: the whole stream may come in one
         seen = b""
         async for piece in real(self):
-            if b"\n\n" in seen:
-                raise upstream.RemoteProtocolError("injected: connection lost mid-stream")
             seen += piece
+            if (end := seen.find(b"\n\n")) >= 0:
+                yield piece[:len(piece) - (len(seen) - end - 2)]
+                raise upstream.RemoteProtocolError("injected: connection lost mid-stream")
             yield piece
     monkeypatch.setattr(upstream.Response, "__aiter__", cut)
 

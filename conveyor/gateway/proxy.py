@@ -399,6 +399,10 @@ class Forwarder:
         if not flight.chunks:
             return None, "failed" if reason == "idle_timeout" else "aborted", (
                 502, error_body(502, f"replica failed ({why})", "upstream_failed"), {})
+        return self._cut_stream(flight, call, why, last)
+
+    def _cut_stream(self, flight: Flight, call: Call, why: str, last: tuple) -> tuple[None, str, tuple]:
+        """End a stream that already sent events with an error event and [DONE] (never replayed elsewhere)."""
         self.metrics.stream_errors.labels(call.model).inc()
         flight.cut = True
         flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({why}); the response is "
@@ -456,13 +460,7 @@ class Forwarder:
             if not flight.chunks:
                 why = str(e) if isinstance(e, ResponseTooLarge) else type(e).__name__
                 return None, "failed", (502, error_body(502, f"replica failed ({why})", "upstream_failed"), {})
-            self.metrics.stream_errors.labels(call.model).inc()
-            flight.cut = True
-            flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({type(e).__name__}); "
-                                                    "the response is incomplete", "upstream_failed"))
-            flight.push_event(DONE.strip())
-            flight.finish()
-            return None, "done", last
+            return self._cut_stream(flight, call, type(e).__name__, last)
         finally:
             resp.close()
 
