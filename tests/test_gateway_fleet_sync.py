@@ -149,50 +149,13 @@ def test_replicas_added_drained_and_removed_through_one_worker_apply_in_both(fle
     assert r.status_code == 400 and r.json()["error"]["param"] == "abort_in_flight"
 
 
-def test_a_frozen_replica_removed_as_dead_ends_its_requests_at_once(fleet):
-    """Stream s1 is under way at b, s2 waits there for its first event; b freezes; the autoscaler removes it with
-    abort_in_flight through one worker: s1 ends with an error event and [DONE], s2 is served by a."""
+def streams_at_a_frozen_replica(fleet, while_frozen) -> tuple[tuple, tuple]:
+    """Stream s1 under way at b, s2 waiting there for its first event, then b frozen (SIGSTOP) while
+    while_frozen() runs and the streams end. a is drained first, so both went to b. Returns (status, lines) of each."""
     gw, a, b, pb = fleet["gw"], fleet["a"], fleet["b"], fleet["pb"]
     admin(gw, "POST", "", url=b)
     admin(gw, "POST", "/drain", url=a)
     settled(gw, {a: "draining", b: "healthy"})
-    before = metric(gw, "conveyor_gateway_upstream_cuts_total", reason="replica_dead")
-    out1: list = []
-    out2: list = []
-    t1, first1 = background(gw, 20, out1)
-    assert first1.wait(20)
-    os.kill(pb.pid, signal.SIGSTOP)
-    try:
-        t2, first2 = background(gw, 2, out2)
-        wait_until(lambda: metric(gw, "conveyor_gateway_in_flight_requests") == 2, 10, "s2 at the frozen replica")
-        admin(gw, "POST", "", url=a)
-        settled(gw, {a: "healthy"}, only=False)  # b's health checks fail meanwhile
-        admin(gw, "DELETE", "", url=b, abort_in_flight=True)
-        t1.join(20)
-        t2.join(20)
-    finally:
-        os.kill(pb.pid, signal.SIGCONT)
-    (s1, lines1), (s2, lines2) = out1[0], out2[0]
-    assert s1 == 200 and lines1[-1] == "data: [DONE]"
-    assert "the replica was removed as dead" in json.loads(lines1[-2][6:])["error"]["message"]
-    assert s2 == 200 and lines2[-1] == "data: [DONE]" and len(lines2) == 3  # whole (2 events), from a
-    assert not any('"error"' in line for line in lines2)
-    assert metric(gw, "conveyor_gateway_upstream_cuts_total", reason="replica_dead") == before + 2
-    settled(gw, {a: "healthy"})
-
-
-def test_a_stream_from_a_silent_replica_is_cut_after_stream_idle_timeout_s(fleet):
-    """No autoscaler this time: b freezes and stays in the pool. Past stream_idle_timeout_s s1 (under way) ends with
-    an error event and [DONE], s2 (no event yet) is retried on a."""
-    gw, a, b, pb = fleet["gw"], fleet["a"], fleet["b"], fleet["pb"]
-    fleet["path"].write_text(yaml.safe_dump({**fleet["cfg"], "stream_idle_timeout_s": 3}))
-    reloads = len(events(gw, "config_reloaded"))
-    gw.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: len(events(gw, "config_reloaded")) == reloads + 2, 20, "both workers reloaded")
-    admin(gw, "POST", "", url=b)
-    admin(gw, "POST", "/drain", url=a)
-    settled(gw, {a: "draining", b: "healthy"})
-    before = metric(gw, "conveyor_gateway_upstream_cuts_total", reason="idle_timeout")
     out1: list = []
     out2: list = []
     t1, first1 = background(gw, 20, out1)
@@ -202,15 +165,48 @@ def test_a_stream_from_a_silent_replica_is_cut_after_stream_idle_timeout_s(fleet
         t2, _ = background(gw, 2, out2)
         wait_until(lambda: metric(gw, "conveyor_gateway_in_flight_requests") == 2, 10, "s2 at the frozen replica")
         admin(gw, "POST", "", url=a)
+        while_frozen()
         t1.join(20)
         t2.join(20)
     finally:
         os.kill(pb.pid, signal.SIGCONT)
-    (s1, lines1), (s2, lines2) = out1[0], out2[0]
+    return out1[0], out2[0]
+
+
+def assert_cut_and_retried(s1_lines: tuple, s2_lines: tuple, why: str) -> None:
+    """s1 ended with an error event naming `why` and [DONE]; s2 whole (2 events) from a, no error."""
+    (s1, lines1), (s2, lines2) = s1_lines, s2_lines
     assert s1 == 200 and lines1[-1] == "data: [DONE]"
-    assert "nothing arrived from the replica for 3 s" in json.loads(lines1[-2][6:])["error"]["message"]
+    assert why in json.loads(lines1[-2][6:])["error"]["message"]
     assert s2 == 200 and lines2[-1] == "data: [DONE]" and len(lines2) == 3
     assert not any('"error"' in line for line in lines2)
+
+
+def test_a_frozen_replica_removed_as_dead_ends_its_requests_at_once(fleet):
+    """b freezes; the autoscaler removes it with abort_in_flight through one worker: s1 ends with an error event and
+    [DONE], s2 is served by a."""
+    gw, a, b = fleet["gw"], fleet["a"], fleet["b"]
+    before = metric(gw, "conveyor_gateway_upstream_cuts_total", reason="replica_dead")
+
+    def remove_b() -> None:
+        settled(gw, {a: "healthy"}, only=False)  # b's health checks fail meanwhile
+        admin(gw, "DELETE", "", url=b, abort_in_flight=True)
+    assert_cut_and_retried(*streams_at_a_frozen_replica(fleet, remove_b), "the replica was removed as dead")
+    assert metric(gw, "conveyor_gateway_upstream_cuts_total", reason="replica_dead") == before + 2
+    settled(gw, {a: "healthy"})
+
+
+def test_a_stream_from_a_silent_replica_is_cut_after_stream_idle_timeout_s(fleet):
+    """No autoscaler this time: b freezes and stays in the pool. Past stream_idle_timeout_s s1 (under way) ends with
+    an error event and [DONE], s2 (no event yet) is retried on a."""
+    gw = fleet["gw"]
+    fleet["path"].write_text(yaml.safe_dump({**fleet["cfg"], "stream_idle_timeout_s": 3}))
+    reloads = len(events(gw, "config_reloaded"))
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(events(gw, "config_reloaded")) == reloads + 2, 20, "both workers reloaded")
+    before = metric(gw, "conveyor_gateway_upstream_cuts_total", reason="idle_timeout")
+    assert_cut_and_retried(*streams_at_a_frozen_replica(fleet, lambda: None),
+                           "nothing arrived from the replica for 3 s")
     assert metric(gw, "conveyor_gateway_upstream_cuts_total", reason="idle_timeout") == before + 2
 
 
