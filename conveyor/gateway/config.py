@@ -144,8 +144,9 @@ class OverloadConfig(_Strict):
     max_event_loop_lag_s: Positive = 0.5  # refuse while the event loop runs this late (seconds; 3 timers in a row)
     lag_interval_s: Positive = 0.05  # how often the lag is measured
     # refuse while more connections than this wait in the kernel to be accepted (a process short of CPU falls
-    # behind there first, unseen by its event loop); None: not checked
-    max_accept_queue: Count | None = 256
+    # behind there first, unseen by its event loop); None: not checked. Each waiting connection costs the next one a
+    # few ms, so this bounds how long a refusal takes (64: ~0.3 s at the median vs ~0.9 s at 256; bench/README.md)
+    max_accept_queue: Count | None = 64
     retry_after_s: Count = 1  # the Retry-After header of a refusal
 
 
