@@ -208,20 +208,9 @@ def test_a_stop_signal_while_the_workers_start_starts_no_more(tmp_path, monkeypa
     supervisor waited STOP_TIMEOUT_S (20 s) before it SIGKILLed them."""
     import signal
 
-    import yaml
-
-    from conveyor.cli import build_parser
     from conveyor.gateway import workers
 
-    cfg = tmp_path / "gw.yaml"
-    cfg.write_text(yaml.safe_dump({"models": [{"name": "m", "replicas": ["http://127.0.0.1:1"]}],
-                                   "tenants": [{"name": "t", "api_key_sha256": "0" * 64}],
-                                   "redis_url": f"redis://127.0.0.1:{free_port()}/0",
-                                   "batch": {"db_path": str(tmp_path / "b.sqlite3")}}))
-    a = build_parser().parse_args(["gateway", "--config", str(cfg), "--workers", "3", "--port", "0"])
-    sock = workers.listen("127.0.0.1", 0)
-    (tmp_path / "metrics").mkdir()
-    sup = workers.Supervisor(a, sock, str(tmp_path / "metrics"))
+    sup = _supervisor(tmp_path, "import time; time.sleep(60)", workers=3)
     real = workers.Supervisor._start
 
     def start(self, slot):
@@ -230,17 +219,7 @@ def test_a_stop_signal_while_the_workers_start_starts_no_more(tmp_path, monkeypa
             self._on_signal(signal.SIGTERM, None)
 
     monkeypatch.setattr(workers.Supervisor, "_start", start)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        assert sup.run() == 0
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-        for slot in sup.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.kill()
-                slot.proc.wait()
-        sock.close()
+    assert _run_supervisor(sup, give_up_after_s=30) == 0
     assert [slot.proc is not None for slot in sup.slots] == [True, False, False]
 
 
