@@ -414,7 +414,12 @@ def test_hot_routes_take_only_an_exact_post_and_pass_the_rest_on():
     from conveyor.gateway.hot_routes import HotRoutes
 
     async def handler(request) -> PlainTextResponse:
+        if request.url.path == "/bug":
+            raise RuntimeError("a bug past the handler's guard")
         return PlainTextResponse(f"hot {request.url.path} " + (await request.body()).decode())
+
+    async def on_error(request, e: Exception) -> PlainTextResponse:
+        return PlainTextResponse(f"error {request.url.path} {e}", status_code=500)
 
     async def rest(scope, receive, send) -> None:  # what FastAPI would do with it
         await PlainTextResponse(f"rest {scope['method']} {scope['path']}")(scope, receive, send)
@@ -429,7 +434,7 @@ def test_hot_routes_take_only_an_exact_post_and_pass_the_rest_on():
             sent.append(message)
         scope = {"type": "http", "method": method, "path": path, "root_path": root_path, "headers": [],
                  "query_string": b"", "scheme": "http", "server": ("t", 80)}
-        await HotRoutes(rest, {"/v1/completions": handler})(scope, receive, send)
+        await HotRoutes(rest, {"/v1/completions": handler, "/bug": handler}, on_error)(scope, receive, send)
         return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
     assert run(call("POST", "/v1/completions")) == b"hot /v1/completions body"
@@ -437,6 +442,29 @@ def test_hot_routes_take_only_an_exact_post_and_pass_the_rest_on():
     assert run(call("POST", "/v1/completions/")) == b"rest POST /v1/completions/"  # its redirect
     assert run(call("POST", "/v1/models")) == b"rest POST /v1/models"
     assert run(call("POST", "/v1/completions", root_path="/gw")) == b"rest POST /v1/completions"
+    assert run(call("POST", "/bug")) == b"error /bug a bug past the handler's guard"
+
+
+def test_the_guard_and_the_hot_routes_wrap_fastapis_whole_stack():
+    """FrontedFastAPI: the front sees every request before FastAPI's server-error middleware, lifespan included."""
+    from conveyor.gateway.hot_routes import FrontedFastAPI
+
+    seen = []
+
+    def front(stack):
+        async def app(scope, receive, send):
+            seen.append(scope["type"])
+            await stack(scope, receive, send)
+        return app
+    app = FrontedFastAPI(front)
+    app.add_api_route("/ok", lambda: {"ok": True}, methods=["GET"])
+    stack = app.build_middleware_stack()
+    assert type(stack).__name__ == "function" and seen == []
+
+    async def get() -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return (await c.get("/ok")).status_code
+    assert run(get()) == 200 and seen == ["http"]
 
 
 def test_event_stream_stops_when_the_client_goes_and_closes_once_however_it_ends():

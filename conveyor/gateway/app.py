@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from opentelemetry.trace import Span
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp
 
 from conveyor.gateway import batch_api
 from conveyor.gateway.admission import ModelQueue, Waiter
@@ -42,7 +43,7 @@ from conveyor.gateway.config import (CLASSES, ConfigError, GatewayConfig, ModelC
 from conveyor.gateway.idempotency import IdempotencyCache, KeyReused
 from conveyor.gateway.shared_idempotency import RETRY_AFTER_S, Claim, SharedIdempotency
 from conveyor.gateway.metrics import REFRESH_S, GatewayMetrics, multiprocess_dir
-from conveyor.gateway.hot_routes import HotRoutes
+from conveyor.gateway.hot_routes import FrontedFastAPI, HotRoutes
 from conveyor.gateway.overload import Overload, OverloadGuard, raise_nofile_limit
 from conveyor.gateway.picker import Pool, Replica, affinity_key
 from conveyor.gateway.proxy import Call, Flight, Forwarder, error_body, total_tokens, upstream_client
@@ -112,8 +113,12 @@ class Gateway:
     def _build_app(self) -> FastAPI:
         # FastAPI's own OpenTelemetry off: the gateway traces itself (tracing.py); otherwise each request looks up
         # the global providers just to find them unset
-        app = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                      telemetry={"tracing": False, "metrics": False, "logs": False})
+        hot = {"/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions}
+
+        def front(stack: ASGIApp) -> ASGIApp:  # the guard first, then the hot routes, then FastAPI's stack
+            return OverloadGuard(HotRoutes(stack, hot, self._on_unexpected), self.overload, self._overloaded)
+        app = FrontedFastAPI(front, lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                             telemetry={"tracing": False, "metrics": False, "logs": False})
         app.add_exception_handler(StarletteHTTPException, self._on_http_error)
         app.add_exception_handler(Exception, self._on_unexpected)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -129,9 +134,6 @@ class Gateway:
         app.add_api_route("/admin/replicas/drain", self.admin_drain, methods=["POST"])
         app.add_api_route("/admin/replicas", self.admin_remove, methods=["DELETE"])
         batch_api.install(app, self)
-        app.add_middleware(HotRoutes, routes={"/v1/completions": self.completions,  # inside the guard
-                                              "/v1/chat/completions": self.chat_completions})
-        app.add_middleware(OverloadGuard, overload=self.overload, on_refuse=self._overloaded)
         return app
 
     @contextlib.asynccontextmanager
@@ -954,15 +956,22 @@ async def _until_disconnect(request: Request | None, aw):
     """aw's result, unless the client disconnects first (then aw is cancelled and None returned)."""
     if request is None:
         return await aw
-    task = asyncio.ensure_future(aw)
+    # aw runs in this task; one watcher task cancels it if the client goes first (cheaper than a task for aw and
+    # asyncio.wait over both: this runs once per request)
+    me = asyncio.current_task()
+    assert me is not None
+    waiting = True
     gone = asyncio.create_task(_wait_disconnect(request))
+    gone.add_done_callback(lambda g: me.cancel() if waiting and not g.cancelled() else None)
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return await aw
+    except asyncio.CancelledError:
+        if gone.done() and not gone.cancelled() and me.uncancel() == 0:
+            return None  # the client went away (a cancel from outside as well is not ours to swallow)
+        raise
     finally:
-        if not task.done():
-            task.cancel()
+        waiting = False
         gone.cancel()
-    return task.result() if task.done() and not task.cancelled() else None
 
 
 async def _wait_disconnect(request: Request) -> None:

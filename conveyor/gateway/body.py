@@ -11,6 +11,7 @@ error's `param` is the field's path as the replica names it (`messages.0.content
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -138,12 +139,22 @@ def _check_sizes(f: _Fields, chat: bool) -> None:
     read. Raises BodyError naming the field as the replica does."""
     max_tokens = f.max_completion_tokens if chat and f.max_completion_tokens is not None else f.max_tokens
     n = 1 if f.n is None else f.n
+    error = _size_error(n, max_tokens, None if chat else f.best_of, bool(f.use_beam_search),
+                        n if f.beam_width is None else f.beam_width)
+    if error is not None:
+        raise BodyError(error, _size_param(error, chat and f.max_completion_tokens is not None))
+
+
+@functools.lru_cache(maxsize=1024, typed=True)  # a few shapes repeat; a SamplingParams per request showed in profiles
+def _size_error(n: int, max_tokens: int | None, best_of: int | None, use_beam_search: bool,
+                beam_width: int) -> str | None:
+    """SamplingParams' message for these sizes, or None when it accepts them."""
     try:
-        SamplingParams(n=n, max_tokens=max_tokens, best_of=None if chat else f.best_of,
-                       use_beam_search=bool(f.use_beam_search),
-                       beam_width=n if f.beam_width is None else f.beam_width)
+        SamplingParams(n=n, max_tokens=max_tokens, best_of=best_of, use_beam_search=use_beam_search,
+                       beam_width=beam_width)
     except ValueError as e:
-        raise BodyError(str(e), _size_param(str(e), chat and f.max_completion_tokens is not None)) from None
+        return str(e)
+    return None
 
 
 def _size_param(message: str, completion_tokens: bool) -> str | None:

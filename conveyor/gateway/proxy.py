@@ -132,7 +132,7 @@ class Flight:
         self._append(line.encode() + b"\n\n")
 
     def _append(self, part: bytes) -> None:
-        if b"[DONE]" in part and _DONE_LINE.search(part):  # the plain search first: most pieces have no marker
+        if (i := part.find(b"[DONE]")) >= 0 and _DONE_LINE.search(part, max(0, i - 7)):  # from the first marker
             self.saw_done = True
         if b'"usage"' in part and part.count(b'"usage"') != part.count(b'"usage": null'):
             self._read_usage(part)
@@ -143,7 +143,7 @@ class Flight:
 
     def _read_usage(self, part: bytes) -> None:
         """Keep the last usage object in these events (not ours to judge when it is not JSON: passed on as is)."""
-        for event in _events(part):
+        for event in _usage_candidates(part):
             obj = _usage_event(event)
             if obj is not None and isinstance(obj["usage"], dict):
                 self.usage = obj["usage"]
@@ -212,6 +212,19 @@ class Flight:
 def _events(part: bytes) -> list[bytes]:
     """The events of a piece of SSE (each without its blank line)."""
     return [e for e in part.replace(b"\r\n", b"\n").split(b"\n\n") if e]
+
+
+def _usage_candidates(part: bytes) -> list[bytes]:
+    """The events of `part` (as _events gives them) that hold `"usage"`, in order, found from each mention rather
+    than by splitting every event: a piece of many token events has one usage event at most."""
+    part = part.replace(b"\r\n", b"\n") if b"\r" in part else part
+    found, pos = [], 0
+    while (i := part.find(b'"usage"', pos)) >= 0:
+        start, end = part.rfind(b"\n\n", 0, i), part.find(b"\n\n", i)
+        start, end = 0 if start < 0 else start + 2, len(part) if end < 0 else end
+        found.append(part[start:end])
+        pos = end
+    return found
 
 
 def _usage_event(event: bytes) -> dict | None:
