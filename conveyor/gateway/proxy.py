@@ -59,6 +59,9 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
+_NO_REPLICA_ANSWERED = error_body(502, "no replica answered")  # made once: every request starts with it
+
+
 class Flight:
     def __init__(self, stream: bool) -> None:
         self.stream = stream
@@ -356,7 +359,7 @@ class Forwarder:
         pool, w = call.queue.pool, call.waiter
         tried: list[Replica] = []
         failed_after_send = 0
-        last = (502, error_body(502, "no replica answered"), {})
+        last = (502, _NO_REPLICA_ANSWERED, {})
         while True:
             tried.append(replica)
             flight.replica = replica.url
