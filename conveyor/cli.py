@@ -288,8 +288,11 @@ def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
             if self.started and ready is not None:
                 ready()
 
+    # proxy_headers off: the gateway never reads the client's address or scheme, and uvicorn's middleware that
+    # rewrites them from X-Forwarded-* costs a wrapper per request
     config = uvicorn.Config(gateway.app, host=a.host, port=a.port, log_config=None, access_log=False,
-                            log_level=a.log_level, timeout_graceful_shutdown=5, http=http, loop=loop)
+                            log_level=a.log_level, timeout_graceful_shutdown=5, http=http, loop=loop,
+                            proxy_headers=False)
     ExitZeroServer(config).run(sockets=None if sock is None else [sock])
     return 0
 

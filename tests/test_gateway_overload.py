@@ -20,8 +20,8 @@ from server_process import GatewayProcess, free_port, wait_healthy, wait_until
 
 from conveyor.gateway.app import Gateway
 from conveyor.gateway.config import ConfigError, parse_config
-from conveyor.gateway.overload import (ACCEPT_QUEUE, EVENT_LOOP_LAG, SUSTAINED_TICKS, AcceptQueue, Overload,
-                                       default_max_open, raise_nofile_limit)
+from conveyor.gateway.overload import (ACCEPT_QUEUE, ACCEPT_QUEUE_READ_S, EVENT_LOOP_LAG, SUSTAINED_TICKS,
+                                       AcceptQueue, Overload, default_max_open, raise_nofile_limit)
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "gateway_streams.py")
 KEYS = {"a": "overload-key-a", "cap": "overload-key-cap"}
@@ -249,6 +249,7 @@ def test_connections_waiting_to_be_accepted_are_seen_and_refused_for():
             assert overload.refusal() == ACCEPT_QUEUE
             accepted = [server.accept()[0] for _ in range(3)]
             assert overload.accept_queue.length() == before
+            time.sleep(ACCEPT_QUEUE_READ_S)  # refusal() reads the queue at most this often
             assert overload.refusal() is None
         finally:
             for c in clients + accepted:

@@ -172,7 +172,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     """A body as JSON text: an object of finite numbers and valid strings, nested at most MAX_DEPTH deep, with a
     string `model`. Raises BodyError."""
     try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise BodyError(f"the body is nested more than {MAX_DEPTH} levels deep") from None
     except ValueError as e:  # includes bytes that are not UTF-8
@@ -281,6 +281,9 @@ def _finite_float(s: str) -> float:
 
 def _reject_constant(s: str) -> float:
     raise ValueError(f"{s} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)  # one, not one per body
 
 
 def _is_union_tag(x: Any) -> bool:

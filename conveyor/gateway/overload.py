@@ -45,6 +45,7 @@ _MESSAGES = {OPEN_REQUESTS: "the gateway holds as many open requests as it can c
              EVENT_LOOP_LAG: "the gateway is running behind (event-loop lag); retry shortly",
              ACCEPT_QUEUE: "the gateway is running behind (connections waiting to be accepted); retry shortly"}
 SUSTAINED_TICKS = 3  # the lag counts for refusing once this many timers in a row fired late
+ACCEPT_QUEUE_READ_S = 0.002  # the accept queue is read (a syscall per socket) at most this often
 _TCPI_UNACKED = 24  # offset of tcp_info.tcpi_unacked: for a listening socket, its accept queue's length (Linux)
 
 
@@ -89,6 +90,7 @@ class LagMonitor:
         self.interval_s = interval_s
         self.last = 0.0
         self.recent: collections.deque[float] = collections.deque(maxlen=SUSTAINED_TICKS)
+        self.sustained = 0.0  # kept as each timer fires: it is read for every request
         self._due: float | None = None  # time.monotonic() at which the pending timer should fire
         self._timer: asyncio.TimerHandle | None = None
 
@@ -100,7 +102,7 @@ class LagMonitor:
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer, self._due, self.last = None, None, 0.0
+        self._timer, self._due, self.last, self.sustained = None, None, 0.0, 0.0
         self.recent.clear()
 
     @property
@@ -109,9 +111,6 @@ class LagMonitor:
             return 0.0
         return max(self.last, time.monotonic() - self._due)
 
-    @property
-    def sustained(self) -> float:
-        return min(self.recent) if len(self.recent) == SUSTAINED_TICKS else 0.0
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         self._due = time.monotonic() + self.interval_s
@@ -120,6 +119,7 @@ class LagMonitor:
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
         self.last = max(0.0, time.monotonic() - self._due)
         self.recent.append(self.last)
+        self.sustained = min(self.recent) if len(self.recent) == SUSTAINED_TICKS else 0.0
         self._arm(loop)
 
 
@@ -186,6 +186,7 @@ class Overload:
 
     def __init__(self, cfg: OverloadConfig, nofile: int) -> None:
         self.nofile, self.open, self.lag, self.accept_queue = nofile, 0, LagMonitor(cfg.lag_interval_s), AcceptQueue()
+        self._queued, self._queued_at = 0, -ACCEPT_QUEUE_READ_S  # the last accept queue read, and when
         self.apply(cfg)
 
     def start(self) -> None:
@@ -210,8 +211,12 @@ class Overload:
             return OPEN_REQUESTS
         if self.lag.sustained > self.max_lag_s:
             return EVENT_LOOP_LAG
-        if self.max_accept_queue is not None and self.accept_queue.length() > self.max_accept_queue:
-            return ACCEPT_QUEUE
+        if self.max_accept_queue is not None:
+            now = time.monotonic()
+            if now - self._queued_at >= ACCEPT_QUEUE_READ_S:
+                self._queued, self._queued_at = self.accept_queue.length(), now
+            if self._queued > self.max_accept_queue:
+                return ACCEPT_QUEUE
         return None
 
 
