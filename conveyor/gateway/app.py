@@ -366,16 +366,17 @@ class Gateway:
     async def _proxy(self, request: Request, path: str, ctx: Ctx) -> Response:
         """Raises _Reject for every refusal; whatever it raises, proxy() frees what ctx holds."""
         tenant = await self._admit_client(request, ctx)
-        parsed = await self._parse(request, parse_body, path.endswith("/chat/completions"))
+        idem = request.headers.get("idempotency-key")
+        parsed = await self._parse(request, parse_body, path.endswith("/chat/completions"), idem is not None)
         model = await self._route(parsed, tenant, request.headers.get("x-conveyor-route"))
         ctx.model = model.name
-        # the same request (every field that can change the response, stream included) for Idempotency-Key
-        request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": parsed.stream})
         ctx.deadline = self._deadline(request, tenant)
 
-        idem = request.headers.get("idempotency-key")
         if idem is not None and not 1 <= len(idem) <= 255:
             raise _Reject(400, "bad_request", "Idempotency-Key must be 1-255 characters", "invalid_idempotency_key")
+        # the same request (every field that can change the response, stream included) for Idempotency-Key
+        request_hash = _hash({"path": path, "model": model.name, "body": parsed.digest, "stream": parsed.stream}) \
+            if idem else ""
         if idem and (flight := self._idempotent(tenant, idem, request_hash)) is not None:
             self.metrics.idempotent_replays.labels(model.name).inc()
             ctx.joined = "idempotent"
@@ -432,7 +433,7 @@ class Gateway:
         # identical deterministic requests share one generation; the key holds every field that can change the
         # response, stream included, so each client gets the replica's response exactly as it would alone
         coalesce_key = _hash({"tenant": tenant.name, "path": path, "model": model.name, "body": parsed.digest,
-                              "stream": parsed.stream})
+                              "stream": parsed.stream}) if parsed.coalescable else ""
 
         known = self.pools[model.name].max_model_len()
         prompt_tokens = await self._count(parsed, model.tokenizer)
@@ -809,6 +810,8 @@ class Gateway:
             end_gateway_span(ctx.span, status, ctx.rid, ctx.model, ctx.tenant.name if ctx.tenant else None,
                              ctx.tenant_class, flight, ctx.joined, reason)
         self.metrics.requests.labels(ctx.model, ctx.tenant_class, str(status)).inc()
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         entry = {"event": "access", "request_id": ctx.rid, "tenant": ctx.tenant.name if ctx.tenant else None,
                  "tenant_class": ctx.tenant_class, "model": ctx.model, "status": status,
                  "total_ms": round((time.monotonic() - ctx.started) * 1000, 2)}

@@ -102,7 +102,9 @@ class Parsed:
     messages: list[dict[str, str]] | None  # chat: role and text of each message, for the chat template
     tools: list[dict[str, Any]] | None  # chat: the tool definitions, rendered by the chat template too
     cache_salt: str | None
-    digest: str  # sha256 of the body without what never changes a response (see _digest): "the same request"
+    # sha256 of the body without what never changes a response (see _digest): "the same request"; None when it
+    # was not asked for (no Idempotency-Key) and the request is not coalescable (nothing keys on it)
+    digest: str | None
     counts: dict[str | None, int] = field(default_factory=dict)  # prompt tokens by tokenizer, once counted
 
     @property
@@ -116,9 +118,9 @@ class Parsed:
         return "".join(self.texts) if self.chat else "\n".join(self.texts)
 
 
-def parse_body(raw: bytes, chat: bool) -> Parsed:
-    """Parse and check a completion or chat request body (CPU work: callers run it off the event loop). Raises
-    BodyError."""
+def parse_body(raw: bytes, chat: bool, digest: bool = True) -> Parsed:
+    """Parse and check a completion or chat request body (CPU work: callers run it off the event loop); `digest`:
+    whether to compute Parsed.digest even for a request that is not coalescable. Raises BodyError."""
     body = parse_object(raw)
     try:
         f = (_Chat if chat else _Completion).model_validate(body)
@@ -130,7 +132,7 @@ def parse_body(raw: bytes, chat: bool) -> Parsed:
         msg = "Input should be an object" if err["type"] == "model_type" else err["msg"]
         raise BodyError(f"{where}: {msg}", where) from None
     _check_sizes(f, chat)
-    return _summarise(body, f, chat)
+    return _summarise(body, f, chat, digest)
 
 
 def _check_sizes(f: _Fields, chat: bool) -> None:
@@ -185,7 +187,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
+def _summarise(body: dict, f: _Fields, chat: bool, digest: bool) -> Parsed:
     texts: list[str] = []
     id_lengths: list[int] = []
     num_prompts, messages, tools = 1, None, None
@@ -211,11 +213,13 @@ def _summarise(body: dict, f: _Fields, chat: bool) -> Parsed:
     default = COMPLETION_MAX_TOKENS if not chat and "max_tokens" not in body else None
     n = f.n if f.n is not None else 1
     n = max(n, 0 if chat else f.best_of or 0, (f.beam_width or 0) if f.use_beam_search else 0)
+    coalescable = f.temperature == 0 or f.seed is not None
     return Parsed(body=body, model=f.model, chat=chat, stream=f.stream,
                   include_usage=f.stream and f.stream_options is not None and f.stream_options.include_usage,
-                  coalescable=f.temperature == 0 or f.seed is not None, max_tokens=max_tokens,
+                  coalescable=coalescable, max_tokens=max_tokens,
                   replica_max_tokens=default, n=n, num_prompts=num_prompts, texts=texts, id_lengths=id_lengths,
-                  messages=messages, tools=tools, cache_salt=f.cache_salt, digest=_digest(body))
+                  messages=messages, tools=tools, cache_salt=f.cache_salt,
+                  digest=_digest(body) if digest or coalescable else None)
 
 
 def _digest(body: dict) -> str:
