@@ -240,7 +240,7 @@ def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
 
     import uvicorn
 
-    from conveyor.gateway.app import build_gateway
+    from conveyor.gateway.app import build_gateway, tune_gc
     from conveyor.gateway.config import ConfigError
     from conveyor.server.logs import setup_json_logging
     from conveyor.tracing import GATEWAY_SERVICE, init_tracing
@@ -285,6 +285,8 @@ def cmd_gateway(a: argparse.Namespace, sock: socket.socket | None = None,
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
+            if self.started:
+                tune_gc()  # after the app's startup: what it loaded is frozen too
             if self.started and ready is not None:
                 ready()
 

@@ -208,3 +208,28 @@ def test_a_vllm_command_line_serves_and_its_metrics_read_as_vllm(vllm_style_serv
     scrape = parse_signals(text, "alpha")  # what the autoscaler reads
     assert set(scrape.gauges) == set(SIGNAL_GAUGES.values()) and scrape.finished == 2 and scrape.ttft_buckets
     assert '"event": "request"' not in s.logs()  # --disable-log-requests
+
+
+def test_the_gateway_and_the_autoscaler_never_import_torch():
+    """Building the command line (every subcommand's flags) and the gateway's and autoscaler's modules stay free
+    of torch: it would cost each gateway process ~200 MB and long garbage-collection pauses under load."""
+    code = ("import sys; from conveyor.cli import build_parser; build_parser(); import conveyor.gateway.app, "
+            "conveyor.gateway.workers, conveyor.autoscale.cli; print(sorted(m for m in ('torch', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_eval_quantization_choices_are_the_engines():
+    from conveyor.config import QUANTIZATIONS
+    from conveyor.eval.cli import QUANTIZATION_CHOICES
+
+    assert set(QUANTIZATION_CHOICES) == {q for q in QUANTIZATIONS if q}
+
+
+def test_the_served_gateway_tunes_its_garbage_collector():
+    code = ("import gc; from conveyor.gateway.app import GC_THRESHOLDS, tune_gc; tune_gc(); "
+            "assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 1000, gc.get_freeze_count()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -16,9 +16,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from conveyor import LLM, SamplingParams
 from conveyor.progress import Progress, format_duration
+from conveyor.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the engine (torch) is imported where a run needs it: `conveyor --help` and the gateway never do
+    from conveyor.llm import LLM
 
 log = logging.getLogger("conveyor.bench.compare")
 
@@ -128,6 +132,8 @@ def _median(runs: list[dict], key: str):
 def run_once(model: str, name: str, requests: list[CompareRequest], num_kv_blocks: int, block_size: int,
              max_num_seqs: int, max_num_batched_tokens: int, dtype: str, load_format: str, batch_window_s: float,
              batch_timeout_s: float, progress: Progress | None = None) -> dict:
+    from conveyor.llm import LLM
+
     batching, layout = MODES[name]
     llm = LLM(model, dtype=dtype, load_format=load_format, block_size=block_size, num_kv_blocks=num_kv_blocks,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, batching=batching,

@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from conveyor.config import QUANTIZATIONS
+# config.QUANTIZATIONS but None, spelled out: building any `conveyor` command line must not import torch (the gateway
+# and the autoscaler never load it); a test keeps the two equal
+QUANTIZATION_CHOICES = ("none", "int8", "int4")
 
 
 def add_perplexity_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +21,7 @@ def add_perplexity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="tokens per window; the second half of each is scored")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --context)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q],
+    p.add_argument("--quantization", default=None, choices=QUANTIZATION_CHOICES,
                    help="weight-only quantization (default: the checkpoint's own format)")
     p.add_argument("--tokenizer", default=None, help="a tokenizer directory overriding the model's own")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
