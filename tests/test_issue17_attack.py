@@ -436,3 +436,50 @@ def test_a_stream_ended_by_data_colon_done_passes_the_gateway_whole():
 
     run(_through_gateway(rep, scenario))
     assert rep.requests == 2  # not retried, not cut
+
+
+# ---- a client leaving as its flight leaves the queue was kept waiting (helper B) ---------------------------------------
+def test_a_client_leaving_as_its_flight_is_dispatched_is_let_go():
+    """The handler waits for its flight in its own task, which the disconnect watcher cancels. asyncio.wait_for
+    (Python 3.11) swallowed that cancel when the client left in the same loop turn as its flight left the queue:
+    the departed client then held its slot and kept the flight alive until the first event (a whole generation
+    for a non-stream request), and the task kept a cancel request that nothing delivered. Any other awaitable that
+    swallows a cancel is caught too: the client is let go, the task's cancel count balanced."""
+    import time
+
+    from starlette.requests import Request
+
+    from conveyor.gateway.app import Ctx, _client_wait, _until_disconnect
+    from conveyor.gateway.proxy import Flight
+
+    async def leave_as(start, wake) -> tuple[object, int]:
+        gone = asyncio.Event()
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+        task = asyncio.create_task(_until_disconnect(request, start()))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        wake()
+        gone.set()  # the same loop turn
+        got = await asyncio.wait_for(asyncio.shield(task), 2)
+        return got, task.cancelling()
+
+    async def scenario() -> None:
+        flight = Flight(stream=True)  # no event ever comes
+        ctx = Ctx(rid="r", started=time.monotonic(), deadline=time.monotonic() + 30)  # queued with a deadline
+        assert await leave_as(lambda: _client_wait(ctx, flight, True), flight.dispatched.set) == (None, 0)
+
+        fut = asyncio.get_running_loop().create_future()
+
+        async def stubborn() -> str:  # ends normally however it is cancelled
+            try:
+                await fut
+            except asyncio.CancelledError:
+                pass
+            return "late"
+        assert await leave_as(stubborn, lambda: None) == (None, 0)
+
+    run(scenario())

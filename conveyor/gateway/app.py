@@ -963,8 +963,9 @@ async def _client_wait(ctx: Ctx, flight: Flight, stream: bool) -> bool:
     """Wait until the flight has what this client needs (its first event, or the whole response); False when this
     client's own deadline passed while the flight was still queued. Coalesced clients each keep their own deadline."""
     if ctx.deadline is not None and not flight.dispatched.is_set():
-        try:
-            await asyncio.wait_for(flight.dispatched.wait(), max(0.0, ctx.deadline - time.monotonic()))
+        try:  # not wait_for: on 3.11 it swallows a cancel (the client leaving) that comes as its wait ends
+            async with asyncio.timeout(max(0.0, ctx.deadline - time.monotonic())):
+                await flight.dispatched.wait()
         except TimeoutError:
             return False
     await (flight.head() if stream else flight.wait_done())
@@ -979,18 +980,28 @@ async def _until_disconnect(request: Request | None, aw):
     # asyncio.wait over both: this runs once per request)
     me = asyncio.current_task()
     assert me is not None
-    waiting = True
+    waiting, fired = True, False
+
+    def on_gone(g: asyncio.Task) -> None:
+        nonlocal fired
+        if waiting and not g.cancelled():
+            fired = True
+            me.cancel()
     gone = asyncio.create_task(_wait_disconnect(request))
-    gone.add_done_callback(lambda g: me.cancel() if waiting and not g.cancelled() else None)
+    gone.add_done_callback(on_gone)
     try:
-        return await aw
+        result = await aw
     except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled() and me.uncancel() == 0:
+        if fired and me.uncancel() == 0:
             return None  # the client went away (a cancel from outside as well is not ours to swallow)
         raise
     finally:
         waiting = False
         gone.cancel()
+    if fired:  # aw swallowed our cancel (something it awaited ended as it came): the client is gone all the same,
+        me.uncancel()  # and the task must not keep a cancel request nobody will deliver
+        return None
+    return result
 
 
 async def _wait_disconnect(request: Request) -> None:
