@@ -483,3 +483,29 @@ def test_a_client_leaving_as_its_flight_is_dispatched_is_let_go():
         assert await leave_as(stubborn, lambda: None) == (None, 0)
 
     run(scenario())
+
+
+# ---- a stream whose replica sent [DONE], then stalled or dropped the connection, got an error after its end -------
+@pytest.mark.parametrize("then", ["stall", "close"])
+def test_a_stream_that_had_the_replicas_done_is_not_cut_after_it(then):
+    """The replica sends every event and `data: [DONE]`, then stalls past stream_idle_timeout_s (or drops the
+    connection) before the end of its chunked body: the client got an error event and a second `data: [DONE]` after
+    the end, the request counted as a 502 stream error, and the flight as incomplete (an Idempotency-Key retry ran
+    the generation again). The response was whole: it ends as it is."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_gateway_passthrough import Replica, _through_gateway, sse_stream
+
+    stream = sse_stream(2)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    events = b"%x\r\n%s\r\n" % (len(stream), stream)
+    rep = Replica(lambda n: [head, events] + ([1.0, b"0\r\n\r\n"] if then == "stall" else [0.05, None]))
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+
+    async def scenario(c) -> None:
+        for _ in range(2):  # the second: replayed by its Idempotency-Key, not generated again
+            async with c.stream("POST", "/v1/completions", json=body, headers={"idempotency-key": "k"}) as r:
+                assert r.status_code == 200 and await r.aread() == stream
+
+    gw = run(_through_gateway(rep, scenario, stream_idle_timeout_s=0.3))
+    assert rep.requests == 1 and gw.concurrent == {}

@@ -423,7 +423,12 @@ class Forwarder:
         return self._cut_stream(flight, call, why, last)
 
     def _cut_stream(self, flight: Flight, call: Call, why: str, last: tuple) -> tuple[None, str, tuple]:
-        """End a stream that already sent events with an error event and [DONE] (never replayed elsewhere)."""
+        """End a stream that already sent events with an error event and [DONE] (never replayed elsewhere); one
+        that already had the replica's own [DONE] is whole (only the end of its HTTP body never came): it ends as
+        it is, complete."""
+        if flight.saw_done:
+            flight.finish()
+            return None, "done", last
         self.metrics.stream_errors.labels(call.model).inc()
         flight.cut = True
         flight.push_event("data: " + error_body(502, f"the replica failed mid-stream ({why}); the response is "
