@@ -11,8 +11,9 @@ Prints, in order:
 2. kernel: the kernel's device time (replayed in a CUDA graph, K/V write included) on decode batches (KV bytes read
    per second against the measured device-to-device copy bandwidth) and on a 2048-token prefill (against SDPA on
    contiguous K/V).
-3. decode throughput of Conveyor (`LLM(device="cuda")` with attention_backend "triton", its default there, and then
-   "torch") at batch 1, 64 and 256 on a random ~1B Llama in bfloat16 (hidden 2048, 16 layers, 32/8 heads,
+3. decode throughput of Conveyor (`LLM(device="cuda")` with attention_backend "triton", its default there, decode
+   batches replayed from CUDA graphs; then the same with enforce_eager, whose greedy tokens must be the same; then
+   attention_backend "torch") at batch 1, 64 and 256 on a random ~1B Llama in bfloat16 (hidden 2048, 16 layers, 32/8 heads,
    intermediate 5632, vocab 32000), written once with transformers' save_pretrained so both sides load the same
    weights, against the HBM roofline: a decode step must read every weight but the embedding table and every
    sequence's K/V, so tok/s <= batch * bandwidth / those bytes.
@@ -216,14 +217,19 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
-def conveyor_times(path: Path, sizes: Sizes, device: str,
-                   backend: str) -> dict[int, tuple[float, float, list[int]]]:
-    """Per batch: (seconds for `output` tokens, seconds for 1 token, greedy tokens of the first prompt)."""
+def conveyor_times(path: Path, sizes: Sizes, device: str, backend: str,
+                   eager: bool = False) -> dict[int, tuple[float, float, list[int]]]:
+    """Per batch: (seconds for `output` tokens, seconds for 1 token, greedy tokens of the first prompt). eager:
+    no CUDA graphs (else decode batches replay them, with the triton backend on CUDA)."""
     from conveyor import LLM, SamplingParams
 
     blocks = max(sizes.batches) * -(-(sizes.prompt + sizes.output) // 16) + 64
+    start = time.perf_counter()
     llm = LLM(str(path), dtype="bfloat16", device=device, num_kv_blocks=blocks, max_num_seqs=max(sizes.batches),
-              enable_prefix_caching=False, attention_backend=backend)
+              enable_prefix_caching=False, attention_backend=backend, enforce_eager=eager)
+    graphs = llm.engine.runner.graphs
+    print(f"Conveyor ({backend}{', eager' if eager else ''}) loaded in {time.perf_counter() - start:.1f} s; "
+          f"decode graphs: {graphs.mode + ' ' + str(graphs.sizes) if graphs else 'none'}", flush=True)
     result = {}
     for batch in sizes.batches:
         ps = prompts(batch, sizes.prompt, sizes.model["vocab_size"])
@@ -293,7 +299,13 @@ def throughput(path: Path, sizes: Sizes, device: str, weight_bytes: int, bandwid
     for kernel in (triton_attention._compiled, triton_attention._interpreted):
         kernel.add_pre_run_hook(lambda *a, **k: launches.append(1))
     runs = {"conveyor": conveyor_times(path, sizes, device, "triton")}
-    print(f"Triton attention launches during Conveyor's runs: {len(launches)}", flush=True)
+    print(f"Triton attention launches from Python during Conveyor's runs: {len(launches)} (graph replays "
+          f"launch none)", flush=True)
+    runs["conveyor, eager"] = conveyor_times(path, sizes, device, "triton", eager=True)
+    for batch in sizes.batches:  # a batch of a captured size replays the same kernels the eager forward runs
+        a, b = runs["conveyor"][batch][2], runs["conveyor, eager"][batch][2]
+        check(f"CUDA graph greedy tokens = eager at batch {batch}", a == b,
+              "" if a == b else f"first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}")
     runs["conveyor, torch attn"] = conveyor_times(path, sizes, device, "torch")
     runs["transformers"] = hf_times(path, sizes, device)
     print(f"decode tok/s and % of the roofline; prompt {sizes.prompt}, output {sizes.output} (roofline: weights "

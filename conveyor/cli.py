@@ -37,7 +37,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="accepted for vLLM command lines; Conveyor always runs eagerly (no CUDA graphs)")
+                   help="no CUDA graphs: decode batches run eagerly (by default they replay captured graphs on CUDA)")
     p.add_argument("--seed", type=int, default=0, action=Bounded, lo=-(1 << 63), hi=(1 << 64) - 1)
     p.add_argument("--block-size", type=int, default=16, action=Bounded, lo=1, hi=256,
                    help="tokens per KV block: a power of two up to 256")
@@ -97,7 +97,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 batch_timeout_s=a.batch_timeout_s, enable_prefix_caching=a.enable_prefix_caching,
                 scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
                 preemption_mode=a.preemption_mode, swap_space=a.swap_space, max_logprobs=a.max_logprobs,
-                speculative_config=a.speculative_config, attention_backend=a.attention_backend)
+                speculative_config=a.speculative_config, attention_backend=a.attention_backend,
+                enforce_eager=a.enforce_eager)
 
 
 def build_llm(a: argparse.Namespace):

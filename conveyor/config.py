@@ -181,6 +181,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # vLLM's --attention-backend: auto (cpp on CPU, triton on CUDA), cpp, triton or torch (conveyor.model.attention)
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # vLLM's --enforce-eager: no CUDA graphs for decode batches
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "cpp", "triton", "torch"):

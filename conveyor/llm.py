@@ -25,7 +25,7 @@ class LLM:
                  long_prefill_token_threshold: int = 0, preemption_mode: str = "recompute",
                  swap_space: float = 0.0, tokenizer: str | None = None, quantization: str | None = None,
                  max_logprobs: int = 20, speculative_config: dict | SpeculativeConfig | None = None,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", enforce_eager: bool = False) -> None:
         """vLLM's LLM arguments (README: "Offline"). speculative_config: vLLM's --speculative-config as a dict
         or a SpeculativeConfig. Raises ValueError for a bad value of any of them."""
         config = EngineConfig(
@@ -41,6 +41,7 @@ class LLM:
                                       batch_timeout_s=batch_timeout_s, scheduling_policy=scheduling_policy,
                                       long_prefill_token_threshold=long_prefill_token_threshold),
             device=device, speculative=speculative_config, attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

@@ -134,7 +134,8 @@ class Engine:
             load_draft(spec, config, loaded.arch.vocab_size)
         draft_bytes = kv_bytes_per_block(draft.arch, draft.dtype, c.block_size) if draft else 0
         self.runner = ModelRunner(loaded, c, config.scheduler, config.device, extra_bytes_per_block=draft_bytes,
-                                  attention_backend=config.attention_backend)
+                                  attention_backend=config.attention_backend,
+                                  cuda_graphs="off" if config.enforce_eager else "auto")
         self.kv = KVCacheManager(self.runner.num_blocks, c.block_size, c.kv_layout, c.enable_prefix_caching,
                                  c.watermark, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv, c.preemption_mode)

@@ -15,6 +15,7 @@ from conveyor.engine.scheduler import ScheduledSeq
 from conveyor.engine.sequence import Sequence
 from conveyor.model.attention import (GatherBuffers, build_metadata, copy_blocks, kv_cache_shape, move_blocks,
                                       prompt_metadata, resolve_backend)
+from conveyor.model.cuda_graphs import DecodeGraphs, capture_sizes
 from conveyor.model.llama import ArchConfig
 from conveyor.model.loader import LoadedModel
 
@@ -64,11 +65,14 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, sched: SchedulerConfig, device: str,
                  num_blocks: int | None = None, extra_bytes_per_block: int = 0,
-                 num_host_blocks: int | None = None, attention_backend: str = "auto") -> None:
+                 num_host_blocks: int | None = None, attention_backend: str = "auto",
+                 cuda_graphs: str = "off") -> None:
         """num_blocks, num_host_blocks: exactly this many device and host (swap) KV blocks (a draft model's caches
         mirror the target's); else from the budgets, which also hold extra_bytes_per_block per block (the draft's
         share when this is the target). attention_backend: see attention.resolve_backend (ValueError if it
-        cannot run here)."""
+        cannot run here). cuda_graphs: "auto" captures decode batches in CUDA graphs where they can run (CUDA, the
+        Triton backend), else none; "off"; "padded" runs decodes through the graphs' static buffers eagerly (tests
+        on CPU); see conveyor.model.cuda_graphs."""
         self.model = loaded.model
         self.arch = loaded.arch
         self.dtype = loaded.dtype
@@ -78,7 +82,17 @@ class ModelRunner:
         self.attention_backend = resolve_backend(attention_backend, self.device)
         self.num_blocks = num_blocks or self._num_blocks(cache, sched, extra_bytes_per_block)
         a = self.arch
-        shape = kv_cache_shape(self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        graphs = cuda_graphs
+        if graphs == "auto":
+            graphs = "capture" if self.device.type == "cuda" and self.attention_backend == "triton" else "off"
+        if graphs not in ("off", "capture", "padded"):
+            raise ValueError(f"cuda_graphs must be auto, off, capture or padded, got {cuda_graphs!r}")
+        if graphs == "capture" and (self.device.type != "cuda" or self.attention_backend != "triton"):
+            raise ValueError("CUDA graphs need a CUDA device and the triton attention backend")
+        if graphs == "padded" and self.attention_backend == "torch":
+            raise ValueError("the torch attention backend cannot run decode graphs (its plan syncs with the host)")
+        # decode graphs' padding rows write to one more block, which the block pool never hands out
+        shape = kv_cache_shape(self.num_blocks + (graphs != "off"), self.block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
         # host memory for swapped-out blocks (swap preemption)
         self.num_host_blocks = num_host_blocks if num_host_blocks is not None else \
@@ -93,6 +107,9 @@ class ModelRunner:
         self._hidden: torch.Tensor | None = None
         self._chunks: dict[int, tuple[int, int, int]] = {}
         log.info("attention backend: %s", self.attention_backend)
+        self.graphs = None if graphs == "off" else DecodeGraphs(
+            self.model, self.kv_caches, capture_sizes(sched.max_num_seqs), cdiv(sched.max_model_len, self.block_size),
+            self.block_size, self.num_blocks, self.sliding_window, self.attention_backend, self.device, graphs)
         log.info("KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.num_blocks * self.bytes_per_block / 2**20)
 
@@ -167,6 +184,11 @@ class ModelRunner:
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """One forward over chunks (at most one per sequence). Returns float32 logits [sum of num_logits, vocab],
         chunk by chunk in order."""
+        if self._graphable(chunks):
+            self._hidden, self._chunks = None, {}
+            hidden = self.graphs.run([c.token_ids[0] for c in chunks], [c.start for c in chunks],
+                                     [c.seq.block_table for c in chunks])
+            return self.model.compute_logits(hidden).float()
         decodes = [c for c in chunks if c.is_decode]
         prefills = [c for c in chunks if not c.is_decode]
         ids: list[int] = []
@@ -198,6 +220,15 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.arch.vocab_size, device=dev)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float()
+
+    def _graphable(self, chunks: list[Chunk]) -> bool:
+        """A plain decode batch the decode graphs take: one token and its logits per sequence, no prompt logprobs
+        wanted, every block table within the graphs' width."""
+        if self.graphs is None or not self.graphs.fits(len(chunks), max((len(c.seq.block_table) for c in chunks),
+                                                                         default=0)):
+            return False
+        return all(len(c.token_ids) == 1 and c.num_logits == 1 and c.seq.params.prompt_logprobs is None
+                   for c in chunks)
 
     @torch.inference_mode()
     def prompt_logprobs(self, seq: Sequence, start: int, end: int, top_k: int,
