@@ -251,13 +251,13 @@ def conveyor_command(spec: ModelSpec, peers: Path, port: int, extra: list[str]) 
             *spec.conveyor_args, "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
-def start_conveyor(spec: ModelSpec, peers: Path, extra: list[str], log_dir: str) -> Server:
+def start_conveyor(spec: ModelSpec, peers: Path, extra: list[str], log_dir: str, system: str = "conveyor") -> Server:
     port = free_port()
-    log_path = os.path.join(log_dir, f"conveyor-{spec.name}.log")
+    log_path = os.path.join(log_dir, f"{system}-{spec.name}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(conveyor_command(spec, peers, port, extra), stdout=log, stderr=subprocess.STDOUT,
                                 cwd=ROOT)
-    return Server("conveyor", proc.pid, f"http://127.0.0.1:{port}", log_path, proc)
+    return Server(system, proc.pid, f"http://127.0.0.1:{port}", log_path, proc)
 
 
 def wait_ready(srv: Server, timeout_s: float) -> float:
@@ -335,7 +335,7 @@ def aggregate(runs: list[dict]) -> dict:
     """Per system the medians over its runs; then Conveyor / llama-server for throughput and TTFT p99 (below 1 is
     better for TTFT). runs: measure()'s dicts of one model."""
     med = {}
-    for system in SYSTEMS:
+    for system in (*SYSTEMS, "conveyor-b"):
         mine = [r for r in runs if r["system"] == system]
         if not mine:
             continue
@@ -345,10 +345,12 @@ def aggregate(runs: list[dict]) -> dict:
                             for k in ("machine", "server", "client", "others")})
         med[system]["runs"] = len(mine)
         med[system]["errors"] = sum((r["errors"] or 0) + (r["len_mismatch"] or 0) for r in mine)
-    c, l = med.get("conveyor", {}), med.get("llama-server", {})
+    c, b, l = med.get("conveyor", {}), med.get("conveyor-b", {}), med.get("llama-server", {})
     return {"medians": med,
             "ratio_output_tok_s": ratio(c.get("output_tok_s"), l.get("output_tok_s")),
-            "ratio_ttft_p99": ratio(c.get("ttft_p99_s"), l.get("ttft_p99_s"))}
+            "ratio_ttft_p99": ratio(c.get("ttft_p99_s"), l.get("ttft_p99_s")),
+            "ratio_b_output_tok_s": ratio(b.get("output_tok_s"), l.get("output_tok_s")),
+            "ratio_b_ttft_p99": ratio(b.get("ttft_p99_s"), l.get("ttft_p99_s"))}
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -364,6 +366,9 @@ def format_table(results: dict[str, dict]) -> str:
                          f"{f(m['cpu_others_pct'], 0)} % | {m['errors']} |")
         lines.append(f"| {model} | **Conveyor / llama-server** | **{f(agg['ratio_output_tok_s'], 2)}x** | "
                      f"TTFT p99 {f(agg['ratio_ttft_p99'], 2)}x | | | | | | |")
+        if agg.get("ratio_b_output_tok_s") is not None:
+            lines.append(f"| {model} | **conveyor-b / llama-server** | **{f(agg['ratio_b_output_tok_s'], 2)}x** | "
+                         f"TTFT p99 {f(agg['ratio_b_ttft_p99'], 2)}x | | | | | | |")
     return "\n".join(lines)
 
 
@@ -424,11 +429,13 @@ def run_model(spec: ModelSpec, a: argparse.Namespace, ncpu: int, tmp: str) -> di
     try:
         servers["llama-server"] = start_llama_server(spec, a.peers_dir)
         servers["conveyor"] = start_conveyor(spec, a.peers_dir, a.conveyor_args, tmp)
+        if a.conveyor_b_args is not None:
+            servers["conveyor-b"] = start_conveyor(spec, a.peers_dir, a.conveyor_b_args, tmp, "conveyor-b")
         ready = {name: wait_ready(s, a.startup_timeout) for name, s in servers.items()}
         runs = []
         for r in range(a.rounds):
             print(f"  round {r + 1}/{a.rounds}", flush=True)
-            for system in SYSTEMS:
+            for system in servers:
                 runs.append({"round": r, **measure(servers[system], a.peers_dir / spec.workload, a, ncpu, tmp)})
                 print(format_run(runs[-1]), flush=True)
     finally:
@@ -436,6 +443,8 @@ def run_model(spec: ModelSpec, a: argparse.Namespace, ncpu: int, tmp: str) -> di
             s.stop()
     return {"model": spec.name, "ready_s": ready, "runs": runs, **aggregate(runs),
             "conveyor_command": conveyor_command(spec, a.peers_dir, 0, a.conveyor_args)[1:],
+            "conveyor_b_command": None if a.conveyor_b_args is None else
+            conveyor_command(spec, a.peers_dir, 0, a.conveyor_b_args)[1:],
             "llama_server_gguf": spec.gguf, "workload": spec.workload}
 
 
@@ -453,6 +462,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="machine busy share (%% of all cores) under which it counts as idle")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--conveyor-args", default="", help="extra `conveyor serve` flags, one string")
+    p.add_argument("--conveyor-b-args", default=None,
+                   help="also run a second Conveyor server ('conveyor-b') with these extra flags, third in each "
+                        "round (e.g. '--async-scheduling'); the same flags as --conveyor-args plus these")
     p.add_argument("--peers-dir", type=Path, default=PEERS_DIR)
     p.add_argument("--output", help="write every run and the medians as JSON here")
     a = p.parse_args(argv)
@@ -463,6 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.rounds < 1 or a.concurrency < 1 or a.limit < 0:
         p.error("--rounds and --concurrency must be at least 1, --limit at least 0")
     a.conveyor_args = a.conveyor_args.split()
+    if a.conveyor_b_args is not None:
+        a.conveyor_b_args = a.conveyor_args + a.conveyor_b_args.split()
     a.peers_python = a.peers_dir / "venv" / "bin" / "python"
     return a
 

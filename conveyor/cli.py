@@ -38,6 +38,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for vLLM command lines; Conveyor never runs code from a checkpoint")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: decode batches run eagerly (by default they replay captured graphs on CUDA)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+                   help="schedule the next step while the current one runs (the forward on a worker thread); "
+                        "requests with grammars, penalties, min_tokens, beams, n > 1 or prompt logprobs, and "
+                        "speculative decoding, run synchronously")
     p.add_argument("--seed", type=int, default=0, action=Bounded, lo=-(1 << 63), hi=(1 << 64) - 1)
     p.add_argument("--block-size", type=int, default=16, action=Bounded, lo=1, hi=256,
                    help="tokens per KV block: a power of two up to 256")
@@ -98,7 +102,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 scheduling_policy=a.scheduling_policy, long_prefill_token_threshold=a.long_prefill_token_threshold,
                 preemption_mode=a.preemption_mode, swap_space=a.swap_space, max_logprobs=a.max_logprobs,
                 speculative_config=a.speculative_config, attention_backend=a.attention_backend,
-                enforce_eager=a.enforce_eager)
+                enforce_eager=a.enforce_eager, async_scheduling=a.async_scheduling)
 
 
 def build_llm(a: argparse.Namespace):

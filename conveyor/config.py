@@ -182,6 +182,8 @@ class EngineConfig:
     # vLLM's --attention-backend: auto (cpp on CPU, triton on CUDA), cpp, triton or torch (conveyor.model.attention)
     attention_backend: str = "auto"
     enforce_eager: bool = False  # vLLM's --enforce-eager: no CUDA graphs for decode batches
+    # vLLM's --async-scheduling: schedule step N + 1 while step N runs (conveyor.engine.async_scheduling)
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "cpp", "triton", "torch"):

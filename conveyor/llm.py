@@ -25,7 +25,8 @@ class LLM:
                  long_prefill_token_threshold: int = 0, preemption_mode: str = "recompute",
                  swap_space: float = 0.0, tokenizer: str | None = None, quantization: str | None = None,
                  max_logprobs: int = 20, speculative_config: dict | SpeculativeConfig | None = None,
-                 attention_backend: str = "auto", enforce_eager: bool = False) -> None:
+                 attention_backend: str = "auto", enforce_eager: bool = False,
+                 async_scheduling: bool = False) -> None:
         """vLLM's LLM arguments (README: "Offline"). speculative_config: vLLM's --speculative-config as a dict
         or a SpeculativeConfig. Raises ValueError for a bad value of any of them."""
         config = EngineConfig(
@@ -41,7 +42,7 @@ class LLM:
                                       batch_timeout_s=batch_timeout_s, scheduling_policy=scheduling_policy,
                                       long_prefill_token_threshold=long_prefill_token_threshold),
             device=device, speculative=speculative_config, attention_backend=attention_backend,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, async_scheduling=async_scheduling,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()
@@ -126,8 +127,10 @@ class LLM:
                 if out.finished:
                     results[out.request_id] = out
                     bar.update(1)
-            if not self.engine.last_step_num_seqs:
+            if not self.engine.last_step_num_seqs and len(results) < len(ids):
                 time.sleep(0.001)  # a batching mode is waiting for its batch to fill
+        while not self.engine.requests and self.engine.has_unfinished_requests():
+            self.engine.step()  # a step still in flight (asynchronous scheduling) for sequences that have ended
         bar.close()
         return [results[r] for r in ids]
 

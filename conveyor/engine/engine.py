@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conveyor.config import EngineConfig
+from conveyor.engine.async_scheduling import PENDING, Job, Skipped, Worker, plain, run_job
 from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -23,7 +24,7 @@ from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
 from conveyor.engine.spec_decode import Speculator
 from conveyor.engine.structured_output import GrammarCompiler, GrammarState
 from conveyor.model.loader import load_model
-from conveyor.model.runner import ModelRunner, kv_bytes_per_block
+from conveyor.model.runner import ModelRunner, chunk_of, kv_bytes_per_block
 from conveyor.outputs import CompletionOutput, RequestOutput
 from conveyor.sampling_params import SamplingParams, ensure_utf8
 
@@ -102,6 +103,25 @@ def _dict_prompt(prompt: dict) -> str | list[int]:
     return list(ids)
 
 
+def _drop_placeholders(seq: Sequence, n: int | None = None) -> None:
+    """Take seq's trailing placeholder tokens (asynchronous scheduling) away: n of them, or all (None)."""
+    while seq.token_ids and seq.token_ids[-1] == PENDING and (n is None or n > 0):
+        seq.token_ids.pop()
+        n = None if n is None else n - 1
+    assert not n, "a sampling sequence lacks its placeholder"
+
+
+def _undo(job: Job) -> None:
+    """Take back what submitting job did to its sequences: their computed tokens (unless a recompute preemption
+    has started the sequence over since) and their placeholders."""
+    for s in job.sched.scheduled:
+        if s.seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED):
+            s.seq.num_computed_tokens = job.before[s.seq.seq_id]
+    for seq in job.sampling:
+        if not seq.is_finished:
+            _drop_placeholders(seq, 1)
+
+
 def _mix_seed(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + index * 1442695040888963407) % (1 << 63)
 
@@ -144,6 +164,10 @@ class Engine:
         self.spec = None if spec is None else Speculator(spec, config.device, draft and DraftModel(
             draft, config, self.runner.num_blocks, self.runner.num_host_blocks, self.eos_token_ids))
         self.requests: dict[str, Request] = {}
+        # asynchronous scheduling: the worker that runs steps' forwards, and the step in flight there
+        self.async_scheduling = config.async_scheduling
+        self.worker = Worker() if self.async_scheduling else None
+        self._inflight: Job | None = None
         self.last_step_num_seqs = 0
         self.last_step_all_failed = False  # every request the last step ran failed (see step())
         self.num_failed_requests = 0
@@ -279,11 +303,12 @@ class Engine:
             return None
         req.aborted = True
         for s in req.seqs:
+            _drop_placeholders(s)
             self.scheduler.finish(s, FinishReason.ABORT)
         return self._make_output(req, time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -292,8 +317,15 @@ class Engine:
         A request that makes the step raise is ended (blocks freed) and comes back finished with `error` set and
         finish reason "error"; the other requests of the batch carry on (a failing forward is run again on halves
         of the batch to find the requests that fail). What cannot be pinned on requests fails the whole batch (in
-        the scheduler: every request). An AssertionError (a broken invariant) propagates: the state is suspect."""
+        the scheduler: every request). An AssertionError (a broken invariant) propagates: the state is suspect.
+
+        With asynchronous scheduling (conveyor.engine.async_scheduling) a step submits its forward and returns the
+        outputs of the step before it; a step that cannot run asynchronously first completes the one in flight."""
         self.last_step_all_failed = False
+        if self.async_scheduling and all(plain(r) for r in self.requests.values()) and not self.spec:
+            return self._step_async()
+        if self._inflight is not None:
+            return self._drain()
         try:
             lookahead = self.spec.lookahead(self.scheduler.running) if self.spec else None
             sched = self.scheduler.schedule(lookahead)
@@ -306,17 +338,18 @@ class Engine:
             return self._fail_all(dict.fromkeys(self.requests, e))
         batch = list(dict.fromkeys(s.seq.request_id for s in sched.scheduled))
         try:
-            return self._run(sched)
+            return self._run(sched, self.kv.take_swaps(), self.kv.take_copies())
         except AssertionError:
             raise
         except Exception as e:  # outside any one request's part of the step
             return self._fail_all(dict.fromkeys(batch, e))
 
-    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
+    def _run(self, sched: SchedulerOutput, swaps: tuple[list, list],
+             copies: list[tuple[int, int]]) -> list[RequestOutput]:
+        """Run a scheduled step synchronously, its block moves first."""
         self.last_step_num_seqs = len(sched.scheduled)
         if not sched.scheduled:
             return []
-        swaps, copies = self.kv.take_swaps(), self.kv.take_copies()
         for runner in [self.runner] + ([self.spec.draft.runner] if self.spec and self.spec.draft else []):
             runner.swap(*swaps)
             runner.copy_blocks(copies)
@@ -357,6 +390,107 @@ class Engine:
             self._after_verify(sched.scheduled, sampled, failed)
         self.last_step_all_failed = len(failed) == len({s.seq.request_id for s in sched.scheduled})
         return outs + self._fail(failed)
+
+    # ---- asynchronous scheduling (conveyor.engine.async_scheduling) ---------------------------------------------
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule the next step and submit its job, then apply the job in flight before it."""
+        try:
+            sched = self.scheduler.schedule(None)
+        except AssertionError:
+            raise
+        except Exception as e:
+            self.last_step_num_seqs = 0
+            outs = self._drain()
+            return outs + self._fail_all(dict.fromkeys(self.requests, e))
+        prev = self._inflight
+        self._inflight = self._submit(sched, prev) if sched.scheduled else None
+        self.last_step_num_seqs = len(sched.scheduled)
+        return self._complete(prev, self._inflight) if prev is not None else []
+
+    def _drain(self) -> list[RequestOutput]:
+        """Apply the job in flight, if any; none is in flight afterwards."""
+        job, self._inflight = self._inflight, None
+        return self._complete(job, None) if job is not None else []
+
+    def _submit(self, sched: SchedulerOutput, prev: Job | None) -> Job:
+        """Hand the step to the worker. Its sequences count the step as computed and each sampling one gets a
+        placeholder token, so the next schedule sees them as they will be."""
+        chunks = [chunk_of(s, copy_table=True) for s in sched.scheduled]
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        rows = [SampleRow(seq, at=seq.num_tokens) for seq in sampling]
+        before = {s.seq.seq_id: s.seq.num_computed_tokens for s in sched.scheduled}
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+        for seq in sampling:
+            seq.token_ids.append(PENDING)
+        swaps, copies = self.kv.take_swaps(), self.kv.take_copies()
+        future = self.worker.submit(run_job, self.runner, self.sampler, chunks, rows, swaps, copies,
+                                    prev.future if prev is not None else None)
+        return Job(sched, swaps, copies, future, sampling, before, list(self.kv.in_step_readers.values()))
+
+    def _complete(self, job: Job, nxt: Job | None) -> list[RequestOutput]:
+        """Wait for job and apply its tokens (nxt: the job submitted after it, in flight). If it failed, it runs
+        again synchronously, with the usual search for the requests that fail, and nxt is undone."""
+        try:
+            sampled = job.future.result()
+        except Exception as e:
+            log.warning("an asynchronous step failed (%s); it runs again synchronously", type(e).__name__)
+            return self._recover(job, nxt)
+        again = {seq.seq_id for seq in nxt.sampling} if nxt is not None else set()
+        tokens: dict[str, list[tuple[Sequence, list[int], list[dict[int, float]]]]] = {}
+        for seq, tok, lp in sampled:
+            if seq.is_finished:  # aborted meanwhile; abort_request took its placeholders away
+                continue
+            _drop_placeholders(seq, 2 if seq.seq_id in again else 1)
+            tokens.setdefault(seq.request_id, []).append((seq, [tok], [lp]))
+        self._account_kv()
+        now = time.monotonic()
+        outs, failed = [], {}
+        for rid, toks in tokens.items():
+            try:
+                out = self._advance(self.requests[rid], toks, now)
+            except AssertionError:
+                raise
+            except Exception as e:
+                failed[rid] = e
+                continue
+            if out is not None:
+                outs.append(out)
+        for s in job.sched.scheduled:  # now that every computed position holds its real token; not the ones nxt
+            seq = s.seq  # is still computing (if it fails, they were never written)
+            if seq.status == SequenceStatus.RUNNING and seq.request_id not in failed:
+                self.kv.cache_full_blocks(seq, nxt.before.get(seq.seq_id) if nxt is not None else None)
+        for seq, _, _ in sampled:
+            if seq.seq_id in again and not seq.is_finished:
+                seq.token_ids.append(PENDING)
+        self.last_step_all_failed = bool(failed) and len(failed) == len(tokens)
+        return outs + self._fail(failed)
+
+    def _recover(self, job: Job, nxt: Job | None) -> list[RequestOutput]:
+        """job failed (and nxt, skipped, never ran): undo both, run job's step synchronously, then nxt's block
+        moves; nxt's sequences are scheduled again by the next step."""
+        readers = job.readers
+        if nxt is not None:
+            assert isinstance(nxt.future.exception(), Skipped), "a job ran after the one before it failed"
+            self._inflight = None
+            _undo(nxt)
+            readers = readers + nxt.readers
+        _undo(job)
+        # sequences that took blocks in flight start over (their blocks' owners may not run again); those preempted
+        # since job was submitted compute their tokens anew anyway (a schedule that preempts admits none)
+        self.scheduler.restart(readers)
+        keep = [s for s in job.sched.scheduled if s.seq.status == SequenceStatus.RUNNING]
+        batch = list(dict.fromkeys(s.seq.request_id for s in keep))
+        try:
+            outs = self._run(SchedulerOutput(scheduled=keep), job.swaps, job.copies)
+        except AssertionError:
+            raise
+        except Exception as e:
+            outs = self._fail_all(dict.fromkeys(batch, e))
+        if nxt is not None:
+            self.runner.swap(*nxt.swaps)
+            self.runner.copy_blocks(nxt.copies)
+        return outs
 
     def _propose(self, scheduled: list[ScheduledSeq]) -> None:
         """Speculative proposals for this step's decodes. A proposer that fails costs the step its proposals,

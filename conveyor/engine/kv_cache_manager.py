@@ -205,12 +205,14 @@ class KVCacheManager:
             self.in_flight[h] = (b, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
             self.in_flight_owner[b] = seq.seq_id
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the blocks a step has just filled, so later requests can reuse them."""
+    def cache_full_blocks(self, seq: Sequence, upto: int | None = None) -> None:
+        """Register the blocks a step has just filled, so later requests can reuse them. upto: only blocks within
+        the first upto tokens (default num_computed_tokens; asynchronous scheduling counts tokens as computed while
+        their forward still runs)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        num_full = (seq.num_computed_tokens if upto is None else upto) // bs
         for i in range(seq.num_cached_blocks, num_full):
             h = self._block_hashes(seq, i + 1)[i]
             self.pool.register(seq.block_table[i], h, tuple(seq.token_ids[i * bs:(i + 1) * bs]))

@@ -23,13 +23,15 @@ from conveyor.engine.structured_output import apply_grammar_masks
 
 @dataclass(frozen=True)
 class SampleRow:
-    """One row of logits to sample: the token at `position` of seq, after seq's tokens and then `drafts`."""
+    """One row of logits to sample: the token at `position` of seq, after seq's tokens and then `drafts`. at: the
+    sequence's length, fixed when the row is made (asynchronous scheduling: the sequence grows meanwhile)."""
     seq: Sequence
     drafts: tuple[int, ...] = ()
+    at: int | None = None
 
     @property
     def position(self) -> int:
-        return self.seq.num_tokens + len(self.drafts)
+        return (self.seq.num_tokens if self.at is None else self.at) + len(self.drafts)
 
     @property
     def num_output_tokens(self) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from conveyor.config import SchedulerConfig
 from conveyor.engine.kv_cache_manager import KVCacheManager
-from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
+from conveyor.engine.sequence import PENDING, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass
@@ -101,6 +101,9 @@ class Scheduler:
         to be scheduled, and takes at most long_prefill_token_threshold, so one long prompt cannot stall them."""
         n = seq.num_uncomputed_tokens
         if n == 1:
+            if seq.token_ids[-1] == PENDING and (seq.num_output_tokens >= seq.max_tokens
+                                                 or seq.num_tokens >= self.config.max_model_len):
+                return 0  # the token its step in flight samples is its last (asynchronous scheduling)
             return min(1, budget)
         cap = self.config.long_prefill_token_threshold or n
         return max(0, min(n, budget - reserved, cap))
@@ -228,13 +231,20 @@ class Scheduler:
         ids = {seq.seq_id for seq in readers}
         batch[:] = [s for s in batch if s.seq.seq_id not in ids]
         assert batch, "blocks in flight without a sequence computing them"
-        for seq in readers:
+        self.restart(readers)
+        return True
+
+    def restart(self, seqs: list[Sequence]) -> None:
+        """Send running sequences back to the waiting queue with nothing computed and no blocks, as a recompute
+        preemption does (not counted as one)."""
+        for seq in seqs:
+            if seq.status != SequenceStatus.RUNNING:
+                continue
             self.running.remove(seq)
             self.kv.free(seq)
             seq.status = SequenceStatus.WAITING
             seq.num_computed_tokens = 0
             self._enqueue(seq)
-        return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Preempt seq: swap it out when the mode is swap and host space allows, else recompute it later from

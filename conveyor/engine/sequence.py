@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 _seq_counter = itertools.count()
 
 
+# the token a step in flight is still sampling (asynchronous scheduling): an id no vocabulary has
+PENDING = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -25,14 +25,20 @@ log = logging.getLogger("conveyor.runner")
 @dataclass
 class Chunk:
     """Tokens of one sequence that a forward computes: token_ids at positions start, start + 1, ..., their K/V
-    written at the slots of seq's block table; logits wanted for the last num_logits of them."""
+    written at the slots of its block table (seq's, or a copy given here: asynchronous scheduling changes seq's
+    while the forward runs); logits wanted for the last num_logits of them."""
     seq: Sequence
     start: int
     token_ids: list[int]
     num_logits: int
+    block_table: list[int] | None = None
 
     def __post_init__(self) -> None:
         assert self.token_ids and 0 <= self.num_logits <= len(self.token_ids)
+
+    @property
+    def table(self) -> list[int]:
+        return self.seq.block_table if self.block_table is None else self.block_table
 
     @property
     def is_decode(self) -> bool:
@@ -45,11 +51,13 @@ def kv_bytes_per_block(arch: ArchConfig, dtype: torch.dtype, block_size: int) ->
     return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * dtype.itemsize
 
 
-def chunk_of(s: ScheduledSeq) -> Chunk:
-    """The target model's chunk for a scheduled sequence: its next tokens, then this step's proposals."""
+def chunk_of(s: ScheduledSeq, copy_table: bool = False) -> Chunk:
+    """The target model's chunk for a scheduled sequence: its next tokens, then this step's proposals. copy_table:
+    the chunk keeps a copy of the block table as it is now."""
     seq, start = s.seq, s.seq.num_computed_tokens
     ids = seq.token_ids[start:start + s.num_tokens] + s.spec_token_ids
-    return Chunk(seq, start, ids, (1 + len(s.spec_token_ids)) if s.samples else 0)
+    return Chunk(seq, start, ids, (1 + len(s.spec_token_ids)) if s.samples else 0,
+                 list(seq.block_table) if copy_table else None)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -187,7 +195,7 @@ class ModelRunner:
         if self._graphable(chunks):
             self._hidden, self._chunks = None, {}
             hidden = self.graphs.run([c.token_ids[0] for c in chunks], [c.start for c in chunks],
-                                     [c.seq.block_table for c in chunks])
+                                     [c.table for c in chunks])
             return self.model.compute_logits(hidden).float()
         decodes = [c for c in chunks if c.is_decode]
         prefills = [c for c in chunks if not c.is_decode]
@@ -197,14 +205,14 @@ class ModelRunner:
         logit_rows: dict[int, list[int]] = {}  # seq_id -> its rows in the flattened batch
         bs = self.block_size
         for c in decodes + prefills:
-            table = c.seq.block_table
+            table = c.table
             logit_rows[c.seq.seq_id] = list(range(len(ids) + len(c.token_ids) - c.num_logits, len(ids) + len(c.token_ids)))
             ids.extend(c.token_ids)
             for pos in range(c.start, c.start + len(c.token_ids)):
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
         dev = self.device
-        meta = build_metadata([c.seq.block_table for c in decodes + prefills],
+        meta = build_metadata([c.table for c in decodes + prefills],
                               [len(c.token_ids) for c in decodes + prefills],
                               [c.start + len(c.token_ids) for c in decodes + prefills], slots, len(decodes), bs,
                               self.sliding_window, self.attention_backend, dev, self.gather_buffers)
@@ -224,8 +232,7 @@ class ModelRunner:
     def _graphable(self, chunks: list[Chunk]) -> bool:
         """A plain decode batch the decode graphs take: one token and its logits per sequence, no prompt logprobs
         wanted, every block table within the graphs' width."""
-        if self.graphs is None or not self.graphs.fits(len(chunks), max((len(c.seq.block_table) for c in chunks),
-                                                                         default=0)):
+        if self.graphs is None or not self.graphs.fits(len(chunks), max((len(c.table) for c in chunks), default=0)):
             return False
         return all(len(c.token_ids) == 1 and c.num_logits == 1 and c.seq.params.prompt_logprobs is None
                    for c in chunks)
