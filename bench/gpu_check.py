@@ -12,11 +12,11 @@ Prints, in order:
    per second against the measured device-to-device copy bandwidth) and on a 2048-token prefill (against SDPA on
    contiguous K/V).
 3. decode throughput of Conveyor (`LLM(device="cuda")` with attention_backend "triton", its default there, decode
-   batches replayed from CUDA graphs; then the same with enforce_eager, whose greedy tokens must be the same; then
-   attention_backend "torch") at batch 1, 64 and 256 on a random ~1B Llama in bfloat16 (hidden 2048, 16 layers, 32/8 heads,
-   intermediate 5632, vocab 32000), written once with transformers' save_pretrained so both sides load the same
-   weights, against the HBM roofline: a decode step must read every weight but the embedding table and every
-   sequence's K/V, so tok/s <= batch * bandwidth / those bytes.
+   batches replayed from CUDA graphs; then the same with enforce_eager, and with async_scheduling, whose greedy
+   tokens must be the same; then attention_backend "torch") at batch 1, 64 and 256 on a random ~1B Llama in
+   bfloat16 (hidden 2048, 16 layers, 32/8 heads, intermediate 5632, vocab 32000), written once with transformers'
+   save_pretrained so both sides load the same weights, against the HBM roofline: a decode step must read every
+   weight but the embedding table and every sequence's K/V, so tok/s <= batch * bandwidth / those bytes.
 4. the same workload through transformers' `generate` (SDPA attention, greedy) on the same GPU.
 Decode throughput = batch * (output - 1) / (time to generate `output` tokens - time to generate 1): prefill and
 set-up cancel. Every request is a random-token prompt of `prompt` tokens, greedy, ignore_eos.
@@ -217,18 +217,21 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
-def conveyor_times(path: Path, sizes: Sizes, device: str, backend: str,
-                   eager: bool = False) -> dict[int, tuple[float, float, list[int]]]:
+def conveyor_times(path: Path, sizes: Sizes, device: str, backend: str, eager: bool = False,
+                   overlap: bool = False) -> dict[int, tuple[float, float, list[int]]]:
     """Per batch: (seconds for `output` tokens, seconds for 1 token, greedy tokens of the first prompt). eager:
-    no CUDA graphs (else decode batches replay them, with the triton backend on CUDA)."""
+    no CUDA graphs (else decode batches replay them, with the triton backend on CUDA); overlap: asynchronous
+    scheduling."""
     from conveyor import LLM, SamplingParams
 
     blocks = max(sizes.batches) * -(-(sizes.prompt + sizes.output) // 16) + 64
     start = time.perf_counter()
     llm = LLM(str(path), dtype="bfloat16", device=device, num_kv_blocks=blocks, max_num_seqs=max(sizes.batches),
-              enable_prefix_caching=False, attention_backend=backend, enforce_eager=eager)
+              enable_prefix_caching=False, attention_backend=backend, enforce_eager=eager,
+              async_scheduling=overlap)
     graphs = llm.engine.runner.graphs
-    print(f"Conveyor ({backend}{', eager' if eager else ''}) loaded in {time.perf_counter() - start:.1f} s; "
+    mode = (", eager" if eager else "") + (", async scheduling" if overlap else "")
+    print(f"Conveyor ({backend}{mode}) loaded in {time.perf_counter() - start:.1f} s; "
           f"decode graphs: {graphs.mode + ' ' + str(graphs.sizes) if graphs else 'none'}", flush=True)
     result = {}
     for batch in sizes.batches:
@@ -306,6 +309,10 @@ def throughput(path: Path, sizes: Sizes, device: str, weight_bytes: int, bandwid
         a, b = runs["conveyor"][batch][2], runs["conveyor, eager"][batch][2]
         check(f"CUDA graph greedy tokens = eager at batch {batch}", a == b,
               "" if a == b else f"first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}")
+    runs["conveyor, async sched"] = conveyor_times(path, sizes, device, "triton", overlap=True)
+    for batch in sizes.batches:
+        a, b = runs["conveyor"][batch][2], runs["conveyor, async sched"][batch][2]
+        check(f"async scheduling greedy tokens = synchronous at batch {batch}", a == b)
     runs["conveyor, torch attn"] = conveyor_times(path, sizes, device, "torch")
     runs["transformers"] = hf_times(path, sizes, device)
     print(f"decode tok/s and % of the roofline; prompt {sizes.prompt}, output {sizes.output} (roofline: weights "

@@ -8,8 +8,9 @@ batch size and replaying it costs one launch (the approach of vLLM's CUDA graph 
 A graph replays fixed kernels on fixed addresses, so every input lives in a static buffer sized for the largest
 bucket, and a batch of b decodes runs as the smallest bucket >= b: its b rows, then padding rows. A padding row is a
 one-token sequence at position 0 whose K/V go to the pad block, a block the KV cache has beyond the ones the block
-pool hands out; it attends one key, and its output is dropped. Real rows' block-table entries past their own keys are never
-read, so stale entries left there by earlier steps are harmless and only the columns a step needs are copied.
+pool hands out; it attends one key, and its output is dropped. Real rows' block-table entries past their own keys
+are never read, so stale entries left there by earlier steps are harmless and only the columns a step needs are
+copied.
 
 Attention must not sync with the host or size its launch from tensor values: the Triton backend qualifies (its
 grid depends only on the token and sequence counts), the torch backend does not. On CPU nothing is captured; the
