@@ -215,10 +215,12 @@ def test_a_block_is_registered_only_once_the_job_writing_it_has_run(checkpoint):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_any_job_failing_once_changes_no_output(checkpoint, mode):
-    """The k-th forward on the worker raises, for every k: the step runs again synchronously (and succeeds), the
-    job after it is undone, and every output equals the synchronous engine's, under preemption and with requests
-    sharing a prefix (some admitted onto blocks in flight)."""
+@pytest.mark.parametrize("where", ["forward", "sample"])
+def test_any_job_failing_once_changes_no_output(checkpoint, mode, where):
+    """The k-th job raises, for every k, in its forward (before it writes anything) or in its sampler (after the
+    forward wrote K/V, also into blocks just freed by a swap-out): the step runs again synchronously (and succeeds)
+    with its block moves applied once, the job after it is undone, and every output equals the synchronous
+    engine's, under preemption and with requests sharing a prefix (some admitted onto blocks in flight)."""
     path = checkpoint("llama")
     shared = [(11 * j) % 200 + 10 for j in range(40)]
     reqs = [{"prompt_token_ids": shared + [60 + i] * (1 + 3 * i)} for i in range(5)]
@@ -227,17 +229,18 @@ def test_any_job_failing_once_changes_no_output(checkpoint, mode):
     kw = dict(num_kv_blocks=20, preemption_mode=mode, swap_space=0.01 if mode == "swap" else 0.0, max_num_seqs=6)
     want = outputs(LLM(path, dtype="float32", **kw).generate(reqs, params))
     llm = LLM(path, dtype="float32", async_scheduling=True, **kw)
-    forward = llm.engine.runner.forward
+    owner = llm.engine.runner if where == "forward" else llm.engine.sampler
+    real = getattr(owner, where)
     calls, fail_at = [0], [0]
 
-    def failing_once(chunks):
+    def failing_once(*args, **kwargs):
         if threading.current_thread().name.startswith("conveyor-step"):
             calls[0] += 1
             if calls[0] == fail_at[0]:
                 raise RuntimeError("a transient failure")
-        return forward(chunks)
+        return real(*args, **kwargs)
 
-    llm.engine.runner.forward = failing_once
+    setattr(owner, where, failing_once)
     jobs = len(outputs(llm.generate(reqs, params))) and calls[0]
     assert llm.engine.scheduler.preemptions_by_mode[mode] > 0
     for k in range(1, jobs + 1):

@@ -20,6 +20,7 @@ any other request is in the engine, steps run synchronously.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,8 +43,9 @@ class Skipped(Exception):
 class Job:
     """A step handed to the worker: its schedule, what it moves between blocks first, its result to come (per
     sampling sequence (seq, token, its logprobs), in order), the sequences that sample, per sequence its
-    num_computed_tokens before it was submitted (to undo it), and the sequences its schedule admitted onto blocks in
-    flight (see Scheduler.requeue_in_step_readers)."""
+    num_computed_tokens before it was submitted (to undo it), the sequences its schedule admitted onto blocks in
+    flight (see Scheduler.requeue_in_step_readers), and whether the worker has applied its block moves (each must
+    be applied exactly once: a swap-out repeated after the forward wrote into its freed block copies that)."""
     sched: SchedulerOutput
     swaps: tuple[list[tuple[int, int]], list[tuple[int, int]]]
     copies: list[tuple[int, int]]
@@ -51,6 +53,7 @@ class Job:
     sampling: list[Sequence] = field(default_factory=list)
     before: dict[int, int] = field(default_factory=dict)
     readers: list[Sequence] = field(default_factory=list)
+    moved: threading.Event = field(default_factory=threading.Event)
 
 
 def plain(req) -> bool:
@@ -62,11 +65,11 @@ def plain(req) -> bool:
 
 
 def run_job(runner: ModelRunner, sampler: Sampler, chunks: list[Chunk], rows: list[SampleRow],
-            swaps: tuple[list, list], copies: list[tuple[int, int]],
+            swaps: tuple[list, list], copies: list[tuple[int, int]], moved: threading.Event,
             prev: Future | None) -> list[tuple[Sequence, int, Logprobs]]:
-    """On the worker: put the previous job's tokens in place of the chunks' placeholders, apply the block moves, run
-    the forward and sample. Raises Skipped if the previous job failed, whatever the forward or sampler raise, and
-    KeyError for a placeholder the previous job did not sample (a bug)."""
+    """On the worker: put the previous job's tokens in place of the chunks' placeholders, apply the block moves (and
+    set moved), run the forward and sample. Raises Skipped if the previous job failed, whatever the forward or
+    sampler raise, and KeyError for a placeholder the previous job did not sample (a bug)."""
     if prev is not None and prev.exception() is not None:
         raise Skipped()
     tokens = {seq.seq_id: tok for seq, tok, _ in prev.result()} if prev is not None else {}
@@ -76,6 +79,7 @@ def run_job(runner: ModelRunner, sampler: Sampler, chunks: list[Chunk], rows: li
         assert PENDING not in c.token_ids, "only a chunk's last token can still be sampling"
     runner.swap(*swaps)
     runner.copy_blocks(copies)
+    moved.set()
     logits = runner.forward(chunks)
     with torch.no_grad():
         drawn, _ = sampler.sample(logits, rows)

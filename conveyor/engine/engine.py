@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -423,10 +424,10 @@ class Engine:
             s.seq.num_computed_tokens += s.num_tokens
         for seq in sampling:
             seq.token_ids.append(PENDING)
-        swaps, copies = self.kv.take_swaps(), self.kv.take_copies()
-        future = self.worker.submit(run_job, self.runner, self.sampler, chunks, rows, swaps, copies,
+        swaps, copies, moved = self.kv.take_swaps(), self.kv.take_copies(), threading.Event()
+        future = self.worker.submit(run_job, self.runner, self.sampler, chunks, rows, swaps, copies, moved,
                                     prev.future if prev is not None else None)
-        return Job(sched, swaps, copies, future, sampling, before, list(self.kv.in_step_readers.values()))
+        return Job(sched, swaps, copies, future, sampling, before, list(self.kv.in_step_readers.values()), moved)
 
     def _complete(self, job: Job, nxt: Job | None) -> list[RequestOutput]:
         """Wait for job and apply its tokens (nxt: the job submitted after it, in flight). If it failed, it runs
@@ -468,7 +469,8 @@ class Engine:
 
     def _recover(self, job: Job, nxt: Job | None) -> list[RequestOutput]:
         """job failed (and nxt, skipped, never ran): undo both, run job's step synchronously, then nxt's block
-        moves; nxt's sequences are scheduled again by the next step."""
+        moves; nxt's sequences are scheduled again by the next step. Each job's block moves are applied exactly
+        once: a swap-out done again after the failed forward wrote into its freed device block would copy that."""
         readers = job.readers
         if nxt is not None:
             assert isinstance(nxt.future.exception(), Skipped), "a job ran after the one before it failed"
@@ -482,7 +484,10 @@ class Engine:
         keep = [s for s in job.sched.scheduled if s.seq.status == SequenceStatus.RUNNING]
         batch = list(dict.fromkeys(s.seq.request_id for s in keep))
         try:
-            outs = self._run(SchedulerOutput(scheduled=keep), job.swaps, job.copies)
+            if not job.moved.is_set():  # the job failed before its block moves
+                self.runner.swap(*job.swaps)
+                self.runner.copy_blocks(job.copies)
+            outs = self._run(SchedulerOutput(scheduled=keep), ([], []), [])
         except AssertionError:
             raise
         except Exception as e:
