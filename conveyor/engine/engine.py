@@ -376,17 +376,7 @@ class Engine:
         tokens: dict[str, list[tuple[Sequence, list[int], list[dict[int, float]]]]] = {}
         for seq, toks, lps in sampled:
             tokens.setdefault(seq.request_id, []).append((seq, toks, lps))
-        outs = []
-        for rid in dict.fromkeys([*tokens, *beams]):
-            try:
-                out = self._advance(self.requests[rid], tokens.get(rid, []), now)
-            except AssertionError:
-                raise
-            except Exception as e:
-                failed[rid] = e
-                continue
-            if out is not None:
-                outs.append(out)
+        outs = self._advance_all(list(dict.fromkeys([*tokens, *beams])), tokens, failed, now)
         if self.spec is not None:
             self._after_verify(sched.scheduled, sampled, failed)
         self.last_step_all_failed = len(failed) == len({s.seq.request_id for s in sched.scheduled})
@@ -445,18 +435,8 @@ class Engine:
             _drop_placeholders(seq, 2 if seq.seq_id in again else 1)
             tokens.setdefault(seq.request_id, []).append((seq, [tok], [lp]))
         self._account_kv()
-        now = time.monotonic()
-        outs, failed = [], {}
-        for rid, toks in tokens.items():
-            try:
-                out = self._advance(self.requests[rid], toks, now)
-            except AssertionError:
-                raise
-            except Exception as e:
-                failed[rid] = e
-                continue
-            if out is not None:
-                outs.append(out)
+        failed: dict[str, Exception] = {}
+        outs = self._advance_all(list(tokens), tokens, failed, time.monotonic())
         for s in job.sched.scheduled:  # now that every computed position holds its real token; not the ones nxt
             seq = s.seq  # is still computing (if it fails, they were never written)
             if seq.status == SequenceStatus.RUNNING and seq.request_id not in failed:
@@ -609,6 +589,22 @@ class Engine:
         if start >= end:
             return None
         return s.seq, start, self.runner.prompt_logprobs(s.seq, start, end, req.params.prompt_logprobs)
+
+    def _advance_all(self, rids: list[str], tokens: dict[str, list], failed: dict[str, Exception],
+                     now: float) -> list[RequestOutput]:
+        """_advance each request of rids with its tokens; the outputs. A request that raises goes into failed."""
+        outs = []
+        for rid in rids:
+            try:
+                out = self._advance(self.requests[rid], tokens.get(rid, []), now)
+            except AssertionError:
+                raise
+            except Exception as e:
+                failed[rid] = e
+                continue
+            if out is not None:
+                outs.append(out)
+        return outs
 
     def _advance(self, req: Request, tokens: list[tuple[Sequence, list[int], list[dict[int, float]]]],
                  now: float) -> RequestOutput | None:
