@@ -10,7 +10,7 @@ import pytest
 
 from conveyor import LLM, SamplingParams
 from conveyor.cli import build_parser, engine_kwargs
-from conveyor.engine.async_scheduling import PENDING
+from conveyor.engine.sequence import PENDING
 from conveyor.sampling_params import StructuredOutputsParams
 
 

@@ -21,7 +21,7 @@ any other request is in the engine, steps run synchronously.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -31,9 +31,6 @@ from conveyor.engine.sampler import SampleRow, Sampler
 from conveyor.engine.scheduler import SchedulerOutput
 from conveyor.engine.sequence import PENDING, Sequence
 from conveyor.model.runner import Chunk, ModelRunner
-
-__all__ = ["PENDING", "Job", "Skipped", "Worker", "plain", "run_job"]
-
 
 class Skipped(Exception):
     """A job did not run because the job before it failed: its inputs may depend on tokens that never came."""
@@ -86,15 +83,3 @@ def run_job(runner: ModelRunner, sampler: Sampler, chunks: list[Chunk], rows: li
         lps = sampler.logprobs(logits, rows, drawn)
     return [(r.seq, tok, lp) for r, tok, lp in zip(rows, drawn, lps)]
 
-
-class Worker:
-    """One thread that runs jobs in the order they are submitted."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="conveyor-step")
-
-    def submit(self, fn, *args) -> Future:
-        return self._pool.submit(fn, *args)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)

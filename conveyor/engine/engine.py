@@ -9,19 +9,20 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from conveyor.config import EngineConfig
-from conveyor.engine.async_scheduling import PENDING, Job, Skipped, Worker, plain, run_job
+from conveyor.engine.async_scheduling import Job, Skipped, plain, run_job
 from conveyor.engine.beam_search import BeamSearchState
 from conveyor.engine.detokenizer import check_stop, detokenize_incrementally, find_stop_string
 from conveyor.engine.kv_cache_manager import KVCacheManager, cdiv
 from conveyor.engine.draft_model import DraftModel, load_draft
 from conveyor.engine.sampler import SampleRow, Sampler, check_logit_bias
 from conveyor.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from conveyor.engine.sequence import FinishReason, Sequence, SequenceStatus
+from conveyor.engine.sequence import PENDING, FinishReason, Sequence, SequenceStatus
 from conveyor.engine.spec_decode import Speculator
 from conveyor.engine.structured_output import GrammarCompiler, GrammarState
 from conveyor.model.loader import load_model
@@ -167,7 +168,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         # asynchronous scheduling: the worker that runs steps' forwards, and the step in flight there
         self.async_scheduling = config.async_scheduling
-        self.worker = Worker() if self.async_scheduling else None
+        # one thread: jobs run one at a time, in the order submitted
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="conveyor-step") if self.async_scheduling else None
         self._inflight: Job | None = None
         self.last_step_num_seqs = 0
         self.last_step_all_failed = False  # every request the last step ran failed (see step())
